@@ -1,1 +1,92 @@
-fn main(){}
+//! meshinit: installs the redirect rules that send a pod's TCP through its
+//! sidecar proxy.
+//!
+//! - `cli`: flags (clap), one `Option<String>` per setting.
+//! - `config`: flags > env > TOML file > defaults, validated into a `Config`.
+//! - `netns`: entering the target namespace.
+//! - `backend`: runners that apply a `meshinit_rules::Ruleset` (`backend/nft`).
+//! - `commands`: apply, cleanup, show, check.
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+mod backend;
+mod cli;
+mod commands;
+mod config;
+mod netns;
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::commands::Failure;
+use crate::config::{Config, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars().collect();
+
+    // Logging starts before the config is validated so that a config error
+    // is reported in the requested format too.
+    let json = cli
+        .settings
+        .log_format
+        .as_deref()
+        .or(env.get("MESHINIT_LOG_FORMAT").map(String::as_str))
+        == Some("json");
+    init_logging(if json { LogFormat::Json } else { LogFormat::Plain });
+
+    let outcome = load(&cli, &env).and_then(|config| {
+        commands::run(cli.command.unwrap_or(Command::Apply), &config)
+    });
+    match outcome {
+        Ok(code) => code,
+        Err(Failure::BadInput(err)) => {
+            tracing::error!("{err:#}");
+            tracing::error!("nothing was changed");
+            ExitCode::from(2)
+        }
+        Err(Failure::Apply(err)) => {
+            tracing::error!("{err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load(cli: &Cli, env: &HashMap<String, String>) -> Result<Config, Failure> {
+    let path = cli
+        .settings
+        .config
+        .clone()
+        .or_else(|| env.get("MESHINIT_CONFIG").map(Into::into));
+    let file = match path {
+        Some(path) => match std::fs::read_to_string(&path) {
+            Ok(contents) => Some((path, contents)),
+            Err(err) => {
+                return Err(Failure::BadInput(anyhow::anyhow!(
+                    "cannot read config file {}: {err}",
+                    path.display()
+                )))
+            }
+        },
+        None => None,
+    };
+    Config::load(cli.settings.clone(), env, file).map_err(|err| Failure::BadInput(err.into()))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHINIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Plain => builder.without_time().init(),
+    }
+}

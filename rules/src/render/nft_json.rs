@@ -1,0 +1,323 @@
+//! nft JSON, built from the `nftables` crate's typed schema.
+//!
+//! [`apply_batch`] is one transaction that replaces our table: `add table`
+//! (so the next command cannot fail on a fresh host), `delete table`, then the
+//! whole table anew. nft applies a batch all-or-nothing, so the namespace has
+//! either the old table or the new one, never a mix, and nothing outside
+//! `inet meshinit` is named, so nothing else can change.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use ipnet::IpNet;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range};
+use nftables::schema::{
+    Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{Match as NftMatch, Operator, Return, Statement, NAT};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use super::nft_chain;
+use crate::ruleset::{Action, Direction, Family, Match, Ruleset, Side};
+use crate::ports::PortSet;
+
+/// Our one table, `inet meshinit`: both families in one place.
+pub const TABLE: &str = "meshinit";
+
+/// Priority of both base chains. -100 is `dstnat`, where destination NAT
+/// belongs; the output chain uses the same number.
+const PRIORITY: i32 = -100;
+
+fn table() -> Table<'static> {
+    Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        handle: None,
+    }
+}
+
+/// The batch that atomically replaces our table with `ruleset`.
+pub fn apply_batch(ruleset: &Ruleset) -> Nftables<'static> {
+    let mut commands = vec![
+        NfObject::CmdObject(NfCmd::Add(NfListObject::Table(table()))),
+        NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table()))),
+        NfObject::CmdObject(NfCmd::Add(NfListObject::Table(table()))),
+    ];
+    commands.extend(
+        objects(ruleset)
+            .into_iter()
+            .map(|object| NfObject::CmdObject(NfCmd::Add(object))),
+    );
+    Nftables {
+        objects: commands.into(),
+    }
+}
+
+/// The batch that removes our table, and succeeds when it is already gone.
+pub fn cleanup_batch() -> Nftables<'static> {
+    Nftables {
+        objects: vec![
+            NfObject::CmdObject(NfCmd::Add(NfListObject::Table(table()))),
+            NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table()))),
+        ]
+        .into(),
+    }
+}
+
+/// The sets, chains and rules of our table, in the order `nft -j list table`
+/// prints them and in the form it prints them (elements sorted, single values
+/// bare), so an installed table can be compared with an expected one.
+pub fn objects(ruleset: &Ruleset) -> Vec<NfListObject<'static>> {
+    let mut sets = Vec::new();
+    let mut chains = Vec::new();
+    let mut rules = Vec::new();
+    for chain in ruleset.chains() {
+        chains.push(NfListObject::Chain(base_chain(chain.direction)));
+        for rule in &chain.rules {
+            if let Some(set) = named_set(&rule.when) {
+                sets.push(NfListObject::Set(Box::new(set)));
+            }
+            let mut expr = matches(&rule.when);
+            expr.push(match rule.action {
+                Action::Return => Statement::Return(None::<Return>),
+                Action::Redirect(port) => Statement::Redirect(Some(NAT {
+                    addr: None,
+                    family: None,
+                    port: Some(Expression::Number(port.into())),
+                    flags: None,
+                })),
+            });
+            rules.push(NfListObject::Rule(Rule {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                chain: nft_chain(chain.direction).into(),
+                expr: expr.into(),
+                handle: None,
+                index: None,
+                comment: Some(rule.comment.clone().into()),
+            }));
+        }
+    }
+    sets.into_iter().chain(chains).chain(rules).collect()
+}
+
+fn base_chain(direction: Direction) -> Chain<'static> {
+    let hook = match direction {
+        Direction::Inbound => NfHook::Prerouting,
+        Direction::Outbound => NfHook::Output,
+    };
+    Chain {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: nft_chain(direction).into(),
+        newname: None,
+        handle: None,
+        _type: Some(NfChainType::NAT),
+        hook: Some(hook),
+        prio: Some(PRIORITY),
+        dev: None,
+        policy: Some(NfChainPolicy::Accept),
+    }
+}
+
+fn named_set(when: &Match) -> Option<Set<'static>> {
+    let (name, set_type, elem) = match when {
+        Match::DstPort { set, ports } => (*set, SetType::InetService, port_elements(ports)),
+        Match::Subnets {
+            set, family, nets, ..
+        } => {
+            let set_type = match family {
+                Family::V4 => SetType::Ipv4Addr,
+                Family::V6 => SetType::Ipv6Addr,
+            };
+            (*set, set_type, nets.iter().map(net_element).collect())
+        }
+        _ => return None,
+    };
+    Some(Set {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: name.into(),
+        handle: None,
+        set_type: SetTypeValue::Single(set_type),
+        policy: None,
+        flags: Some(HashSet::from([SetFlag::Interval])),
+        elem: Some(elem.into()),
+        timeout: None,
+        gc_interval: None,
+        size: None,
+        comment: None,
+    })
+}
+
+fn port_elements(ports: &PortSet) -> Vec<Expression<'static>> {
+    ports
+        .ranges()
+        .iter()
+        .map(|range| {
+            if range.is_single() {
+                Expression::Number(range.lo.into())
+            } else {
+                Expression::Range(Box::new(Range {
+                    range: [
+                        Expression::Number(range.lo.into()),
+                        Expression::Number(range.hi.into()),
+                    ],
+                }))
+            }
+        })
+        .collect()
+}
+
+fn net_element(net: &IpNet) -> Expression<'static> {
+    let addr = Expression::String(net.network().to_string().into());
+    if net.prefix_len() == net.max_prefix_len() {
+        addr
+    } else {
+        Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(addr),
+            len: net.prefix_len().into(),
+        }))
+    }
+}
+
+fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(NftMatch {
+        left,
+        right,
+        op: Operator::EQ,
+    })
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
+        protocol: protocol.into(),
+        field: field.into(),
+    })))
+}
+
+fn set_ref(name: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(format!("@{name}")))
+}
+
+fn matches(when: &Match) -> Vec<Statement<'static>> {
+    let statement = match when {
+        Match::Ipv6 => eq(meta(MetaKey::Nfproto), Expression::String("ipv6".into())),
+        Match::Tcp => eq(meta(MetaKey::L4proto), Expression::String("tcp".into())),
+        Match::DstPort { set, .. } => eq(payload("tcp", "dport"), set_ref(set)),
+        Match::Subnets {
+            set, side, family, ..
+        } => {
+            let protocol = match family {
+                Family::V4 => "ip",
+                Family::V6 => "ip6",
+            };
+            let field = match side {
+                Side::Source => "saddr",
+                Side::Destination => "daddr",
+            };
+            eq(payload(protocol, field), set_ref(set))
+        }
+        Match::Uid(uid) => eq(meta(MetaKey::Skuid), Expression::Number(*uid)),
+        Match::Gid(gid) => eq(meta(MetaKey::Skgid), Expression::Number(*gid)),
+        Match::OutLoopback => eq(meta(MetaKey::Oifname), Expression::String("lo".into())),
+    };
+    vec![statement]
+}
+
+/// Compares the output of `nft -j list table inet meshinit` with `ruleset`
+/// and describes every difference; an empty list means they are equal.
+///
+/// Only objects of our table are looked at. Handles are ignored, and so is
+/// anything nft adds that we never set (the `metainfo` object).
+pub fn diff(expected: &Ruleset, listed: &str) -> Result<Vec<String>, serde_json::Error> {
+    let listed: Nftables<'_> = serde_json::from_str(listed)?;
+    let installed: Vec<NfListObject<'_>> = listed
+        .objects
+        .iter()
+        .filter_map(|object| match object {
+            NfObject::ListObject(object) => ours(object),
+            NfObject::CmdObject(_) => None,
+        })
+        .collect();
+    let expected = objects(expected);
+    let mut differences = Vec::new();
+    for object in &expected {
+        if !installed.contains(object) {
+            let what = describe(object);
+            match installed.iter().find(|o| same_identity(o, object)) {
+                Some(_) => differences.push(format!("{what}: installed differs from expected")),
+                None => differences.push(format!("{what}: missing")),
+            }
+        }
+    }
+    for object in &installed {
+        if !expected.contains(object) && !expected.iter().any(|o| same_identity(o, object)) {
+            differences.push(format!("{}: not expected", describe(object)));
+        }
+    }
+    let order = |objects: &[NfListObject<'_>]| -> Vec<String> {
+        objects
+            .iter()
+            .filter(|o| matches!(o, NfListObject::Rule(_)))
+            .map(describe)
+            .collect()
+    };
+    if differences.is_empty() && order(&installed) != order(&expected) {
+        differences.push("rules are installed in a different order".to_string());
+    }
+    Ok(differences)
+}
+
+/// Keeps an object of our table with its handle cleared, drops the rest.
+fn ours<'a>(object: &NfListObject<'a>) -> Option<NfListObject<'a>> {
+    let is_ours = |family: &NfFamily, table: &str| *family == NfFamily::INet && table == TABLE;
+    match object {
+        NfListObject::Set(set) if is_ours(&set.family, &set.table) => {
+            let mut set = set.clone();
+            set.handle = None;
+            Some(NfListObject::Set(set))
+        }
+        NfListObject::Chain(chain) if is_ours(&chain.family, &chain.table) => {
+            let mut chain = chain.clone();
+            chain.handle = None;
+            Some(NfListObject::Chain(chain))
+        }
+        NfListObject::Rule(rule) if is_ours(&rule.family, &rule.table) => {
+            let mut rule = rule.clone();
+            rule.handle = None;
+            Some(NfListObject::Rule(rule))
+        }
+        _ => None,
+    }
+}
+
+/// Sets and chains are identified by name; rules by chain and comment.
+fn same_identity(a: &NfListObject<'_>, b: &NfListObject<'_>) -> bool {
+    match (a, b) {
+        (NfListObject::Set(a), NfListObject::Set(b)) => a.name == b.name,
+        (NfListObject::Chain(a), NfListObject::Chain(b)) => a.name == b.name,
+        (NfListObject::Rule(a), NfListObject::Rule(b)) => a.chain == b.chain && a.comment == b.comment,
+        _ => false,
+    }
+}
+
+fn describe(object: &NfListObject<'_>) -> String {
+    match object {
+        NfListObject::Set(set) => {
+            let count = set.elem.as_ref().map_or(0, |e| e.len());
+            format!("set {} ({count} elements)", set.name)
+        }
+        NfListObject::Chain(chain) => format!("chain {}", chain.name),
+        NfListObject::Rule(rule) => format!(
+            "rule in chain {} ({})",
+            rule.chain,
+            rule.comment.as_deref().unwrap_or("no comment")
+        ),
+        _ => "object".to_string(),
+    }
+}

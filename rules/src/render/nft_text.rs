@@ -1,0 +1,109 @@
+//! nft text: what `meshinit show` and `--dry-run` print.
+//!
+//! The output is valid `nft -f` input for the same table the JSON batch
+//! installs, laid out the way `nft list table inet meshinit` prints it.
+
+use std::fmt::Write;
+
+use ipnet::IpNet;
+
+use super::nft_chain;
+use super::nft_json::TABLE;
+use crate::ruleset::{Action, Direction, Family, Match, Ruleset, Side};
+
+/// Renders the whole table.
+pub fn render(ruleset: &Ruleset) -> String {
+    let mut out = format!("table inet {TABLE} {{\n");
+    for chain in ruleset.chains() {
+        for rule in &chain.rules {
+            if let Some((name, kind, elements)) = set_of(&rule.when) {
+                let _ = write!(
+                    out,
+                    "\tset {name} {{\n\t\ttype {kind}\n\t\tflags interval\n\t\telements = {{ {} }}\n\t}}\n\n",
+                    elements.join(", ")
+                );
+            }
+        }
+    }
+    for (i, chain) in ruleset.chains().into_iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let hook = match chain.direction {
+            Direction::Inbound => "prerouting priority dstnat",
+            Direction::Outbound => "output priority -100",
+        };
+        let _ = write!(
+            out,
+            "\tchain {} {{\n\t\ttype nat hook {hook}; policy accept;\n",
+            nft_chain(chain.direction)
+        );
+        for rule in &chain.rules {
+            let action = match rule.action {
+                Action::Return => "return".to_string(),
+                Action::Redirect(port) => format!("redirect to :{port}"),
+            };
+            let _ = writeln!(
+                out,
+                "\t\t{} {action} comment \"{}\"",
+                match_text(&rule.when),
+                rule.comment
+            );
+        }
+        out.push_str("\t}\n");
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn set_of(when: &Match) -> Option<(&'static str, &'static str, Vec<String>)> {
+    match when {
+        Match::DstPort { set, ports } => Some((
+            set,
+            "inet_service",
+            ports.ranges().iter().map(ToString::to_string).collect(),
+        )),
+        Match::Subnets {
+            set, family, nets, ..
+        } => {
+            let kind = match family {
+                Family::V4 => "ipv4_addr",
+                Family::V6 => "ipv6_addr",
+            };
+            Some((set, kind, nets.iter().map(net_text).collect()))
+        }
+        _ => None,
+    }
+}
+
+fn net_text(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+fn match_text(when: &Match) -> String {
+    match when {
+        Match::Ipv6 => "meta nfproto ipv6".to_string(),
+        Match::Tcp => "meta l4proto tcp".to_string(),
+        Match::DstPort { set, .. } => format!("tcp dport @{set}"),
+        Match::Subnets {
+            set, side, family, ..
+        } => {
+            let protocol = match family {
+                Family::V4 => "ip",
+                Family::V6 => "ip6",
+            };
+            let field = match side {
+                Side::Source => "saddr",
+                Side::Destination => "daddr",
+            };
+            format!("{protocol} {field} @{set}")
+        }
+        Match::Uid(uid) => format!("meta skuid {uid}"),
+        Match::Gid(gid) => format!("meta skgid {gid}"),
+        Match::OutLoopback => "oifname \"lo\"".to_string(),
+    }
+}

@@ -1,0 +1,267 @@
+//! The backend-neutral model of what meshinit installs.
+//!
+//! Two chains, each a short list of rules: exemptions that `return` first,
+//! then one redirect. Lists of ports and subnets are *one* rule each (a set in
+//! nftables), so the number of rules never grows with the size of the lists.
+
+use ipnet::IpNet;
+
+use crate::ports::PortSet;
+use crate::spec::Spec;
+
+/// Whether a chain handles traffic entering the pod or leaving it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// nat prerouting: connections from outside to the pod.
+    Inbound,
+    /// nat output: connections the pod's processes open.
+    Outbound,
+}
+
+/// IP family of a subnet match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// Which address of the packet a subnet match looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+/// What a rule matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Match {
+    /// Any IPv6 packet (used to leave IPv6 alone when `--ipv6=false`).
+    Ipv6,
+    /// Any TCP packet.
+    Tcp,
+    /// TCP destination port in the named set.
+    DstPort { set: &'static str, ports: PortSet },
+    /// Source or destination address in the named set (one family per set).
+    Subnets {
+        set: &'static str,
+        side: Side,
+        family: Family,
+        nets: Vec<IpNet>,
+    },
+    /// Socket owned by this UID (locally generated traffic only).
+    Uid(u32),
+    /// Socket owned by this GID.
+    Gid(u32),
+    /// Leaving through the loopback interface.
+    OutLoopback,
+}
+
+/// What a matching rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Leave the chain: the packet is not redirected.
+    Return,
+    /// Redirect to this local port (the proxy).
+    Redirect(u16),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub when: Match,
+    pub action: Action,
+    /// Says why the rule exists; installed with it so listings explain themselves.
+    pub comment: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub direction: Direction,
+    pub rules: Vec<Rule>,
+}
+
+/// Everything meshinit installs for one spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ruleset {
+    /// When false, IPv6 traffic is left alone and no IPv6 rules are written.
+    pub ipv6: bool,
+    pub inbound: Chain,
+    pub outbound: Chain,
+}
+
+impl Ruleset {
+    pub fn chains(&self) -> [&Chain; 2] {
+        [&self.inbound, &self.outbound]
+    }
+
+    /// Total number of rules, for reports and benchmarks.
+    pub fn rule_count(&self) -> usize {
+        self.inbound.rules.len() + self.outbound.rules.len()
+    }
+}
+
+impl From<&Spec> for Ruleset {
+    fn from(spec: &Spec) -> Self {
+        Ruleset {
+            ipv6: spec.ipv6,
+            inbound: inbound(spec),
+            outbound: outbound(spec),
+        }
+    }
+}
+
+fn rule(when: Match, action: Action, comment: impl Into<String>) -> Rule {
+    Rule {
+        when,
+        action,
+        comment: comment.into(),
+    }
+}
+
+/// Leaves IPv6 alone when asked to. Matching it first, rather than filtering
+/// every later rule, keeps one table for both families (DESIGN.md) while
+/// guaranteeing that no IPv6 packet reaches a redirect.
+fn ipv6_off(spec: &Spec, rules: &mut Vec<Rule>) {
+    if !spec.ipv6 {
+        rules.push(rule(
+            Match::Ipv6,
+            Action::Return,
+            "meshinit: IPv6 is left alone (--ipv6=false)",
+        ));
+    }
+}
+
+/// One rule per non-empty (family, list): a set in nftables, so the rule count
+/// is independent of how many subnets are listed.
+fn subnet_rules(
+    spec: &Spec,
+    nets: &crate::SubnetList,
+    side: Side,
+    sets: [&'static str; 2],
+    comment: &str,
+    rules: &mut Vec<Rule>,
+) {
+    let v4: Vec<IpNet> = nets.v4.iter().copied().map(IpNet::V4).collect();
+    let v6: Vec<IpNet> = nets.v6.iter().copied().map(IpNet::V6).collect();
+    for (family, set, nets, name) in [
+        (Family::V4, sets[0], v4, "IPv4"),
+        (Family::V6, sets[1], v6, "IPv6"),
+    ] {
+        if nets.is_empty() || (family == Family::V6 && !spec.ipv6) {
+            continue;
+        }
+        let when = Match::Subnets {
+            set,
+            side,
+            family,
+            nets,
+        };
+        rules.push(rule(when, Action::Return, format!("{comment} ({name})")));
+    }
+}
+
+fn inbound(spec: &Spec) -> Chain {
+    let mut rules = Vec::new();
+    ipv6_off(spec, &mut rules);
+    if !spec.inbound_ports_to_ignore.is_empty() {
+        rules.push(rule(
+            Match::DstPort {
+                set: "inbound_ports_to_ignore",
+                ports: spec.inbound_ports_to_ignore.clone(),
+            },
+            Action::Return,
+            "meshinit: inbound ports to ignore reach the application directly",
+        ));
+    }
+    subnet_rules(
+        spec,
+        &spec.inbound_subnets_to_ignore,
+        Side::Source,
+        ["inbound_subnets_to_ignore_v4", "inbound_subnets_to_ignore_v6"],
+        "meshinit: sources in inbound subnets to ignore reach the application directly",
+        &mut rules,
+    );
+    let redirect = Action::Redirect(spec.incoming_proxy_port);
+    if spec.ports_to_redirect.is_empty() {
+        rules.push(rule(
+            Match::Tcp,
+            redirect,
+            "meshinit: all other inbound TCP goes to the proxy",
+        ));
+    } else {
+        rules.push(rule(
+            Match::DstPort {
+                set: "ports_to_redirect",
+                ports: spec.ports_to_redirect.clone(),
+            },
+            redirect,
+            "meshinit: inbound TCP to the ports to redirect goes to the proxy",
+        ));
+    }
+    Chain {
+        direction: Direction::Inbound,
+        rules,
+    }
+}
+
+fn outbound(spec: &Spec) -> Chain {
+    let mut rules = Vec::new();
+    ipv6_off(spec, &mut rules);
+    // The proxy's own connections (to the original destination, or to the
+    // application on the inbound side) must not be sent back to the proxy,
+    // or every connection would loop.
+    if let Some(uid) = spec.proxy_uid {
+        rules.push(rule(
+            Match::Uid(uid),
+            Action::Return,
+            format!("meshinit: the proxy (uid {uid}) connects directly"),
+        ));
+    }
+    if let Some(gid) = spec.proxy_gid {
+        rules.push(rule(
+            Match::Gid(gid),
+            Action::Return,
+            format!("meshinit: the proxy (gid {gid}) connects directly"),
+        ));
+    }
+    // Traffic that stays in the pod (localhost, or the pod's own address,
+    // which routes over lo) never leaves, so there is nothing to proxy; the
+    // inbound proxy's connection to the application takes this path too.
+    rules.push(rule(
+        Match::OutLoopback,
+        Action::Return,
+        "meshinit: traffic that stays in the pod (via lo) is not redirected",
+    ));
+    if !spec.outbound_ports_to_ignore.is_empty() {
+        rules.push(rule(
+            Match::DstPort {
+                set: "outbound_ports_to_ignore",
+                ports: spec.outbound_ports_to_ignore.clone(),
+            },
+            Action::Return,
+            "meshinit: outbound ports to ignore are reached directly",
+        ));
+    }
+    subnet_rules(
+        spec,
+        &spec.outbound_subnets_to_ignore,
+        Side::Destination,
+        [
+            "outbound_subnets_to_ignore_v4",
+            "outbound_subnets_to_ignore_v6",
+        ],
+        "meshinit: destinations in outbound subnets to ignore are reached directly",
+        &mut rules,
+    );
+    rules.push(rule(
+        Match::Tcp,
+        Action::Redirect(spec.outgoing_proxy_port),
+        "meshinit: all other outbound TCP goes to the proxy",
+    ));
+    Chain {
+        direction: Direction::Outbound,
+        rules,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,133 @@
+//! Command line: flag names follow linkerd2-proxy-init so binaries can be swapped.
+//!
+//! Every setting is an `Option<String>` here: "not given" must stay
+//! distinguishable from "given the default" so that env vars and the config
+//! file can fill the gaps (see `config`). Parsing into ports and CIDRs happens
+//! in one place, `config::Config::resolve`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::config::setting;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshinit",
+    version,
+    about = "Redirect a pod's TCP traffic to its sidecar proxy (nftables or iptables), atomically",
+    long_about = "Installs redirect rules in a network namespace: inbound TCP to the proxy's \
+inbound port, outbound TCP to its outbound port, with skip ports, skip subnets, loopback and \
+the proxy's own UID/GID exempt. Every flag can also be set with MESHINIT_<FLAG> (e.g. \
+MESHINIT_OUTBOUND_PORTS_TO_IGNORE) or a key of the --config TOML file (snake_case); \
+precedence: flag > env > file > default.\n\nExit codes: 0 success; 2 bad input (nothing was \
+changed); 1 failure while applying (the previous ruleset is intact); check: 1 on drift."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Install (or replace) the rules in one atomic transaction. The default.
+    Apply,
+    /// Remove the rules meshinit installed, and nothing else.
+    Cleanup,
+    /// Print the rules the flags describe; change nothing.
+    Show,
+    /// Exit 0 when the installed rules equal the expected ones, 1 on drift.
+    Check,
+}
+
+/// The settings, each readable from flag, env var or config file.
+///
+/// The same struct is deserialised from the TOML file: unknown keys are
+/// refused, because a typo in a skip list would silently redirect traffic the
+/// user meant to exempt.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Port of the proxy's inbound listener [default: 4143]
+    #[arg(long, value_name = "PORT", global = true, help_heading = "Proxy")]
+    #[serde(default, deserialize_with = "setting")]
+    pub incoming_proxy_port: Option<String>,
+    /// Port of the proxy's outbound listener [default: 4140]
+    #[arg(long, value_name = "PORT", global = true, help_heading = "Proxy")]
+    #[serde(default, deserialize_with = "setting")]
+    pub outgoing_proxy_port: Option<String>,
+    /// Outbound traffic of this UID (the proxy's) is not redirected [default: 2102]
+    #[arg(long, value_name = "UID", global = true, help_heading = "Proxy")]
+    #[serde(default, deserialize_with = "setting")]
+    pub proxy_uid: Option<String>,
+    /// Outbound traffic of this GID is not redirected [default: none]
+    #[arg(long, value_name = "GID", global = true, help_heading = "Proxy")]
+    #[serde(default, deserialize_with = "setting")]
+    pub proxy_gid: Option<String>,
+
+    /// Inbound ports that reach the application directly: N or LO-HI, comma-separated [default: 4190,4191]
+    #[arg(long, value_name = "PORTS", global = true, help_heading = "Exemptions")]
+    #[serde(default, deserialize_with = "setting")]
+    pub inbound_ports_to_ignore: Option<String>,
+    /// Outbound ports that are reached directly [default: none]
+    #[arg(long, value_name = "PORTS", global = true, help_heading = "Exemptions")]
+    #[serde(default, deserialize_with = "setting")]
+    pub outbound_ports_to_ignore: Option<String>,
+    /// Only these inbound ports are redirected [default: all]
+    #[arg(long, value_name = "PORTS", global = true, help_heading = "Exemptions")]
+    #[serde(default, deserialize_with = "setting")]
+    pub ports_to_redirect: Option<String>,
+    /// CIDRs (v4 or v6) exempt in both directions: inbound by source, outbound by destination
+    #[arg(long, value_name = "CIDRS", global = true, help_heading = "Exemptions")]
+    #[serde(default, deserialize_with = "setting")]
+    pub subnets_to_ignore: Option<String>,
+    /// CIDRs exempt inbound only (by source address)
+    #[arg(long, value_name = "CIDRS", global = true, help_heading = "Exemptions")]
+    #[serde(default, deserialize_with = "setting")]
+    pub inbound_subnets_to_ignore: Option<String>,
+    /// CIDRs exempt outbound only (by destination address)
+    #[arg(long, value_name = "CIDRS", global = true, help_heading = "Exemptions")]
+    #[serde(default, deserialize_with = "setting")]
+    pub outbound_subnets_to_ignore: Option<String>,
+
+    /// Rule backend: nft, iptables-nft, iptables-legacy or auto [default: auto]
+    #[arg(long, value_name = "BACKEND", global = true, help_heading = "Backend")]
+    #[serde(default, deserialize_with = "setting")]
+    pub backend: Option<String>,
+    /// Alias of --backend iptables-legacy / iptables-nft (linkerd2-proxy-init compatibility)
+    #[arg(long, value_name = "legacy|nft", global = true, help_heading = "Backend")]
+    #[serde(default, deserialize_with = "setting")]
+    pub iptables_mode: Option<String>,
+    /// Also install IPv6 rules; --ipv6=false leaves IPv6 untouched [default: true]
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        global = true,
+        help_heading = "Backend"
+    )]
+    #[serde(default, deserialize_with = "setting")]
+    pub ipv6: Option<String>,
+
+    /// Network namespace file to work in (/var/run/netns/NAME, /proc/PID/ns/net) [default: current]
+    #[arg(long, value_name = "PATH", global = true, help_heading = "Execution")]
+    #[serde(default, deserialize_with = "setting")]
+    pub netns: Option<String>,
+    /// Print what would be applied and change nothing (alias: --simulate)
+    #[arg(long, alias = "simulate", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", global = true, help_heading = "Execution")]
+    #[serde(default, deserialize_with = "setting")]
+    pub dry_run: Option<String>,
+    /// TOML file with settings (keys are the flag names in snake_case)
+    #[arg(long, value_name = "FILE", global = true, help_heading = "Execution")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Log format: plain or json (one JSON object per line) [default: plain]
+    #[arg(long, value_name = "FORMAT", global = true, help_heading = "Execution")]
+    #[serde(default, deserialize_with = "setting")]
+    pub log_format: Option<String>,
+}
