@@ -4,14 +4,18 @@
 //! what is ours. The `nft` backend is the default; iptables is for hosts
 //! where nftables cannot be used.
 
+mod iptables;
 mod nft;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use meshinit_rules::Ruleset;
+use meshinit_rules::{Family, Ruleset};
 use thiserror::Error;
 
+use crate::config::BackendChoice;
+
+pub use iptables::{Flavor, Iptables};
 pub use nft::Nft;
 
 #[derive(Debug, Error)]
@@ -29,6 +33,8 @@ pub enum BackendError {
         command: String,
         source: std::io::Error,
     },
+    #[error("no backend is usable here ({tried})")]
+    NoBackend { tried: String },
     #[error("cannot read `{command}` output: {message}")]
     Unreadable { command: String, message: String },
 }
@@ -45,6 +51,8 @@ pub trait Backend {
     fn cleanup(&self) -> Result<(), BackendError>;
     /// Differences between what is installed and `ruleset`; empty when equal.
     fn diff(&self, ruleset: &Ruleset) -> Result<Vec<String>, BackendError>;
+    /// True when any rule, chain or table of ours is installed.
+    fn has_ours(&self) -> Result<bool, BackendError>;
 }
 
 /// Runs `program args...`, feeding `stdin`, and returns its stdout.
@@ -95,4 +103,73 @@ pub(crate) fn run(
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Every backend, for cleaning up after a switch.
+pub fn all() -> Vec<Box<dyn Backend>> {
+    vec![
+        Box::new(Nft),
+        Box::new(Iptables::new(Flavor::Nft)),
+        Box::new(Iptables::new(Flavor::Legacy)),
+    ]
+}
+
+/// The backend for an explicit choice.
+pub fn named(choice: BackendChoice) -> Option<Box<dyn Backend>> {
+    match choice {
+        BackendChoice::Auto => None,
+        BackendChoice::Nft => Some(Box::new(Nft)),
+        BackendChoice::IptablesNft => Some(Box::new(Iptables::new(Flavor::Nft))),
+        BackendChoice::IptablesLegacy => Some(Box::new(Iptables::new(Flavor::Legacy))),
+    }
+}
+
+/// Picks a backend for `--backend auto`, logging why.
+///
+/// 1. If iptables-legacy already holds rules (ours or anyone's) in this
+///    namespace, use legacy: rules split between legacy and nf_tables are
+///    evaluated in an order nobody intended and traffic silently breaks.
+/// 2. Else native nft, when the binary and the kernel's nf_tables work.
+/// 3. Else iptables-nft; 4. else iptables-legacy.
+pub fn auto() -> Result<Box<dyn Backend>, BackendError> {
+    let mut tried = Vec::new();
+    let legacy = Iptables::new(Flavor::Legacy);
+    match legacy.has_any_rule() {
+        Ok(true) => {
+            tracing::info!(
+                backend = "iptables-legacy",
+                "auto: iptables-legacy already holds rules in this namespace; \
+                 using it so rules are not split between legacy and nf_tables"
+            );
+            return Ok(Box::new(legacy));
+        }
+        Ok(false) => tracing::debug!("auto: iptables-legacy holds no rules"),
+        Err(err) => tracing::info!("auto: cannot list iptables-legacy rules ({err}); skipping that check"),
+    }
+    match run("nft", &["list", "tables"], None, "") {
+        Ok(_) => {
+            tracing::info!(backend = "nft", "auto: nft and the kernel's nf_tables work; using native nft");
+            return Ok(Box::new(Nft));
+        }
+        Err(err) => {
+            tracing::info!("auto: native nft is not usable: {err}");
+            tried.push(format!("nft: {err}"));
+        }
+    }
+    for flavor in [Flavor::Nft, Flavor::Legacy] {
+        let backend = Iptables::new(flavor);
+        match backend.installed(Family::V4) {
+            Ok(_) => {
+                tracing::info!(backend = backend.name(), "auto: using {}", backend.name());
+                return Ok(Box::new(backend));
+            }
+            Err(err) => {
+                tracing::info!("auto: {} is not usable: {err}", backend.name());
+                tried.push(format!("{}: {err}", backend.name()));
+            }
+        }
+    }
+    Err(BackendError::NoBackend {
+        tried: tried.join("; "),
+    })
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use meshinit_rules::Ruleset;
 
-use crate::backend::{Backend, Nft};
+use crate::backend::{self, Backend, Nft};
 use crate::cli::Command;
 use crate::config::{BackendChoice, Config};
 use crate::netns;
@@ -19,11 +19,16 @@ pub enum Failure {
     Apply(anyhow::Error),
 }
 
+fn apply_failure(err: backend::BackendError, what: &'static str) -> Failure {
+    Failure::Apply(anyhow!(err).context(what))
+}
+
 pub fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
     let ruleset = Ruleset::from(&config.spec);
-    let backend = choose(config)?;
 
-    if command == Command::Show || (config.dry_run && command == Command::Apply) {
+    // `show` renders only: no namespace, no probing, no privileges.
+    if command == Command::Show {
+        let backend = backend::named(config.backend).unwrap_or_else(|| Box::new(Nft));
         print!("{}", backend.render(&ruleset));
         return Ok(ExitCode::SUCCESS);
     }
@@ -40,52 +45,116 @@ pub fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
     }
 
     match command {
-        Command::Apply | Command::Show => {
-            backend.apply(&ruleset).map_err(|err| {
-                Failure::Apply(anyhow!(err).context("apply failed; the previous ruleset is intact"))
-            })?;
-            tracing::info!(
-                backend = backend.name(),
-                rules = ruleset.rule_count(),
-                ipv6 = ruleset.ipv6,
-                "applied redirect rules"
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Cleanup => {
-            if config.dry_run {
-                println!("would remove meshinit's rules ({})", backend.name());
-                return Ok(ExitCode::SUCCESS);
-            }
-            backend
-                .cleanup()
-                .map_err(|err| Failure::Apply(anyhow!(err).context("cleanup failed")))?;
-            tracing::info!(backend = backend.name(), "removed meshinit's rules");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Check => {
-            let differences = backend
-                .diff(&ruleset)
-                .map_err(|err| Failure::Apply(anyhow!(err).context("check failed")))?;
-            if differences.is_empty() {
-                println!("ok: installed rules match the expected ones ({})", backend.name());
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!("drift: installed rules differ from the expected ones ({}):", backend.name());
-            for difference in &differences {
-                println!("  {difference}");
-            }
-            tracing::warn!(differences = differences.len(), "rules drifted");
-            Ok(ExitCode::from(1))
-        }
+        Command::Apply | Command::Show => apply(config, &ruleset),
+        Command::Cleanup => cleanup(config),
+        Command::Check => check(config, &ruleset),
     }
 }
 
-fn choose(config: &Config) -> Result<Box<dyn Backend>, Failure> {
-    match config.backend {
-        BackendChoice::Auto | BackendChoice::Nft => Ok(Box::new(Nft)),
-        BackendChoice::IptablesNft | BackendChoice::IptablesLegacy => Err(Failure::Apply(anyhow!(
-            "the iptables backends are not available yet; use --backend nft"
-        ))),
+fn choose(config: &Config) -> Result<Box<dyn Backend>, backend::BackendError> {
+    match backend::named(config.backend) {
+        Some(backend) => Ok(backend),
+        None => backend::auto(),
     }
+}
+
+fn apply(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
+    if config.dry_run {
+        // A dry run shows what this namespace would get; when no backend is
+        // usable (e.g. not root) it still shows the default nft rendering.
+        let backend = choose(config).unwrap_or_else(|err| {
+            tracing::warn!("{err}; showing the nft rendering");
+            Box::new(Nft)
+        });
+        print!("{}", backend.render(ruleset));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
+    backend
+        .apply(ruleset)
+        .map_err(|err| apply_failure(err, "apply failed; the previous ruleset is intact"))?;
+    tracing::info!(
+        backend = backend.name(),
+        rules = ruleset.rule_count(),
+        ipv6 = ruleset.ipv6,
+        "applied redirect rules"
+    );
+    // Rules of ours left by another backend would keep redirecting (or stop
+    // redirecting when removed later): clean them now that ours are in place.
+    for other in backend::all() {
+        if other.name() == backend.name() {
+            continue;
+        }
+        match other.has_ours() {
+            Ok(true) => {
+                other
+                    .cleanup()
+                    .map_err(|err| apply_failure(err, "removing our rules from the previous backend failed"))?;
+                tracing::info!(
+                    removed_from = other.name(),
+                    backend = backend.name(),
+                    "removed our stale rules left by another backend"
+                );
+            }
+            Ok(false) => {}
+            Err(err) => tracing::debug!("{} not checked: {err}", other.name()),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cleanup(config: &Config) -> Result<ExitCode, Failure> {
+    // With auto, ours are removed from every backend that has them: cleanup
+    // must not depend on guessing which backend an earlier run chose.
+    let backends = match backend::named(config.backend) {
+        Some(backend) => vec![backend],
+        None => backend::all(),
+    };
+    for backend in backends {
+        let present = match backend.has_ours() {
+            Ok(present) => present,
+            Err(err) if config.backend == BackendChoice::Auto => {
+                tracing::debug!("{} not checked: {err}", backend.name());
+                continue;
+            }
+            Err(err) => return Err(apply_failure(err, "cleanup failed")),
+        };
+        if !present {
+            continue;
+        }
+        if config.dry_run {
+            println!("would remove meshinit's rules from {}", backend.name());
+            continue;
+        }
+        backend
+            .cleanup()
+            .map_err(|err| apply_failure(err, "cleanup failed"))?;
+        tracing::info!(backend = backend.name(), "removed meshinit's rules");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
+    let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
+    let mut differences = backend
+        .diff(ruleset)
+        .map_err(|err| apply_failure(err, "check failed"))?;
+    for other in backend::all() {
+        if other.name() != backend.name() && other.has_ours().unwrap_or(false) {
+            differences.push(format!("stale rules of ours in {}", other.name()));
+        }
+    }
+    if differences.is_empty() {
+        println!("ok: installed rules match the expected ones ({})", backend.name());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "drift: installed rules differ from the expected ones ({}):",
+        backend.name()
+    );
+    for difference in &differences {
+        println!("  {difference}");
+    }
+    tracing::warn!(differences = differences.len(), "rules drifted");
+    Ok(ExitCode::from(1))
 }

@@ -22,7 +22,7 @@ mod spec;
 mod subnets;
 
 pub use ports::{PortRange, PortSet};
-pub use render::iptables::{self, Jumps};
+pub use render::iptables::{self, Installed, Jumps};
 pub use render::nft_json::{self, TABLE};
 pub use render::nft_text;
 pub use ruleset::{Action, Chain, Direction, Family, Match, Rule, Ruleset, Side};

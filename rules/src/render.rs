@@ -13,3 +13,6 @@ pub(crate) fn nft_chain(direction: Direction) -> &'static str {
         Direction::Outbound => "output",
     }
 }
+
+#[cfg(test)]
+mod tests;

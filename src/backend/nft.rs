@@ -23,7 +23,9 @@ impl Nft {
     pub fn list_ours(&self) -> Result<Option<String>, BackendError> {
         match run("nft", &["-j", "list", "table", "inet", nft_json::TABLE], None, HINT) {
             Ok(listing) => Ok(Some(listing)),
-            Err(BackendError::Failed { stderr, .. }) if stderr.contains("No such file or directory") => {
+            Err(BackendError::Failed { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
                 Ok(None)
             }
             Err(err) => Err(err),
@@ -46,6 +48,10 @@ impl Backend for Nft {
 
     fn cleanup(&self) -> Result<(), BackendError> {
         self.batch(&nft_json::cleanup_batch())
+    }
+
+    fn has_ours(&self) -> Result<bool, BackendError> {
+        Ok(self.list_ours()?.is_some())
     }
 
     fn diff(&self, ruleset: &Ruleset) -> Result<Vec<String>, BackendError> {

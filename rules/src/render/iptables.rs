@@ -63,20 +63,31 @@ pub fn jump_rule(direction: Direction) -> String {
     )
 }
 
+/// The `-A MESHINIT_*` lines for `ruleset` in one family, in order.
+pub fn chain_rules(ruleset: &Ruleset, family: Family) -> Vec<String> {
+    let mut lines = Vec::new();
+    for chain in ruleset.chains() {
+        let name = chain_name(chain.direction);
+        for rule in &chain.rules {
+            for line in rule_lines(rule, family) {
+                lines.push(format!("-A {name} {line}"));
+            }
+        }
+    }
+    lines
+}
+
 /// The restore document installing `ruleset` for one family.
+///
+/// Declaring a chain under `--noflush` creates it, or empties it when it
+/// exists, so a re-run never fails with "chain already exists".
 pub fn restore_text(ruleset: &Ruleset, family: Family, jumps: Jumps) -> String {
     let mut out = String::from("*nat\n");
     for chain in ruleset.chains() {
         let _ = writeln!(out, ":{} - [0:0]", chain_name(chain.direction));
     }
-    for chain in ruleset.chains() {
-        let name = chain_name(chain.direction);
-        let _ = writeln!(out, "-F {name}");
-        for rule in &chain.rules {
-            for line in rule_lines(rule, family) {
-                let _ = writeln!(out, "-A {name} {line}");
-            }
-        }
+    for line in chain_rules(ruleset, family) {
+        let _ = writeln!(out, "{line}");
     }
     for (direction, wanted) in [
         (Direction::Inbound, jumps.prerouting),
@@ -90,24 +101,202 @@ pub fn restore_text(ruleset: &Ruleset, family: Family, jumps: Jumps) -> String {
     out
 }
 
-/// The restore document removing our chains, given which jumps exist.
-pub fn cleanup_text(jumps: Jumps, chains: bool) -> String {
-    let mut out = String::from("*nat\n");
-    for (direction, present) in [
-        (Direction::Inbound, jumps.prerouting),
-        (Direction::Outbound, jumps.output),
-    ] {
-        if present {
-            let _ = writeln!(out, "-D {} {}", parent_chain(direction), jump_rule(direction));
+/// What of ours an `iptables-save -t nat` listing holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Installed {
+    /// Our chains that exist.
+    pub chains: Vec<String>,
+    /// The `-A` lines of our chains, verbatim.
+    pub rules: Vec<String>,
+    /// The `-A PREROUTING|OUTPUT ... -j MESHINIT_*` lines, verbatim.
+    pub jump_lines: Vec<String>,
+}
+
+fn is_ours(chain: &str) -> bool {
+    chain == INBOUND_CHAIN || chain == OUTBOUND_CHAIN
+}
+
+/// The chain a jump line jumps to, if any.
+fn jump_target(tokens: &[String]) -> Option<&str> {
+    tokens
+        .windows(2)
+        .find(|w| w[0] == "-j")
+        .map(|w| w[1].as_str())
+}
+
+impl Installed {
+    /// Reads the nat table of an `iptables-save` listing.
+    pub fn parse(save: &str) -> Installed {
+        let mut installed = Installed::default();
+        let mut in_nat = false;
+        for line in save.lines().map(str::trim) {
+            if let Some(table) = line.strip_prefix('*') {
+                in_nat = table == "nat";
+                continue;
+            }
+            if !in_nat {
+                continue;
+            }
+            if let Some(declaration) = line.strip_prefix(':') {
+                let name = declaration.split_whitespace().next().unwrap_or_default();
+                if is_ours(name) {
+                    installed.chains.push(name.to_string());
+                }
+                continue;
+            }
+            let tokens = tokens(line);
+            if tokens.len() < 2 || tokens[0] != "-A" {
+                continue;
+            }
+            if is_ours(&tokens[1]) {
+                installed.rules.push(line.to_string());
+            } else if jump_target(&tokens).is_some_and(is_ours) {
+                installed.jump_lines.push(line.to_string());
+            }
+        }
+        installed
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.jump_lines.is_empty()
+    }
+
+    /// How many jumps go from the parent chain of `direction` into ours.
+    fn jump_count(&self, direction: Direction) -> usize {
+        self.jump_lines
+            .iter()
+            .filter(|line| {
+                let t = tokens(line);
+                t[1] == parent_chain(direction) && jump_target(&t) == Some(chain_name(direction))
+            })
+            .count()
+    }
+
+    /// Which jumps into our chains exist.
+    pub fn jumps(&self) -> Jumps {
+        Jumps {
+            prerouting: self.jump_count(Direction::Inbound) > 0,
+            output: self.jump_count(Direction::Outbound) > 0,
         }
     }
-    if chains {
-        for name in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-            let _ = writeln!(out, ":{name} - [0:0]\n-X {name}");
+
+    /// The restore document that removes everything of ours listed here:
+    /// every jump into our chains (whatever its comment), then the chains.
+    pub fn cleanup_text(&self) -> String {
+        let mut out = String::from("*nat\n");
+        for line in &self.jump_lines {
+            let _ = writeln!(out, "-D{}", &line[2..]);
+        }
+        for chain in &self.chains {
+            let _ = writeln!(out, ":{chain} - [0:0]\n-X {chain}");
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+
+    /// The restore document that puts this state back after a ruleset that
+    /// added `added` jumps was applied on top of it (used when a later family
+    /// fails, so no family is left half-applied).
+    pub fn rollback_text(&self, added: Jumps) -> String {
+        let mut out = String::from("*nat\n");
+        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        for line in &self.rules {
+            let _ = writeln!(out, "{line}");
+        }
+        for (direction, was_added) in [
+            (Direction::Inbound, added.prerouting),
+            (Direction::Outbound, added.output),
+        ] {
+            if was_added {
+                let _ = writeln!(out, "-D {} {}", parent_chain(direction), jump_rule(direction));
+            }
+        }
+        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+            if !self.chains.iter().any(|c| c == chain) {
+                let _ = writeln!(out, "-X {chain}");
+            }
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+
+    /// Differences from what `ruleset` expects; empty when equal.
+    ///
+    /// Lines are compared as argument lists, because iptables-save drops the
+    /// quotes around one-word comments.
+    pub fn diff(&self, ruleset: &Ruleset, family: Family) -> Vec<String> {
+        let mut differences = Vec::new();
+        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+            if !self.chains.iter().any(|c| c == chain) {
+                differences.push(format!("chain {chain} missing"));
+            }
+        }
+        let expected_lines = chain_rules(ruleset, family);
+        let expected: Vec<Vec<String>> = expected_lines.iter().map(|l| tokens(l)).collect();
+        let installed: Vec<Vec<String>> = self.rules.iter().map(|l| tokens(l)).collect();
+        for (line, t) in expected_lines.iter().zip(&expected) {
+            if !installed.contains(t) {
+                differences.push(format!("rule missing: {line}"));
+            }
+        }
+        for (line, t) in self.rules.iter().zip(&installed) {
+            if !expected.contains(t) {
+                differences.push(format!("rule not expected: {line}"));
+            }
+        }
+        if differences.is_empty() && expected != installed {
+            differences.push("rules are installed in a different order".to_string());
+        }
+        for direction in [Direction::Inbound, Direction::Outbound] {
+            let count = self.jump_count(direction);
+            if count != 1 {
+                differences.push(format!(
+                    "{count} jumps from {} to {} (expected exactly 1)",
+                    parent_chain(direction),
+                    chain_name(direction)
+                ));
+            }
+        }
+        differences
+    }
+}
+
+/// Splits an iptables line into arguments the way the shell would
+/// (double quotes group words; backslash escapes the next character).
+pub fn tokens(line: &str) -> Vec<String> {
+    let mut tokens = Vec::new();
+    let mut current = String::new();
+    let (mut quoted, mut started, mut chars) = (false, false, line.chars());
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                started = true;
+            }
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    current.push(next);
+                }
+                started = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if started {
+                    tokens.push(std::mem::take(&mut current));
+                    started = false;
+                }
+            }
+            c => {
+                current.push(c);
+                started = true;
+            }
         }
     }
-    out.push_str("COMMIT\n");
-    out
+    if started {
+        tokens.push(current);
+    }
+    tokens
 }
 
 /// The iptables lines for one model rule in one family; empty when the rule

@@ -1,1 +1,209 @@
+//! Model-level properties: a tiny evaluator walks a chain the way the kernel
+//! would, so "every skip port is exempt" is checked on the model itself,
+//! independently of any renderer.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::{PortRange, SubnetList};
+
+/// The parts of a packet our rules look at.
+#[derive(Clone, Debug)]
+struct Packet {
+    src: IpAddr,
+    dst: IpAddr,
+    dport: u16,
+    uid: u32,
+    gid: u32,
+    via_lo: bool,
+}
+
+/// Where the chain sends the packet: `Some(port)` when redirected.
+fn verdict(chain: &Chain, packet: &Packet) -> Option<u16> {
+    for rule in &chain.rules {
+        let hit = match &rule.when {
+            Match::Ipv6 => packet.dst.is_ipv6(),
+            Match::Tcp => true,
+            Match::DstPort { ports, .. } => ports.contains(packet.dport),
+            Match::Subnets {
+                side, family, nets, ..
+            } => {
+                let addr = match side {
+                    Side::Source => packet.src,
+                    Side::Destination => packet.dst,
+                };
+                let same_family = matches!(
+                    (family, addr),
+                    (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+                );
+                same_family && nets.iter().any(|net| net.contains(&addr))
+            }
+            Match::Uid(uid) => packet.uid == *uid,
+            Match::Gid(gid) => packet.gid == *gid,
+            Match::OutLoopback => packet.via_lo,
+        };
+        if hit {
+            return match rule.action {
+                Action::Return => None,
+                Action::Redirect(port) => Some(port),
+            };
+        }
+    }
+    None
+}
+
+fn app_packet(dport: u16) -> Packet {
+    Packet {
+        src: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+        dst: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+        dport,
+        uid: 1000,
+        gid: 1000,
+        via_lo: false,
+    }
+}
+
+#[test]
+fn defaults_redirect_both_ways_and_exempt_the_proxy_and_loopback() {
+    let rules = Ruleset::from(&Spec::default());
+    assert_eq!(verdict(&rules.inbound, &app_packet(8080)), Some(4143));
+    assert_eq!(verdict(&rules.inbound, &app_packet(4190)), None);
+    assert_eq!(verdict(&rules.inbound, &app_packet(4191)), None);
+    assert_eq!(verdict(&rules.outbound, &app_packet(8080)), Some(4140));
+    let proxy = Packet {
+        uid: 2102,
+        ..app_packet(8080)
+    };
+    assert_eq!(verdict(&rules.outbound, &proxy), None);
+    let local = Packet {
+        via_lo: true,
+        ..app_packet(8080)
+    };
+    assert_eq!(verdict(&rules.outbound, &local), None);
+}
+
+#[test]
+fn ipv6_off_leaves_ipv6_alone_and_drops_v6_sets() {
+    let spec = Spec {
+        ipv6: false,
+        outbound_subnets_to_ignore: "fd00::/8,198.19.0.0/16".parse().unwrap(),
+        ..Spec::default()
+    };
+    let rules = Ruleset::from(&spec);
+    let v6 = Packet {
+        src: IpAddr::V6(Ipv6Addr::LOCALHOST),
+        dst: "fd00:18::2".parse().unwrap(),
+        ..app_packet(8080)
+    };
+    assert_eq!(verdict(&rules.outbound, &v6), None);
+    assert_eq!(verdict(&rules.inbound, &v6), None);
+    assert_eq!(verdict(&rules.outbound, &app_packet(8080)), Some(4140));
+    let v6_sets = rules.outbound.rules.iter().any(|rule| {
+        matches!(
+            rule.when,
+            Match::Subnets {
+                family: Family::V6,
+                ..
+            }
+        )
+    });
+    assert!(!v6_sets);
+}
+
+#[test]
+fn ports_to_redirect_limits_inbound_only() {
+    let spec = Spec {
+        ports_to_redirect: "8080,9000-9001".parse().unwrap(),
+        ..Spec::default()
+    };
+    let rules = Ruleset::from(&spec);
+    assert_eq!(verdict(&rules.inbound, &app_packet(8080)), Some(4143));
+    assert_eq!(verdict(&rules.inbound, &app_packet(9001)), Some(4143));
+    assert_eq!(verdict(&rules.inbound, &app_packet(8081)), None);
+    assert_eq!(verdict(&rules.outbound, &app_packet(8081)), Some(4140));
+}
+
+fn port_set() -> impl Strategy<Value = PortSet> {
+    proptest::collection::vec((1u16..=65535, 0u16..20), 0..60).prop_map(|items| {
+        PortSet::new(
+            items
+                .into_iter()
+                .map(|(lo, len)| PortRange { lo, hi: lo.saturating_add(len) }),
+        )
+    })
+}
+
+fn v4_subnets() -> impl Strategy<Value = SubnetList> {
+    proptest::collection::vec((any::<u32>(), 8u8..=32), 0..20).prop_map(|items| {
+        SubnetList::new(items.into_iter().map(|(addr, len)| {
+            ipnet::IpNet::new(IpAddr::V4(Ipv4Addr::from(addr)), len).unwrap()
+        }))
+    })
+}
+
+proptest! {
+    #[test]
+    fn every_skip_port_is_exempt_and_others_are_redirected(
+        inbound in port_set(), outbound in port_set(), probe in 1u16..=65535,
+    ) {
+        let spec = Spec {
+            inbound_ports_to_ignore: inbound.clone(),
+            outbound_ports_to_ignore: outbound.clone(),
+            ..Spec::default()
+        };
+        let rules = Ruleset::from(&spec);
+        for range in inbound.ranges() {
+            for port in [range.lo, range.hi] {
+                prop_assert_eq!(verdict(&rules.inbound, &app_packet(port)), None);
+            }
+        }
+        for range in outbound.ranges() {
+            for port in [range.lo, range.hi] {
+                prop_assert_eq!(verdict(&rules.outbound, &app_packet(port)), None);
+            }
+        }
+        let expect_in = if inbound.contains(probe) { None } else { Some(4143) };
+        let expect_out = if outbound.contains(probe) { None } else { Some(4140) };
+        prop_assert_eq!(verdict(&rules.inbound, &app_packet(probe)), expect_in);
+        prop_assert_eq!(verdict(&rules.outbound, &app_packet(probe)), expect_out);
+    }
+
+    #[test]
+    fn every_skip_subnet_is_exempt_in_its_direction(
+        both in v4_subnets(), inbound_only in v4_subnets(), probe in any::<u32>(),
+    ) {
+        let spec = Spec {
+            inbound_subnets_to_ignore: both.union(&inbound_only),
+            outbound_subnets_to_ignore: both.clone(),
+            ..Spec::default()
+        };
+        let rules = Ruleset::from(&spec);
+        let probe = IpAddr::V4(Ipv4Addr::from(probe));
+        let inbound = Packet { src: probe, ..app_packet(8080) };
+        let outbound = Packet { dst: probe, ..app_packet(8080) };
+        let exempt_in = spec.inbound_subnets_to_ignore.contains(probe);
+        let exempt_out = both.contains(probe);
+        prop_assert_eq!(verdict(&rules.inbound, &inbound), if exempt_in { None } else { Some(4143) });
+        prop_assert_eq!(verdict(&rules.outbound, &outbound), if exempt_out { None } else { Some(4140) });
+        for net in both.v4.iter() {
+            let inside = Packet { dst: IpAddr::V4(net.broadcast()), ..app_packet(8080) };
+            prop_assert_eq!(verdict(&rules.outbound, &inside), None);
+        }
+    }
+
+    #[test]
+    fn rule_count_does_not_grow_with_lists(ports in port_set(), nets in v4_subnets()) {
+        let spec = Spec {
+            inbound_ports_to_ignore: ports.clone(),
+            outbound_ports_to_ignore: ports,
+            inbound_subnets_to_ignore: nets.clone(),
+            outbound_subnets_to_ignore: nets,
+            proxy_gid: Some(7),
+            ..Spec::default()
+        };
+        // At most: 2 skip-port rules, 4 subnet rules, uid, gid, lo, 2 redirects.
+        prop_assert!(Ruleset::from(&spec).rule_count() <= 11);
+    }
+}

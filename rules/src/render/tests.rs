@@ -1,0 +1,152 @@
+//! Snapshot tests of the three renderers for named configurations, and
+//! properties of the output.
+
+use proptest::prelude::*;
+
+use crate::{iptables, nft_json, nft_text, Family, Jumps, PortRange, PortSet, Ruleset, Spec};
+
+/// The named configurations every renderer is snapshotted for.
+fn configurations() -> Vec<(&'static str, Spec)> {
+    let d = Spec::default;
+    vec![
+        ("defaults", d()),
+        (
+            "many_ports_and_ranges",
+            Spec {
+                inbound_ports_to_ignore: "4190,4191,22,8000-8100,9000-9010,25,26,27".parse().unwrap(),
+                outbound_ports_to_ignore: (1..=40)
+                    .map(|i| (i * 3).to_string())
+                    .chain(["5000-5100".to_string(), "6000-6010".to_string()])
+                    .collect::<Vec<_>>()
+                    .join(",")
+                    .parse()
+                    .unwrap(),
+                ..d()
+            },
+        ),
+        (
+            "uid_and_gid",
+            Spec {
+                proxy_uid: Some(2102),
+                proxy_gid: Some(2103),
+                ..d()
+            },
+        ),
+        (
+            "v6_subnets",
+            Spec {
+                inbound_subnets_to_ignore: "198.18.0.0/24,fd00:18::/64,fd00:99::1".parse().unwrap(),
+                outbound_subnets_to_ignore: "198.19.0.0/16,fd00:18::/64".parse().unwrap(),
+                ..d()
+            },
+        ),
+        (
+            "ports_to_redirect",
+            Spec {
+                ports_to_redirect: "8080,9000-9010".parse().unwrap(),
+                ..d()
+            },
+        ),
+        (
+            "ipv6_off",
+            Spec {
+                ipv6: false,
+                outbound_subnets_to_ignore: "198.19.0.0/16,fd00:18::/64".parse().unwrap(),
+                ..d()
+            },
+        ),
+    ]
+}
+
+#[test]
+fn nft_text_snapshots() {
+    for (name, spec) in configurations() {
+        insta::assert_snapshot!(format!("nft_text_{name}"), nft_text::render(&Ruleset::from(&spec)));
+    }
+}
+
+#[test]
+fn nft_json_snapshots() {
+    for (name, spec) in configurations() {
+        let batch = nft_json::apply_batch(&Ruleset::from(&spec));
+        let json = serde_json::to_string_pretty(&batch).unwrap();
+        insta::assert_snapshot!(format!("nft_json_{name}"), json);
+    }
+}
+
+#[test]
+fn iptables_snapshots() {
+    for (name, spec) in configurations() {
+        let rules = Ruleset::from(&spec);
+        let v4 = iptables::restore_text(&rules, Family::V4, Jumps::BOTH);
+        let v6 = iptables::restore_text(&rules, Family::V6, Jumps::NONE);
+        insta::assert_snapshot!(format!("iptables_{name}"), format!("# iptables-restore --noflush\n{v4}# ip6tables-restore --noflush (jumps already present)\n{v6}"));
+    }
+}
+
+#[test]
+fn installed_listing_equal_to_expected_has_no_diff() {
+    // What `nft -j list table inet meshinit` printed for the defaults (nft 1.0.6),
+    // with the handles nft adds; they must be ignored.
+    let rules = Ruleset::from(&Spec::default());
+    let mut listing = vec![serde_json::json!({"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}})];
+    listing.push(serde_json::json!({"table": {"family": "inet", "name": "meshinit", "handle": 7}}));
+    for (i, object) in nft_json::objects(&rules).into_iter().enumerate() {
+        let mut value = serde_json::to_value(&object).unwrap();
+        let inner = value.as_object_mut().unwrap().values_mut().next().unwrap();
+        inner.as_object_mut().unwrap().insert("handle".into(), (i + 1).into());
+        listing.push(value);
+    }
+    let text = serde_json::json!({ "nftables": listing }).to_string();
+    assert_eq!(nft_json::diff(&rules, &text).unwrap(), Vec::<String>::new());
+
+    // The same listing compared with other flags reports what differs.
+    let other = Ruleset::from(&Spec {
+        outbound_ports_to_ignore: "5555".parse().unwrap(),
+        ..Spec::default()
+    });
+    let differences = nft_json::diff(&other, &text).unwrap();
+    assert!(differences.iter().any(|d| d.contains("set outbound_ports_to_ignore") && d.contains("missing")), "{differences:?}");
+}
+
+proptest! {
+    #[test]
+    fn rendering_is_deterministic(ports in proptest::collection::vec(1u16..=65535, 0..100)) {
+        let spec = Spec {
+            outbound_ports_to_ignore: PortSet::new(ports.iter().map(|&p| PortRange::single(p))),
+            ..Spec::default()
+        };
+        let a = Ruleset::from(&spec);
+        let b = Ruleset::from(&spec.clone());
+        prop_assert_eq!(nft_text::render(&a), nft_text::render(&b));
+        prop_assert_eq!(
+            serde_json::to_string(&nft_json::apply_batch(&a)).unwrap(),
+            serde_json::to_string(&nft_json::apply_batch(&b)).unwrap()
+        );
+        prop_assert_eq!(
+            iptables::restore_text(&a, Family::V4, Jumps::BOTH),
+            iptables::restore_text(&b, Family::V4, Jumps::BOTH)
+        );
+    }
+
+    #[test]
+    fn multiport_chunks_hold_at_most_15_ports_and_cover_all(
+        items in proptest::collection::vec((1u16..=65535, 0u16..5), 0..200)
+    ) {
+        let set = PortSet::new(items.iter().map(|&(lo, len)| PortRange { lo, hi: lo.saturating_add(len) }));
+        let chunks = iptables::multiport_chunks(set.ranges());
+        let mut covered = Vec::new();
+        for chunk in &chunks {
+            let mut slots = 0;
+            for entry in chunk.split(',') {
+                let range = match entry.split_once(':') {
+                    Some((lo, hi)) => { slots += 2; PortRange { lo: lo.parse().unwrap(), hi: hi.parse().unwrap() } }
+                    None => { slots += 1; PortRange::single(entry.parse().unwrap()) }
+                };
+                covered.push(range);
+            }
+            prop_assert!(slots <= iptables::MULTIPORT_MAX, "{} slots in {}", slots, chunk);
+        }
+        prop_assert_eq!(PortSet::new(covered), set);
+    }
+}

@@ -1,0 +1,118 @@
+//! The meshinit CLI without privileges: rendering, help, bad input.
+//! Nothing here touches the kernel (`show` only renders).
+
+use std::process::{Command, Output};
+
+fn meshinit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meshinit"))
+        .args(args)
+        .env_clear()
+        .env("PATH", "/nonexistent")
+        .output()
+        .expect("run meshinit")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn show_prints_nft_text_with_sets_for_skip_lists() {
+    let out = meshinit(&["show", "--outbound-ports-to-ignore", "5555,9000-9010", "--proxy-gid", "7"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("table inet meshinit {"), "{text}");
+    assert!(text.contains("elements = { 5555, 9000-9010 }"), "{text}");
+    assert!(text.contains("meta skuid 2102 return"), "{text}");
+    assert!(text.contains("meta skgid 7 return"), "{text}");
+    assert!(text.contains("redirect to :4143"), "{text}");
+    assert!(text.contains("redirect to :4140"), "{text}");
+}
+
+#[test]
+fn dry_run_and_simulate_print_and_need_no_nft() {
+    // PATH has no nft: a dry run that tried to apply would fail with exit 1.
+    for flag in ["--dry-run", "--simulate"] {
+        let out = meshinit(&[flag]);
+        assert!(out.status.success(), "{flag}: {}", stderr(&out));
+        assert!(stdout(&out).contains("table inet meshinit"));
+    }
+}
+
+#[test]
+fn show_with_iptables_mode_prints_restore_text() {
+    let out = meshinit(&["show", "--backend", "iptables-legacy", "--subnets-to-ignore", "198.18.0.0/24,fd00::/8"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(":MESHINIT_INBOUND - [0:0]"), "{text}");
+    assert!(text.contains("-s 198.18.0.0/24"), "{text}");
+    assert!(text.contains("-s fd00::/8"), "{text}");
+}
+
+#[test]
+fn bad_input_exits_2_naming_the_value() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--outbound-ports-to-ignore", "0"], "\"0\""),
+        (&["--outbound-ports-to-ignore", "70000"], "\"70000\""),
+        (&["--inbound-ports-to-ignore", "9-3"], "\"9-3\""),
+        (&["--ports-to-redirect", "abc"], "\"abc\""),
+        (&["--subnets-to-ignore", "198.18.0.0/33"], "\"198.18.0.0/33\""),
+        (&["--incoming-proxy-port", "4140"], "4140"),
+        (&["--netns", "/var/run/netns/meshinit-does-not-exist"], "meshinit-does-not-exist"),
+        (&["--config", "/nonexistent/meshinit.toml"], "/nonexistent/meshinit.toml"),
+    ];
+    for (args, needle) in cases {
+        let out = meshinit(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn unknown_config_key_exits_2() {
+    let dir = std::env::temp_dir().join(format!("meshinit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "outbound_ports_to_ignore = \"80\"\nskip_evrything = true\n").unwrap();
+    let out = meshinit(&["--config", path.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("skip_evrything"), "{}", stderr(&out));
+}
+
+#[test]
+fn missing_nft_binary_exits_1_naming_it() {
+    let out = meshinit(&["apply", "--backend", "nft"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("`nft` was not found"), "{}", stderr(&out));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let out = meshinit(&["--outbound-ports-to-ignore", "abc", "--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stderr(&out);
+    assert!(!text.trim().is_empty());
+    for line in text.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(value.is_object(), "{line}");
+    }
+}
+
+#[test]
+fn help_lists_every_flag_of_the_contract() {
+    let out = meshinit(&["--help"]);
+    let text = stdout(&out);
+    for flag in [
+        "--incoming-proxy-port", "--outgoing-proxy-port", "--proxy-uid", "--proxy-gid",
+        "--inbound-ports-to-ignore", "--outbound-ports-to-ignore", "--ports-to-redirect",
+        "--subnets-to-ignore", "--inbound-subnets-to-ignore", "--outbound-subnets-to-ignore",
+        "--backend", "--iptables-mode", "--ipv6", "--netns", "--dry-run", "--config", "--log-format",
+    ] {
+        assert!(text.contains(flag), "{flag} missing from --help");
+    }
+}
