@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every test of the project: unit, snapshot and property tests, CLI tests,
+# and the netns tests that apply real rules with real nft/iptables in
+# throwaway network namespaces. Needs root (the netns tests fail loudly
+# without it). Installs the system packages it needs with apt-get first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/test.sh: must run as root (the netns tests create network namespaces)" >&2
+  exit 1
+fi
+
+# Debian packages the tests use: the rule tools, ip, a real Redis and HTTP
+# server for traffic, promtool (package prometheus) to lint /metrics, and
+# HAProxy / stunnel / iperf3 for the benchmark peers.
+packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+echo "==> building"
+cargo build --workspace --bins --locked
+
+echo "==> testing"
+cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+
+leftover=$(ip netns list | grep -c . || true)
+if [ "$leftover" -ne 0 ]; then
+  echo "scripts/test.sh: network namespaces left behind by tests:" >&2
+  ip netns list >&2
+  exit 1
+fi
+echo "==> all tests passed"
