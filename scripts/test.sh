@@ -32,10 +32,11 @@ cargo build --workspace --bins --locked
 echo "==> testing"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
 
-leftover=$(ip netns list | grep -c . || true)
+# Test namespaces are named mi-<test>-<pid>-<n>; none may survive its test.
+leftover=$(ip netns list | grep -c '^mi-' || true)
 if [ "$leftover" -ne 0 ]; then
   echo "scripts/test.sh: network namespaces left behind by tests:" >&2
-  ip netns list >&2
+  ip netns list | grep '^mi-' >&2
   exit 1
 fi
 echo "==> all tests passed"
