@@ -1,0 +1,506 @@
+//! Configuration: one typed [`Config`] built by a pure function from three sources.
+//!
+//! Precedence is flag > env `MESHPROXY_<FLAG>` > TOML file > default, like meshinit.
+//! [`Config::from_sources`] takes the environment as a map and the TOML file as its
+//! contents, so nothing here reads the process environment or the disk and tests never
+//! call `std::env::set_var`.
+//!
+//! Every source is reduced to a string first and parsed by the same function, so a bad
+//! value gets the same error whichever source it came from, naming that source.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The command-line flags of the proxy, as given (not yet merged or parsed).
+///
+/// Every value is kept as the raw string so that [`Config::from_sources`] can tell "not
+/// given" from "given" and apply the precedence itself. Defaults are listed in the help.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ProxyArgs {
+    /// TOML file with the same settings as the flags, keys in snake_case.
+    #[arg(long, value_name = "PATH", help_heading = "Configuration")]
+    pub config: Option<PathBuf>,
+
+    /// Inbound listeners, comma-separated [default: 0.0.0.0:4143,[::]:4143].
+    #[arg(long, value_name = "ADDRS", help_heading = "Listeners")]
+    pub inbound_addr: Option<String>,
+    /// Outbound listeners, comma-separated [default: 127.0.0.1:4140,[::1]:4140].
+    #[arg(long, value_name = "ADDRS", help_heading = "Listeners")]
+    pub outbound_addr: Option<String>,
+    /// Admin listener for /metrics, /ready and /live [default: 0.0.0.0:4191].
+    #[arg(long, value_name = "ADDR", help_heading = "Listeners")]
+    pub admin_addr: Option<String>,
+
+    /// Ports forwarded without protocol detection, `N` or `LO-HI`, comma-separated
+    /// [default: 25,587,3306,4444,5432,6379,9300,11211].
+    #[arg(long, value_name = "PORTS", help_heading = "Protocol detection")]
+    pub opaque_ports: Option<String>,
+    /// Opaque ports for inbound connections only; overrides --opaque-ports.
+    #[arg(long, value_name = "PORTS", help_heading = "Protocol detection")]
+    pub inbound_opaque_ports: Option<String>,
+    /// Opaque ports for outbound connections only; overrides --opaque-ports.
+    #[arg(long, value_name = "PORTS", help_heading = "Protocol detection")]
+    pub outbound_opaque_ports: Option<String>,
+    /// How long to wait for the client's first bytes before forwarding as opaque TCP
+    /// [default: 10s].
+    #[arg(long, value_name = "DURATION", help_heading = "Protocol detection")]
+    pub detect_timeout: Option<String>,
+
+    /// Most connections open at once; more are closed at accept [default: 16384].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    pub max_connections: Option<String>,
+    /// Most connections still in protocol detection; more are closed [default: 4096].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    pub max_detecting: Option<String>,
+
+    /// On SIGTERM/SIGINT, how long open connections may drain [default: 30s].
+    #[arg(long, value_name = "DURATION", help_heading = "Lifecycle")]
+    pub shutdown_grace: Option<String>,
+
+    /// `plain` or `json` (one object per line) [default: plain].
+    #[arg(long, value_name = "FORMAT", help_heading = "Logging")]
+    pub log_format: Option<String>,
+}
+
+/// The merged, validated configuration of the proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Where redirected inbound connections arrive (meshinit's `--incoming-proxy-port`).
+    /// Default `0.0.0.0:4143` and `[::]:4143`.
+    pub inbound_addrs: Vec<SocketAddr>,
+    /// Where redirected outbound connections arrive (meshinit's `--outgoing-proxy-port`).
+    /// Loopback only, because only the pod's own processes are redirected here.
+    /// Default `127.0.0.1:4140` and `[::1]:4140`.
+    pub outbound_addrs: Vec<SocketAddr>,
+    /// The admin server, scraped by Prometheus and probed by the kubelet. Default
+    /// `0.0.0.0:4191`, a port meshinit skips by default.
+    pub admin_addr: SocketAddr,
+    /// Inbound destination ports forwarded without detection. Default: the list below.
+    pub inbound_opaque_ports: PortSet,
+    /// Outbound destination ports forwarded without detection. Default: the list below.
+    pub outbound_opaque_ports: PortSet,
+    /// How long detection waits for the client's first bytes. Default 10 s, Linkerd's.
+    pub detect_timeout: Duration,
+    /// How long open connections may drain after SIGTERM. Default 30 s, the kubelet's
+    /// default termination grace period.
+    pub shutdown_grace: Duration,
+    /// Cap on open connections, so that a flood cannot exhaust file descriptors.
+    /// Default 16384.
+    pub max_connections: usize,
+    /// Cap on connections still in detection, each of which holds a buffer and waits
+    /// up to `detect_timeout`: silent clients must not pile up. Default 4096.
+    pub max_detecting: usize,
+    /// How logs are written. Default plain text.
+    pub log_format: LogFormat,
+}
+
+/// Ports whose protocols are server-speaks-first (SMTP, MySQL, PostgreSQL, Redis,
+/// memcached, ...) or otherwise undetectable: Linkerd 2.11's default opaque ports.
+pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
+
+const DEFAULT_INBOUND_ADDRS: &str = "0.0.0.0:4143,[::]:4143";
+const DEFAULT_OUTBOUND_ADDRS: &str = "127.0.0.1:4140,[::1]:4140";
+const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:4191";
+const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+const DEFAULT_MAX_DETECTING: usize = 4_096;
+/// Upper bound for both caps: the drain waits for all permits with one `u32` call.
+const MAX_CAP: usize = 1_000_000;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// An error in one of the configuration sources. The message names the value, the
+/// source it came from, and what would be valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid value {input:?} for {origin}: {expected}")]
+    Invalid {
+        origin: Origin,
+        input: String,
+        expected: String,
+    },
+    #[error("invalid config file: {message}")]
+    Toml { message: String },
+}
+
+/// Where a setting's value came from, for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Flag(&'static str),
+    Env(&'static str),
+    File(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Flag(flag) => write!(f, "--{flag}"),
+            Origin::Env(flag) => write!(f, "env {}", env_var(flag)),
+            Origin::File(flag) => write!(f, "config file key {}", toml_key(flag)),
+        }
+    }
+}
+
+/// The env var of a flag: `detect-timeout` -> `MESHPROXY_DETECT_TIMEOUT`.
+fn env_var(flag: &str) -> String {
+    format!("MESHPROXY_{}", flag.to_uppercase().replace('-', "_"))
+}
+
+/// The TOML key of a flag: `detect-timeout` -> `detect_timeout`.
+fn toml_key(flag: &str) -> String {
+    flag.replace('-', "_")
+}
+
+/// The TOML file. Unknown keys are an error: a typo in an opaque-port list would
+/// otherwise silently fall back to the default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    inbound_addr: Option<FileValue>,
+    outbound_addr: Option<FileValue>,
+    admin_addr: Option<FileValue>,
+    opaque_ports: Option<FileValue>,
+    inbound_opaque_ports: Option<FileValue>,
+    outbound_opaque_ports: Option<FileValue>,
+    detect_timeout: Option<FileValue>,
+    max_connections: Option<FileValue>,
+    max_detecting: Option<FileValue>,
+    shutdown_grace: Option<FileValue>,
+    log_format: Option<FileValue>,
+}
+
+/// A TOML value: a string, an integer, or (for lists) an array of either.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileValue {
+    Scalar(FileScalar),
+    List(Vec<FileScalar>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileScalar {
+    Int(i64),
+    Str(String),
+}
+
+impl FileValue {
+    /// The value as the flag would have spelled it (arrays join with commas).
+    fn to_flag_string(&self) -> String {
+        fn scalar(s: &FileScalar) -> String {
+            match s {
+                FileScalar::Int(n) => n.to_string(),
+                FileScalar::Str(s) => s.clone(),
+            }
+        }
+        match self {
+            FileValue::Scalar(s) => scalar(s),
+            FileValue::List(items) => items.iter().map(scalar).collect::<Vec<_>>().join(","),
+        }
+    }
+}
+
+/// The three sources of one configuration, looked up setting by setting.
+struct Sources<'a> {
+    env: &'a HashMap<String, String>,
+    file: FileConfig,
+}
+
+impl Sources<'_> {
+    /// The value of one setting by precedence, parsed; `None` when no source sets it.
+    fn resolve<T>(
+        &self,
+        flag: &'static str,
+        from_flag: Option<&String>,
+        from_file: Option<&FileValue>,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        let (origin, input) = if let Some(v) = from_flag {
+            (Origin::Flag(flag), v.clone())
+        } else if let Some(v) = self.env.get(&env_var(flag)) {
+            (Origin::Env(flag), v.clone())
+        } else if let Some(v) = from_file {
+            (Origin::File(flag), v.to_flag_string())
+        } else {
+            return Ok(None);
+        };
+        parse(&input)
+            .map(Some)
+            .map_err(|expected| ConfigError::Invalid {
+                origin,
+                input,
+                expected,
+            })
+    }
+}
+
+impl Config {
+    /// Merges the three sources: `args` (flags), `env` (the process environment, as a
+    /// map) and `toml` (the contents of the `--config` file, if any).
+    pub fn from_sources(
+        args: &ProxyArgs,
+        env: &HashMap<String, String>,
+        toml: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let file = match toml {
+            Some(text) => toml::from_str(text).map_err(|e| ConfigError::Toml {
+                message: e.to_string(),
+            })?,
+            None => FileConfig::default(),
+        };
+        let s = Sources { env, file };
+        let f = &s.file;
+        let a = args;
+
+        let inbound_addrs = s
+            .resolve(
+                "inbound-addr",
+                a.inbound_addr.as_ref(),
+                f.inbound_addr.as_ref(),
+                parse_addrs,
+            )?
+            .unwrap_or_else(|| default(parse_addrs, DEFAULT_INBOUND_ADDRS));
+        let outbound_addrs = s
+            .resolve(
+                "outbound-addr",
+                a.outbound_addr.as_ref(),
+                f.outbound_addr.as_ref(),
+                parse_addrs,
+            )?
+            .unwrap_or_else(|| default(parse_addrs, DEFAULT_OUTBOUND_ADDRS));
+        let admin_addr = s
+            .resolve(
+                "admin-addr",
+                a.admin_addr.as_ref(),
+                f.admin_addr.as_ref(),
+                parse_addr,
+            )?
+            .unwrap_or_else(|| default(parse_addr, DEFAULT_ADMIN_ADDR));
+
+        // Each list is resolved with its own precedence; a direction-specific list, from
+        // any source, then overrides the shared one for its direction.
+        let opaque_ports = s
+            .resolve(
+                "opaque-ports",
+                a.opaque_ports.as_ref(),
+                f.opaque_ports.as_ref(),
+                PortSet::parse,
+            )?
+            .unwrap_or_else(|| default(PortSet::parse, DEFAULT_OPAQUE_PORTS));
+        let inbound_opaque_ports = s
+            .resolve(
+                "inbound-opaque-ports",
+                a.inbound_opaque_ports.as_ref(),
+                f.inbound_opaque_ports.as_ref(),
+                PortSet::parse,
+            )?
+            .unwrap_or_else(|| opaque_ports.clone());
+        let outbound_opaque_ports = s
+            .resolve(
+                "outbound-opaque-ports",
+                a.outbound_opaque_ports.as_ref(),
+                f.outbound_opaque_ports.as_ref(),
+                PortSet::parse,
+            )?
+            .unwrap_or(opaque_ports);
+
+        let detect_timeout = s
+            .resolve(
+                "detect-timeout",
+                a.detect_timeout.as_ref(),
+                f.detect_timeout.as_ref(),
+                parse_duration,
+            )?
+            .unwrap_or(DEFAULT_DETECT_TIMEOUT);
+        let shutdown_grace = s
+            .resolve(
+                "shutdown-grace",
+                a.shutdown_grace.as_ref(),
+                f.shutdown_grace.as_ref(),
+                parse_duration,
+            )?
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let max_connections = s
+            .resolve(
+                "max-connections",
+                a.max_connections.as_ref(),
+                f.max_connections.as_ref(),
+                parse_cap,
+            )?
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let max_detecting = s
+            .resolve(
+                "max-detecting",
+                a.max_detecting.as_ref(),
+                f.max_detecting.as_ref(),
+                parse_cap,
+            )?
+            .unwrap_or(DEFAULT_MAX_DETECTING);
+        let log_format = s
+            .resolve(
+                "log-format",
+                a.log_format.as_ref(),
+                f.log_format.as_ref(),
+                parse_log_format,
+            )?
+            .unwrap_or_default();
+
+        Ok(Config {
+            inbound_addrs,
+            outbound_addrs,
+            admin_addr,
+            inbound_opaque_ports,
+            outbound_opaque_ports,
+            detect_timeout,
+            shutdown_grace,
+            max_connections,
+            max_detecting,
+            log_format,
+        })
+    }
+
+    /// The `--config` path: the flag, else `MESHPROXY_CONFIG`.
+    pub fn file_path(args: &ProxyArgs, env: &HashMap<String, String>) -> Option<PathBuf> {
+        args.config
+            .clone()
+            .or_else(|| env.get(&env_var("config")).map(PathBuf::from))
+    }
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config::from_sources(&ProxyArgs::default(), &HashMap::new(), None)
+            .expect("the built-in defaults are valid")
+    }
+}
+
+/// Parses a built-in default, which is a constant known to be valid.
+fn default<T>(parse: fn(&str) -> Result<T, String>, value: &str) -> T {
+    parse(value).expect("built-in default is valid")
+}
+
+fn parse_addr(input: &str) -> Result<SocketAddr, String> {
+    input
+        .trim()
+        .parse()
+        .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:4191 or [::]:4191".to_string())
+}
+
+fn parse_addrs(input: &str) -> Result<Vec<SocketAddr>, String> {
+    let expected = || "expected IP:PORT, comma-separated, e.g. 0.0.0.0:4143,[::]:4143".to_string();
+    let addrs = input
+        .split(',')
+        .map(|item| item.trim().parse().map_err(|_| expected()))
+        .collect::<Result<Vec<SocketAddr>, String>>()?;
+    if addrs.is_empty() {
+        return Err(expected());
+    }
+    Ok(addrs)
+}
+
+fn parse_duration(input: &str) -> Result<Duration, String> {
+    humantime::parse_duration(input.trim())
+        .map_err(|_| "expected a duration like 10s, 500ms or 2m".to_string())
+}
+
+fn parse_cap(input: &str) -> Result<usize, String> {
+    match input.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_CAP).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {MAX_CAP}")),
+    }
+}
+
+fn parse_log_format(input: &str) -> Result<LogFormat, String> {
+    match input.trim() {
+        "plain" => Ok(LogFormat::Plain),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected `plain` or `json`".to_string()),
+    }
+}
+
+/// A set of TCP ports, written `N` or `LO-HI`, comma-separated. Empty is allowed: it
+/// means no port is opaque.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortSet {
+    /// Inclusive ranges, sorted and merged.
+    ranges: Vec<(u16, u16)>,
+}
+
+impl PortSet {
+    /// Whether `port` is in the set.
+    pub fn contains(&self, port: u16) -> bool {
+        self.ranges
+            .iter()
+            .any(|&(lo, hi)| (lo..=hi).contains(&port))
+    }
+
+    fn parse(input: &str) -> Result<PortSet, String> {
+        let mut ranges = Vec::new();
+        for item in input.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let bad = || format!("{item:?} is not a port (1-65535) or a range LO-HI");
+            let port = |s: &str| match s.trim().parse::<u16>() {
+                Ok(p) if p != 0 => Ok(p),
+                _ => Err(bad()),
+            };
+            let range = match item.split_once('-') {
+                Some((lo, hi)) => (port(lo)?, port(hi)?),
+                None => (port(item)?, port(item)?),
+            };
+            if range.0 > range.1 {
+                return Err(format!("range {item:?} has LO greater than HI"));
+            }
+            ranges.push(range);
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        Ok(PortSet { ranges: merged })
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = String;
+
+    fn from_str(input: &str) -> Result<PortSet, String> {
+        PortSet::parse(input)
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, &(lo, hi)) in self.ranges.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if lo == hi {
+                write!(f, "{lo}")?;
+            } else {
+                write!(f, "{lo}-{hi}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn config(args: ProxyArgs, env_pairs: &[(&str, &str)], toml: Option<&str>) -> Config {
+    Config::from_sources(&args, &env(env_pairs), toml).expect("valid config")
+}
+
+fn error(args: ProxyArgs, env_pairs: &[(&str, &str)], toml: Option<&str>) -> String {
+    Config::from_sources(&args, &env(env_pairs), toml)
+        .expect_err("invalid config")
+        .to_string()
+}
+
+#[test]
+fn defaults_match_design() {
+    let c = Config::default();
+    assert_eq!(
+        c.inbound_addrs,
+        vec![
+            "0.0.0.0:4143".parse().unwrap(),
+            "[::]:4143".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        c.outbound_addrs,
+        vec![
+            "127.0.0.1:4140".parse().unwrap(),
+            "[::1]:4140".parse().unwrap()
+        ]
+    );
+    assert_eq!(c.admin_addr, "0.0.0.0:4191".parse().unwrap());
+    assert_eq!(c.inbound_opaque_ports.to_string(), DEFAULT_OPAQUE_PORTS);
+    assert_eq!(c.outbound_opaque_ports.to_string(), DEFAULT_OPAQUE_PORTS);
+    assert_eq!(c.detect_timeout, Duration::from_secs(10));
+    assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(c.log_format, LogFormat::Plain);
+    assert!(c.outbound_opaque_ports.contains(3306));
+    assert!(!c.outbound_opaque_ports.contains(80));
+}
+
+#[test]
+fn flag_beats_env_beats_file_beats_default() {
+    let file = r#"
+        detect_timeout = "3s"
+        shutdown_grace = "4s"
+        max_connections = 7
+    "#;
+    let vars = [
+        ("MESHPROXY_DETECT_TIMEOUT", "2s"),
+        ("MESHPROXY_SHUTDOWN_GRACE", "500ms"),
+    ];
+    let args = ProxyArgs {
+        detect_timeout: Some("1s".into()),
+        ..ProxyArgs::default()
+    };
+    let c = config(args, &vars, Some(file));
+    assert_eq!(c.detect_timeout, Duration::from_secs(1), "flag wins");
+    assert_eq!(
+        c.shutdown_grace,
+        Duration::from_millis(500),
+        "env beats file"
+    );
+    assert_eq!(c.max_connections, 7, "file beats default");
+    assert_eq!(c.max_detecting, DEFAULT_MAX_DETECTING, "default");
+}
+
+#[test]
+fn durations_accept_the_documented_forms() {
+    for (input, want) in [
+        ("10s", Duration::from_secs(10)),
+        ("500ms", Duration::from_millis(500)),
+        ("2m", Duration::from_secs(120)),
+    ] {
+        let args = ProxyArgs {
+            detect_timeout: Some(input.into()),
+            ..ProxyArgs::default()
+        };
+        assert_eq!(config(args, &[], None).detect_timeout, want, "{input}");
+    }
+}
+
+#[test]
+fn direction_lists_override_the_shared_list() {
+    let args = ProxyArgs {
+        opaque_ports: Some("1000-1002,80".into()),
+        ..ProxyArgs::default()
+    };
+    let c = config(args, &[("MESHPROXY_INBOUND_OPAQUE_PORTS", "9000")], None);
+    assert_eq!(c.outbound_opaque_ports.to_string(), "80,1000-1002");
+    assert_eq!(c.inbound_opaque_ports.to_string(), "9000");
+    assert!(c.outbound_opaque_ports.contains(1001));
+    assert!(!c.inbound_opaque_ports.contains(1001));
+}
+
+#[test]
+fn toml_lists_may_be_arrays_or_strings() {
+    let c = config(
+        ProxyArgs::default(),
+        &[],
+        Some(
+            r#"
+            opaque_ports = [25, "8000-8002"]
+            outbound_opaque_ports = "7,9"
+            inbound_addr = ["127.0.0.1:1", "[::1]:1"]
+            log_format = "json"
+            "#,
+        ),
+    );
+    assert_eq!(c.inbound_opaque_ports.to_string(), "25,8000-8002");
+    assert_eq!(c.outbound_opaque_ports.to_string(), "7,9");
+    assert_eq!(c.inbound_addrs.len(), 2);
+    assert_eq!(c.log_format, LogFormat::Json);
+}
+
+#[test]
+fn empty_opaque_list_disables_opaque_ports() {
+    let args = ProxyArgs {
+        opaque_ports: Some(String::new()),
+        ..ProxyArgs::default()
+    };
+    let c = config(args, &[], None);
+    assert!(!c.inbound_opaque_ports.contains(3306));
+}
+
+#[test]
+fn port_ranges_are_merged() {
+    let set: PortSet = "10-20,15-30,31,5".parse().unwrap();
+    assert_eq!(set.to_string(), "5,10-31");
+}
+
+#[test]
+fn bad_values_name_the_value_and_its_source() {
+    let args = ProxyArgs {
+        opaque_ports: Some("25,70000".into()),
+        ..ProxyArgs::default()
+    };
+    let msg = error(args, &[], None);
+    assert!(msg.contains("\"25,70000\""), "{msg}");
+    assert!(msg.contains("--opaque-ports"), "{msg}");
+    assert!(msg.contains("\"70000\" is not a port"), "{msg}");
+
+    let msg = error(
+        ProxyArgs::default(),
+        &[("MESHPROXY_DETECT_TIMEOUT", "soon")],
+        None,
+    );
+    assert!(msg.contains("\"soon\""), "{msg}");
+    assert!(msg.contains("env MESHPROXY_DETECT_TIMEOUT"), "{msg}");
+    assert!(msg.contains("10s, 500ms or 2m"), "{msg}");
+
+    let msg = error(ProxyArgs::default(), &[], Some("admin_addr = \"nowhere\""));
+    assert!(msg.contains("config file key admin_addr"), "{msg}");
+
+    let msg = error(ProxyArgs::default(), &[], Some("max_detecting = 0"));
+    assert!(
+        msg.contains("\"0\" for config file key max_detecting"),
+        "{msg}"
+    );
+
+    let msg = error(
+        ProxyArgs::default(),
+        &[("MESHPROXY_OPAQUE_PORTS", "30-20")],
+        None,
+    );
+    assert!(msg.contains("LO greater than HI"), "{msg}");
+
+    let msg = error(
+        ProxyArgs {
+            log_format: Some("xml".into()),
+            ..ProxyArgs::default()
+        },
+        &[],
+        None,
+    );
+    assert!(msg.contains("`plain` or `json`"), "{msg}");
+}
+
+#[test]
+fn unknown_toml_keys_are_rejected() {
+    let msg = error(ProxyArgs::default(), &[], Some("opaque_port = \"25\""));
+    assert!(msg.contains("opaque_port"), "{msg}");
+}
+
+#[test]
+fn config_path_comes_from_flag_then_env() {
+    let vars = env(&[("MESHPROXY_CONFIG", "/env.toml")]);
+    assert_eq!(
+        Config::file_path(&ProxyArgs::default(), &vars),
+        Some("/env.toml".into())
+    );
+    let args = ProxyArgs {
+        config: Some("/flag.toml".into()),
+        ..ProxyArgs::default()
+    };
+    assert_eq!(Config::file_path(&args, &vars), Some("/flag.toml".into()));
+}
+
+proptest::proptest! {
+    /// Any list of ports and ranges parses to a set holding exactly those ports.
+    #[test]
+    fn port_set_holds_exactly_the_listed_ports(
+        items in proptest::collection::vec((1u16..2000, 0u16..5), 0..8),
+        probe in 1u16..2100,
+    ) {
+        let text = items
+            .iter()
+            .map(|&(lo, width)| if width == 0 { lo.to_string() } else { format!("{lo}-{}", lo + width) })
+            .collect::<Vec<_>>()
+            .join(",");
+        let set = PortSet::parse(&text).unwrap();
+        let expected = items.iter().any(|&(lo, width)| (lo..=lo + width).contains(&probe));
+        proptest::prop_assert_eq!(set.contains(probe), expected);
+        // The canonical form parses back to the same set.
+        proptest::prop_assert_eq!(PortSet::parse(&set.to_string()).unwrap(), set);
+    }
+}

@@ -1,0 +1,103 @@
+//! The `meshproxy` binary: flags, logging, signals; everything else is the library.
+
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use meshproxy::{Config, LogFormat, ProxyArgs};
+
+/// Sidecar proxy for meshinit: forwards redirected TCP connections to their original
+/// destination, detects their protocol and counts them for Prometheus.
+///
+/// Every flag can also be set with an env var `MESHPROXY_<FLAG>` (for example
+/// `MESHPROXY_DETECT_TIMEOUT=1s`) or a key in the `--config` TOML file; flags win over
+/// env vars, env vars over the file.
+#[derive(Parser, Debug)]
+#[command(name = "meshproxy", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    proxy: ProxyArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy (what a bare `meshproxy` does).
+    Run(ProxyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Run(args)) => args,
+        None => cli.proxy,
+    };
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match load_config(&args, &env) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("meshproxy: {error:#}");
+            // Bad input: like meshinit, exit 2 and start nothing.
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(args: &ProxyArgs, env: &HashMap<String, String>) -> anyhow::Result<Config> {
+    let Some(path) = Config::file_path(args, env) else {
+        return Ok(Config::from_sources(args, env, None)?);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    Config::from_sources(args, env, Some(&text))
+        .with_context(|| format!("with config file {}", path.display()))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Plain => builder.init(),
+        // One JSON object per line, fields at the top level, for log collectors.
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        meshproxy::run(config, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    // Connections still open after the grace period are dropped with the runtime.
+    runtime.shutdown_background();
+    Ok(())
+}
+
+/// Completes on SIGTERM (the kubelet stopping the pod) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
