@@ -146,7 +146,7 @@ pub fn auto() -> Result<Box<dyn Backend>, BackendError> {
         Ok(false) => tracing::debug!("auto: iptables-legacy holds no rules"),
         Err(err) => tracing::info!("auto: cannot list iptables-legacy rules ({err}); skipping that check"),
     }
-    match run("nft", &["list", "tables"], None, "") {
+    match run("nft", &["list", "tables"], None, nft::HINT) {
         Ok(_) => {
             tracing::info!(backend = "nft", "auto: nft and the kernel's nf_tables work; using native nft");
             return Ok(Box::new(Nft));

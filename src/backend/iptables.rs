@@ -84,7 +84,7 @@ impl Iptables {
             Flavor::Legacy => ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]
                 .iter()
                 .any(|path| std::fs::read_to_string(path).is_ok_and(|names| !names.trim().is_empty())),
-            Flavor::Nft => match run("nft", &["list", "tables"], None, "") {
+            Flavor::Nft => match run("nft", &["list", "tables"], None, super::nft::HINT) {
                 Ok(tables) => tables.lines().any(|line| {
                     let line = line.trim();
                     line.starts_with("table ip ") || line.starts_with("table ip6 ")

@@ -8,7 +8,7 @@ use meshinit_rules::{nft_json, nft_text, Ruleset};
 
 use super::{run, Backend, BackendError};
 
-const HINT: &str = "install the nftables package, or use --backend iptables-nft";
+pub(super) const HINT: &str = "install the nftables package, or use --backend iptables-nft";
 
 /// Runs the `nft` binary found in PATH.
 pub struct Nft;

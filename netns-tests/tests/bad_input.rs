@@ -1,0 +1,165 @@
+//! Bad input changes nothing: exit 2, a message naming the bad value, the ruleset exactly as
+//! before. A failure while applying: exit 1, the previous ruleset intact.
+
+use std::io::Write;
+
+use netns_tests::{meshinit_bin, Pods, Run};
+
+/// The valid rules installed first, so that "before" is not empty and a bad run that
+/// deleted our table would show.
+const INSTALLED: &[&str] = &["apply", "--outbound-ports-to-ignore=5555"];
+
+/// Runs `meshinit ARGS` in a pod holding valid rules and asserts exit 2, a message that
+/// names `bad`, and an unchanged ruleset.
+#[track_caller]
+fn assert_rejected(pods: &Pods, args: &[&str], bad: &str) {
+    let before = pods.pod.ruleset();
+    let run = pods.pod.meshinit(args);
+    assert_eq!(run.code, Some(2), "bad input must exit 2\n{run}");
+    assert!(
+        run.stderr.contains(bad),
+        "the message should name the bad value {bad:?}\n{run}"
+    );
+    assert_eq!(
+        pods.pod.ruleset(),
+        before,
+        "bad input changed the ruleset\n{run}"
+    );
+}
+
+#[test]
+fn bad_ports_and_ranges_exit_2_and_change_nothing() {
+    let pods = Pods::new("bad_ports_and_ranges");
+    pods.pod.meshinit(INSTALLED).expect_ok();
+    for (args, bad) in [
+        (&["apply", "--incoming-proxy-port", "0"][..], "0"),
+        (&["apply", "--outgoing-proxy-port", "70000"], "70000"),
+        (&["apply", "--outbound-ports-to-ignore", "9-3"], "9-3"),
+        (&["apply", "--inbound-ports-to-ignore", "abc"], "abc"),
+        (&["apply", "--outbound-ports-to-ignore", "80,0"], "0"),
+        (&["apply", "--ports-to-redirect", "8080,65536"], "65536"),
+        (&["apply", "--inbound-ports-to-ignore", "1-70000"], "70000"),
+        (&["apply", "--proxy-uid", "abc"], "abc"),
+        (
+            &[
+                "apply",
+                "--incoming-proxy-port",
+                "4000",
+                "--outgoing-proxy-port",
+                "4000",
+            ],
+            "4000",
+        ),
+        (&["cleanup", "--outbound-ports-to-ignore", "9-3"], "9-3"),
+    ] {
+        assert_rejected(&pods, args, bad);
+    }
+}
+
+#[test]
+fn bad_cidrs_exit_2_and_change_nothing() {
+    let pods = Pods::new("bad_cidrs");
+    pods.pod.meshinit(INSTALLED).expect_ok();
+    for (flag, bad) in [
+        ("--subnets-to-ignore", "198.18.0.0/33"),
+        ("--outbound-subnets-to-ignore", "10.0.0/8x"),
+        ("--inbound-subnets-to-ignore", "fd00:18::/129"),
+        ("--subnets-to-ignore", "not-a-cidr"),
+    ] {
+        let list = format!("10.0.0.0/8,{bad}");
+        assert_rejected(&pods, &["apply", flag, &list], bad);
+    }
+}
+
+#[test]
+fn bad_environment_values_exit_2_and_change_nothing() {
+    let pods = Pods::new("bad_environment_values");
+    pods.pod.meshinit(INSTALLED).expect_ok();
+    let before = pods.pod.ruleset();
+    let mut cmd = pods.pod.meshinit_command();
+    cmd.arg("apply")
+        .env("MESHINIT_OUTBOUND_PORTS_TO_IGNORE", "9-3");
+    let run = Run::of(&mut cmd).expect_code(2);
+    assert!(run.stderr.contains("9-3"), "{run}");
+    assert_eq!(pods.pod.ruleset(), before);
+}
+
+#[test]
+fn an_unknown_config_key_exits_2_and_changes_nothing() {
+    let pods = Pods::new("unknown_config_key");
+    pods.pod.meshinit(INSTALLED).expect_ok();
+    let path = std::env::temp_dir().join(format!(
+        "netns-tests-{}-unknown-key.toml",
+        std::process::id()
+    ));
+    let mut file = std::fs::File::create(&path).unwrap();
+    writeln!(
+        file,
+        "outbound_ports_to_ignore = \"5555\"\noutbound_ports_to_ignoer = \"9000\""
+    )
+    .unwrap();
+    drop(file);
+    let config = path.to_str().unwrap().to_string();
+    assert_rejected(
+        &pods,
+        &["apply", "--config", &config],
+        "outbound_ports_to_ignoer",
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_missing_config_file_exits_2_and_changes_nothing() {
+    let pods = Pods::new("missing_config_file");
+    pods.pod.meshinit(INSTALLED).expect_ok();
+    let missing = format!("/nonexistent/netns-tests-{}.toml", std::process::id());
+    assert_rejected(&pods, &["apply", "--config", &missing], &missing);
+}
+
+#[test]
+fn a_missing_netns_file_exits_2_and_changes_nothing() {
+    let pods = Pods::new("missing_netns_file");
+    pods.pod.meshinit(INSTALLED).expect_ok();
+    // Run inside the pod: a meshinit that ignored the bad path would change the pod's rules
+    // (and the test would see it), never the host's.
+    let missing = format!("/var/run/netns/netns-tests-missing-{}", std::process::id());
+    assert_rejected(&pods, &["apply", "--netns", &missing], &missing);
+    assert_rejected(&pods, &["cleanup", "--netns", &missing], &missing);
+}
+
+#[test]
+fn nft_missing_from_path_exits_1_and_keeps_the_previous_ruleset() {
+    let pods = Pods::new("nft_missing_from_path");
+    pods.pod.meshinit(INSTALLED).expect_ok();
+    let before = pods.pod.ruleset();
+    let empty = std::env::temp_dir().join(format!("netns-tests-{}-empty-path", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+
+    // `env` sets PATH for meshinit only (Command::env would also change how `ip` is found).
+    for args in [
+        &["apply", "--backend=nft", "--outbound-ports-to-ignore=6666"][..],
+        &["apply", "--outbound-ports-to-ignore=6666"],
+        &["cleanup", "--backend=nft"],
+    ] {
+        let mut cmd = pods.pod.command("env");
+        cmd.arg(format!("PATH={}", empty.display()))
+            .arg(meshinit_bin())
+            .args(args);
+        let run = Run::of(&mut cmd);
+        assert_eq!(
+            run.code,
+            Some(1),
+            "a failure while applying must exit 1\n{run}"
+        );
+        assert!(
+            run.stderr.contains("nft"),
+            "the message should name nft\n{run}"
+        );
+        assert_eq!(
+            pods.pod.ruleset(),
+            before,
+            "the previous ruleset must be intact\n{run}"
+        );
+    }
+    let _ = std::fs::remove_dir(&empty);
+}

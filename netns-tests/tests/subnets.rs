@@ -1,0 +1,106 @@
+//! Subnets to ignore: `--subnets-to-ignore` exempts inbound traffic by source and outbound
+//! traffic by destination; the `--inbound-`/`--outbound-` variants one direction only.
+
+use std::net::SocketAddr;
+
+use netns_tests::{Family, Pods};
+
+const IN_PROXY: &str = "pod proxy :4143";
+const OUT_PROXY: &str = "pod proxy :4140";
+const DIRECT: &str = "app";
+
+/// Where a connection from the peer to the pod's 8080 lands, and one from the pod to the
+/// peer's 8080: the proxy or the application.
+fn both_directions(pods: &Pods, family: Family) -> (String, String) {
+    let inbound = {
+        let proxy = pods.pod.listen(IN_PROXY, family.any_port(4143));
+        let app = pods.pod.listen(DIRECT, family.any_port(8080));
+        let to = SocketAddr::new(family.pod(), 8080);
+        pods.peer
+            .connect_and_land(to, &[&proxy, &app])
+            .0
+            .to_string()
+    };
+    let outbound = {
+        let proxy = pods.pod.listen(OUT_PROXY, family.any_port(4140));
+        let app = pods.peer.listen(DIRECT, family.any_port(8080));
+        let to = SocketAddr::new(family.peer(), 8080);
+        pods.pod.connect_and_land(to, &[&proxy, &app]).0.to_string()
+    };
+    (inbound, outbound)
+}
+
+/// Applies `flag=<the veth subnets of both families>` and checks where traffic lands.
+fn check(test: &str, flag: &str, subnets: &str, want_in: &str, want_out: &str) {
+    let pods = Pods::new(test);
+    let arg = format!("{flag}={subnets}");
+    pods.pod.meshinit(&["apply", &arg]).expect_ok();
+    // The rules are installed, so traffic that is not redirected was exempted by them.
+    assert!(
+        pods.pod.meshinit_table().is_some(),
+        "{arg}: no table installed"
+    );
+    pods.pod.meshinit(&["check", &arg]).expect_code(0);
+    for family in Family::ALL {
+        let (inbound, outbound) = both_directions(&pods, family);
+        assert_eq!(inbound, want_in, "{family:?} {arg}: peer -> pod:8080");
+        assert_eq!(outbound, want_out, "{family:?} {arg}: pod -> peer:8080");
+    }
+}
+
+const VETH_SUBNETS: &str = "198.18.0.0/24,fd00:18::/64";
+
+#[test]
+fn subnets_to_ignore_exempt_both_directions() {
+    check(
+        "subnets_to_ignore_both",
+        "--subnets-to-ignore",
+        VETH_SUBNETS,
+        DIRECT,
+        DIRECT,
+    );
+}
+
+#[test]
+fn inbound_subnets_to_ignore_exempt_inbound_only() {
+    check(
+        "subnets_to_ignore_inbound",
+        "--inbound-subnets-to-ignore",
+        VETH_SUBNETS,
+        DIRECT,
+        OUT_PROXY,
+    );
+}
+
+#[test]
+fn outbound_subnets_to_ignore_exempt_outbound_only() {
+    check(
+        "subnets_to_ignore_outbound",
+        "--outbound-subnets-to-ignore",
+        VETH_SUBNETS,
+        IN_PROXY,
+        DIRECT,
+    );
+}
+
+#[test]
+fn single_addresses_are_subnets_too() {
+    check(
+        "subnets_to_ignore_hosts",
+        "--subnets-to-ignore",
+        "198.18.0.2/32,fd00:18::2/128",
+        DIRECT,
+        DIRECT,
+    );
+}
+
+#[test]
+fn subnets_that_do_not_contain_the_peer_exempt_nothing() {
+    check(
+        "subnets_to_ignore_other",
+        "--subnets-to-ignore",
+        "198.19.0.0/16,198.18.0.4/30,fd00:19::/64,fd00:18::4/126",
+        IN_PROXY,
+        OUT_PROXY,
+    );
+}
