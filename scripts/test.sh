@@ -32,12 +32,12 @@ cargo build --workspace --bins --locked
 echo "==> testing"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
 
-# Test namespaces are named nt-<test>-<pid>-<n> (mi-* for benches and the demo);
+# Test namespaces are named nt-<test>-<pid>-<n> (benches and the demo use mi-*);
 # none may survive its test.
-leftover=$(ip netns list | grep -cE '^(mi|nt)-' || true)
+leftover=$(ip netns list | grep -c '^nt-' || true)
 if [ "$leftover" -ne 0 ]; then
   echo "scripts/test.sh: network namespaces left behind by tests:" >&2
-  ip netns list | grep -E '^(mi|nt)-' >&2
+  ip netns list | grep '^nt-' >&2
   exit 1
 fi
 echo "==> all tests passed"
