@@ -41,6 +41,13 @@ pub enum Command {
     Show,
     /// Exit 0 when the installed rules equal the expected ones, 1 on drift.
     Check,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) generated from these flags.
+    Man,
 }
 
 /// The settings, each readable from flag, env var or config file.

@@ -45,9 +45,10 @@ pub fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
     }
 
     match command {
-        Command::Apply | Command::Show => apply(config, &ruleset),
         Command::Cleanup => cleanup(config),
         Command::Check => check(config, &ruleset),
+        // Show returned above; completions and man pages are handled in main.
+        _ => apply(config, &ruleset),
     }
 }
 

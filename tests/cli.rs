@@ -116,3 +116,15 @@ fn help_lists_every_flag_of_the_contract() {
         assert!(text.contains(flag), "{flag} missing from --help");
     }
 }
+
+#[test]
+fn completions_and_man_page_come_from_the_flags() {
+    let out = meshinit(&["completions", "bash"]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("--outbound-ports-to-ignore"));
+    let out = meshinit(&["man"]);
+    assert!(out.status.success());
+    let page = stdout(&out);
+    assert!(page.contains(".TH meshinit 1"), "{page}");
+    assert!(page.contains("subnets\\-to\\-ignore"), "{page}");
+}
