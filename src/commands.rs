@@ -8,7 +8,7 @@ use meshinit_rules::Ruleset;
 use crate::backend::{self, Backend, Nft};
 use crate::cli::Command;
 use crate::config::{BackendChoice, Config};
-use crate::netns;
+use crate::{lock, netns};
 
 /// How a command failed, which decides the exit code.
 #[derive(Debug)]
@@ -70,6 +70,7 @@ fn apply(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
         print!("{}", backend.render(ruleset));
         return Ok(ExitCode::SUCCESS);
     }
+    let _lock = lock::acquire();
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
     backend
         .apply(ruleset)
@@ -107,6 +108,7 @@ fn apply(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
 fn cleanup(config: &Config) -> Result<ExitCode, Failure> {
     // With auto, ours are removed from every backend that has them: cleanup
     // must not depend on guessing which backend an earlier run chose.
+    let _lock = lock::acquire();
     let backends = match backend::named(config.backend) {
         Some(backend) => vec![backend],
         None => backend::all(),

@@ -6,6 +6,7 @@
 //! - `netns`: entering the target namespace.
 //! - `backend`: runners that apply a `meshinit_rules::Ruleset` (`backend/nft`).
 //! - `commands`: apply, cleanup, show, check.
+//! - `lock`: one run at a time changes rules.
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
@@ -13,6 +14,7 @@ mod backend;
 mod cli;
 mod commands;
 mod config;
+mod lock;
 mod netns;
 
 use std::collections::HashMap;

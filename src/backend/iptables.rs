@@ -56,7 +56,9 @@ impl Iptables {
         tracing::debug!(family = ?family, document, "restoring");
         run(
             &self.binary(family, "restore"),
-            &["--noflush"],
+            // -w: wait for the xtables lock that kube-proxy and other
+            // iptables writers hold, instead of failing at once.
+            &["--noflush", "-w", "10"],
             Some(document.as_bytes()),
             HINT,
         )
