@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::identity::IdentityFiles;
+
 /// The command-line flags of the proxy, as given (not yet merged or parsed).
 ///
 /// Every value is kept as the raw string so that [`Config::from_sources`] can tell "not
@@ -66,6 +68,28 @@ pub struct ProxyArgs {
     /// `plain` or `json` (one object per line) [default: plain].
     #[arg(long, value_name = "FORMAT", help_heading = "Logging")]
     pub log_format: Option<String>,
+
+    /// Our certificate (PEM, leaf first); its DNS SAN is our identity. With
+    /// --identity-key and --trust-anchors, enables mTLS [default: none, no mTLS].
+    #[arg(long, value_name = "PATH", help_heading = "Identity (mTLS)")]
+    pub identity_cert: Option<String>,
+    /// The private key of --identity-cert (PEM).
+    #[arg(long, value_name = "PATH", help_heading = "Identity (mTLS)")]
+    pub identity_key: Option<String>,
+    /// CA certificates (PEM) that peers' certificates must chain to.
+    #[arg(long, value_name = "PATH", help_heading = "Identity (mTLS)")]
+    pub trust_anchors: Option<String>,
+    /// TOML file of meshed destinations: `[[peer]]` tables with `net` (CIDR or
+    /// address) and `identity` [default: none, every destination is plaintext].
+    #[arg(long, value_name = "PATH", help_heading = "Identity (mTLS)")]
+    pub mesh_peers: Option<String>,
+    /// Inbound ports that refuse clients without a mesh identity, `N` or `LO-HI`,
+    /// comma-separated [default: empty].
+    #[arg(long, value_name = "PORTS", help_heading = "Identity (mTLS)")]
+    pub require_identity_ports: Option<String>,
+    /// The port meshed peers accept mTLS on, the peers' inbound port [default: 4143].
+    #[arg(long, value_name = "PORT", help_heading = "Identity (mTLS)")]
+    pub peer_inbound_port: Option<String>,
 }
 
 /// The merged, validated configuration of the proxy.
@@ -98,6 +122,18 @@ pub struct Config {
     pub max_detecting: usize,
     /// How logs are written. Default plain text.
     pub log_format: LogFormat,
+    /// Our certificate, key and trust anchors. Default none: no mTLS, every
+    /// connection is forwarded as before.
+    pub identity: Option<IdentityFiles>,
+    /// The file listing meshed destinations and their identities. Default none: no
+    /// destination is meshed.
+    pub mesh_peers: Option<PathBuf>,
+    /// Inbound application ports that only meshed (mTLS) clients may reach; plaintext
+    /// clients are refused and counted. Default empty.
+    pub require_identity_ports: PortSet,
+    /// The port peers accept mTLS on. Default 4143, meshinit's
+    /// `--incoming-proxy-port`, which every meshed pod uses.
+    pub peer_inbound_port: u16,
 }
 
 /// Ports whose protocols are server-speaks-first (SMTP, MySQL, PostgreSQL, Redis,
@@ -111,6 +147,7 @@ const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 const DEFAULT_MAX_DETECTING: usize = 4_096;
+const DEFAULT_PEER_INBOUND_PORT: u16 = 4143;
 /// Upper bound for both caps: the drain waits for all permits with one `u32` call.
 const MAX_CAP: usize = 1_000_000;
 
@@ -136,6 +173,8 @@ pub enum ConfigError {
     },
     #[error("invalid config file: {message}")]
     Toml { message: String },
+    #[error("{message}")]
+    Inconsistent { message: String },
 }
 
 /// Where a setting's value came from, for error messages.
@@ -182,6 +221,12 @@ struct FileConfig {
     max_detecting: Option<FileValue>,
     shutdown_grace: Option<FileValue>,
     log_format: Option<FileValue>,
+    identity_cert: Option<FileValue>,
+    identity_key: Option<FileValue>,
+    trust_anchors: Option<FileValue>,
+    mesh_peers: Option<FileValue>,
+    require_identity_ports: Option<FileValue>,
+    peer_inbound_port: Option<FileValue>,
 }
 
 /// A TOML value: a string, an integer, or (for lists) an array of either.
@@ -360,6 +405,68 @@ impl Config {
             )?
             .unwrap_or_default();
 
+        let path = |flag, from_flag, from_file| s.resolve(flag, from_flag, from_file, parse_path);
+        let identity_cert = path(
+            "identity-cert",
+            a.identity_cert.as_ref(),
+            f.identity_cert.as_ref(),
+        )?;
+        let identity_key = path(
+            "identity-key",
+            a.identity_key.as_ref(),
+            f.identity_key.as_ref(),
+        )?;
+        let trust_anchors = path(
+            "trust-anchors",
+            a.trust_anchors.as_ref(),
+            f.trust_anchors.as_ref(),
+        )?;
+        let mesh_peers = path("mesh-peers", a.mesh_peers.as_ref(), f.mesh_peers.as_ref())?;
+        let require_identity_ports = s
+            .resolve(
+                "require-identity-ports",
+                a.require_identity_ports.as_ref(),
+                f.require_identity_ports.as_ref(),
+                PortSet::parse,
+            )?
+            .unwrap_or_default();
+        let peer_inbound_port = s
+            .resolve(
+                "peer-inbound-port",
+                a.peer_inbound_port.as_ref(),
+                f.peer_inbound_port.as_ref(),
+                parse_port,
+            )?
+            .unwrap_or(DEFAULT_PEER_INBOUND_PORT);
+
+        // mTLS needs all three files; half an identity is a mistake, not "no mTLS".
+        let identity = match (identity_cert, identity_key, trust_anchors) {
+            (Some(cert), Some(key), Some(trust_anchors)) => Some(IdentityFiles {
+                cert,
+                key,
+                trust_anchors,
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(ConfigError::Inconsistent {
+                    message: "--identity-cert, --identity-key and --trust-anchors go together: \
+                              give all three to enable mTLS, or none"
+                        .to_string(),
+                })
+            }
+        };
+        // Both settings only mean something with an identity: without one, a meshed
+        // peer could never be reached and a required-identity port never be.
+        if identity.is_none()
+            && (mesh_peers.is_some() || require_identity_ports != PortSet::default())
+        {
+            return Err(ConfigError::Inconsistent {
+                message: "--mesh-peers and --require-identity-ports need an identity \
+                          (--identity-cert, --identity-key, --trust-anchors)"
+                    .to_string(),
+            });
+        }
+
         Ok(Config {
             inbound_addrs,
             outbound_addrs,
@@ -371,6 +478,10 @@ impl Config {
             max_connections,
             max_detecting,
             log_format,
+            identity,
+            mesh_peers,
+            require_identity_ports,
+            peer_inbound_port,
         })
     }
 
@@ -416,6 +527,20 @@ fn parse_addrs(input: &str) -> Result<Vec<SocketAddr>, String> {
 fn parse_duration(input: &str) -> Result<Duration, String> {
     humantime::parse_duration(input.trim())
         .map_err(|_| "expected a duration like 10s, 500ms or 2m".to_string())
+}
+
+fn parse_path(input: &str) -> Result<PathBuf, String> {
+    match input.trim() {
+        "" => Err("expected a file path".to_string()),
+        path => Ok(PathBuf::from(path)),
+    }
+}
+
+fn parse_port(input: &str) -> Result<u16, String> {
+    match input.trim().parse::<u16>() {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err("expected a port from 1 to 65535".to_string()),
+    }
 }
 
 fn parse_cap(input: &str) -> Result<usize, String> {

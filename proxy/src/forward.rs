@@ -3,12 +3,19 @@
 //!
 //! The destination is a parameter: looking it up (`orig_dst`) belongs to the accept
 //! loop, so this step runs the same in tests on loopback without any redirect rules.
+//!
+//! With an identity configured, three more paths branch off here, implemented in
+//! `mtls`: outbound connections to a meshed destination go over mTLS to the peer
+//! proxy; inbound direct connections from peer proxies (and TLS clients naming our
+//! identity on an application port) are terminated; and plaintext clients on
+//! `--require-identity-ports` are refused.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -17,7 +24,14 @@ use tracing::{debug, info};
 use crate::config::{Config, PortSet};
 use crate::detect::{detect, Detected, Protocol};
 use crate::duplex::duplex;
-use crate::metrics::{errno_name, Direction, Metrics, Refused};
+use crate::identity::IdentityError;
+use crate::mesh_peers::MeshPeersError;
+use crate::metrics::{errno_name, ConnMetrics, Direction, Metrics, Refused};
+use crate::prefixed::Prefixed;
+
+mod mtls;
+
+use self::mtls::Mesh;
 
 /// What every connection needs: the policy from the config and the shared metrics.
 pub struct Forwarder {
@@ -27,84 +41,195 @@ pub struct Forwarder {
     outbound_opaque_ports: PortSet,
     /// Permits for connections in detection (`--max-detecting`).
     detecting: Arc<Semaphore>,
+    /// Identity and meshed peers, when mTLS is configured.
+    mesh: Option<Mesh>,
+}
+
+/// Why a [`Forwarder`] could not be built: the mTLS files are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwarderError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    MeshPeers(#[from] MeshPeersError),
+}
+
+/// What a connection's first bytes were, or that they were not looked at.
+struct Classified {
+    detected: Option<Detected>,
+    prefix: Vec<u8>,
+}
+
+impl Classified {
+    fn protocol(&self) -> Protocol {
+        self.detected
+            .as_ref()
+            .map_or(Protocol::Opaque, Detected::protocol)
+    }
 }
 
 impl Forwarder {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Forwarder {
-        Forwarder {
+    /// Builds the forwarder of `config`, loading the identity and mesh peers files
+    /// when they are configured.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Forwarder, ForwarderError> {
+        Ok(Forwarder {
             metrics,
             detect_timeout: config.detect_timeout,
             inbound_opaque_ports: config.inbound_opaque_ports.clone(),
             outbound_opaque_ports: config.outbound_opaque_ports.clone(),
             detecting: Arc::new(Semaphore::new(config.max_detecting)),
-        }
+            mesh: Mesh::new(config)?,
+        })
+    }
+
+    /// Whether the inbound listener takes direct (not redirected) connections: with
+    /// an identity, peer proxies connect to it directly, over mTLS.
+    pub fn accepts_direct(&self) -> bool {
+        self.mesh.is_some()
     }
 
     /// Forwards `client`, accepted by the `direction` listener, to `target`. Errors end
     /// the connection and are logged and counted here; there is nothing to return.
+    ///
+    /// With an identity, an inbound connection whose target is the inbound listener
+    /// itself is a peer proxy's direct mTLS connection (its original destination was
+    /// port 4143, or it was not redirected at all); see `mtls`.
     pub async fn forward(&self, mut client: TcpStream, direction: Direction, target: SocketAddr) {
-        let client_addr = client.peer_addr().ok();
         // We forward what we read as soon as we read it; Nagle would only add delay.
         let _ = client.set_nodelay(true);
+        let mesh = self.mesh.as_ref();
 
+        if let (Some(mesh), Direction::Inbound) = (mesh, direction) {
+            let listener_port = client.local_addr().map(|a| a.port()).ok();
+            if listener_port == Some(target.port()) {
+                let client = Prefixed::new(Vec::new(), client);
+                return mtls::inbound(self, mesh, client, target, true).await;
+            }
+        }
+
+        // On a port that requires an identity we must see whether the client starts a
+        // TLS session for us, so it is detected even if it is opaque: a plaintext client
+        // is refused there anyway, so there is no server greeting to wait for.
+        let require_identity = direction == Direction::Inbound
+            && mesh.is_some_and(|m| m.require_identity_ports.contains(target.port()));
         let opaque_ports = match direction {
             Direction::Inbound => &self.inbound_opaque_ports,
             Direction::Outbound => &self.outbound_opaque_ports,
         };
-        let (protocol, prefix) = if opaque_ports.contains(target.port()) {
+        let detect = require_identity || !opaque_ports.contains(target.port());
+        let Some(classified) = self.classify(&mut client, target, direction, detect).await else {
+            return;
+        };
+
+        if let (Some(mesh), Direction::Inbound) = (mesh, direction) {
+            if let Some(Detected::Tls(hello)) = &classified.detected {
+                let identity = mesh.identity.current();
+                if hello.sni.as_deref() == Some(identity.name()) {
+                    // A peer proxy (or a mesh-aware client) addressed us by our
+                    // identity on the application's port: terminate its mTLS here.
+                    let client = Prefixed::new(classified.prefix, client);
+                    return mtls::inbound(self, mesh, client, target, false).await;
+                }
+            }
+        }
+        if require_identity {
+            self.metrics.refused(direction, Refused::IdentityRequired);
+            info!(
+                client = ?client.peer_addr().ok(),
+                %target,
+                "refusing a client without a mesh identity on a port that requires one"
+            );
+            return;
+        }
+        if let (Some(mesh), Direction::Outbound) = (mesh, direction) {
+            if let Some(peer_id) = mesh.peer_identity(target) {
+                return mtls::outbound(self, mesh, client, target, classified, peer_id).await;
+            }
+        }
+        self.plaintext(client, direction, target, classified).await;
+    }
+
+    /// Reads the client's first bytes when `detect` says so, and records the outcome.
+    /// `None` when the connection ends here (closed, failed, or over the cap).
+    async fn classify(
+        &self,
+        client: &mut TcpStream,
+        target: SocketAddr,
+        direction: Direction,
+        run_detection: bool,
+    ) -> Option<Classified> {
+        let client_addr = client.peer_addr().ok();
+        if !run_detection {
             // Opaque ports skip detection. Detection waits for the client to speak
             // first; in server-speaks-first protocols (SMTP, MySQL, ...) the client waits
             // for the server's greeting instead, so detection would hold every such
             // connection for the whole detect timeout. On these ports we know in
             // advance that there is nothing to detect, so we connect at once.
-            (Protocol::Opaque, Vec::new())
-        } else {
-            // The cap on connections in detection: each holds a buffer and may wait the
-            // whole timeout, so a flood of silent clients is turned away here, at once,
-            // instead of piling up.
-            let Ok(_permit) = self.detecting.clone().try_acquire_owned() else {
-                self.metrics.refused(direction, Refused::MaxDetecting);
-                debug!(?client_addr, %target, "too many connections in protocol detection, closing");
-                return;
-            };
-            let started = Instant::now();
-            let detection = match detect(&mut client, self.detect_timeout).await {
-                Ok(detection) => detection,
-                Err(error) => {
-                    self.metrics.detect_error(started.elapsed());
-                    debug!(?client_addr, %target, %error, "client failed during protocol detection");
-                    return;
-                }
-            };
-            self.metrics
-                .detected(&detection.detected, started.elapsed());
-            match &detection.detected {
-                Detected::Eof => {
-                    // Health checks and port scans do this; it is counted, not an error.
-                    debug!(?client_addr, %target, "client closed before sending anything");
-                    return;
-                }
-                Detected::Timeout => debug!(
-                    ?client_addr,
-                    %target,
-                    timeout = ?self.detect_timeout,
-                    "no protocol detected before the timeout, forwarding as opaque"
-                ),
-                Detected::Tls(hello) => debug!(
-                    ?client_addr,
-                    %target,
-                    sni = ?hello.sni,
-                    alpn = ?hello.alpn.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>(),
-                    "detected TLS"
-                ),
-                other => {
-                    debug!(?client_addr, %target, protocol = other.protocol().as_str(), "detected")
-                }
-            }
-            (detection.detected.protocol(), detection.prefix)
+            return Some(Classified {
+                detected: None,
+                prefix: Vec::new(),
+            });
+        }
+        // The cap on connections in detection: each holds a buffer and may wait the
+        // whole timeout, so a flood of silent clients is turned away here, at once,
+        // instead of piling up.
+        let Ok(_permit) = self.detecting.clone().try_acquire_owned() else {
+            self.metrics.refused(direction, Refused::MaxDetecting);
+            debug!(?client_addr, %target, "too many connections in protocol detection, closing");
+            return None;
         };
+        let started = Instant::now();
+        let detection = match detect(client, self.detect_timeout).await {
+            Ok(detection) => detection,
+            Err(error) => {
+                self.metrics.detect_error(started.elapsed());
+                debug!(?client_addr, %target, %error, "client failed during protocol detection");
+                return None;
+            }
+        };
+        self.metrics
+            .detected(&detection.detected, started.elapsed());
+        match &detection.detected {
+            Detected::Eof => {
+                // Health checks and port scans do this; it is counted, not an error.
+                debug!(?client_addr, %target, "client closed before sending anything");
+                return None;
+            }
+            Detected::Timeout => debug!(
+                ?client_addr,
+                %target,
+                timeout = ?self.detect_timeout,
+                "no protocol detected before the timeout, forwarding as opaque"
+            ),
+            Detected::Tls(hello) => debug!(
+                ?client_addr,
+                %target,
+                sni = ?hello.sni,
+                alpn = ?hello.alpn.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>(),
+                "detected TLS"
+            ),
+            other => {
+                debug!(?client_addr, %target, protocol = other.protocol().as_str(), "detected")
+            }
+        }
+        Some(Classified {
+            detected: Some(detection.detected),
+            prefix: detection.prefix,
+        })
+    }
 
-        let mut conn = self.metrics.open(direction, target, protocol);
+    /// Forwards in plaintext, as without mTLS: connect, replay, copy.
+    async fn plaintext(
+        &self,
+        client: TcpStream,
+        direction: Direction,
+        target: SocketAddr,
+        classified: Classified,
+    ) {
+        let client_addr = client.peer_addr().ok();
+        let mut conn = self
+            .metrics
+            .open(direction, target, classified.protocol(), None);
         let target_stream = match connect(target).await {
             Ok(stream) => stream,
             Err(error) => {
@@ -113,21 +238,29 @@ impl Forwarder {
                 return;
             }
         };
-        match duplex(client, target_stream, prefix, conn.counters()).await {
-            Ok(totals) => {
-                conn.set_errno(None);
-                debug!(
-                    ?client_addr,
-                    %target,
-                    sent = totals.client_to_target,
-                    received = totals.target_to_client,
-                    "connection closed"
-                );
-            }
-            Err(error) => {
-                conn.set_errno(Some(errno_name(&error.source)));
-                debug!(?client_addr, %target, %error, "connection failed");
-            }
+        copy(client, target_stream, classified.prefix, &mut conn, target).await;
+    }
+}
+
+/// Copies until both sides are done and records how the connection ended.
+async fn copy<C, T>(client: C, target: T, prefix: Vec<u8>, conn: &mut ConnMetrics, to: SocketAddr)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    match duplex(client, target, prefix, conn.counters()).await {
+        Ok(totals) => {
+            conn.set_errno(None);
+            debug!(
+                target = %to,
+                sent = totals.client_to_target,
+                received = totals.target_to_client,
+                "connection closed"
+            );
+        }
+        Err(error) => {
+            conn.set_errno(Some(errno_name(&error.source)));
+            debug!(target = %to, %error, "connection failed");
         }
     }
 }
@@ -140,7 +273,8 @@ impl Forwarder {
 /// rules exempt too. Under any other UID each forwarded connection would come back to
 /// the outbound listener, until `--max-connections` stops the loop.
 ///
-/// This is the seam for mTLS: a later `tls` module wraps the stream returned here.
+/// Meshed destinations get this same connection, to the peer's inbound port, wrapped
+/// in mTLS by `mtls::outbound`.
 pub async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::connect(target).await?;
     stream.set_nodelay(true)?;

@@ -16,8 +16,17 @@
 //! - `metrics`: the Prometheus registry and the per-connection counters.
 //! - `admin`: the tiny HTTP/1 server for `/metrics`, `/ready` and `/live`.
 //!
-//! Mutual TLS between proxies comes later: it will wrap `forward::connect` (outbound)
-//! and the accepted stream (inbound) without changing the steps above.
+//! Mutual TLS between proxies adds a branch to `forward` (`forward/mtls`) and these:
+//!
+//! - `tls`: the one crypto provider (aws-lc-rs), TLS 1.3 only, how peers are verified,
+//!   and how handshake failures are named.
+//! - `identity`: our certificate, key and trust anchors from PEM files, reloaded on
+//!   change; `identity/dev_ca` makes a throwaway CA and identities (`meshproxy
+//!   identity`).
+//! - `mesh_peers`: which destinations are meshed and the identity expected there.
+//! - `transport_header`: the header that tells the peer proxy the application port.
+//! - `prefixed`: replays the bytes detection read, for a TLS session we terminate.
+//! - `reload`: values rebuilt when their files change on disk.
 
 #![deny(rust_2018_idioms)]
 // No module needs `unsafe`: nix wraps the one raw getsockopt we make (orig_dst).
@@ -28,14 +37,26 @@ mod config;
 mod detect;
 mod duplex;
 mod forward;
+mod identity;
+mod mesh_peers;
 mod metrics;
 mod orig_dst;
+mod prefixed;
+mod reload;
 mod server;
+mod tls;
+mod transport_header;
 
 pub use crate::config::{Config, ConfigError, LogFormat, PortSet, ProxyArgs};
 pub use crate::detect::{detect, ClientHello, Detected, Detection, Protocol, MAX_PREFIX};
 pub use crate::duplex::{duplex, Counters, DuplexError, Side, Totals};
-pub use crate::forward::{connect, Forwarder};
+pub use crate::forward::{connect, Forwarder, ForwarderError};
+pub use crate::identity::{
+    issue, new_ca, DevCaError, Identity, IdentityError, IdentityFiles, IdentityWatch, Issued,
+};
+pub use crate::mesh_peers::{MeshPeers, MeshPeersError};
 pub use crate::metrics::{Direction, Metrics};
 pub use crate::orig_dst::{original_dst, OrigDstError};
 pub use crate::server::{run, BoundAddrs, Proxy, ServerError};
+pub use crate::tls::{identity_of, provider, HandshakeFailure, TlsError};
+pub use crate::transport_header::{HeaderError, SessionProtocol, TransportHeader};

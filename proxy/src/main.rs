@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -26,16 +27,43 @@ struct Cli {
     proxy: ProxyArgs,
 }
 
+// Parsed once at start-up: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the proxy (what a bare `meshproxy` does).
     Run(ProxyArgs),
+    /// Make a throwaway CA and identities for demos and tests (not for production).
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum IdentityCommand {
+    /// Create a CA in DIR: ca.crt (give it to --trust-anchors) and ca.key.
+    NewCa {
+        /// Directory to write to; created if missing.
+        dir: PathBuf,
+    },
+    /// Issue NAME.crt and NAME.key (ECDSA P-256, DNS SAN = NAME) signed by a CA made
+    /// by `new-ca`.
+    Issue {
+        /// The CA directory (holding ca.crt and ca.key).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The identity, a DNS name such as web.default.mesh.local.
+        name: String,
+        /// Where to write NAME.crt and NAME.key [default: the CA directory].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Run(args)) => args,
+        Some(Command::Identity(command)) => return identity(command),
         None => cli.proxy,
     };
     let env: HashMap<String, String> = std::env::vars().collect();
@@ -52,6 +80,29 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn identity(command: IdentityCommand) -> ExitCode {
+    let result = match command {
+        IdentityCommand::NewCa { dir } => meshproxy::new_ca(&dir).map(|anchors| {
+            println!("{}", anchors.display());
+            println!("{}", dir.join("ca.key").display());
+        }),
+        IdentityCommand::Issue { ca, name, out } => {
+            let out = out.unwrap_or_else(|| ca.clone());
+            meshproxy::issue(&ca, &name, &out).map(|issued| {
+                println!("{}", issued.cert.display());
+                println!("{}", issued.key.display());
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("meshproxy: {error}");
             ExitCode::FAILURE
         }
     }

@@ -2,7 +2,9 @@
 //!
 //! Connection metrics are labelled `direction` (inbound/outbound), `target_addr` (the
 //! original destination), `protocol` (opaque, http1, http2, tls) and `tls` (whether the
-//! hop is our mTLS; always "false" until mTLS exists):
+//! hop is our mTLS). mTLS hops also carry the peer's identity: `client_id` on inbound
+//! connections, `server_id` on outbound ones. Plaintext hops have neither label, which
+//! Prometheus reads as the empty value, so their series are unchanged:
 //!
 //! - `tcp_open_total`: connections forwarded, counted once detection has named the
 //!   protocol, before connecting to the target.
@@ -23,12 +25,19 @@
 //! detection and appear in neither.
 //!
 //! `tcp_refused_total{direction,reason}` counts connections closed before forwarding:
-//! `max_connections`, `max_detecting` (the caps) and `no_original_dst` (not redirected).
+//! `max_connections`, `max_detecting` (the caps), `no_original_dst` (not redirected)
+//! and `identity_required` (a plaintext client on a `--require-identity-ports` port).
+//!
+//! `tls_handshake_failures_total{direction,reason}` counts failed mTLS handshakes:
+//! `reason` is `no_client_cert`, `untrusted` (no chain to the trust anchors),
+//! `wrong_identity` (a trusted certificate for another identity), `bad_alpn`,
+//! `timeout` or `other` (including a malformed transport header).
 
+use std::fmt;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -37,6 +46,7 @@ use prometheus_client::registry::Registry;
 
 use crate::detect::{Detected, Protocol};
 use crate::duplex::Counters;
+use crate::tls::HandshakeFailure;
 
 /// Which listener accepted a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,21 +67,48 @@ impl Direction {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct ConnLabels {
     direction: &'static str,
     target_addr: String,
     protocol: &'static str,
     tls: &'static str,
+    /// On mTLS hops, the peer's identity: `client_id` inbound, `server_id` outbound.
+    peer_id: Option<(&'static str, String)>,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+impl ConnLabels {
+    fn encode_into(&self, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+        ("direction", self.direction).encode(encoder.encode_label())?;
+        ("target_addr", self.target_addr.as_str()).encode(encoder.encode_label())?;
+        ("protocol", self.protocol).encode(encoder.encode_label())?;
+        ("tls", self.tls).encode(encoder.encode_label())?;
+        // Only on mTLS hops. Prometheus treats an absent label and an empty one alike,
+        // so plaintext series keep exactly the labels they had before mTLS existed.
+        if let Some((key, id)) = &self.peer_id {
+            (*key, id.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+impl EncodeLabelSet for ConnLabels {
+    fn encode(&self, mut encoder: LabelSetEncoder<'_>) -> fmt::Result {
+        self.encode_into(&mut encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct CloseLabels {
-    direction: &'static str,
-    target_addr: String,
-    protocol: &'static str,
-    tls: &'static str,
+    conn: ConnLabels,
     errno: String,
+}
+
+impl EncodeLabelSet for CloseLabels {
+    fn encode(&self, mut encoder: LabelSetEncoder<'_>) -> fmt::Result {
+        self.conn.encode_into(&mut encoder)?;
+        ("errno", self.errno.as_str()).encode(encoder.encode_label())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,12 +122,17 @@ struct RefusedLabels {
     reason: &'static str,
 }
 
+/// The same two labels for handshake failures.
+type HandshakeLabels = RefusedLabels;
+
 /// Why a connection was closed before being forwarded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
     MaxConnections,
     MaxDetecting,
     NoOriginalDst,
+    /// A plaintext client on a `--require-identity-ports` port.
+    IdentityRequired,
 }
 
 impl Refused {
@@ -99,6 +141,7 @@ impl Refused {
             Refused::MaxConnections => "max_connections",
             Refused::MaxDetecting => "max_detecting",
             Refused::NoOriginalDst => "no_original_dst",
+            Refused::IdentityRequired => "identity_required",
         }
     }
 }
@@ -114,6 +157,7 @@ pub struct Metrics {
     detect_results: Family<ResultLabels, Counter>,
     detect_duration: Histogram,
     refused: Family<RefusedLabels, Counter>,
+    handshake_failures: Family<HandshakeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -134,6 +178,7 @@ impl Metrics {
         // 1 ms to 16 s: covers a fast client and the default 10 s timeout.
         let detect_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let refused = Family::default();
+        let handshake_failures = Family::default();
         // prometheus-client appends `_total` to counters: `tcp_open` is exposed as
         // `tcp_open_total`.
         registry.register("tcp_open", "Connections forwarded", tcp_open.clone());
@@ -172,6 +217,11 @@ impl Metrics {
             "Connections closed before forwarding",
             refused.clone(),
         );
+        registry.register(
+            "tls_handshake_failures",
+            "mTLS handshakes (and transport headers) that failed",
+            handshake_failures.clone(),
+        );
         Metrics {
             registry,
             tcp_open,
@@ -182,6 +232,7 @@ impl Metrics {
             detect_results,
             detect_duration,
             refused,
+            handshake_failures,
         }
     }
 
@@ -220,20 +271,38 @@ impl Metrics {
             .inc();
     }
 
+    /// Records a failed mTLS handshake (or transport header) and why.
+    pub fn handshake_failed(&self, direction: Direction, reason: HandshakeFailure) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: direction.as_str(),
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
     /// Counts a connection as open and returns its counters. Dropping the result counts
-    /// it as closed.
+    /// it as closed. `peer_id` is the peer's identity when the hop is our mTLS: the
+    /// client's for inbound connections, the server's for outbound ones.
     pub fn open(
         &self,
         direction: Direction,
         target: std::net::SocketAddr,
         protocol: Protocol,
+        peer_id: Option<&str>,
     ) -> ConnMetrics {
         let labels = ConnLabels {
             direction: direction.as_str(),
             target_addr: target.to_string(),
             protocol: protocol.as_str(),
-            // Plaintext until the mTLS issue lands.
-            tls: "false",
+            tls: if peer_id.is_some() { "true" } else { "false" },
+            peer_id: peer_id.map(|id| {
+                let key = match direction {
+                    Direction::Inbound => "client_id",
+                    Direction::Outbound => "server_id",
+                };
+                (key, id.to_string())
+            }),
         };
         self.tcp_open.get_or_create(&labels).inc();
         let open = self.tcp_open_connections.get_or_create(&labels).clone();
@@ -278,10 +347,7 @@ impl Drop for ConnMetrics {
     fn drop(&mut self) {
         self.open.dec();
         let labels = CloseLabels {
-            direction: self.labels.direction,
-            target_addr: self.labels.target_addr.clone(),
-            protocol: self.labels.protocol,
-            tls: self.labels.tls,
+            conn: self.labels.clone(),
             errno: self.errno.take().unwrap_or_default(),
         };
         self.close.get_or_create(&labels).inc();
@@ -341,7 +407,7 @@ mod tests {
     fn counters_are_named_with_total_in_the_prometheus_format() {
         let metrics = Metrics::new();
         let target = "10.0.0.1:80".parse().unwrap();
-        drop(metrics.open(Direction::Outbound, target, Protocol::Http1));
+        drop(metrics.open(Direction::Outbound, target, Protocol::Http1, None));
         let text = metrics.encode();
         assert!(text.contains("# TYPE tcp_open_total counter\n"), "{text}");
         assert!(

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::Config;
-use crate::forward::Forwarder;
+use crate::forward::{Forwarder, ForwarderError};
 use crate::metrics::{Direction, Metrics, Refused};
 use crate::orig_dst::{original_dst, OrigDstError};
 
@@ -30,6 +30,8 @@ const BACKLOG: i32 = 1024;
 pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Mesh(#[from] ForwarderError),
 }
 
 /// Runs the proxy with `config` until `shutdown` completes, then drains.
@@ -44,6 +46,7 @@ pub struct Proxy {
     outbound: Vec<TcpListener>,
     admin: TcpListener,
     metrics: Arc<Metrics>,
+    forwarder: Forwarder,
 }
 
 /// The addresses the proxy actually listens on (useful with port 0).
@@ -55,12 +58,16 @@ pub struct BoundAddrs {
 }
 
 impl Proxy {
-    /// Binds the admin, inbound and outbound listeners of `config`.
+    /// Loads the identity and mesh peers (when configured), then binds the admin,
+    /// inbound and outbound listeners of `config`. Unusable certificate files are an
+    /// error here, before anything listens.
     ///
     /// An IPv6 address that cannot be bound because the host has no IPv6 is skipped with
     /// a warning, as long as another address of the same direction is bound: the
     /// defaults list both families and must work on IPv4-only hosts.
     pub async fn bind(config: Config) -> Result<Proxy, ServerError> {
+        let metrics = Arc::new(Metrics::new());
+        let forwarder = Forwarder::new(&config, metrics.clone())?;
         let admin = bind(config.admin_addr)?;
         let inbound = bind_all(&config.inbound_addrs)?;
         let outbound = bind_all(&config.outbound_addrs)?;
@@ -69,7 +76,8 @@ impl Proxy {
             inbound,
             outbound,
             admin,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            forwarder,
         })
     }
 
@@ -112,6 +120,7 @@ impl Proxy {
             outbound,
             admin,
             metrics,
+            forwarder,
         } = self;
 
         let ready = Arc::new(AtomicBool::new(false));
@@ -123,7 +132,7 @@ impl Proxy {
         let (stop_accepting, stop_rx) = watch::channel(false);
         let (abort, abort_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
-            forwarder: Forwarder::new(&config, metrics.clone()),
+            forwarder,
             metrics,
             connections: Arc::new(Semaphore::new(config.max_connections)),
             destination,
@@ -219,14 +228,23 @@ async fn accept_loop<F>(
             );
             continue;
         };
-        let target = match (shared.destination)(&stream) {
-            Ok(target) => target,
-            Err(error) => {
-                shared.metrics.refused(direction, Refused::NoOriginalDst);
-                warn!(direction = direction.as_str(), %error, "refusing connection");
-                continue;
-            }
-        };
+        let target =
+            match (shared.destination)(&stream) {
+                Ok(target) => target,
+                // With mTLS, peer proxies connect to the inbound port directly. Under
+                // meshinit's rules such a connection is redirected to the port it was
+                // already going to (original destination == our own address); without
+                // rules it has no NAT record at all. Either way its destination is the
+                // listener itself, and `forward` will demand mTLS and a transport header.
+                Err(
+                    OrigDstError::NotRedirected { local, .. } | OrigDstError::Lookup { local, .. },
+                ) if direction == Direction::Inbound && shared.forwarder.accepts_direct() => local,
+                Err(error) => {
+                    shared.metrics.refused(direction, Refused::NoOriginalDst);
+                    warn!(direction = direction.as_str(), %error, "refusing connection");
+                    continue;
+                }
+            };
         let shared = shared.clone();
         tokio::spawn(async move {
             let _permit = permit;

@@ -1,0 +1,226 @@
+//! The mTLS hops between two proxies.
+//!
+//! Outbound, to a destination listed in `--mesh-peers`: connect to the peer's
+//! inbound port (4143) at the destination's address, handshake with SNI = the
+//! identity expected there and ALPN `transport.l5d.io/v1`, verify the server
+//! certificate against the trust anchors and that identity, send the transport header
+//! (the original port, and the session protocol when detection found HTTP), then the
+//! client's bytes.
+//!
+//! Inbound, on a direct connection: require a client certificate chaining to the trust
+//! anchors and the ALPN, read the header, and forward to the local application at the
+//! connection's destination address and the header's port. The handshake and the
+//! header together must finish within the detect timeout: a peer that stalls in
+//! either must not hold a connection slot forever.
+
+use std::net::SocketAddr;
+
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{debug, info};
+
+use super::{connect, copy, Classified, Forwarder, ForwarderError};
+use crate::config::{Config, PortSet};
+use crate::detect::Protocol;
+use crate::identity::IdentityWatch;
+use crate::mesh_peers::MeshPeersWatch;
+use crate::metrics::{errno_name, Direction};
+use crate::prefixed::Prefixed;
+use crate::tls::{self, HandshakeFailure};
+use crate::transport_header::{self, SessionProtocol, TransportHeader};
+
+/// The mTLS part of the configuration, loaded.
+pub(super) struct Mesh {
+    pub(super) identity: IdentityWatch,
+    peers: Option<MeshPeersWatch>,
+    peer_inbound_port: u16,
+    pub(super) require_identity_ports: PortSet,
+}
+
+impl Mesh {
+    /// `None` without an identity: the proxy then forwards everything in plaintext.
+    pub(super) fn new(config: &Config) -> Result<Option<Mesh>, ForwarderError> {
+        let Some(files) = &config.identity else {
+            return Ok(None);
+        };
+        let identity = IdentityWatch::new(files)?;
+        let peers = match &config.mesh_peers {
+            Some(path) => Some(MeshPeersWatch::new(path)?),
+            None => None,
+        };
+        info!(identity = identity.current().name(), "mTLS identity loaded");
+        Ok(Some(Mesh {
+            identity,
+            peers,
+            peer_inbound_port: config.peer_inbound_port,
+            require_identity_ports: config.require_identity_ports.clone(),
+        }))
+    }
+
+    /// The identity expected at a meshed destination; `None` for plaintext ones.
+    pub(super) fn peer_identity(&self, target: SocketAddr) -> Option<String> {
+        let peers = self.peers.as_ref()?.current();
+        peers.identity(target.ip()).map(str::to_string)
+    }
+}
+
+/// The `errno` label of a connection that ended in a failed handshake: not a kernel
+/// error, so the closest errno names it.
+const ERRNO_HANDSHAKE: &str = "EPROTO";
+const ERRNO_TIMEOUT: &str = "ETIMEDOUT";
+
+pub(super) async fn outbound(
+    fwd: &Forwarder,
+    mesh: &Mesh,
+    client: TcpStream,
+    target: SocketAddr,
+    classified: Classified,
+    peer_id: String,
+) {
+    let protocol = classified.protocol();
+    let mut conn = fwd
+        .metrics
+        .open(Direction::Outbound, target, protocol, Some(&peer_id));
+    let peer = SocketAddr::new(target.ip(), mesh.peer_inbound_port);
+    let failed = |reason: HandshakeFailure| {
+        fwd.metrics.handshake_failed(Direction::Outbound, reason);
+        info!(%target, %peer, %peer_id, reason = reason.as_str(), "mTLS to the peer proxy failed");
+    };
+    let Ok(server_name) = ServerName::try_from(peer_id.clone()) else {
+        // Checked when the peers file was parsed; kept as a guard, not a panic.
+        failed(HandshakeFailure::Other);
+        return;
+    };
+    let tcp = match connect(peer).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            info!(%target, %peer, %error, "cannot connect to the peer proxy");
+            conn.set_errno(Some(errno_name(&error)));
+            return;
+        }
+    };
+    let connector = TlsConnector::from(mesh.identity.current().client_config());
+    let handshake = tokio::time::timeout(fwd.detect_timeout, async {
+        let mut tls = connector
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| HandshakeFailure::of(&e))?;
+        // A server that ignored our ALPN would not understand the header either.
+        if tls.get_ref().1.alpn_protocol() != Some(transport_header::ALPN) {
+            return Err(HandshakeFailure::BadAlpn);
+        }
+        let session = match protocol {
+            Protocol::Http1 => Some(SessionProtocol::Http1),
+            Protocol::Http2 => Some(SessionProtocol::Http2),
+            Protocol::Opaque | Protocol::Tls => None,
+        };
+        let header = TransportHeader::new(target.port(), session).encode();
+        // The header is ours, not the client's, so it is written here rather than
+        // replayed by `duplex` (which counts its prefix as bytes read from the client).
+        tls.write_all(&header)
+            .await
+            .map_err(|e| HandshakeFailure::of(&e))?;
+        Ok(tls)
+    })
+    .await;
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(reason)) => {
+            failed(reason);
+            conn.set_errno(Some(ERRNO_HANDSHAKE.to_string()));
+            return;
+        }
+        Err(_elapsed) => {
+            failed(HandshakeFailure::Timeout);
+            conn.set_errno(Some(ERRNO_TIMEOUT.to_string()));
+            return;
+        }
+    };
+    debug!(%target, %peer, %peer_id, "mTLS established");
+    copy(client, tls, classified.prefix, &mut conn, target).await;
+}
+
+/// Terminates mTLS from a peer. `direct` says the client connected to the inbound
+/// port itself, where the transport ALPN (and so the header) is required; a client
+/// that named our identity on an application port may omit it and is then forwarded
+/// to that port.
+pub(super) async fn inbound(
+    fwd: &Forwarder,
+    mesh: &Mesh,
+    client: Prefixed<TcpStream>,
+    target: SocketAddr,
+    direct: bool,
+) {
+    let identity = mesh.identity.current();
+    let acceptor = TlsAcceptor::from(identity.server_config());
+    let listener_port = target.port();
+    let accepted = tokio::time::timeout(fwd.detect_timeout, async {
+        let mut tls = acceptor
+            .accept(client)
+            .await
+            .map_err(|e| HandshakeFailure::of(&e))?;
+        let header = if tls.get_ref().1.alpn_protocol() == Some(transport_header::ALPN) {
+            let header = TransportHeader::read(&mut tls).await.map_err(|error| {
+                info!(%error, "refusing a peer whose transport header is invalid");
+                HandshakeFailure::Other
+            })?;
+            Some(header)
+        } else if direct {
+            return Err(HandshakeFailure::BadAlpn);
+        } else {
+            None
+        };
+        Ok((tls, header))
+    })
+    .await;
+    let failed = |reason: HandshakeFailure| {
+        fwd.metrics.handshake_failed(Direction::Inbound, reason);
+        info!(%target, reason = reason.as_str(), "refused an mTLS client");
+    };
+    let (tls, header) = match accepted {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(reason)) => return failed(reason),
+        Err(_elapsed) => return failed(HandshakeFailure::Timeout),
+    };
+    // The verifier required a certificate, so there is one; its first DNS SAN is the
+    // client's identity.
+    let client_id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| tls::identity_of(leaf).ok())
+        .unwrap_or_default();
+
+    let (destination, protocol) = match header {
+        Some(header) => {
+            if direct && header.port == listener_port {
+                // Forwarding to our own inbound port would loop back into us.
+                debug!(%target, %client_id, "transport header names the inbound port itself");
+                return failed(HandshakeFailure::Other);
+            }
+            let protocol = match header.protocol {
+                Some(SessionProtocol::Http1) => Protocol::Http1,
+                Some(SessionProtocol::Http2) => Protocol::Http2,
+                None => Protocol::Opaque,
+            };
+            (SocketAddr::new(target.ip(), header.port), protocol)
+        }
+        None => (target, Protocol::Opaque),
+    };
+    let mut conn = fwd
+        .metrics
+        .open(Direction::Inbound, destination, protocol, Some(&client_id));
+    let app = match connect(destination).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            info!(%destination, %client_id, %error, "cannot connect to the application");
+            conn.set_errno(Some(errno_name(&error)));
+            return;
+        }
+    };
+    debug!(%destination, %client_id, "mTLS terminated");
+    copy(tls, app, Vec::new(), &mut conn, destination).await;
+}

@@ -1,0 +1,194 @@
+//! A throwaway certificate authority for demos and tests: `meshproxy identity new-ca
+//! DIR` and `meshproxy identity issue --ca DIR NAME`.
+//!
+//! Not a production CA: keys sit unencrypted in files (mode 0600), nothing is revoked,
+//! and certificates are valid until rcgen's far-future default. In a cluster the
+//! identities come from a real issuer (cert-manager, Linkerd's identity controller).
+//!
+//! Every key is ECDSA P-256, the mesh's one key type. Leaves carry their name as the
+//! only DNS SAN (the identity) and both the serverAuth and clientAuth extended key
+//! usages, since every proxy is a TLS server (inbound) and client (outbound).
+//!
+//! rcgen cannot parse an existing certificate without its optional x509-parser
+//! feature, so `issue` rebuilds the CA certificate from the same fixed parameters and
+//! the CA key on disk. The rebuilt one has the same subject and key as `ca.crt`, which
+//! is all a leaf's issuer name, authority key identifier and signature depend on; the
+//! subject and key are compared with `ca.crt` so a mismatched directory is an error,
+//! not a chain that silently fails to verify.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+/// The subject of every dev CA.
+const CA_COMMON_NAME: &str = "meshproxy dev CA";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevCaError {
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path} is not a PEM certificate")]
+    BadCaCert { path: PathBuf },
+    #[error("{dir} was not made by `meshproxy identity new-ca` (ca.crt and ca.key do not match the dev CA)")]
+    NotADevCa { dir: PathBuf },
+    #[error("{name:?} is not a valid DNS name for an identity: {source}")]
+    BadName { name: String, source: rcgen::Error },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// The files `issue` wrote.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_COMMON_NAME);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+/// Creates `dir/ca.crt` and `dir/ca.key` (creating `dir` if needed). Returns the path
+/// of `ca.crt`, the trust anchors file.
+pub fn new_ca(dir: &Path) -> Result<PathBuf, DevCaError> {
+    create_dir(dir)?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let cert = ca_params().self_signed(&key)?;
+    let cert_path = dir.join("ca.crt");
+    write(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    write(&dir.join("ca.key"), key.serialize_pem().as_bytes(), 0o600)?;
+    Ok(cert_path)
+}
+
+/// Issues `out/NAME.crt` and `out/NAME.key` for identity `name`, signed by the dev CA
+/// in `ca_dir`.
+pub fn issue(ca_dir: &Path, name: &str, out: &Path) -> Result<Issued, DevCaError> {
+    let ca_key_path = ca_dir.join("ca.key");
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(|source| DevCaError::Read {
+        path: ca_key_path.clone(),
+        source,
+    })?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+    let ca = ca_params().self_signed(&ca_key)?;
+    check_same_ca(ca_dir, ca.der())?;
+
+    let mut params =
+        CertificateParams::new(vec![name.to_string()]).map_err(|source| DevCaError::BadName {
+            name: name.to_string(),
+            source,
+        })?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let cert = params.signed_by(&key, &ca, &ca_key)?;
+
+    create_dir(out)?;
+    let issued = Issued {
+        cert: out.join(format!("{name}.crt")),
+        key: out.join(format!("{name}.key")),
+    };
+    write(&issued.cert, cert.pem().as_bytes(), 0o644)?;
+    write(&issued.key, key.serialize_pem().as_bytes(), 0o600)?;
+    Ok(issued)
+}
+
+/// Checks that `ca_dir/ca.crt` has the subject and public key of `rebuilt`.
+fn check_same_ca(ca_dir: &Path, rebuilt: &CertificateDer<'_>) -> Result<(), DevCaError> {
+    let path = ca_dir.join("ca.crt");
+    let on_disk = CertificateDer::from_pem_file(&path)
+        .map_err(|_| DevCaError::BadCaCert { path: path.clone() })?;
+    let parse = |der| webpki::EndEntityCert::try_from(der).ok();
+    let (Some(a), Some(b)) = (parse(&on_disk), parse(rebuilt)) else {
+        return Err(DevCaError::BadCaCert { path });
+    };
+    if a.subject() != b.subject() || a.subject_public_key_info() != b.subject_public_key_info() {
+        return Err(DevCaError::NotADevCa {
+            dir: ca_dir.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+fn create_dir(dir: &Path) -> Result<(), DevCaError> {
+    std::fs::create_dir_all(dir).map_err(|source| DevCaError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes a file whole. It goes to a temporary name first and is then renamed, so a
+/// proxy watching the file never reads half of it.
+fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), DevCaError> {
+    let error = |source| DevCaError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(error)?;
+    file.write_all(contents).map_err(error)?;
+    file.sync_all().map_err(error)?;
+    std::fs::rename(&tmp, path).map_err(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{Identity, IdentityFiles};
+
+    #[test]
+    fn issued_identities_load_and_name_themselves() {
+        let dir = std::env::temp_dir().join(format!("meshproxy-dev-ca-{}", std::process::id()));
+        let anchors = new_ca(&dir.join("ca")).unwrap();
+        let issued = issue(&dir.join("ca"), "web.default.mesh.local", &dir).unwrap();
+        let identity = Identity::load(&IdentityFiles {
+            cert: issued.cert.clone(),
+            key: issued.key.clone(),
+            trust_anchors: anchors,
+        })
+        .unwrap();
+        assert_eq!(identity.name(), "web.default.mesh.local");
+        // Another CA's directory with this key is refused, not silently mis-signed.
+        new_ca(&dir.join("other")).unwrap();
+        std::fs::copy(dir.join("ca/ca.key"), dir.join("other/ca.key")).unwrap();
+        let err = issue(&dir.join("other"), "x.mesh.local", &dir).unwrap_err();
+        assert!(matches!(err, DevCaError::NotADevCa { .. }), "{err}");
+        let err = issue(&dir.join("ca"), "wéb.mesh.local", &dir).unwrap_err();
+        assert!(matches!(err, DevCaError::BadName { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

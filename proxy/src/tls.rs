@@ -1,0 +1,164 @@
+//! The TLS policy of the mesh, in one place: which crypto provider, which versions,
+//! how peers are verified, and how handshake failures are named.
+//!
+//! - Provider: aws-lc-rs, passed explicitly to every config builder
+//!   (`builder_with_provider`) rather than installed process-wide, so the library
+//!   never depends on what else in the process installed a default.
+//! - TLS 1.3 only: both ends are our proxies, so there is no legacy client to serve,
+//!   and 1.3 encrypts the certificates (the pods' identities) on the wire.
+//! - Server side: a client certificate chaining to the trust anchors is required
+//!   (`WebPkiClientVerifier`); ALPN `transport.l5d.io/v1` is offered.
+//! - Client side: the server certificate must chain to the trust anchors and carry the
+//!   expected identity as a DNS SAN (`WebPkiServerVerifier` with server name = the
+//!   peer's identity); our own certificate is presented.
+//!
+//! An identity is the first DNS SAN of a certificate.
+
+use std::io;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore, ServerConfig};
+
+use crate::transport_header;
+
+/// Why TLS configs could not be built from a certificate, key and trust anchors.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("the trust anchors hold no usable CA certificate")]
+    NoTrustAnchors,
+    #[error("trust anchor certificate #{index} is not usable: {source}")]
+    BadTrustAnchor { index: usize, source: rustls::Error },
+    #[error("the certificate has no DNS subject alternative name, which is the identity")]
+    NoIdentity,
+    #[error("the certificate cannot be parsed: {0}")]
+    BadCertificate(webpki::Error),
+    #[error("cannot build the client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("the certificate and key cannot be used (is the key the certificate's?): {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The one crypto provider of the proxy.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Both ends of our mTLS for one certificate: the config we accept with (inbound) and
+/// the one we connect with (outbound).
+pub(crate) struct Configs {
+    pub(crate) server: Arc<ServerConfig>,
+    pub(crate) client: Arc<ClientConfig>,
+}
+
+/// Builds the server and client configs for `chain` (leaf first) and `key`, verifying
+/// peers against `anchors`.
+pub(crate) fn configs(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    anchors: Vec<CertificateDer<'static>>,
+) -> Result<Configs, TlsError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for (index, anchor) in anchors.into_iter().enumerate() {
+        roots
+            .add(anchor)
+            .map_err(|source| TlsError::BadTrustAnchor { index, source })?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoTrustAnchors);
+    }
+    let roots = Arc::new(roots);
+
+    // Requires a client certificate: `allow_unauthenticated` is deliberately not set.
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())?;
+    server.alpn_protocols = vec![transport_header::ALPN.to_vec()];
+
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    client.alpn_protocols = vec![transport_header::ALPN.to_vec()];
+
+    Ok(Configs {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    })
+}
+
+/// The identity a certificate carries: its first DNS SAN.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
+    let cert = webpki::EndEntityCert::try_from(cert).map_err(TlsError::BadCertificate)?;
+    let name = cert.valid_dns_names().next().ok_or(TlsError::NoIdentity)?;
+    Ok(name.to_string())
+}
+
+/// Why a handshake failed, as the `reason` label of `tls_handshake_failures_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HandshakeFailure {
+    /// The client presented no certificate (inbound), or the server said it required
+    /// one (outbound).
+    NoClientCert,
+    /// The peer's certificate does not chain to our trust anchors, or ours not to
+    /// theirs.
+    Untrusted,
+    /// The server's certificate is trusted but is not the identity we expected there.
+    WrongIdentity,
+    /// No common ALPN protocol, or a direct connection without `transport.l5d.io/v1`.
+    BadAlpn,
+    /// The handshake (and transport header) did not finish within the detect timeout.
+    Timeout,
+    /// Anything else: a reset, a non-TLS client, a malformed transport header.
+    Other,
+}
+
+impl HandshakeFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::NoClientCert => "no_client_cert",
+            HandshakeFailure::Untrusted => "untrusted",
+            HandshakeFailure::WrongIdentity => "wrong_identity",
+            HandshakeFailure::BadAlpn => "bad_alpn",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Other => "other",
+        }
+    }
+
+    /// Classifies the error of a tokio-rustls handshake, which wraps the rustls error
+    /// in an `io::Error`.
+    pub fn of(error: &io::Error) -> HandshakeFailure {
+        let Some(error) = error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        else {
+            return HandshakeFailure::Other;
+        };
+        match error {
+            rustls::Error::NoCertificatesPresented
+            | rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => {
+                HandshakeFailure::NoClientCert
+            }
+            rustls::Error::NoApplicationProtocol
+            | rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol) => {
+                HandshakeFailure::BadAlpn
+            }
+            rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            ) => HandshakeFailure::WrongIdentity,
+            rustls::Error::InvalidCertificate(_)
+            | rustls::Error::AlertReceived(
+                AlertDescription::UnknownCA
+                | AlertDescription::BadCertificate
+                | AlertDescription::CertificateUnknown,
+            ) => HandshakeFailure::Untrusted,
+            _ => HandshakeFailure::Other,
+        }
+    }
+}
