@@ -29,7 +29,8 @@ Options:
                           later with: sudo scripts/demo.sh --cleanup
   --cleanup               remove what a --keep run left, then exit
   --detect-timeout SECS   meshproxy's detect timeout (default 10, Linkerd's)
-  --no-build              use the binaries already in target/release
+  --no-build              use the binaries already built (see --bin-dir)
+  --bin-dir DIR           where the binaries are (default target/release)
   -h, --help              this text
 
 Needs root (network namespaces). Installs what is missing with apt-get.
@@ -38,6 +39,7 @@ EOF
 
 KEEP=0
 BUILD=1
+BIN_DIR=
 DETECT=10
 CLEANUP_ONLY=0
 while [ $# -gt 0 ]; do
@@ -45,6 +47,7 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1 ;;
     --cleanup) CLEANUP_ONLY=1 ;;
     --no-build) BUILD=0 ;;
+    --bin-dir) BIN_DIR="$2"; shift ;;
     --detect-timeout) DETECT="$2"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "demo.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -54,9 +57,10 @@ done
 
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-BIN="$ROOT/target/release"
+BIN=$(cd "${BIN_DIR:-$ROOT/target/release}" 2>/dev/null && pwd || echo "${BIN_DIR:-$ROOT/target/release}")
 NSES=(mi-demo-a mi-demo-b mi-demo-ext mi-demo-net)
 WORK=$(mktemp -d /tmp/meshinit-demo.XXXXXX)
+chmod 755 "$WORK" # the proxies run as uid 2102 and read their identities from here
 A=198.18.1.1 B=198.18.1.2 EXT=198.18.1.3
 A6=fd00:1::1 B6=fd00:1::2
 
@@ -73,6 +77,7 @@ cleanup() {
   fi
   exec 2>/dev/null # no "Terminated" notices for the jobs we stop
   for ns in "${NSES[@]}"; do
+    {
     if ip netns list | grep -qw "$ns"; then
       # Every process started in the namespace, then the namespace itself.
       ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true
@@ -80,6 +85,7 @@ cleanup() {
       ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
       ip netns del "$ns" 2>/dev/null || true
     fi
+    } >/dev/null 2>&1
   done
   [ -n "${DEMO_KEEP_LOGS:-}" ] || rm -rf "$WORK"
   left=$(ip netns list | grep -c '^mi-demo-' || true)
@@ -185,16 +191,29 @@ PY
 mkdir -p "$WORK/www" && echo "hello from pod B" >"$WORK/www/index.html"
 in_ns b python3 -m http.server 8080 --bind :: --directory "$WORK/www" >/dev/null 2>&1 &
 in_ns b redis-server --port 6379 --bind 0.0.0.0 --protected-mode no --save '' --appendonly no >/dev/null 2>&1 &
-in_ns b python3 "$WORK/banner.py" 7000 &
-in_ns b python3 "$WORK/banner.py" 9000 &
+in_ns b python3 "$WORK/banner.py" 7000 >/dev/null 2>&1 &
+in_ns b python3 "$WORK/banner.py" 9000 >/dev/null 2>&1 &
 disown -a # they are stopped with their namespace, without job notices
+
+# Identities from a throwaway dev CA: each pod gets a certificate whose DNS SAN
+# is its identity, and a list of the meshed peers it may expect.
+"$BIN/meshproxy" identity new-ca "$WORK/ca" >/dev/null
+for pod in a b; do
+  "$BIN/meshproxy" identity issue --ca "$WORK/ca" "$pod.demo.mesh.local" --out "$WORK/id-$pod" >/dev/null
+  chown -R 2102:2102 "$WORK/id-$pod"
+done
+printf '[[peer]]\nnet = "%s/32"\nidentity = "b.demo.mesh.local"\n[[peer]]\nnet = "%s/128"\nidentity = "b.demo.mesh.local"\n' "$B" "$B6" >"$WORK/peers-a.toml"
+printf '[[peer]]\nnet = "%s/32"\nidentity = "a.demo.mesh.local"\n[[peer]]\nnet = "%s/128"\nidentity = "a.demo.mesh.local"\n' "$A" "$A6" >"$WORK/peers-b.toml"
 
 OPAQUE_DEFAULT=25,587,3306,4444,5432,6379,9300,11211
 start_proxy() { # start_proxy POD OPAQUE_PORTS
   # Started directly (not through a shell function) so that $! is the proxy itself.
   ip netns exec "mi-demo-$1" setpriv --reuid=2102 --regid=2102 --clear-groups \
     "$BIN/meshproxy" --opaque-ports "$2" --detect-timeout "${DETECT}s" \
-    --admin-addr 0.0.0.0:4191 >>"$WORK/proxy-$1.log" 2>&1 &
+    --admin-addr 0.0.0.0:4191 --trust-anchors "$WORK/ca/ca.crt" \
+    --identity-cert "$WORK/id-$1/$1.demo.mesh.local.crt" \
+    --identity-key "$WORK/id-$1/$1.demo.mesh.local.key" \
+    --mesh-peers "$WORK/peers-$1.toml" >>"$WORK/proxy-$1.log" 2>&1 &
   echo $! >"$WORK/proxy-$1.pid"
   disown
 }
@@ -221,7 +240,9 @@ wait_port() { # wait_port PORT: until a server in pod B listens (checked over lo
 }
 for port in 8080 6379 7000 9000; do wait_port "$port"; done
 say "pod B: HTTP on :8080, Redis on :6379 (opaque), banner on :7000 (not opaque) and :9000 (skipped)"
-say "meshproxy in both pods, running as uid 2102, detect timeout ${DETECT}s"
+say "meshproxy in both pods, running as uid 2102, detect timeout ${DETECT}s,"
+say "with identities a.demo.mesh.local / b.demo.mesh.local from a throwaway dev CA:"
+say "pod A -> pod B is wrapped in mutual TLS (peer port 4143, ALPN transport.l5d.io/v1)"
 
 metrics() { in_ns "$1" curl -s "http://127.0.0.1:4191/metrics"; }
 metrics a >"$WORK/metrics-a.before"; metrics b >"$WORK/metrics-b.before"
@@ -248,7 +269,14 @@ metrics a >"$WORK/metrics-a.mid"; metrics b >"$WORK/metrics-b.mid"
 changed a outbound "$WORK/metrics-a.before" "$WORK/metrics-a.mid"
 say "pod B's inbound proxy counted:"
 changed b inbound "$WORK/metrics-b.before" "$WORK/metrics-b.mid"
-say "protocol: http1 detected from the request line; opaque for Redis (no detection)"
+say "protocol: http1 detected from the request line; opaque for Redis (no detection);"
+say "tls=\"true\": the hop between the pods was mutual TLS, with the peer's verified identity"
+say "(server_id on A, client_id on B); the unmeshed namespace's request is tls=\"false\"."
+if grep -q 'tls="true",client_id="a.demo.mesh.local"' "$WORK/metrics-b.mid"; then
+  say "mTLS hop seen: B's inbound proxy verified client a.demo.mesh.local"
+else
+  say "no mTLS hop in B's metrics: the mesh is not working"; exit 1
+fi
 
 greeting_ms() { # time until the banner service's greeting arrives, from pod A
   in_ns a python3 - "$1" <<'PY'
@@ -262,9 +290,10 @@ PY
 
 stage "7/8 server-speaks-first: the detect stall, and opaque ports"
 say "pod A connects to the banner on $B:7000 and waits for its greeting."
-say "Both proxies wait for the client's first bytes to detect the protocol, but"
-say "the client is waiting for the server: nothing moves until the detect timeout"
-say "(twice here: pod A's outbound proxy, then pod B's inbound proxy each wait)."
+say "Pod A's outbound proxy waits for the client's first bytes to detect the protocol,"
+say "but the client is waiting for the server: nothing moves until the detect timeout."
+say "(Only pod A's outbound proxy waits: pod B's learns the protocol from the mTLS"
+say "transport header and does not detect again.)"
 read -r ms text < <(greeting_ms "$B")
 say "greeting \"$text\" after ${ms} ms  (stall measured: ${ms} ms, detect timeout ${DETECT}s)"
 say "restarting both proxies with 7000 added to --opaque-ports ..."

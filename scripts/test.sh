@@ -14,7 +14,7 @@ fi
 # Debian packages the tests use: the rule tools, ip, a real Redis and HTTP
 # server for traffic, promtool (package prometheus) to lint /metrics, and
 # HAProxy / stunnel / iperf3 for the benchmark peers.
-packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl)
+packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl tcpdump openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,6 +31,24 @@ cargo build --workspace --bins --locked
 
 echo "==> testing"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+
+echo "==> demo (non-interactive), checking its claims"
+demo_out=$(mktemp)
+if ! scripts/demo.sh --no-build --bin-dir target/debug --detect-timeout 2 >"$demo_out" 2>&1; then
+  cat "$demo_out"; echo "scripts/test.sh: the demo failed" >&2; exit 1
+fi
+demo_fail() { cat "$demo_out"; echo "scripts/test.sh: demo claim failed: $*" >&2; exit 1; }
+grep -q 'mTLS hop seen' "$demo_out" || demo_fail "no mTLS hop seen"
+stall=$(sed -n 's/.*stall measured: \([0-9]*\) ms.*/\1/p' "$demo_out")
+[ -n "$stall" ] && [ "$stall" -ge 2000 ] || demo_fail "stall ${stall:-?} ms < detect timeout 2000 ms"
+opaque=$(sed -n 's/.*opaque answer: \([0-9]*\) ms.*/\1/p' "$demo_out")
+[ -n "$opaque" ] && [ "$opaque" -lt 1000 ] || demo_fail "opaque answer ${opaque:-?} ms >= 1 s"
+grep -q 'cleanup complete: 0 demo namespaces left' "$demo_out" || demo_fail "cleanup incomplete"
+if ip netns list | grep -q '^mi-demo-' || pgrep -f 'meshinit-demo\.' >/dev/null; then
+  demo_fail "a demo namespace or process survived"
+fi
+echo "    demo: mTLS hop seen, stall ${stall} ms >= 2000 ms, opaque answer ${opaque} ms, cleanup complete"
+rm -f "$demo_out"
 
 # Test namespaces are named nt-<test>-<pid>-<n> (benches and the demo use mi-*);
 # none may survive its test.
