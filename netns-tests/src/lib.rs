@@ -16,8 +16,12 @@
 //!   with the `SO_ORIGINAL_DST` that a redirect leaves behind; clients in-process
 //!   ([`Netns::connect`]) or as another user ([`Netns::connect_as`]).
 //! - `nft`: reading back a namespace's ruleset.
+//! - `backend`: [`Backend`], meshinit's three backends ([`for_each_backend!`] runs a test
+//!   once per backend), and reading back what each holds ([`Netns::firewall`]).
 //! - `bins`: where the binaries under test are (`meshinit`, `meshproxy`, `netns-probe`) and
 //!   running `meshinit` in a namespace.
+//! - `proxy`: [`MeshProxy`], the real `meshproxy` started in a namespace as the proxy uid
+//!   ([`Netns::start_meshproxy`]), and [`Metrics`], a scrape of its `/metrics`.
 //!
 //! These helpers panic instead of returning errors whenever the harness itself fails (no
 //! root, `ip` refused, a binary not built): in a test the panic message, with the command
@@ -26,16 +30,21 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+mod backend;
 mod bins;
+pub mod mesh;
 mod netns;
 mod nft;
 mod pods;
 mod process;
+mod proxy;
 mod sockets;
 
+pub use backend::{normalise_nft, normalise_save, Backend};
 pub use bins::{meshinit_bin, meshproxy_bin, netns_probe_bin};
 pub use netns::Netns;
 pub use nft::{RuleRef, MESHINIT_TABLE};
 pub use pods::{Family, Pods};
 pub use process::{Run, Spawned};
+pub use proxy::{MeshProxy, Metrics, ADMIN_PORT, PROXY_UID};
 pub use sockets::{landed_on, original_dst, Accepted, Listener, ACCEPT_TIMEOUT, CONNECT_TIMEOUT};

@@ -1,9 +1,9 @@
 //! Bad input changes nothing: exit 2, a message naming the bad value, the ruleset exactly as
-//! before. A failure while applying: exit 1, the previous ruleset intact.
+//! before. A failure while applying: exit 1, the previous ruleset intact. Each backend.
 
 use std::io::Write;
 
-use netns_tests::{meshinit_bin, Pods, Run};
+use netns_tests::{for_each_backend, meshinit_bin, Backend, Family, Pods, Run};
 
 /// The valid rules installed first, so that "before" is not empty and a bad run that
 /// deleted our table would show.
@@ -12,25 +12,24 @@ const INSTALLED: &[&str] = &["apply", "--outbound-ports-to-ignore=5555"];
 /// Runs `meshinit ARGS` in a pod holding valid rules and asserts exit 2, a message that
 /// names `bad`, and an unchanged ruleset.
 #[track_caller]
-fn assert_rejected(pods: &Pods, args: &[&str], bad: &str) {
-    let before = pods.pod.ruleset();
-    let run = pods.pod.meshinit(args);
+fn assert_rejected(pods: &Pods, backend: Backend, args: &[&str], bad: &str) {
+    let before = pods.pod.firewall();
+    let run = pods.pod.meshinit_on(backend, args);
     assert_eq!(run.code, Some(2), "bad input must exit 2\n{run}");
     assert!(
         run.stderr.contains(bad),
         "the message should name the bad value {bad:?}\n{run}"
     );
     assert_eq!(
-        pods.pod.ruleset(),
+        pods.pod.firewall(),
         before,
-        "bad input changed the ruleset\n{run}"
+        "bad input changed the rules\n{run}"
     );
 }
 
-#[test]
-fn bad_ports_and_ranges_exit_2_and_change_nothing() {
-    let pods = Pods::new("bad_ports_and_ranges");
-    pods.pod.meshinit(INSTALLED).expect_ok();
+fn bad_ports_and_ranges_exit_2_and_change_nothing(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("bad_ports_and_ranges"));
+    pods.pod.meshinit_on(backend, INSTALLED).expect_ok();
     for (args, bad) in [
         (&["apply", "--incoming-proxy-port", "0"][..], "0"),
         (&["apply", "--outgoing-proxy-port", "70000"], "70000"),
@@ -52,14 +51,13 @@ fn bad_ports_and_ranges_exit_2_and_change_nothing() {
         ),
         (&["cleanup", "--outbound-ports-to-ignore", "9-3"], "9-3"),
     ] {
-        assert_rejected(&pods, args, bad);
+        assert_rejected(&pods, backend, args, bad);
     }
 }
 
-#[test]
-fn bad_cidrs_exit_2_and_change_nothing() {
-    let pods = Pods::new("bad_cidrs");
-    pods.pod.meshinit(INSTALLED).expect_ok();
+fn bad_cidrs_exit_2_and_change_nothing(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("bad_cidrs"));
+    pods.pod.meshinit_on(backend, INSTALLED).expect_ok();
     for (flag, bad) in [
         ("--subnets-to-ignore", "198.18.0.0/33"),
         ("--outbound-subnets-to-ignore", "10.0.0/8x"),
@@ -67,30 +65,30 @@ fn bad_cidrs_exit_2_and_change_nothing() {
         ("--subnets-to-ignore", "not-a-cidr"),
     ] {
         let list = format!("10.0.0.0/8,{bad}");
-        assert_rejected(&pods, &["apply", flag, &list], bad);
+        assert_rejected(&pods, backend, &["apply", flag, &list], bad);
     }
 }
 
-#[test]
-fn bad_environment_values_exit_2_and_change_nothing() {
-    let pods = Pods::new("bad_environment_values");
-    pods.pod.meshinit(INSTALLED).expect_ok();
-    let before = pods.pod.ruleset();
+fn bad_environment_values_exit_2_and_change_nothing(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("bad_environment_values"));
+    pods.pod.meshinit_on(backend, INSTALLED).expect_ok();
+    let before = pods.pod.firewall();
     let mut cmd = pods.pod.meshinit_command();
     cmd.arg("apply")
+        .arg(backend.flag())
         .env("MESHINIT_OUTBOUND_PORTS_TO_IGNORE", "9-3");
     let run = Run::of(&mut cmd).expect_code(2);
     assert!(run.stderr.contains("9-3"), "{run}");
-    assert_eq!(pods.pod.ruleset(), before);
+    assert_eq!(pods.pod.firewall(), before);
 }
 
-#[test]
-fn an_unknown_config_key_exits_2_and_changes_nothing() {
-    let pods = Pods::new("unknown_config_key");
-    pods.pod.meshinit(INSTALLED).expect_ok();
+fn an_unknown_config_key_exits_2_and_changes_nothing(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("unknown_config_key"));
+    pods.pod.meshinit_on(backend, INSTALLED).expect_ok();
     let path = std::env::temp_dir().join(format!(
-        "netns-tests-{}-unknown-key.toml",
-        std::process::id()
+        "netns-tests-{}-{}-unknown-key.toml",
+        std::process::id(),
+        backend.name()
     ));
     let mut file = std::fs::File::create(&path).unwrap();
     writeln!(
@@ -102,44 +100,56 @@ fn an_unknown_config_key_exits_2_and_changes_nothing() {
     let config = path.to_str().unwrap().to_string();
     assert_rejected(
         &pods,
+        backend,
         &["apply", "--config", &config],
         "outbound_ports_to_ignoer",
     );
     let _ = std::fs::remove_file(&path);
 }
 
-#[test]
-fn a_missing_config_file_exits_2_and_changes_nothing() {
-    let pods = Pods::new("missing_config_file");
-    pods.pod.meshinit(INSTALLED).expect_ok();
+fn a_missing_config_file_exits_2_and_changes_nothing(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("missing_config_file"));
+    pods.pod.meshinit_on(backend, INSTALLED).expect_ok();
     let missing = format!("/nonexistent/netns-tests-{}.toml", std::process::id());
-    assert_rejected(&pods, &["apply", "--config", &missing], &missing);
+    assert_rejected(&pods, backend, &["apply", "--config", &missing], &missing);
 }
 
-#[test]
-fn a_missing_netns_file_exits_2_and_changes_nothing() {
-    let pods = Pods::new("missing_netns_file");
-    pods.pod.meshinit(INSTALLED).expect_ok();
+fn a_missing_netns_file_exits_2_and_changes_nothing(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("missing_netns_file"));
+    pods.pod.meshinit_on(backend, INSTALLED).expect_ok();
     // Run inside the pod: a meshinit that ignored the bad path would change the pod's rules
     // (and the test would see it), never the host's.
     let missing = format!("/var/run/netns/netns-tests-missing-{}", std::process::id());
-    assert_rejected(&pods, &["apply", "--netns", &missing], &missing);
-    assert_rejected(&pods, &["cleanup", "--netns", &missing], &missing);
+    assert_rejected(&pods, backend, &["apply", "--netns", &missing], &missing);
+    assert_rejected(&pods, backend, &["cleanup", "--netns", &missing], &missing);
 }
 
-#[test]
-fn nft_missing_from_path_exits_1_and_keeps_the_previous_ruleset() {
-    let pods = Pods::new("nft_missing_from_path");
-    pods.pod.meshinit(INSTALLED).expect_ok();
-    let before = pods.pod.ruleset();
-    let empty = std::env::temp_dir().join(format!("netns-tests-{}-empty-path", std::process::id()));
+/// With an empty PATH the backend's tool is missing: exit 1, a message naming it, and the
+/// rules as before. (The default backend choice finds nothing usable: exit 1 as well.)
+fn a_missing_tool_exits_1_and_keeps_the_previous_rules(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("missing_tool_in_path"));
+    pods.pod.meshinit_on(backend, INSTALLED).expect_ok();
+    let before = pods.pod.firewall();
+    let empty = std::env::temp_dir().join(format!(
+        "netns-tests-{}-{}-empty-path",
+        std::process::id(),
+        backend.name()
+    ));
     std::fs::create_dir_all(&empty).unwrap();
+    let tool = match backend {
+        Backend::Nft => "nft".to_string(),
+        iptables => iptables.tool(Family::V4, "save"),
+    };
+    let flag = backend.flag();
 
     // `env` sets PATH for meshinit only (Command::env would also change how `ip` is found).
-    for args in [
-        &["apply", "--backend=nft", "--outbound-ports-to-ignore=6666"][..],
-        &["apply", "--outbound-ports-to-ignore=6666"],
-        &["cleanup", "--backend=nft"],
+    for (args, named) in [
+        (
+            &["apply", &flag, "--outbound-ports-to-ignore=6666"][..],
+            tool.as_str(),
+        ),
+        (&["apply", "--outbound-ports-to-ignore=6666"], "nft"),
+        (&["cleanup", &flag], &tool),
     ] {
         let mut cmd = pods.pod.command("env");
         cmd.arg(format!("PATH={}", empty.display()))
@@ -152,14 +162,24 @@ fn nft_missing_from_path_exits_1_and_keeps_the_previous_ruleset() {
             "a failure while applying must exit 1\n{run}"
         );
         assert!(
-            run.stderr.contains("nft"),
-            "the message should name nft\n{run}"
+            run.stderr.contains(named),
+            "the message should name {named}\n{run}"
         );
         assert_eq!(
-            pods.pod.ruleset(),
+            pods.pod.firewall(),
             before,
-            "the previous ruleset must be intact\n{run}"
+            "the previous rules must be intact\n{run}"
         );
     }
     let _ = std::fs::remove_dir(&empty);
 }
+
+for_each_backend!(
+    bad_ports_and_ranges_exit_2_and_change_nothing,
+    bad_cidrs_exit_2_and_change_nothing,
+    bad_environment_values_exit_2_and_change_nothing,
+    an_unknown_config_key_exits_2_and_changes_nothing,
+    a_missing_config_file_exits_2_and_changes_nothing,
+    a_missing_netns_file_exits_2_and_changes_nothing,
+    a_missing_tool_exits_1_and_keeps_the_previous_rules,
+);

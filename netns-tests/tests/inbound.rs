@@ -1,9 +1,9 @@
 //! Inbound traffic (nat prerouting): redirected to the proxy's port 4143 unless an inbound
-//! skip port exempts it, or only the `--ports-to-redirect` are. IPv4 and IPv6.
+//! skip port exempts it, or only the `--ports-to-redirect` are. Each backend, IPv4 and IPv6.
 
 use std::net::SocketAddr;
 
-use netns_tests::{Family, Pods};
+use netns_tests::{for_each_backend, Backend, Family, Pods};
 
 const PROXY: &str = "pod proxy :4143";
 const APP: &str = "pod app";
@@ -36,10 +36,9 @@ fn assert_inbound(pods: &Pods, family: Family, port: u16, want: &str, context: &
     }
 }
 
-#[test]
-fn inbound_connection_lands_on_4143_with_the_original_port() {
-    let pods = Pods::new("inbound_connection_lands_on_4143");
-    pods.pod.meshinit(&["apply"]).expect_ok();
+fn inbound_connection_lands_on_4143_with_the_original_port(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("inbound_connection_lands_on_4143"));
+    pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
     for family in Family::ALL {
         for port in [8080, 80, 4189, 4192] {
             assert_inbound(&pods, family, port, PROXY, "defaults");
@@ -47,10 +46,9 @@ fn inbound_connection_lands_on_4143_with_the_original_port() {
     }
 }
 
-#[test]
-fn inbound_default_skip_ports_4190_and_4191_reach_the_application() {
-    let pods = Pods::new("inbound_default_skip_ports");
-    pods.pod.meshinit(&["apply"]).expect_ok();
+fn inbound_default_skip_ports_4190_and_4191_reach_the_application(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("inbound_default_skip_ports"));
+    pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
     for family in Family::ALL {
         for port in [4190, 4191] {
             assert_inbound(&pods, family, port, APP, "defaults");
@@ -62,11 +60,10 @@ fn inbound_default_skip_ports_4190_and_4191_reach_the_application() {
     }
 }
 
-#[test]
-fn inbound_custom_skip_ports_single_and_in_a_range_reach_the_application() {
-    let pods = Pods::new("inbound_custom_skip_ports");
+fn inbound_custom_skip_ports_single_and_in_a_range_reach_the_application(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("inbound_custom_skip_ports"));
     let flags = "--inbound-ports-to-ignore=7000,7100-7200";
-    pods.pod.meshinit(&["apply", flags]).expect_ok();
+    pods.pod.meshinit_on(backend, &["apply", flags]).expect_ok();
     for family in Family::ALL {
         for port in [7000, 7100, 7150, 7200] {
             assert_inbound(&pods, family, port, APP, flags);
@@ -77,11 +74,10 @@ fn inbound_custom_skip_ports_single_and_in_a_range_reach_the_application() {
     }
 }
 
-#[test]
-fn inbound_ports_to_redirect_redirects_only_those() {
-    let pods = Pods::new("inbound_ports_to_redirect");
+fn inbound_ports_to_redirect_redirects_only_those(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("inbound_ports_to_redirect"));
     let flags = "--ports-to-redirect=8080,9000-9001";
-    pods.pod.meshinit(&["apply", flags]).expect_ok();
+    pods.pod.meshinit_on(backend, &["apply", flags]).expect_ok();
     for family in Family::ALL {
         for port in [8080, 9000, 9001] {
             assert_inbound(&pods, family, port, PROXY, flags);
@@ -91,3 +87,10 @@ fn inbound_ports_to_redirect_redirects_only_those() {
         }
     }
 }
+
+for_each_backend!(
+    inbound_connection_lands_on_4143_with_the_original_port,
+    inbound_default_skip_ports_4190_and_4191_reach_the_application,
+    inbound_custom_skip_ports_single_and_in_a_range_reach_the_application,
+    inbound_ports_to_redirect_redirects_only_those,
+);

@@ -1,9 +1,9 @@
 //! Outbound traffic (nat output): redirected to the proxy's port 4140 unless a skip port or
-//! the proxy's own uid/gid exempts it. Every case runs for IPv4 and IPv6.
+//! the proxy's own uid/gid exempts it. Every case runs for each backend, IPv4 and IPv6.
 
 use std::net::SocketAddr;
 
-use netns_tests::{landed_on, Family, Listener, Pods};
+use netns_tests::{for_each_backend, landed_on, Backend, Family, Listener, Pods};
 
 const PROXY: &str = "pod proxy :4140";
 const APP: &str = "peer app";
@@ -42,20 +42,18 @@ fn assert_outbound(pods: &Pods, family: Family, port: u16, want: &str, context: 
     }
 }
 
-#[test]
-fn outbound_connection_lands_on_4140_with_the_original_destination() {
-    let pods = Pods::new("outbound_connection_lands_on_4140");
-    pods.pod.meshinit(&["apply"]).expect_ok();
+fn outbound_connection_lands_on_4140_with_the_original_destination(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("outbound_connection_lands_on_4140"));
+    pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
     for family in Family::ALL {
         assert_outbound(&pods, family, 8080, PROXY, "defaults");
         assert_outbound(&pods, family, 443, PROXY, "defaults");
     }
 }
 
-#[test]
-fn outbound_connection_to_the_pod_itself_via_lo_is_not_redirected() {
-    let pods = Pods::new("outbound_via_lo_is_not_redirected");
-    pods.pod.meshinit(&["apply"]).expect_ok();
+fn outbound_connection_to_the_pod_itself_via_lo_is_not_redirected(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("outbound_via_lo_is_not_redirected"));
+    pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
     for family in Family::ALL {
         let proxy = proxy(&pods, family);
         let local = pods.pod.listen("pod app", family.any_port(8080));
@@ -68,17 +66,41 @@ fn outbound_connection_to_the_pod_itself_via_lo_is_not_redirected() {
     }
 }
 
-#[test]
-fn outbound_skip_ports_single_and_in_a_range_reach_the_peer_directly() {
-    let pods = Pods::new("outbound_skip_ports");
+fn outbound_skip_ports_single_and_in_a_range_reach_the_peer_directly(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("outbound_skip_ports"));
     let flags = "--outbound-ports-to-ignore=5555,9000-9010";
-    pods.pod.meshinit(&["apply", flags]).expect_ok();
+    pods.pod.meshinit_on(backend, &["apply", flags]).expect_ok();
     for family in Family::ALL {
         for port in [5555, 9000, 9005, 9010] {
             assert_outbound(&pods, family, port, APP, flags);
         }
         for port in [5554, 5556, 8999, 9011] {
             assert_outbound(&pods, family, port, PROXY, flags);
+        }
+    }
+}
+
+/// More skip ports than one iptables `multiport` match takes (15, a range counting as two):
+/// the ports of every chunk, the first and the last, are exempt.
+fn outbound_skip_ports_beyond_one_multiport_match(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("outbound_many_skip_ports"));
+    let singles: Vec<String> = (0..20).map(|i| (5000 + 10 * i).to_string()).collect();
+    let flags = format!(
+        "--outbound-ports-to-ignore={},6000-6009,6100-6109,6200-6209",
+        singles.join(",")
+    );
+    pods.pod
+        .meshinit_on(backend, &["apply", &flags])
+        .expect_ok();
+    pods.pod
+        .meshinit_on(backend, &["check", &flags])
+        .expect_code(0);
+    for family in Family::ALL {
+        for port in [5000, 5140, 5190, 6000, 6105, 6209] {
+            assert_outbound(&pods, family, port, APP, &flags);
+        }
+        for port in [5001, 5195, 6010, 6210] {
+            assert_outbound(&pods, family, port, PROXY, &flags);
         }
     }
 }
@@ -94,10 +116,9 @@ fn outbound_as(pods: &Pods, family: Family, uid: u32, gid: u32) -> String {
     on.to_string()
 }
 
-#[test]
-fn outbound_connection_of_the_proxy_uid_is_not_redirected() {
-    let pods = Pods::new("outbound_proxy_uid");
-    pods.pod.meshinit(&["apply"]).expect_ok();
+fn outbound_connection_of_the_proxy_uid_is_not_redirected(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("outbound_proxy_uid"));
+    pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
     for family in Family::ALL {
         assert_eq!(
             outbound_as(&pods, family, 2102, 2102),
@@ -112,7 +133,7 @@ fn outbound_connection_of_the_proxy_uid_is_not_redirected() {
     }
 
     pods.pod
-        .meshinit(&["apply", "--proxy-uid", "3000"])
+        .meshinit_on(backend, &["apply", "--proxy-uid", "3000"])
         .expect_ok();
     for family in Family::ALL {
         assert_eq!(
@@ -128,11 +149,10 @@ fn outbound_connection_of_the_proxy_uid_is_not_redirected() {
     }
 }
 
-#[test]
-fn outbound_connection_of_the_proxy_gid_is_not_redirected() {
-    let pods = Pods::new("outbound_proxy_gid");
+fn outbound_connection_of_the_proxy_gid_is_not_redirected(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("outbound_proxy_gid"));
     pods.pod
-        .meshinit(&["apply", "--proxy-gid", "2200"])
+        .meshinit_on(backend, &["apply", "--proxy-gid", "2200"])
         .expect_ok();
     for family in Family::ALL {
         assert_eq!(
@@ -152,3 +172,12 @@ fn outbound_connection_of_the_proxy_gid_is_not_redirected() {
         );
     }
 }
+
+for_each_backend!(
+    outbound_connection_lands_on_4140_with_the_original_destination,
+    outbound_connection_to_the_pod_itself_via_lo_is_not_redirected,
+    outbound_skip_ports_single_and_in_a_range_reach_the_peer_directly,
+    outbound_skip_ports_beyond_one_multiport_match,
+    outbound_connection_of_the_proxy_uid_is_not_redirected,
+    outbound_connection_of_the_proxy_gid_is_not_redirected,
+);

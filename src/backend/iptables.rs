@@ -65,6 +65,18 @@ impl Iptables {
         .map(drop)
     }
 
+    /// Puts one family back to `before`; failures are logged, the caller is
+    /// already reporting the error that made the rollback necessary.
+    fn roll_back(&self, family: Family, before: &Installed) {
+        let result = self
+            .installed(family)
+            .and_then(|now| self.restore(family, &before.rollback_text(&now)));
+        match result {
+            Ok(()) => tracing::warn!(family = ?family, "rolled back to the previous rules"),
+            Err(err) => tracing::error!(family = ?family, "rolling back failed: {err}"),
+        }
+    }
+
     fn families(ipv6: bool) -> &'static [Family] {
         if ipv6 {
             &[Family::V4, Family::V6]
@@ -73,23 +85,39 @@ impl Iptables {
         }
     }
 
-    /// Whether this flavour may hold tables in this namespace, found without
-    /// spawning `*-save` (two processes per call, which would dominate the
-    /// run time of an apply that only needs to know "nothing here").
+    /// Whether this flavour may hold a nat table for `family` (or, with
+    /// `None`, any table at all), found without spawning `*-save`: that costs
+    /// two processes per family, and `*-save -t nat` would itself create an
+    /// empty nat table, touching a family we were told to leave alone.
     ///
     /// Legacy tables are listed in `/proc/net/ip{,6}_tables_names` (per
     /// namespace; absent when the module is not loaded). iptables-nft tables
-    /// are nf_tables tables named `ip nat` / `ip6 nat`; when `nft` cannot tell,
-    /// we assume they may exist.
-    fn may_have_tables(&self) -> bool {
+    /// are nf_tables tables of family `ip` / `ip6`; when `nft` cannot tell, we
+    /// assume they may exist.
+    fn may_have_tables(&self, family: Option<Family>) -> bool {
+        let families = match family {
+            Some(family) => vec![family],
+            None => vec![Family::V4, Family::V6],
+        };
         match self.flavor {
-            Flavor::Legacy => ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]
-                .iter()
-                .any(|path| std::fs::read_to_string(path).is_ok_and(|names| !names.trim().is_empty())),
+            Flavor::Legacy => families.iter().any(|f| {
+                let path = match f {
+                    Family::V4 => "/proc/net/ip_tables_names",
+                    Family::V6 => "/proc/net/ip6_tables_names",
+                };
+                let names = std::fs::read_to_string(path).unwrap_or_default();
+                match family {
+                    Some(_) => names.lines().any(|name| name.trim() == "nat"),
+                    None => !names.trim().is_empty(),
+                }
+            }),
             Flavor::Nft => match run("nft", &["list", "tables"], None, super::nft::HINT) {
                 Ok(tables) => tables.lines().any(|line| {
                     let line = line.trim();
-                    line.starts_with("table ip ") || line.starts_with("table ip6 ")
+                    families.iter().any(|f| match f {
+                        Family::V4 => line.starts_with("table ip "),
+                        Family::V6 => line.starts_with("table ip6 "),
+                    })
                 }),
                 Err(_) => true,
             },
@@ -99,12 +127,16 @@ impl Iptables {
     /// True when `*-save` of this flavour lists any rule at all, ours or
     /// anyone's, in any table of this namespace.
     pub fn has_any_rule(&self) -> Result<bool, BackendError> {
-        if !self.may_have_tables() {
+        if !self.may_have_tables(None) {
             return Ok(false);
         }
         for family in [Family::V4, Family::V6] {
             let save = run(&self.binary(family, "save"), &[], None, HINT)?;
-            if save.lines().any(|line| line.starts_with("-A ")) {
+            // A rule of anyone's, or a chain of ours (even empty).
+            if save
+                .lines()
+                .any(|line| line.starts_with("-A ") || line.starts_with(":MESHINIT_"))
+            {
                 return Ok(true);
             }
         }
@@ -130,29 +162,29 @@ impl Backend for Iptables {
     }
 
     fn apply(&self, ruleset: &Ruleset) -> Result<(), BackendError> {
-        let families = Self::families(ruleset.ipv6);
-        let before = families
-            .iter()
-            .map(|&family| self.installed(family))
-            .collect::<Result<Vec<_>, _>>()?;
-        for (i, &family) in families.iter().enumerate() {
-            let present = before[i].jumps();
-            let missing = Jumps {
-                prerouting: !present.prerouting,
-                output: !present.output,
-            };
-            let document = iptables::restore_text(ruleset, family, missing);
-            if let Err(err) = self.restore(family, &document) {
-                for (j, &done) in families[..i].iter().enumerate() {
-                    let added = Jumps {
-                        prerouting: !before[j].jumps().prerouting,
-                        output: !before[j].jumps().output,
-                    };
-                    if let Err(rollback) = self.restore(done, &before[j].rollback_text(added)) {
-                        tracing::error!(family = ?done, "rolling back failed: {rollback}");
-                    } else {
-                        tracing::warn!(family = ?done, "rolled back to the previous rules");
-                    }
+        // Read every family first: the states to roll back to.
+        let mut steps = Vec::new();
+        for &family in Self::families(ruleset.ipv6) {
+            let before = self.installed(family)?;
+            let document = before.apply_text(ruleset, family);
+            steps.push((family, before, document));
+        }
+        // With --ipv6=false, IPv6 rules of ours left by an earlier run are
+        // removed: they would keep redirecting IPv6 against the flags (the nft
+        // backend gets the same result by replacing its table). A host without
+        // ip6tables has none to remove.
+        if !ruleset.ipv6 && self.may_have_tables(Some(Family::V6)) {
+            if let Ok(before) = self.installed(Family::V6) {
+                if !before.is_empty() {
+                    let document = before.cleanup_text();
+                    steps.push((Family::V6, before, document));
+                }
+            }
+        }
+        for (i, (family, _, document)) in steps.iter().enumerate() {
+            if let Err(err) = self.restore(*family, document) {
+                for (done, before, _) in &steps[..i] {
+                    self.roll_back(*done, before);
                 }
                 return Err(err);
             }
@@ -162,6 +194,9 @@ impl Backend for Iptables {
 
     fn cleanup(&self) -> Result<(), BackendError> {
         for family in [Family::V4, Family::V6] {
+            if !self.may_have_tables(Some(family)) {
+                continue;
+            }
             let installed = self.installed(family)?;
             if !installed.is_empty() {
                 self.restore(family, &installed.cleanup_text())?;
@@ -181,15 +216,18 @@ impl Backend for Iptables {
                 differences.push(format!("{name}: {difference}"));
             }
         }
+        if !ruleset.ipv6
+            && self.may_have_tables(Some(Family::V6))
+            && self.installed(Family::V6).is_ok_and(|v6| !v6.is_empty())
+        {
+            differences.push("IPv6: rules of ours are installed although --ipv6=false".to_string());
+        }
         Ok(differences)
     }
 
     fn has_ours(&self) -> Result<bool, BackendError> {
-        if !self.may_have_tables() {
-            return Ok(false);
-        }
         for family in [Family::V4, Family::V6] {
-            if !self.installed(family)?.is_empty() {
+            if self.may_have_tables(Some(family)) && !self.installed(family)?.is_empty() {
                 return Ok(true);
             }
         }

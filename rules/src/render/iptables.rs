@@ -194,10 +194,48 @@ impl Installed {
         out
     }
 
-    /// The restore document that puts this state back after a ruleset that
-    /// added `added` jumps was applied on top of it (used when a later family
-    /// fails, so no family is left half-applied).
-    pub fn rollback_text(&self, added: Jumps) -> String {
+    /// Jump lines beyond the first one into each of our chains: a second
+    /// jump would run our chain twice, so apply deletes them.
+    fn surplus_jumps(&self) -> Vec<&str> {
+        let mut seen = Jumps::NONE;
+        let mut surplus = Vec::new();
+        for line in &self.jump_lines {
+            let t = tokens(line);
+            let first = match (t[1].as_str(), jump_target(&t)) {
+                ("PREROUTING", Some(INBOUND_CHAIN)) => !std::mem::replace(&mut seen.prerouting, true),
+                ("OUTPUT", Some(OUTBOUND_CHAIN)) => !std::mem::replace(&mut seen.output, true),
+                // A jump from elsewhere into our chains is not ours to keep.
+                _ => false,
+            };
+            if !first {
+                surplus.push(line.as_str());
+            }
+        }
+        surplus
+    }
+
+    /// The restore document that turns this state into `ruleset`: chains
+    /// refilled, missing jumps added, surplus jumps deleted.
+    pub fn apply_text(&self, ruleset: &Ruleset, family: Family) -> String {
+        let present = self.jumps();
+        let missing = Jumps {
+            prerouting: !present.prerouting,
+            output: !present.output,
+        };
+        let mut out = restore_text(ruleset, family, missing);
+        out.truncate(out.len() - "COMMIT\n".len());
+        for line in self.surplus_jumps() {
+            let _ = writeln!(out, "-D{}", &line[2..]);
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+
+    /// The restore document that puts this state back, given the state `now`
+    /// left by [`apply_text`](Self::apply_text) or
+    /// [`cleanup_text`](Self::cleanup_text) (used when a later family fails,
+    /// so no family is left half-applied).
+    pub fn rollback_text(&self, now: &Installed) -> String {
         let mut out = String::from("*nat\n");
         for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
             let _ = writeln!(out, ":{chain} - [0:0]");
@@ -205,13 +243,13 @@ impl Installed {
         for line in &self.rules {
             let _ = writeln!(out, "{line}");
         }
-        for (direction, was_added) in [
-            (Direction::Inbound, added.prerouting),
-            (Direction::Outbound, added.output),
-        ] {
-            if was_added {
-                let _ = writeln!(out, "-D {} {}", parent_chain(direction), jump_rule(direction));
-            }
+        // The jumps that exist now go, and the ones that existed before come
+        // back, verbatim.
+        for line in &now.jump_lines {
+            let _ = writeln!(out, "-D{}", &line[2..]);
+        }
+        for line in &self.jump_lines {
+            let _ = writeln!(out, "{line}");
         }
         for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
             if !self.chains.iter().any(|c| c == chain) {

@@ -1,0 +1,341 @@
+//! Choosing and switching backends (issue 3): what `--backend auto` picks in a namespace and
+//! why, switching between backends leaves no stale rules of ours, `check` calls stale rules in
+//! another backend drift, and an iptables apply whose IPv6 half fails rolls the IPv4 half back.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use netns_tests::{meshinit_bin, Backend, Family, Pods, Run};
+
+const OUT_PROXY: &str = "pod proxy :4140";
+const IN_PROXY: &str = "pod proxy :4143";
+const APP: &str = "app";
+
+/// Where connections land, per family: `[outbound V4, outbound V6, inbound V4, inbound V6]`
+/// (pod -> peer:8080 and peer -> pod:8080; each the proxy or the application).
+fn landings(pods: &Pods) -> Vec<String> {
+    let mut out = Vec::new();
+    for family in Family::ALL {
+        let proxy = pods.pod.listen(OUT_PROXY, family.any_port(4140));
+        let app = pods.peer.listen(APP, family.any_port(8080));
+        let to = SocketAddr::new(family.peer(), 8080);
+        out.push(pods.pod.connect_and_land(to, &[&proxy, &app]).0.to_string());
+    }
+    for family in Family::ALL {
+        let proxy = pods.pod.listen(IN_PROXY, family.any_port(4143));
+        let app = pods.pod.listen(APP, family.any_port(8080));
+        let to = SocketAddr::new(family.pod(), 8080);
+        out.push(
+            pods.peer
+                .connect_and_land(to, &[&proxy, &app])
+                .0
+                .to_string(),
+        );
+    }
+    out
+}
+
+const REDIRECTED: [&str; 4] = [OUT_PROXY, OUT_PROXY, IN_PROXY, IN_PROXY];
+
+/// Asserts that `backend` holds our rules and no other backend holds any.
+#[track_caller]
+fn assert_only_in(pods: &Pods, backend: Backend, context: &str) {
+    for other in Backend::ALL {
+        let ours = pods.pod.ours_in(other);
+        if other == backend {
+            assert!(!ours.is_empty(), "{context}: nothing of ours in {other}");
+        } else {
+            assert_eq!(
+                ours,
+                Vec::<String>::new(),
+                "{context}: rules of ours left in {other}"
+            );
+        }
+    }
+}
+
+#[test]
+fn auto_picks_nft_in_an_empty_namespace() {
+    let pods = Pods::new("auto_picks_nft_when_empty");
+    let run = pods.pod.meshinit(&["apply"]).expect_ok();
+    assert!(
+        run.stderr.contains("backend=\"nft\""),
+        "auto should log its choice of nft\n{run}"
+    );
+    assert!(run.stderr.contains("auto:"), "auto should log why\n{run}");
+    assert_only_in(&pods, Backend::Nft, "auto in an empty namespace");
+    pods.pod.meshinit(&["check"]).expect_code(0);
+    assert_eq!(landings(&pods), REDIRECTED);
+}
+
+/// Empty legacy tables (someone only listed them: `iptables-legacy-save -t nat` creates the
+/// nat table) hold no rules, so there is nothing to stay consistent with: still nft.
+#[test]
+fn auto_picks_nft_when_legacy_tables_exist_but_hold_no_rule() {
+    let pods = Pods::new("auto_picks_nft_empty_legacy_tables");
+    for family in Family::ALL {
+        pods.pod.nat_save(Backend::IptablesLegacy, family);
+    }
+    let run = pods.pod.meshinit(&["apply"]).expect_ok();
+    assert!(run.stderr.contains("backend=\"nft\""), "{run}");
+    assert_only_in(&pods, Backend::Nft, "auto with empty legacy tables");
+}
+
+/// A rule of anyone's in iptables-legacy (IPv4 or IPv6, any table) makes auto pick legacy:
+/// rules split between legacy and nf_tables break traffic silently.
+#[test]
+fn auto_picks_iptables_legacy_when_legacy_already_holds_a_rule() {
+    for tool in ["iptables-legacy", "ip6tables-legacy"] {
+        let pods = Pods::new(&format!("auto_picks_legacy_{tool}"));
+        pods.pod
+            .exec(&[
+                tool, "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "1", "-j", "ACCEPT",
+            ])
+            .expect_ok();
+        let run = pods.pod.meshinit(&["apply"]).expect_ok();
+        assert!(
+            run.stderr.contains("backend=\"iptables-legacy\""),
+            "a {tool} rule: auto should log its choice of iptables-legacy\n{run}"
+        );
+        assert_only_in(&pods, Backend::IptablesLegacy, tool);
+        assert!(
+            pods.pod.meshinit_table().is_none(),
+            "{tool}: table inet meshinit installed"
+        );
+        pods.pod.meshinit(&["check"]).expect_code(0);
+        assert_eq!(landings(&pods), REDIRECTED, "{tool}");
+        // The foreign rule is still there.
+        let save = pods
+            .pod
+            .exec(&[&format!("{tool}-save"), "-t", "filter"])
+            .expect_ok();
+        assert!(save.stdout.contains("--dport 1 -j ACCEPT"), "{save}");
+    }
+}
+
+/// Every switch between two backends (all six of them, in one cycle) leaves our rules in the
+/// new backend only, and traffic redirected.
+#[test]
+fn switching_backends_leaves_our_rules_in_the_new_backend_only() {
+    let pods = Pods::new("switching_backends");
+    let flags = "--outbound-ports-to-ignore=5555";
+    use Backend::{IptablesLegacy as Legacy, IptablesNft, Nft};
+    let mut previous: Option<Backend> = None;
+    for backend in [Nft, IptablesNft, Legacy, Nft, Legacy, IptablesNft, Nft] {
+        let context = match previous {
+            Some(from) => format!("from {from} to {backend}"),
+            None => format!("first {backend}"),
+        };
+        let run = pods.pod.meshinit_on(backend, &["apply", flags]).expect_ok();
+        assert_only_in(&pods, backend, &format!("{context}\n{run}"));
+        if let Some(from) = previous {
+            assert!(
+                run.stderr.contains(&format!("removed_from=\"{from}\"")),
+                "{context}: the switch should log what it removed\n{run}"
+            );
+        }
+        pods.pod
+            .meshinit_on(backend, &["check", flags])
+            .expect_code(0);
+        assert_eq!(landings(&pods), REDIRECTED, "{context}");
+        previous = Some(backend);
+    }
+}
+
+/// Legacy to nft, as the issue asks: no `MESHINIT_*` chain survives in legacy (either family),
+/// and since legacy then holds no rule, auto agrees with nft.
+#[test]
+fn switching_from_legacy_to_nft_leaves_no_meshinit_chain_in_legacy() {
+    let pods = Pods::new("switching_legacy_to_nft");
+    pods.pod
+        .meshinit_on(Backend::IptablesLegacy, &["apply"])
+        .expect_ok();
+    pods.pod.meshinit_on(Backend::Nft, &["apply"]).expect_ok();
+    for family in Family::ALL {
+        let save = pods.pod.nat_save(Backend::IptablesLegacy, family);
+        assert!(
+            !save.contains("MESHINIT_"),
+            "{family:?}: legacy still holds ours\n{save}"
+        );
+    }
+    assert!(pods.pod.meshinit_table().is_some());
+    assert_eq!(landings(&pods), REDIRECTED);
+    let run = pods.pod.meshinit(&["check"]).expect_code(0);
+    assert!(
+        run.stdout.contains("(nft)"),
+        "auto should now pick nft\n{run}"
+    );
+}
+
+#[test]
+fn iptables_mode_is_an_alias_of_backend() {
+    let pods = Pods::new("iptables_mode_alias");
+    pods.pod
+        .meshinit(&["apply", "--iptables-mode=legacy"])
+        .expect_ok();
+    assert_only_in(&pods, Backend::IptablesLegacy, "--iptables-mode=legacy");
+    pods.pod
+        .meshinit(&["apply", "--iptables-mode", "nft"])
+        .expect_ok();
+    assert_only_in(&pods, Backend::IptablesNft, "--iptables-mode nft");
+    pods.pod
+        .meshinit(&["check", "--iptables-mode=nft"])
+        .expect_code(0);
+}
+
+/// Our chain created by hand in another backend (what an old run, or an init tool that
+/// crashed half-way, would leave) is drift; the next apply removes it.
+#[test]
+fn check_reports_stale_rules_of_ours_in_another_backend() {
+    for (backend, stale) in [
+        (Backend::Nft, Backend::IptablesLegacy),
+        (Backend::Nft, Backend::IptablesNft),
+        (Backend::IptablesNft, Backend::IptablesLegacy),
+        (Backend::IptablesLegacy, Backend::IptablesNft),
+    ] {
+        let pods = Pods::new(&format!(
+            "check_stale_{}_in_{}",
+            backend.name(),
+            stale.name()
+        ));
+        pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
+        pods.pod.meshinit_on(backend, &["check"]).expect_code(0);
+        pods.pod
+            .exec(&[
+                &stale.tool(Family::V4, ""),
+                "-t",
+                "nat",
+                "-N",
+                "MESHINIT_OUTPUT",
+            ])
+            .expect_ok();
+        let drift = pods.pod.meshinit_on(backend, &["check"]).expect_code(1);
+        assert!(
+            drift.stdout.contains(stale.name()),
+            "check --backend {backend} should name {stale}\n{drift}"
+        );
+        pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
+        assert_only_in(
+            &pods,
+            backend,
+            &format!("apply after a stale chain in {stale}"),
+        );
+        pods.pod.meshinit_on(backend, &["check"]).expect_code(0);
+    }
+}
+
+/// A directory holding `ip6tables-{nft,legacy}-restore` scripts that fail, put first in
+/// meshinit's PATH so that only the IPv6 restore fails; removed on `Drop`.
+struct FailingIp6Restore {
+    dir: PathBuf,
+}
+
+impl FailingIp6Restore {
+    fn new(test: &str) -> FailingIp6Restore {
+        let dir = std::env::temp_dir().join(format!("netns-tests-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for tool in ["ip6tables-legacy-restore", "ip6tables-nft-restore"] {
+            let path = dir.join(tool);
+            std::fs::write(&path, "#!/bin/sh\necho \"injected failure\" >&2\nexit 1\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        FailingIp6Restore { dir }
+    }
+
+    /// `meshinit ARGS…` in the pod, with the failing scripts first in its PATH.
+    fn meshinit(&self, pods: &Pods, args: &[&str]) -> Run {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let mut cmd = pods.pod.command("env");
+        cmd.arg(format!("PATH={}:{path}", self.dir.display()))
+            .arg(meshinit_bin())
+            .args(args);
+        Run::of(&mut cmd)
+    }
+}
+
+impl Drop for FailingIp6Restore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The nat tables of `backend`, both families, as `*-save -t nat` prints them (normalised).
+fn nat_tables(pods: &Pods, backend: Backend) -> Vec<String> {
+    Family::ALL
+        .iter()
+        .map(|&family| pods.pod.nat_save(backend, family))
+        .collect()
+}
+
+/// When the IPv6 restore fails after the IPv4 one succeeded, apply exits 1 with the tool's
+/// message and the rules are what they were: nothing (from an empty namespace), the older
+/// ruleset of the same backend, or the older ruleset of another backend (a failed switch
+/// removes nothing), which still work.
+fn ipv6_failure_rolls_back_ipv4(backend: Backend) {
+    let failing = FailingIp6Restore::new(&format!("ip6-restore-fails-{}", backend.name()));
+    let older = "--outbound-ports-to-ignore=5555";
+    let newer = [
+        "--outbound-ports-to-ignore=6666",
+        "--inbound-ports-to-ignore=7777",
+    ];
+    for installed in [None, Some(backend), Some(Backend::Nft)] {
+        let context = format!("{backend}, installed before: {installed:?}");
+        let pods = Pods::new(&backend.test_name("ipv6_failure_rolls_back"));
+        if let Some(earlier) = installed {
+            pods.pod.meshinit_on(earlier, &["apply", older]).expect_ok();
+        }
+        let before = (nat_tables(&pods, backend), pods.pod.meshinit_table());
+        let flag = backend.flag();
+        let run = failing.meshinit(&pods, &[&["apply", &flag][..], &newer].concat());
+        assert_eq!(
+            run.code,
+            Some(1),
+            "{context}: a failed apply must exit 1\n{run}"
+        );
+        assert!(
+            run.stderr.contains("injected failure"),
+            "{context}: the tool's message\n{run}"
+        );
+        assert_eq!(
+            (nat_tables(&pods, backend), pods.pod.meshinit_table()),
+            before,
+            "{context}: the IPv4 half was not rolled back\n{run}"
+        );
+        let Some(earlier) = installed else {
+            for other in Backend::ALL {
+                assert_eq!(
+                    pods.pod.ours_in(other),
+                    Vec::<String>::new(),
+                    "{context}: {other}"
+                );
+            }
+            continue;
+        };
+        assert_only_in(&pods, earlier, &context);
+        pods.pod
+            .meshinit_on(earlier, &["check", older])
+            .expect_code(0);
+        assert_eq!(landings(&pods), REDIRECTED, "{context}");
+        // The older skip port is still skipped, the newer one not yet.
+        for family in Family::ALL {
+            for (port, want) in [(5555, APP), (6666, OUT_PROXY)] {
+                let proxy = pods.pod.listen(OUT_PROXY, family.any_port(4140));
+                let app = pods.peer.listen(APP, family.any_port(port));
+                let to = SocketAddr::new(family.peer(), port);
+                let (on, _) = pods.pod.connect_and_land(to, &[&proxy, &app]);
+                assert_eq!(on, want, "{context}: pod -> {to}");
+            }
+        }
+    }
+}
+
+#[test]
+fn iptables_nft_ipv6_failure_rolls_back_ipv4() {
+    ipv6_failure_rolls_back_ipv4(Backend::IptablesNft);
+}
+
+#[test]
+fn iptables_legacy_ipv6_failure_rolls_back_ipv4() {
+    ipv6_failure_rolls_back_ipv4(Backend::IptablesLegacy);
+}
