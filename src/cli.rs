@@ -31,7 +31,7 @@ pub struct Cli {
     pub settings: Settings,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Install (or replace) the rules in one atomic transaction. The default.
     Apply,
@@ -40,7 +40,21 @@ pub enum Command {
     /// Print the rules the flags describe; change nothing.
     Show,
     /// Exit 0 when the installed rules equal the expected ones, 1 on drift.
-    Check,
+    Check {
+        /// On drift, re-apply the expected rules atomically: exit 0 once they are
+        /// restored (the differences are logged), 1 when the repair fails.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Prove that outbound redirection works: listen on the outbound proxy port,
+    /// connect to a test address as an unprivileged user, and require the
+    /// connection to come back with that address as its original destination.
+    /// Exit 0 on success, 95 on failure.
+    Validate(ValidateArgs),
+    /// Run as a chained CNI plugin (spec 1.0.0): CNI_COMMAND and the other CNI_*
+    /// variables, the network config on stdin, the result or error JSON on stdout.
+    /// Also what the binary does when invoked as `meshinit-cni`.
+    Cni,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -48,6 +62,22 @@ pub enum Command {
     },
     /// Print the man page (roff) generated from these flags.
     Man,
+}
+
+/// Flags of `meshinit validate` (also `MESHINIT_VALIDATE_*` variables).
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct ValidateArgs {
+    /// Test destination: connected to, never reached when redirection works. Must be
+    /// routable in the namespace (connect() fails with "network unreachable" otherwise).
+    #[arg(long, value_name = "ADDR", env = "MESHINIT_VALIDATE_ADDR", default_value = "198.18.255.254:1404")]
+    pub validate_addr: std::net::SocketAddr,
+    /// How long to wait for the redirected connection
+    #[arg(long, value_name = "DURATION", env = "MESHINIT_VALIDATE_TIMEOUT", default_value = "5s")]
+    pub validate_timeout: humantime::Duration,
+    /// The unprivileged UID (and GID) the test connects as when started as root; must
+    /// not be the proxy's, whose traffic is exempt
+    #[arg(long, value_name = "UID", env = "MESHINIT_VALIDATE_UID", default_value_t = 65534)]
+    pub validate_uid: u32,
 }
 
 /// The settings, each readable from flag, env var or config file.

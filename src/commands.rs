@@ -1,4 +1,8 @@
-//! The subcommands: apply (the default), cleanup, show, check.
+//! The subcommands: apply (the default), cleanup, show, check, validate.
+//!
+//! The steps that change or read rules (`install`, `cleanup`, `drift`) print
+//! nothing on stdout, so the CNI plugin (`cni`), whose stdout is the protocol,
+//! reuses them.
 
 use std::process::ExitCode;
 
@@ -34,22 +38,29 @@ pub fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
     }
 
     if let Some(path) = &config.netns {
-        netns::enter(path).map_err(|err| {
-            if err.is_bad_input() {
-                Failure::BadInput(err.into())
-            } else {
-                Failure::Apply(err.into())
-            }
-        })?;
-        tracing::debug!(netns = %path.display(), "entered network namespace");
+        enter(path)?;
     }
 
     match command {
         Command::Cleanup => cleanup(config),
-        Command::Check => check(config, &ruleset),
-        // Show returned above; completions and man pages are handled in main.
+        Command::Check { repair } => check(config, &ruleset, repair),
+        Command::Validate(args) => crate::validate::run(config, &args),
+        // Show returned above; completions, man pages and cni are handled in main.
         _ => apply(config, &ruleset),
     }
+}
+
+/// Enters the namespace at `path`: a missing or wrong file is bad input.
+pub fn enter(path: &std::path::Path) -> Result<(), Failure> {
+    netns::enter(path).map_err(|err| {
+        if err.is_bad_input() {
+            Failure::BadInput(err.into())
+        } else {
+            Failure::Apply(err.into())
+        }
+    })?;
+    tracing::debug!(netns = %path.display(), "entered network namespace");
+    Ok(())
 }
 
 fn choose(config: &Config) -> Result<Box<dyn Backend>, backend::BackendError> {
@@ -70,6 +81,13 @@ fn apply(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
         print!("{}", backend.render(ruleset));
         return Ok(ExitCode::SUCCESS);
     }
+    install(config, ruleset)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Replaces our rules with `ruleset` in the current namespace (one transaction),
+/// then removes ours from any other backend. Prints nothing on stdout.
+pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
     let _lock = lock::acquire();
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
     backend
@@ -102,10 +120,11 @@ fn apply(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
             Err(err) => tracing::debug!("{} not checked: {err}", other.name()),
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
-fn cleanup(config: &Config) -> Result<ExitCode, Failure> {
+/// Removes our rules (every backend with `auto`). Prints on stdout only for a dry run.
+pub fn cleanup(config: &Config) -> Result<ExitCode, Failure> {
     // With auto, ours are removed from every backend that has them: cleanup
     // must not depend on guessing which backend an earlier run chose.
     let _lock = lock::acquire();
@@ -137,7 +156,9 @@ fn cleanup(config: &Config) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn check(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
+/// The backend `check` compares with, and how the installed rules differ from
+/// `ruleset` (empty when they are equal). Prints nothing on stdout.
+pub fn drift(config: &Config, ruleset: &Ruleset) -> Result<(&'static str, Vec<String>), Failure> {
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
     let mut differences = backend
         .diff(ruleset)
@@ -147,17 +168,37 @@ fn check(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
             differences.push(format!("stale rules of ours in {}", other.name()));
         }
     }
+    Ok((backend.name(), differences))
+}
+
+fn check(config: &Config, ruleset: &Ruleset, repair: bool) -> Result<ExitCode, Failure> {
+    let (backend, differences) = drift(config, ruleset)?;
     if differences.is_empty() {
-        println!("ok: installed rules match the expected ones ({})", backend.name());
+        println!("ok: installed rules match the expected ones ({backend})");
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "drift: installed rules differ from the expected ones ({}):",
-        backend.name()
-    );
+    println!("drift: installed rules differ from the expected ones ({backend}):");
     for difference in &differences {
         println!("  {difference}");
     }
     tracing::warn!(differences = differences.len(), "rules drifted");
-    Ok(ExitCode::from(1))
+    if !repair {
+        return Ok(ExitCode::from(1));
+    }
+    // A repair is a full apply: the same one-transaction replace as `apply`, so
+    // a probe that repairs never leaves a half-fixed ruleset. It is verified by
+    // reading the rules back, not assumed.
+    install(config, ruleset)?;
+    let (backend, left) = drift(config, ruleset)?;
+    if !left.is_empty() {
+        return Err(Failure::Apply(anyhow!(
+            "repair applied but the rules still differ ({backend}): {}",
+            left.join("; ")
+        )));
+    }
+    for difference in &differences {
+        tracing::info!(backend, repaired = %difference, "repaired drift");
+    }
+    println!("repaired: the expected rules are installed again ({backend})");
+    Ok(ExitCode::SUCCESS)
 }

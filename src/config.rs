@@ -84,6 +84,18 @@ impl Settings {
         ]
     }
 
+    /// The keys of the TOML file (and of the CNI network config): the flag names
+    /// in snake_case.
+    pub fn keys() -> Vec<String> {
+        let mut keys: Vec<String> = Settings::default()
+            .fields_mut()
+            .iter()
+            .map(|(flag, _)| flag.replace('-', "_"))
+            .collect();
+        keys.push("log_format".to_string());
+        keys
+    }
+
     /// Settings from `MESHINIT_<FLAG_IN_CAPS>` variables.
     pub fn from_env(env: &HashMap<String, String>) -> Settings {
         let mut settings = Settings::default();

@@ -5,17 +5,21 @@
 //! - `config`: flags > env > TOML file > defaults, validated into a `Config`.
 //! - `netns`: entering the target namespace.
 //! - `backend`: runners that apply a `meshinit_rules::Ruleset` (`backend/nft`).
-//! - `commands`: apply, cleanup, show, check.
+//! - `commands`: apply, cleanup, show, check (and `check --repair`).
+//! - `validate`: proving that redirection works (`meshinit validate`).
+//! - `cni`: the chained CNI plugin (`meshinit cni`, or the binary run as `meshinit-cni`).
 //! - `lock`: one run at a time changes rules.
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
 mod backend;
 mod cli;
+mod cni;
 mod commands;
 mod config;
 mod lock;
 mod netns;
+mod validate;
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -28,6 +32,14 @@ use crate::commands::Failure;
 use crate::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
+    // Run as `meshinit-cni` (the name a conflist's "type" gives, usually a
+    // symlink), the binary is the CNI plugin: runtimes pass no arguments, only
+    // CNI_* variables and stdin. Otherwise the subcommand decides; a set
+    // CNI_COMMAND alone never switches modes, so a leaked variable cannot turn
+    // `meshinit apply` into something else.
+    if cni::invoked_as_plugin(std::env::args_os().next().as_deref()) {
+        return run_cni();
+    }
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Completions { shell }) => {
@@ -42,6 +54,7 @@ fn main() -> ExitCode {
                 Err(_) => ExitCode::from(1),
             };
         }
+        Some(Command::Cni) => return run_cni(),
         _ => {}
     }
     let env: HashMap<String, String> = std::env::vars().collect();
@@ -57,7 +70,7 @@ fn main() -> ExitCode {
     init_logging(if json { LogFormat::Json } else { LogFormat::Plain });
 
     let outcome = load(&cli, &env).and_then(|config| {
-        commands::run(cli.command.unwrap_or(Command::Apply), &config)
+        commands::run(cli.command.clone().unwrap_or(Command::Apply), &config)
     });
     match outcome {
         Ok(code) => code,
@@ -71,6 +84,16 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The CNI plugin: settings come from the network config on stdin, not from
+/// flags or `MESHINIT_*` variables; only the log format and level are read from
+/// the environment. stdout carries the protocol, logs go to stderr.
+fn run_cni() -> ExitCode {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let json = env.get("MESHINIT_LOG_FORMAT").map(String::as_str) == Some("json");
+    init_logging(if json { LogFormat::Json } else { LogFormat::Plain });
+    cni::main(&env, std::io::stdin().lock())
 }
 
 fn load(cli: &Cli, env: &HashMap<String, String>) -> Result<Config, Failure> {

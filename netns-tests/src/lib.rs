@@ -32,6 +32,7 @@
 
 mod backend;
 mod bins;
+pub mod cni;
 pub mod mesh;
 mod netns;
 mod nft;

@@ -1,0 +1,451 @@
+//! `meshinit cni`: a chained CNI plugin (spec 1.0.0; 0.3.x and 0.4.0 accepted).
+//!
+//! The runtime runs the plugins of a conflist in order; meshinit comes after
+//! the one that creates the pod's interface. The protocol is environment
+//! variables (`CNI_COMMAND`, `CNI_CONTAINERID`, `CNI_NETNS`, `CNI_IFNAME`,
+//! `CNI_ARGS`, `CNI_PATH`), the network configuration on stdin, and the result
+//! or an error object on stdout, so meshinit writes nothing else there: logs
+//! go to stderr.
+//!
+//! - ADD applies the rules inside `CNI_NETNS` and returns `prevResult`
+//!   unchanged (we add no interface or address).
+//! - DEL removes them, and succeeds when the namespace is already gone.
+//! - CHECK compares the installed rules with the expected ones.
+//! - VERSION lists [`netconf::SUPPORTED_VERSIONS`].
+//!
+//! Everything is parsed and validated before the namespace is entered, so a
+//! malformed configuration changes nothing.
+
+mod netconf;
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use meshinit_rules::Ruleset;
+use serde_json::json;
+use thiserror::Error;
+
+use crate::commands::{self, Failure};
+use netconf::{NetConf, Pod, SUPPORTED_VERSIONS};
+
+/// The name under which the binary acts as the plugin without a subcommand
+/// (a conflist's `"type"` names a file in CNI_PATH; a symlink to `meshinit`).
+pub const PLUGIN_NAME: &str = "meshinit-cni";
+
+/// A failure, reported as the spec's error object. Codes 1-11 are the spec's;
+/// 100 and up are meshinit's own.
+#[derive(Debug, Error)]
+pub enum CniError {
+    #[error("incompatible CNI version {version:?}")]
+    IncompatibleVersion { version: String },
+    #[error("unsupported field {key:?} in the network configuration")]
+    UnsupportedField { key: String, value: String },
+    #[error("invalid environment variable {name}")]
+    BadEnv { name: &'static str, problem: String },
+    #[error("cannot read the network configuration from stdin")]
+    Stdin { source: io::Error },
+    #[error("cannot read the annotations file {path}")]
+    AnnotationsFile { path: PathBuf, source: io::Error },
+    #[error("cannot decode {what}")]
+    Decode { what: &'static str, message: String },
+    #[error("invalid network configuration")]
+    InvalidConfig { message: String },
+    #[error("meshinit could not change the pod's rules")]
+    Rules { message: String },
+    #[error("meshinit's rules in the pod differ from the expected ones")]
+    Drift { differences: Vec<String> },
+}
+
+impl CniError {
+    /// The spec's error code.
+    pub fn code(&self) -> u32 {
+        match self {
+            CniError::IncompatibleVersion { .. } => 1,
+            CniError::UnsupportedField { .. } => 2,
+            CniError::BadEnv { .. } => 4,
+            CniError::Stdin { .. } => 5,
+            CniError::AnnotationsFile { source, .. } if netconf::is_transient(source) => 11,
+            CniError::AnnotationsFile { .. } => 5,
+            CniError::Decode { .. } => 6,
+            CniError::InvalidConfig { .. } => 7,
+            CniError::Rules { .. } => 100,
+            CniError::Drift { .. } => 101,
+        }
+    }
+
+    /// The error's specifics, for the `details` field.
+    pub fn details(&self) -> String {
+        match self {
+            CniError::IncompatibleVersion { .. } => {
+                format!("supported versions: {}", SUPPORTED_VERSIONS.join(", "))
+            }
+            CniError::UnsupportedField { key, value } => format!(
+                "{key} = {value}: not a meshinit setting (keys are the TOML config's, e.g. outbound_ports_to_ignore; netns and dry_run are decided by CNI)"
+            ),
+            CniError::BadEnv { name, problem } => format!("{name}: {problem}"),
+            CniError::Stdin { source } => source.to_string(),
+            CniError::AnnotationsFile { source, .. } => source.to_string(),
+            CniError::Decode { message, .. }
+            | CniError::InvalidConfig { message }
+            | CniError::Rules { message } => message.clone(),
+            CniError::Drift { differences } => differences.join("; "),
+        }
+    }
+
+    /// Errors in the input, as opposed to failures while changing rules: they
+    /// exit 2 like the CLI's bad input, the others 1.
+    fn is_bad_input(&self) -> bool {
+        matches!(self.code(), 1 | 2 | 4 | 6 | 7)
+    }
+}
+
+/// Runs one plugin invocation and returns the process's exit code.
+pub fn main(env: &HashMap<String, String>, stdin: impl Read) -> ExitCode {
+    let mut input = Vec::new();
+    let (version, outcome) = match invocation(env, stdin, &mut input) {
+        Ok(output) => (None, Ok(output)),
+        Err(err) => (netconf::version_of(&input), Err(err)),
+    };
+    match outcome {
+        Ok(Some(output)) => {
+            println!("{output}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(code = err.code(), "{err}: {}", err.details());
+            let version = version
+                .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+                .unwrap_or_else(|| "1.0.0".to_string());
+            println!(
+                "{}",
+                json!({
+                    "cniVersion": version,
+                    "code": err.code(),
+                    "msg": err.to_string(),
+                    "details": err.details(),
+                })
+            );
+            ExitCode::from(if err.is_bad_input() { 2 } else { 1 })
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Add,
+    Del,
+    Check,
+}
+
+/// The invocation: what to print on success (`None` for nothing).
+fn invocation(
+    env: &HashMap<String, String>,
+    mut stdin: impl Read,
+    input: &mut Vec<u8>,
+) -> Result<Option<String>, CniError> {
+    let verb = match env.get("CNI_COMMAND").map(String::as_str) {
+        Some("VERSION") => {
+            return Ok(Some(
+                json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
+            ))
+        }
+        Some("ADD") => Verb::Add,
+        Some("DEL") => Verb::Del,
+        Some("CHECK") => Verb::Check,
+        Some(other) => {
+            return Err(CniError::BadEnv {
+                name: "CNI_COMMAND",
+                problem: format!("{other:?} is not ADD, DEL, CHECK or VERSION"),
+            })
+        }
+        None => {
+            return Err(CniError::BadEnv {
+                name: "CNI_COMMAND",
+                problem: "not set (meshinit cni is run by a container runtime)".to_string(),
+            })
+        }
+    };
+    stdin
+        .read_to_end(input)
+        .map_err(|source| CniError::Stdin { source })?;
+    let conf = netconf::parse(input)?;
+    if verb == Verb::Check && conf.cni_version.starts_with("0.3.") {
+        // CHECK was introduced in 0.4.0; a 0.3.x runtime never sends it.
+        return Err(CniError::IncompatibleVersion {
+            version: conf.cni_version,
+        });
+    }
+    let container = required(env, "CNI_CONTAINERID")?;
+    required(env, "CNI_IFNAME")?;
+    let netns = env
+        .get("CNI_NETNS")
+        .filter(|n| !n.is_empty())
+        .map(PathBuf::from);
+    if netns.is_none() && verb != Verb::Del {
+        return Err(CniError::BadEnv {
+            name: "CNI_NETNS",
+            problem: "not set; ADD and CHECK need the pod's namespace".to_string(),
+        });
+    }
+    let args = cni_args(env.get("CNI_ARGS").map(String::as_str).unwrap_or(""))?;
+    let (namespace, pod) = (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME"));
+
+    if verb == Verb::Add && conf.prev_result.is_none() {
+        return Err(CniError::InvalidConfig {
+            message: "no prevResult: meshinit is a chained plugin and must follow the plugin that creates the pod's interface".to_string(),
+        });
+    }
+    let annotations = pod_annotations(&conf, namespace, pod)?;
+    let pod_settings = netconf::for_pod(
+        conf.settings.clone(),
+        pod.map(String::as_str),
+        namespace.map(String::as_str),
+        &conf.exclude_namespaces,
+        annotations.as_ref(),
+    );
+    let settings = match pod_settings {
+        Pod::Meshed(settings) => *settings,
+        Pod::Excluded(why) => {
+            tracing::info!(container, "no rules: {why}");
+            return Ok(output(verb, &conf));
+        }
+    };
+    let config = netconf::resolve(settings)?;
+    let ruleset = Ruleset::from(&config.spec);
+
+    let Some(netns) = netns else {
+        tracing::info!(container, "DEL without a namespace: nothing to remove");
+        return Ok(None);
+    };
+    match commands::enter(&netns) {
+        Ok(()) => {}
+        // The runtime may call DEL more than once, and after the namespace is gone.
+        Err(Failure::BadInput(err)) if verb == Verb::Del => {
+            tracing::info!(container, "namespace gone, nothing to remove: {err:#}");
+            return Ok(None);
+        }
+        Err(Failure::BadInput(err)) => {
+            return Err(CniError::BadEnv {
+                name: "CNI_NETNS",
+                problem: format!("{err:#}"),
+            })
+        }
+        Err(Failure::Apply(err)) => return Err(rules_error(err)),
+    }
+    let netns = netns.display().to_string();
+    match verb {
+        Verb::Add => {
+            commands::install(&config, &ruleset).map_err(failure)?;
+            tracing::info!(container, netns, "rules applied");
+        }
+        Verb::Del => {
+            commands::cleanup(&config).map_err(failure)?;
+            tracing::info!(container, netns, "rules removed");
+        }
+        Verb::Check => {
+            let (backend, differences) = commands::drift(&config, &ruleset).map_err(failure)?;
+            if !differences.is_empty() {
+                return Err(CniError::Drift { differences });
+            }
+            tracing::info!(container, netns, backend, "rules as expected");
+        }
+    }
+    Ok(output(verb, &conf))
+}
+
+/// ADD prints the previous result unchanged; DEL and CHECK print nothing.
+fn output(verb: Verb, conf: &NetConf) -> Option<String> {
+    match (verb, &conf.prev_result) {
+        (Verb::Add, Some(result)) => Some(result.to_string()),
+        _ => None,
+    }
+}
+
+fn required<'a>(env: &'a HashMap<String, String>, name: &'static str) -> Result<&'a str, CniError> {
+    env.get(name)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+        .ok_or(CniError::BadEnv {
+            name,
+            problem: "not set".to_string(),
+        })
+}
+
+/// `CNI_ARGS`: `K=V` pairs separated by `;` (Kubernetes sets
+/// `K8S_POD_NAMESPACE`, `K8S_POD_NAME`, ...).
+fn cni_args(text: &str) -> Result<HashMap<String, String>, CniError> {
+    text.split(';')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) => Ok((key.to_string(), value.to_string())),
+            None => Err(CniError::BadEnv {
+                name: "CNI_ARGS",
+                problem: format!("{pair:?} is not KEY=VALUE"),
+            }),
+        })
+        .collect()
+}
+
+/// The pod's annotations: the file's entry when a file is configured, else the
+/// inline map's.
+fn pod_annotations(
+    conf: &NetConf,
+    namespace: Option<&String>,
+    pod: Option<&String>,
+) -> Result<Option<std::collections::BTreeMap<String, String>>, CniError> {
+    let (Some(namespace), Some(pod)) = (namespace, pod) else {
+        return Ok(None);
+    };
+    let key = format!("{namespace}/{pod}");
+    if let Some(path) = &conf.annotations_file {
+        let mut all = netconf::read_annotations_file(path)?;
+        if let Some(found) = all.remove(&key) {
+            return Ok(Some(found));
+        }
+    }
+    Ok(conf.annotations.get(&key).cloned())
+}
+
+fn rules_error(err: anyhow::Error) -> CniError {
+    CniError::Rules {
+        message: format!("{err:#}"),
+    }
+}
+
+fn failure(failure: Failure) -> CniError {
+    match failure {
+        Failure::BadInput(err) => CniError::InvalidConfig {
+            message: format!("{err:#}"),
+        },
+        Failure::Apply(err) => rules_error(err),
+    }
+}
+
+/// True when `argv0` names the plugin (`…/meshinit-cni`).
+pub fn invoked_as_plugin(argv0: Option<&std::ffi::OsStr>) -> bool {
+    argv0
+        .and_then(|arg| Path::new(arg).file_name())
+        .is_some_and(|name| name == PLUGIN_NAME)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn run(pairs: &[(&str, &str)], stdin: &str) -> Result<Option<String>, CniError> {
+        invocation(&env(pairs), stdin.as_bytes(), &mut Vec::new())
+    }
+
+    #[test]
+    fn version_needs_no_config() {
+        let out = run(&[("CNI_COMMAND", "VERSION")], "").unwrap().unwrap();
+        let value: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(value["cniVersion"], "1.0.0");
+        assert!(value["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("1.0.0")));
+    }
+
+    #[test]
+    fn missing_or_unknown_variables_are_code_4() {
+        let conf = r#"{"cniVersion":"1.0.0","name":"n","type":"meshinit-cni","prevResult":{}}"#;
+        assert_eq!(run(&[], conf).unwrap_err().code(), 4);
+        assert_eq!(run(&[("CNI_COMMAND", "GC")], conf).unwrap_err().code(), 4);
+        let err = run(
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", "/x"),
+            ],
+            conf,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CniError::BadEnv {
+                    name: "CNI_CONTAINERID",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = run(
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "c"),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            conf,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CniError::BadEnv {
+                    name: "CNI_NETNS",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn add_without_prev_result_is_refused() {
+        let conf = r#"{"cniVersion":"1.0.0","name":"n","type":"meshinit-cni"}"#;
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/nonexistent"),
+        ];
+        assert_eq!(run(&vars, conf).unwrap_err().code(), 7);
+    }
+
+    #[test]
+    fn del_without_namespace_succeeds_silently() {
+        let conf = r#"{"cniVersion":"1.0.0","name":"n","type":"meshinit-cni"}"#;
+        let vars = [
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        assert_eq!(run(&vars, conf).unwrap(), None);
+        let gone = [
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/nonexistent/netns"),
+        ];
+        assert_eq!(run(&gone, conf).unwrap(), None);
+    }
+
+    #[test]
+    fn cni_args_parse_and_refuse_garbage() {
+        let args = cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p").unwrap();
+        assert_eq!(args["K8S_POD_NAME"], "p");
+        assert_eq!(cni_args("oops").unwrap_err().code(), 4);
+    }
+
+    #[test]
+    fn plugin_name_is_recognised_by_basename() {
+        assert!(invoked_as_plugin(Some(
+            "/opt/cni/bin/meshinit-cni".as_ref()
+        )));
+        assert!(!invoked_as_plugin(Some("/usr/local/bin/meshinit".as_ref())));
+        assert!(!invoked_as_plugin(None));
+    }
+}
