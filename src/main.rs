@@ -1,25 +1,6 @@
-//! meshinit: installs the redirect rules that send a pod's TCP through its
-//! sidecar proxy.
-//!
-//! - `cli`: flags (clap), one `Option<String>` per setting.
-//! - `config`: flags > env > TOML file > defaults, validated into a `Config`.
-//! - `netns`: entering the target namespace.
-//! - `backend`: runners that apply a `meshinit_rules::Ruleset` (`backend/nft`).
-//! - `commands`: apply, cleanup, show, check (and `check --repair`).
-//! - `validate`: proving that redirection works (`meshinit validate`).
-//! - `cni`: the chained CNI plugin (`meshinit cni`, or the binary run as `meshinit-cni`).
-//! - `lock`: one run at a time changes rules.
+//! The `meshinit` binary: parse, log, run (see the library for the layout).
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
-
-mod backend;
-mod cli;
-mod cni;
-mod commands;
-mod config;
-mod lock;
-mod netns;
-mod validate;
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -27,9 +8,10 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use crate::cli::{Cli, Command};
-use crate::commands::Failure;
-use crate::config::{Config, LogFormat};
+use meshinit::cli::{Cli, Command};
+use meshinit::{cni, commands};
+use meshinit::commands::Failure;
+use meshinit::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
     // Run as `meshinit-cni` (the name a conflist's "type" gives, usually a
