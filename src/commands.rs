@@ -12,6 +12,7 @@ use meshinit_rules::Ruleset;
 use crate::backend::{self, Backend, Nft};
 use crate::cli::Command;
 use crate::config::{BackendChoice, Config};
+use crate::caps::{self, Cap};
 use crate::{lock, netns};
 
 /// How a command failed, which decides the exit code.
@@ -63,6 +64,22 @@ pub fn enter(path: &std::path::Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Refuses to start without the capabilities the work needs, naming them,
+/// instead of failing later on an nft or iptables error.
+fn require(needed: &[Cap], what: &str) -> Result<(), Failure> {
+    caps::require(needed, what).map_err(|message| Failure::Apply(anyhow!(message)))
+}
+
+/// The iptables-legacy tools also need CAP_NET_RAW (they reach x_tables
+/// through a raw socket); nft and iptables-nft need only CAP_NET_ADMIN.
+fn require_for(backend: &dyn Backend, what: &str) -> Result<(), Failure> {
+    if backend.name() == "iptables-legacy" {
+        require(&[Cap::NetAdmin, Cap::NetRaw], what)
+    } else {
+        Ok(())
+    }
+}
+
 fn choose(config: &Config) -> Result<Box<dyn Backend>, backend::BackendError> {
     match backend::named(config.backend) {
         Some(backend) => Ok(backend),
@@ -88,8 +105,10 @@ fn apply(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
 /// Replaces our rules with `ruleset` in the current namespace (one transaction),
 /// then removes ours from any other backend. Prints nothing on stdout.
 pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
+    require(&[Cap::NetAdmin], "applying rules")?;
     let _lock = lock::acquire();
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
+    require_for(backend.as_ref(), "applying rules")?;
     backend
         .apply(ruleset)
         .map_err(|err| apply_failure(err, "apply failed; the previous ruleset is intact"))?;
@@ -127,6 +146,7 @@ pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
 pub fn cleanup(config: &Config) -> Result<ExitCode, Failure> {
     // With auto, ours are removed from every backend that has them: cleanup
     // must not depend on guessing which backend an earlier run chose.
+    require(&[Cap::NetAdmin], "removing rules")?;
     let _lock = lock::acquire();
     let backends = match backend::named(config.backend) {
         Some(backend) => vec![backend],
@@ -159,7 +179,9 @@ pub fn cleanup(config: &Config) -> Result<ExitCode, Failure> {
 /// The backend `check` compares with, and how the installed rules differ from
 /// `ruleset` (empty when they are equal). Prints nothing on stdout.
 pub fn drift(config: &Config, ruleset: &Ruleset) -> Result<(&'static str, Vec<String>), Failure> {
+    require(&[Cap::NetAdmin], "reading rules")?;
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
+    require_for(backend.as_ref(), "reading rules")?;
     let mut differences = backend
         .diff(ruleset)
         .map_err(|err| apply_failure(err, "check failed"))?;

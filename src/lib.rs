@@ -10,10 +10,12 @@
 //! - `validate`: proving that redirection works (`meshinit validate`).
 //! - `cni`: the chained CNI plugin (`meshinit cni`, or the binary run as `meshinit-cni`).
 //! - `lock`: one run at a time changes rules.
+//! - `caps`: the capabilities meshinit needs, checked at start-up.
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
 mod backend;
+mod caps;
 pub mod cli;
 pub mod cni;
 pub mod commands;
