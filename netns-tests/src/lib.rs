@@ -18,6 +18,7 @@
 //! - `nft`: reading back a namespace's ruleset.
 //! - `backend`: [`Backend`], meshinit's three backends ([`for_each_backend!`] runs a test
 //!   once per backend), and reading back what each holds ([`Netns::firewall`]).
+//! - `fault`: [`fault::FaultyTools`], failing or killed stand-ins for nft/iptables tools.
 //! - `bins`: where the binaries under test are (`meshinit`, `meshproxy`, `netns-probe`) and
 //!   running `meshinit` in a namespace.
 //! - `proxy`: [`MeshProxy`], the real `meshproxy` started in a namespace as the proxy uid
@@ -33,6 +34,7 @@
 mod backend;
 mod bins;
 pub mod cni;
+pub mod fault;
 pub mod mesh;
 mod netns;
 mod nft;

@@ -3,10 +3,9 @@
 //! another backend drift, and an iptables apply whose IPv6 half fails rolls the IPv4 half back.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 
-use netns_tests::{meshinit_bin, Backend, Family, Pods, Run};
+use netns_tests::fault::{self, FaultyTools};
+use netns_tests::{Backend, Family, Pods};
 
 const OUT_PROXY: &str = "pod proxy :4140";
 const IN_PROXY: &str = "pod proxy :4143";
@@ -225,41 +224,6 @@ fn check_reports_stale_rules_of_ours_in_another_backend() {
     }
 }
 
-/// A directory holding `ip6tables-{nft,legacy}-restore` scripts that fail, put first in
-/// meshinit's PATH so that only the IPv6 restore fails; removed on `Drop`.
-struct FailingIp6Restore {
-    dir: PathBuf,
-}
-
-impl FailingIp6Restore {
-    fn new(test: &str) -> FailingIp6Restore {
-        let dir = std::env::temp_dir().join(format!("netns-tests-{}-{test}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for tool in ["ip6tables-legacy-restore", "ip6tables-nft-restore"] {
-            let path = dir.join(tool);
-            std::fs::write(&path, "#!/bin/sh\necho \"injected failure\" >&2\nexit 1\n").unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        FailingIp6Restore { dir }
-    }
-
-    /// `meshinit ARGS…` in the pod, with the failing scripts first in its PATH.
-    fn meshinit(&self, pods: &Pods, args: &[&str]) -> Run {
-        let path = std::env::var("PATH").unwrap_or_default();
-        let mut cmd = pods.pod.command("env");
-        cmd.arg(format!("PATH={}:{path}", self.dir.display()))
-            .arg(meshinit_bin())
-            .args(args);
-        Run::of(&mut cmd)
-    }
-}
-
-impl Drop for FailingIp6Restore {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// The nat tables of `backend`, both families, as `*-save -t nat` prints them (normalised).
 fn nat_tables(pods: &Pods, backend: Backend) -> Vec<String> {
     Family::ALL
@@ -273,7 +237,11 @@ fn nat_tables(pods: &Pods, backend: Backend) -> Vec<String> {
 /// ruleset of the same backend, or the older ruleset of another backend (a failed switch
 /// removes nothing), which still work.
 fn ipv6_failure_rolls_back_ipv4(backend: Backend) {
-    let failing = FailingIp6Restore::new(&format!("ip6-restore-fails-{}", backend.name()));
+    let failing = FaultyTools::new(
+        &format!("ip6-restore-fails-{}", backend.name()),
+        &["ip6tables-legacy-restore", "ip6tables-nft-restore"],
+        fault::FAILS,
+    );
     let older = "--outbound-ports-to-ignore=5555";
     let newer = [
         "--outbound-ports-to-ignore=6666",
@@ -287,7 +255,7 @@ fn ipv6_failure_rolls_back_ipv4(backend: Backend) {
         }
         let before = (nat_tables(&pods, backend), pods.pod.meshinit_table());
         let flag = backend.flag();
-        let run = failing.meshinit(&pods, &[&["apply", &flag][..], &newer].concat());
+        let run = failing.meshinit(&pods.pod, &[&["apply", &flag][..], &newer].concat());
         assert_eq!(
             run.code,
             Some(1),
