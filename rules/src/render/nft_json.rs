@@ -17,8 +17,8 @@ use nftables::schema::{
 use nftables::stmt::{Match as NftMatch, Operator, Return, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
-use super::nft_chain;
-use crate::ruleset::{Action, Direction, Family, Match, Ruleset, Side};
+use super::{nft_address, nft_chain};
+use crate::ruleset::{Action, Direction, Family, Match, Ruleset};
 use crate::ports::PortSet;
 
 /// Our one table, `inet meshinit`: both families in one place.
@@ -212,14 +212,7 @@ fn matches(when: &Match) -> Vec<Statement<'static>> {
         Match::Subnets {
             set, side, family, ..
         } => {
-            let protocol = match family {
-                Family::V4 => "ip",
-                Family::V6 => "ip6",
-            };
-            let field = match side {
-                Side::Source => "saddr",
-                Side::Destination => "daddr",
-            };
+            let (protocol, field) = nft_address(*family, *side);
             eq(payload(protocol, field), set_ref(set))
         }
         Match::Uid(uid) => eq(meta(MetaKey::Skuid), Expression::Number(*uid)),

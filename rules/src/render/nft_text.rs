@@ -7,9 +7,9 @@ use std::fmt::Write;
 
 use ipnet::IpNet;
 
-use super::nft_chain;
+use super::{nft_address, nft_chain};
 use super::nft_json::TABLE;
-use crate::ruleset::{Action, Direction, Family, Match, Ruleset, Side};
+use crate::ruleset::{Action, Direction, Family, Match, Ruleset};
 
 /// Renders the whole table.
 pub fn render(ruleset: &Ruleset) -> String {
@@ -92,14 +92,7 @@ fn match_text(when: &Match) -> String {
         Match::Subnets {
             set, side, family, ..
         } => {
-            let protocol = match family {
-                Family::V4 => "ip",
-                Family::V6 => "ip6",
-            };
-            let field = match side {
-                Side::Source => "saddr",
-                Side::Destination => "daddr",
-            };
+            let (protocol, field) = nft_address(*family, *side);
             format!("{protocol} {field} @{set}")
         }
         Match::Uid(uid) => format!("meta skuid {uid}"),
