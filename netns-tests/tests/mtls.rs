@@ -15,8 +15,10 @@ use netns_tests::{Family, MeshProxy, Pods, ACCEPT_TIMEOUT};
 
 /// No stall anywhere on the path: 6379 is opaque on both proxies, so neither waits for
 /// bytes to detect a protocol (a stall would show as the 10 s detect timeout). The bound
-/// includes starting `redis-cli` through `ip netns exec`.
-const NO_DELAY: Duration = Duration::from_millis(500);
+/// includes starting `redis-cli` through `ip netns exec` and a first mTLS handshake in
+/// a debug build, on a 2-core CI machine running other tests at the same time (571 ms
+/// was seen there), so it is far from the stall but not tight.
+const NO_DELAY: Duration = Duration::from_secs(2);
 
 /// How long a counter may take to show what a client just saw.
 const METRIC_TIMEOUT: Duration = Duration::from_secs(5);
