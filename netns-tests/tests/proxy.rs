@@ -147,8 +147,9 @@ fn server_speaks_first_waits_for_the_detect_timeout_except_on_opaque_ports() {
         let to = SocketAddr::new(family.peer(), MYSQL);
         let detected_before = proxy.metrics().sum("detect_results_total", &[]);
         let timing = server_speaks_first(&pods, family, MYSQL);
+        // Well under the 1 s timeout, with room for a loaded 2-core CI machine.
         assert!(
-            timing.greeting < Duration::from_millis(300),
+            timing.greeting < Duration::from_millis(700),
             "{to} is opaque: the greeting took {:?}, expected it at once",
             timing.greeting,
         );

@@ -250,7 +250,8 @@ async fn server_speaks_first_is_delayed_by_detection_but_not_on_opaque_ports() {
     });
     let proxy = start(opaque, target).await;
     let waited = time_to_greeting(proxy.outbound()).await;
-    assert!(waited < Duration::from_millis(100), "{waited:?}");
+    // Half the 1 s detect timeout: "at once", with room for a loaded CI machine.
+    assert!(waited < Duration::from_millis(500), "{waited:?}");
     let (_, m) = get(proxy.addrs.admin, "/metrics").await;
     assert_eq!(
         sample(&m, "detect_duration_seconds_count"),
