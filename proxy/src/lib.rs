@@ -60,3 +60,10 @@ pub use crate::orig_dst::{original_dst, OrigDstError};
 pub use crate::server::{run, BoundAddrs, Proxy, ServerError};
 pub use crate::tls::{identity_of, provider, HandshakeFailure, TlsError};
 pub use crate::transport_header::{HeaderError, SessionProtocol, TransportHeader};
+
+/// Internals the fuzz targets in `fuzz/` (and the corpus replay test) call directly:
+/// the pure classifier behind [`detect`], which holds the ClientHello parser. Not API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::detect::classify;
+}
