@@ -27,6 +27,23 @@ pub struct Iptables {
     pub flavor: Flavor,
 }
 
+/// What tables of a flavour may exist, per [`Iptables::may_have_tables`].
+struct Tables {
+    /// Any table at all, of either family.
+    any: bool,
+    /// A nat table, IPv4 and IPv6.
+    nat: [bool; 2],
+}
+
+impl Tables {
+    fn has_nat(&self, family: Family) -> bool {
+        match family {
+            Family::V4 => self.nat[0],
+            Family::V6 => self.nat[1],
+        }
+    }
+}
+
 const HINT: &str = "install the iptables package";
 
 impl Iptables {
@@ -94,32 +111,33 @@ impl Iptables {
     /// namespace; absent when the module is not loaded). iptables-nft tables
     /// are nf_tables tables of family `ip` / `ip6`; when `nft` cannot tell, we
     /// assume they may exist.
-    fn may_have_tables(&self, family: Option<Family>) -> bool {
-        let families = match family {
-            Some(family) => vec![family],
-            None => vec![Family::V4, Family::V6],
-        };
+    fn may_have_tables(&self) -> Tables {
         match self.flavor {
-            Flavor::Legacy => families.iter().any(|f| {
-                let path = match f {
-                    Family::V4 => "/proc/net/ip_tables_names",
-                    Family::V6 => "/proc/net/ip6_tables_names",
-                };
-                let names = std::fs::read_to_string(path).unwrap_or_default();
-                match family {
-                    Some(_) => names.lines().any(|name| name.trim() == "nat"),
-                    None => !names.trim().is_empty(),
+            Flavor::Legacy => {
+                let names = |path| std::fs::read_to_string(path).unwrap_or_default();
+                let (v4, v6) = (
+                    names("/proc/net/ip_tables_names"),
+                    names("/proc/net/ip6_tables_names"),
+                );
+                let nat = |names: &str| names.lines().any(|name| name.trim() == "nat");
+                Tables {
+                    any: !v4.trim().is_empty() || !v6.trim().is_empty(),
+                    nat: [nat(&v4), nat(&v6)],
                 }
-            }),
+            }
             Flavor::Nft => match run("nft", &["list", "tables"], None, super::nft::HINT) {
-                Ok(tables) => tables.lines().any(|line| {
-                    let line = line.trim();
-                    families.iter().any(|f| match f {
-                        Family::V4 => line.starts_with("table ip "),
-                        Family::V6 => line.starts_with("table ip6 "),
-                    })
-                }),
-                Err(_) => true,
+                Ok(tables) => {
+                    let has = |prefix: &str| tables.lines().any(|l| l.trim().starts_with(prefix));
+                    let (v4, v6) = (has("table ip "), has("table ip6 "));
+                    Tables {
+                        any: v4 || v6,
+                        nat: [v4, v6],
+                    }
+                }
+                Err(_) => Tables {
+                    any: true,
+                    nat: [true, true],
+                },
             },
         }
     }
@@ -127,7 +145,7 @@ impl Iptables {
     /// True when `*-save` of this flavour lists any rule at all, ours or
     /// anyone's, in any table of this namespace.
     pub fn has_any_rule(&self) -> Result<bool, BackendError> {
-        if !self.may_have_tables(None) {
+        if !self.may_have_tables().any {
             return Ok(false);
         }
         for family in [Family::V4, Family::V6] {
@@ -173,7 +191,7 @@ impl Backend for Iptables {
         // removed: they would keep redirecting IPv6 against the flags (the nft
         // backend gets the same result by replacing its table). A host without
         // ip6tables has none to remove.
-        if !ruleset.ipv6 && self.may_have_tables(Some(Family::V6)) {
+        if !ruleset.ipv6 && self.may_have_tables().has_nat(Family::V6) {
             if let Ok(before) = self.installed(Family::V6) {
                 if !before.is_empty() {
                     let document = before.cleanup_text();
@@ -193,8 +211,9 @@ impl Backend for Iptables {
     }
 
     fn cleanup(&self) -> Result<(), BackendError> {
+        let tables = self.may_have_tables();
         for family in [Family::V4, Family::V6] {
-            if !self.may_have_tables(Some(family)) {
+            if !tables.has_nat(family) {
                 continue;
             }
             let installed = self.installed(family)?;
@@ -217,7 +236,7 @@ impl Backend for Iptables {
             }
         }
         if !ruleset.ipv6
-            && self.may_have_tables(Some(Family::V6))
+            && self.may_have_tables().has_nat(Family::V6)
             && self.installed(Family::V6).is_ok_and(|v6| !v6.is_empty())
         {
             differences.push("IPv6: rules of ours are installed although --ipv6=false".to_string());
@@ -226,8 +245,9 @@ impl Backend for Iptables {
     }
 
     fn has_ours(&self) -> Result<bool, BackendError> {
+        let tables = self.may_have_tables();
         for family in [Family::V4, Family::V6] {
-            if self.may_have_tables(Some(family)) && !self.installed(family)?.is_empty() {
+            if tables.has_nat(family) && !self.installed(family)?.is_empty() {
                 return Ok(true);
             }
         }
