@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use meshproxy::{Config, LogFormat, ProxyArgs};
 
 /// Sidecar proxy for meshinit: forwards redirected TCP connections to their original
@@ -36,6 +36,13 @@ enum Command {
     /// Make a throwaway CA and identities for demos and tests (not for production).
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) generated from these flags.
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
@@ -64,6 +71,18 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Run(args)) => args,
         Some(Command::Identity(command)) => return identity(command),
+        Some(Command::Completions { shell }) => {
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "meshproxy", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man) => {
+            let page = clap_mangen::Man::new(Cli::command());
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(1),
+            };
+        }
         None => cli.proxy,
     };
     let env: HashMap<String, String> = std::env::vars().collect();
