@@ -91,10 +91,12 @@ pub(crate) fn run(
         // stderr below say why, so a write error here is not the story.
         let _ = pipe.write_all(input);
     }
-    let output = child.wait_with_output().map_err(|source| BackendError::Io {
-        command: command.clone(),
-        source,
-    })?;
+    let output = child
+        .wait_with_output()
+        .map_err(|source| BackendError::Io {
+            command: command.clone(),
+            source,
+        })?;
     if !output.status.success() {
         return Err(BackendError::Failed {
             command,
@@ -144,11 +146,16 @@ pub fn auto() -> Result<Box<dyn Backend>, BackendError> {
             return Ok(Box::new(legacy));
         }
         Ok(false) => tracing::debug!("auto: iptables-legacy holds no rules"),
-        Err(err) => tracing::info!("auto: cannot list iptables-legacy rules ({err}); skipping that check"),
+        Err(err) => {
+            tracing::info!("auto: cannot list iptables-legacy rules ({err}); skipping that check")
+        }
     }
     match run("nft", &["list", "tables"], None, nft::HINT) {
         Ok(_) => {
-            tracing::info!(backend = "nft", "auto: nft and the kernel's nf_tables work; using native nft");
+            tracing::info!(
+                backend = "nft",
+                "auto: nft and the kernel's nf_tables work; using native nft"
+            );
             return Ok(Box::new(Nft));
         }
         Err(err) => {

@@ -69,14 +69,29 @@ pub enum Command {
 pub struct ValidateArgs {
     /// Test destination: connected to, never reached when redirection works. Must be
     /// routable in the namespace (connect() fails with "network unreachable" otherwise).
-    #[arg(long, value_name = "ADDR", env = "MESHINIT_VALIDATE_ADDR", default_value = "198.18.255.254:1404")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "MESHINIT_VALIDATE_ADDR",
+        default_value = "198.18.255.254:1404"
+    )]
     pub validate_addr: std::net::SocketAddr,
     /// How long to wait for the redirected connection
-    #[arg(long, value_name = "DURATION", env = "MESHINIT_VALIDATE_TIMEOUT", default_value = "5s")]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "MESHINIT_VALIDATE_TIMEOUT",
+        default_value = "5s"
+    )]
     pub validate_timeout: humantime::Duration,
     /// The unprivileged UID (and GID) the test connects as when started as root; must
     /// not be the proxy's, whose traffic is exempt
-    #[arg(long, value_name = "UID", env = "MESHINIT_VALIDATE_UID", default_value_t = 65534)]
+    #[arg(
+        long,
+        value_name = "UID",
+        env = "MESHINIT_VALIDATE_UID",
+        default_value_t = 65534
+    )]
     pub validate_uid: u32,
 }
 
@@ -135,7 +150,12 @@ pub struct Settings {
     #[serde(default, deserialize_with = "setting")]
     pub backend: Option<String>,
     /// Alias of --backend iptables-legacy / iptables-nft (linkerd2-proxy-init compatibility)
-    #[arg(long, value_name = "legacy|nft", global = true, help_heading = "Backend")]
+    #[arg(
+        long,
+        value_name = "legacy|nft",
+        global = true,
+        help_heading = "Backend"
+    )]
     #[serde(default, deserialize_with = "setting")]
     pub iptables_mode: Option<String>,
     /// Also install IPv6 rules; --ipv6=false leaves IPv6 untouched [default: true]

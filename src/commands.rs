@@ -10,9 +10,9 @@ use anyhow::anyhow;
 use meshinit_rules::Ruleset;
 
 use crate::backend::{self, Backend, Nft};
+use crate::caps::{self, Cap};
 use crate::cli::Command;
 use crate::config::{BackendChoice, Config};
-use crate::caps::{self, Cap};
 use crate::{lock, netns};
 
 /// How a command failed, which decides the exit code.
@@ -126,9 +126,9 @@ pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
         }
         match other.has_ours() {
             Ok(true) => {
-                other
-                    .cleanup()
-                    .map_err(|err| apply_failure(err, "removing our rules from the previous backend failed"))?;
+                other.cleanup().map_err(|err| {
+                    apply_failure(err, "removing our rules from the previous backend failed")
+                })?;
                 tracing::info!(
                     removed_from = other.name(),
                     backend = backend.name(),

@@ -49,7 +49,10 @@ pub struct Config {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("--{flag}: {error}")]
-    Spec { flag: &'static str, error: SpecError },
+    Spec {
+        flag: &'static str,
+        error: SpecError,
+    },
     #[error("--{flag}: invalid value {input:?}: expected {expected}")]
     BadValue {
         flag: &'static str,
@@ -71,11 +74,20 @@ impl Settings {
             ("proxy-uid", &mut self.proxy_uid),
             ("proxy-gid", &mut self.proxy_gid),
             ("inbound-ports-to-ignore", &mut self.inbound_ports_to_ignore),
-            ("outbound-ports-to-ignore", &mut self.outbound_ports_to_ignore),
+            (
+                "outbound-ports-to-ignore",
+                &mut self.outbound_ports_to_ignore,
+            ),
             ("ports-to-redirect", &mut self.ports_to_redirect),
             ("subnets-to-ignore", &mut self.subnets_to_ignore),
-            ("inbound-subnets-to-ignore", &mut self.inbound_subnets_to_ignore),
-            ("outbound-subnets-to-ignore", &mut self.outbound_subnets_to_ignore),
+            (
+                "inbound-subnets-to-ignore",
+                &mut self.inbound_subnets_to_ignore,
+            ),
+            (
+                "outbound-subnets-to-ignore",
+                &mut self.outbound_subnets_to_ignore,
+            ),
             ("backend", &mut self.backend),
             ("iptables-mode", &mut self.iptables_mode),
             ("ipv6", &mut self.ipv6),
@@ -182,13 +194,19 @@ impl Config {
             proxy_gid: id(&s.proxy_gid, "proxy-gid")?,
             inbound_ports_to_ignore: ports(&s.inbound_ports_to_ignore, "inbound-ports-to-ignore")?
                 .unwrap_or(defaults.inbound_ports_to_ignore),
-            outbound_ports_to_ignore: ports(&s.outbound_ports_to_ignore, "outbound-ports-to-ignore")?
+            outbound_ports_to_ignore: ports(
+                &s.outbound_ports_to_ignore,
+                "outbound-ports-to-ignore",
+            )?
+            .unwrap_or_default(),
+            ports_to_redirect: ports(&s.ports_to_redirect, "ports-to-redirect")?
                 .unwrap_or_default(),
-            ports_to_redirect: ports(&s.ports_to_redirect, "ports-to-redirect")?.unwrap_or_default(),
-            inbound_subnets_to_ignore: subnets(&s.subnets_to_ignore, "subnets-to-ignore")?
-                .union(&subnets(&s.inbound_subnets_to_ignore, "inbound-subnets-to-ignore")?),
-            outbound_subnets_to_ignore: subnets(&s.subnets_to_ignore, "subnets-to-ignore")?
-                .union(&subnets(&s.outbound_subnets_to_ignore, "outbound-subnets-to-ignore")?),
+            inbound_subnets_to_ignore: subnets(&s.subnets_to_ignore, "subnets-to-ignore")?.union(
+                &subnets(&s.inbound_subnets_to_ignore, "inbound-subnets-to-ignore")?,
+            ),
+            outbound_subnets_to_ignore: subnets(&s.subnets_to_ignore, "subnets-to-ignore")?.union(
+                &subnets(&s.outbound_subnets_to_ignore, "outbound-subnets-to-ignore")?,
+            ),
             ipv6: boolean(&s.ipv6, "ipv6")?.unwrap_or(true),
         }
         .validate()
@@ -235,14 +253,20 @@ fn id(value: &Option<String>, flag: &'static str) -> Result<Option<u32>, ConfigE
 fn ports(value: &Option<String>, flag: &'static str) -> Result<Option<PortSet>, ConfigError> {
     value
         .as_deref()
-        .map(|text| text.parse().map_err(|error| ConfigError::Spec { flag, error }))
+        .map(|text| {
+            text.parse()
+                .map_err(|error| ConfigError::Spec { flag, error })
+        })
         .transpose()
 }
 
 fn subnets(value: &Option<String>, flag: &'static str) -> Result<SubnetList, ConfigError> {
     value
         .as_deref()
-        .map(|text| text.parse().map_err(|error| ConfigError::Spec { flag, error }))
+        .map(|text| {
+            text.parse()
+                .map_err(|error| ConfigError::Spec { flag, error })
+        })
         .transpose()
         .map(Option::unwrap_or_default)
 }
@@ -264,7 +288,11 @@ fn backend(backend: &Option<String>, mode: &Option<String>) -> Result<BackendCho
             "nft" => Ok(BackendChoice::Nft),
             "iptables-nft" => Ok(BackendChoice::IptablesNft),
             "iptables-legacy" => Ok(BackendChoice::IptablesLegacy),
-            _ => Err(bad("backend", name, "nft, iptables-nft, iptables-legacy or auto")),
+            _ => Err(bad(
+                "backend",
+                name,
+                "nft, iptables-nft, iptables-legacy or auto",
+            )),
         };
     }
     match mode.as_deref().map(str::trim) {

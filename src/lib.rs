@@ -23,4 +23,3 @@ pub mod config;
 mod lock;
 mod netns;
 mod validate;
-

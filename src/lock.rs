@@ -27,17 +27,26 @@ pub struct Lock {
 /// refusing would make meshinit unusable there, and nft itself stays atomic.
 pub fn acquire() -> Lock {
     let path = Path::new(PATH);
-    let file = match OpenOptions::new().create(true).truncate(false).write(true).open(path) {
+    let file = match OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+    {
         Ok(file) => file,
         Err(err) => {
-            tracing::warn!("cannot open {PATH} ({err}); concurrent meshinit runs are not serialised");
+            tracing::warn!(
+                "cannot open {PATH} ({err}); concurrent meshinit runs are not serialised"
+            );
             return Lock { _lock: None };
         }
     };
     match Flock::lock(file, FlockArg::LockExclusive) {
         Ok(lock) => Lock { _lock: Some(lock) },
         Err((_, errno)) => {
-            tracing::warn!("cannot lock {PATH} ({errno}); concurrent meshinit runs are not serialised");
+            tracing::warn!(
+                "cannot lock {PATH} ({errno}); concurrent meshinit runs are not serialised"
+            );
             Lock { _lock: None }
         }
     }

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 
 use meshinit::cli::{Cli, Command};
-use meshinit::{cni, commands};
 use meshinit::commands::Failure;
 use meshinit::config::{Config, LogFormat};
+use meshinit::{cni, commands};
 
 fn main() -> ExitCode {
     // Run as `meshinit-cni` (the name a conflist's "type" gives, usually a
@@ -49,11 +49,14 @@ fn main() -> ExitCode {
         .as_deref()
         .or(env.get("MESHINIT_LOG_FORMAT").map(String::as_str))
         == Some("json");
-    init_logging(if json { LogFormat::Json } else { LogFormat::Plain });
-
-    let outcome = load(&cli, &env).and_then(|config| {
-        commands::run(cli.command.clone().unwrap_or(Command::Apply), &config)
+    init_logging(if json {
+        LogFormat::Json
+    } else {
+        LogFormat::Plain
     });
+
+    let outcome = load(&cli, &env)
+        .and_then(|config| commands::run(cli.command.clone().unwrap_or(Command::Apply), &config));
     match outcome {
         Ok(code) => code,
         Err(Failure::BadInput(err)) => {
@@ -74,7 +77,11 @@ fn main() -> ExitCode {
 fn run_cni() -> ExitCode {
     let env: HashMap<String, String> = std::env::vars().collect();
     let json = env.get("MESHINIT_LOG_FORMAT").map(String::as_str) == Some("json");
-    init_logging(if json { LogFormat::Json } else { LogFormat::Plain });
+    init_logging(if json {
+        LogFormat::Json
+    } else {
+        LogFormat::Plain
+    });
     cni::main(&env, std::io::stdin().lock())
 }
 

@@ -17,7 +17,9 @@ use thiserror::Error;
 pub enum NetnsError {
     #[error("network namespace file {path} does not exist (expected /var/run/netns/NAME or /proc/PID/ns/net)")]
     Missing { path: PathBuf },
-    #[error("{path} is not a network namespace file (expected /var/run/netns/NAME or /proc/PID/ns/net)")]
+    #[error(
+        "{path} is not a network namespace file (expected /var/run/netns/NAME or /proc/PID/ns/net)"
+    )]
     NotNetns { path: PathBuf },
     #[error("cannot open network namespace {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
@@ -28,7 +30,10 @@ pub enum NetnsError {
 impl NetnsError {
     /// True when the error is the user's input rather than the system.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, NetnsError::Missing { .. } | NetnsError::NotNetns { .. })
+        matches!(
+            self,
+            NetnsError::Missing { .. } | NetnsError::NotNetns { .. }
+        )
     }
 }
 

@@ -22,7 +22,13 @@ fn stderr(output: &Output) -> String {
 
 #[test]
 fn show_prints_nft_text_with_sets_for_skip_lists() {
-    let out = meshinit(&["show", "--outbound-ports-to-ignore", "5555,9000-9010", "--proxy-gid", "7"]);
+    let out = meshinit(&[
+        "show",
+        "--outbound-ports-to-ignore",
+        "5555,9000-9010",
+        "--proxy-gid",
+        "7",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.starts_with("table inet meshinit {"), "{text}");
@@ -45,7 +51,13 @@ fn dry_run_and_simulate_print_and_need_no_nft() {
 
 #[test]
 fn show_with_iptables_mode_prints_restore_text() {
-    let out = meshinit(&["show", "--backend", "iptables-legacy", "--subnets-to-ignore", "198.18.0.0/24,fd00::/8"]);
+    let out = meshinit(&[
+        "show",
+        "--backend",
+        "iptables-legacy",
+        "--subnets-to-ignore",
+        "198.18.0.0/24,fd00::/8",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains(":MESHINIT_INBOUND - [0:0]"), "{text}");
@@ -60,10 +72,19 @@ fn bad_input_exits_2_naming_the_value() {
         (&["--outbound-ports-to-ignore", "70000"], "\"70000\""),
         (&["--inbound-ports-to-ignore", "9-3"], "\"9-3\""),
         (&["--ports-to-redirect", "abc"], "\"abc\""),
-        (&["--subnets-to-ignore", "198.18.0.0/33"], "\"198.18.0.0/33\""),
+        (
+            &["--subnets-to-ignore", "198.18.0.0/33"],
+            "\"198.18.0.0/33\"",
+        ),
         (&["--incoming-proxy-port", "4140"], "4140"),
-        (&["--netns", "/var/run/netns/meshinit-does-not-exist"], "meshinit-does-not-exist"),
-        (&["--config", "/nonexistent/meshinit.toml"], "/nonexistent/meshinit.toml"),
+        (
+            &["--netns", "/var/run/netns/meshinit-does-not-exist"],
+            "meshinit-does-not-exist",
+        ),
+        (
+            &["--config", "/nonexistent/meshinit.toml"],
+            "/nonexistent/meshinit.toml",
+        ),
     ];
     for (args, needle) in cases {
         let out = meshinit(args);
@@ -77,7 +98,11 @@ fn unknown_config_key_exits_2() {
     let dir = std::env::temp_dir().join(format!("meshinit-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.toml");
-    std::fs::write(&path, "outbound_ports_to_ignore = \"80\"\nskip_evrything = true\n").unwrap();
+    std::fs::write(
+        &path,
+        "outbound_ports_to_ignore = \"80\"\nskip_evrything = true\n",
+    )
+    .unwrap();
     let out = meshinit(&["--config", path.to_str().unwrap()]);
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -88,7 +113,11 @@ fn unknown_config_key_exits_2() {
 fn missing_nft_binary_exits_1_naming_it() {
     let out = meshinit(&["apply", "--backend", "nft"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("`nft` was not found"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`nft` was not found"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -98,7 +127,8 @@ fn json_logs_are_one_object_per_line() {
     let text = stderr(&out);
     assert!(!text.trim().is_empty());
     for line in text.lines() {
-        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
         assert!(value.is_object(), "{line}");
     }
 }
@@ -108,10 +138,23 @@ fn help_lists_every_flag_of_the_contract() {
     let out = meshinit(&["--help"]);
     let text = stdout(&out);
     for flag in [
-        "--incoming-proxy-port", "--outgoing-proxy-port", "--proxy-uid", "--proxy-gid",
-        "--inbound-ports-to-ignore", "--outbound-ports-to-ignore", "--ports-to-redirect",
-        "--subnets-to-ignore", "--inbound-subnets-to-ignore", "--outbound-subnets-to-ignore",
-        "--backend", "--iptables-mode", "--ipv6", "--netns", "--dry-run", "--config", "--log-format",
+        "--incoming-proxy-port",
+        "--outgoing-proxy-port",
+        "--proxy-uid",
+        "--proxy-gid",
+        "--inbound-ports-to-ignore",
+        "--outbound-ports-to-ignore",
+        "--ports-to-redirect",
+        "--subnets-to-ignore",
+        "--inbound-subnets-to-ignore",
+        "--outbound-subnets-to-ignore",
+        "--backend",
+        "--iptables-mode",
+        "--ipv6",
+        "--netns",
+        "--dry-run",
+        "--config",
+        "--log-format",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }

@@ -134,10 +134,13 @@ where
     };
     let mut total = 0;
     loop {
-        let n = from.read(&mut buf[..]).await.map_err(|source| DuplexError {
-            side: from_side,
-            source,
-        })?;
+        let n = from
+            .read(&mut buf[..])
+            .await
+            .map_err(|source| DuplexError {
+                side: from_side,
+                source,
+            })?;
         if n == 0 {
             to.shutdown().await.map_err(|source| DuplexError {
                 side: to_side,

@@ -176,7 +176,10 @@ fn inbound(spec: &Spec) -> Chain {
         spec,
         &spec.inbound_subnets_to_ignore,
         Side::Source,
-        ["inbound_subnets_to_ignore_v4", "inbound_subnets_to_ignore_v6"],
+        [
+            "inbound_subnets_to_ignore_v4",
+            "inbound_subnets_to_ignore_v6",
+        ],
         "meshinit: sources in inbound subnets to ignore reach the application directly",
         &mut rules,
     );

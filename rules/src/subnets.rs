@@ -131,7 +131,13 @@ mod tests {
 
     #[test]
     fn refuses_malformed_naming_them() {
-        for bad in ["198.18.0.0/33", "10.0.0/8x", "fd00::/129", "abc", "198.18.0.0/"] {
+        for bad in [
+            "198.18.0.0/33",
+            "10.0.0/8x",
+            "fd00::/129",
+            "abc",
+            "198.18.0.0/",
+        ] {
             let err = bad.parse::<SubnetList>().unwrap_err().to_string();
             assert!(err.contains(&format!("\"{bad}\"")), "{bad}: {err}");
         }

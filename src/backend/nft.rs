@@ -21,7 +21,12 @@ impl Nft {
 
     /// `nft -j list table inet meshinit`, or `None` when our table is absent.
     pub fn list_ours(&self) -> Result<Option<String>, BackendError> {
-        match run("nft", &["-j", "list", "table", "inet", nft_json::TABLE], None, HINT) {
+        match run(
+            "nft",
+            &["-j", "list", "table", "inet", nft_json::TABLE],
+            None,
+            HINT,
+        ) {
             Ok(listing) => Ok(Some(listing)),
             Err(BackendError::Failed { stderr, .. })
                 if stderr.contains("No such file or directory") =>
@@ -56,7 +61,10 @@ impl Backend for Nft {
 
     fn diff(&self, ruleset: &Ruleset) -> Result<Vec<String>, BackendError> {
         let Some(listing) = self.list_ours()? else {
-            return Ok(vec![format!("table inet {} is not installed", nft_json::TABLE)]);
+            return Ok(vec![format!(
+                "table inet {} is not installed",
+                nft_json::TABLE
+            )]);
         };
         nft_json::diff(ruleset, &listing).map_err(|err| BackendError::Unreadable {
             command: "nft -j list table inet meshinit".to_string(),

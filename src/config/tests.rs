@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn file(contents: &str) -> Option<(PathBuf, String)> {
@@ -57,18 +60,31 @@ fn toml_lists_may_be_arrays_or_strings() {
         file("outbound_ports_to_ignore = [5555, \"9000-9010\"]\nsubnets_to_ignore = [\"198.18.0.0/24\", \"fd00::/8\"]\nipv6 = false\ndry_run = true"),
     )
     .unwrap();
-    assert_eq!(config.spec.outbound_ports_to_ignore.to_string(), "5555,9000-9010");
-    assert_eq!(config.spec.outbound_subnets_to_ignore.to_string(), "198.18.0.0/24,fd00::/8");
-    assert_eq!(config.spec.inbound_subnets_to_ignore.to_string(), "198.18.0.0/24,fd00::/8");
+    assert_eq!(
+        config.spec.outbound_ports_to_ignore.to_string(),
+        "5555,9000-9010"
+    );
+    assert_eq!(
+        config.spec.outbound_subnets_to_ignore.to_string(),
+        "198.18.0.0/24,fd00::/8"
+    );
+    assert_eq!(
+        config.spec.inbound_subnets_to_ignore.to_string(),
+        "198.18.0.0/24,fd00::/8"
+    );
     assert!(!config.spec.ipv6);
     assert!(config.dry_run);
 }
 
 #[test]
 fn unknown_toml_key_is_refused_by_name() {
-    let err = Config::load(Settings::default(), &env(&[]), file("outbound_port_to_ignore = \"80\""))
-        .unwrap_err()
-        .to_string();
+    let err = Config::load(
+        Settings::default(),
+        &env(&[]),
+        file("outbound_port_to_ignore = \"80\""),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("outbound_port_to_ignore"), "{err}");
     assert!(err.contains("meshinit.toml"), "{err}");
 }
@@ -82,35 +98,120 @@ fn subnets_to_ignore_covers_both_directions_and_adds_to_one_way_lists() {
         ..Settings::default()
     };
     let config = Config::load(flags, &env(&[]), None).unwrap();
-    assert_eq!(config.spec.inbound_subnets_to_ignore.to_string(), "198.18.0.0/24,198.19.1.0/24");
-    assert_eq!(config.spec.outbound_subnets_to_ignore.to_string(), "198.18.0.0/24,fd00:18::/64");
+    assert_eq!(
+        config.spec.inbound_subnets_to_ignore.to_string(),
+        "198.18.0.0/24,198.19.1.0/24"
+    );
+    assert_eq!(
+        config.spec.outbound_subnets_to_ignore.to_string(),
+        "198.18.0.0/24,fd00:18::/64"
+    );
 }
 
 #[test]
 fn bad_values_name_the_flag_and_the_value() {
     let cases: Vec<(Settings, &str)> = vec![
-        (Settings { outbound_ports_to_ignore: Some("0".into()), ..Default::default() }, "\"0\""),
-        (Settings { outbound_ports_to_ignore: Some("70000".into()), ..Default::default() }, "\"70000\""),
-        (Settings { inbound_ports_to_ignore: Some("9-3".into()), ..Default::default() }, "\"9-3\""),
-        (Settings { ports_to_redirect: Some("abc".into()), ..Default::default() }, "\"abc\""),
-        (Settings { subnets_to_ignore: Some("198.18.0.0/33".into()), ..Default::default() }, "\"198.18.0.0/33\""),
-        (Settings { outbound_subnets_to_ignore: Some("10.0.0/8x".into()), ..Default::default() }, "\"10.0.0/8x\""),
-        (Settings { incoming_proxy_port: Some("4140".into()), ..Default::default() }, "4140"),
-        (Settings { backend: Some("ipchains".into()), ..Default::default() }, "\"ipchains\""),
-        (Settings { ipv6: Some("maybe".into()), ..Default::default() }, "\"maybe\""),
-        (Settings { proxy_uid: Some("-1".into()), ..Default::default() }, "\"-1\""),
+        (
+            Settings {
+                outbound_ports_to_ignore: Some("0".into()),
+                ..Default::default()
+            },
+            "\"0\"",
+        ),
+        (
+            Settings {
+                outbound_ports_to_ignore: Some("70000".into()),
+                ..Default::default()
+            },
+            "\"70000\"",
+        ),
+        (
+            Settings {
+                inbound_ports_to_ignore: Some("9-3".into()),
+                ..Default::default()
+            },
+            "\"9-3\"",
+        ),
+        (
+            Settings {
+                ports_to_redirect: Some("abc".into()),
+                ..Default::default()
+            },
+            "\"abc\"",
+        ),
+        (
+            Settings {
+                subnets_to_ignore: Some("198.18.0.0/33".into()),
+                ..Default::default()
+            },
+            "\"198.18.0.0/33\"",
+        ),
+        (
+            Settings {
+                outbound_subnets_to_ignore: Some("10.0.0/8x".into()),
+                ..Default::default()
+            },
+            "\"10.0.0/8x\"",
+        ),
+        (
+            Settings {
+                incoming_proxy_port: Some("4140".into()),
+                ..Default::default()
+            },
+            "4140",
+        ),
+        (
+            Settings {
+                backend: Some("ipchains".into()),
+                ..Default::default()
+            },
+            "\"ipchains\"",
+        ),
+        (
+            Settings {
+                ipv6: Some("maybe".into()),
+                ..Default::default()
+            },
+            "\"maybe\"",
+        ),
+        (
+            Settings {
+                proxy_uid: Some("-1".into()),
+                ..Default::default()
+            },
+            "\"-1\"",
+        ),
     ];
     for (flags, needle) in cases {
-        let err = Config::load(flags.clone(), &env(&[]), None).unwrap_err().to_string();
+        let err = Config::load(flags.clone(), &env(&[]), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(needle), "{flags:?}: {err}");
     }
 }
 
 #[test]
 fn iptables_mode_is_an_alias_and_backend_wins() {
-    let mode = |m: &str| Settings { iptables_mode: Some(m.into()), ..Default::default() };
-    assert_eq!(Config::load(mode("legacy"), &env(&[]), None).unwrap().backend, BackendChoice::IptablesLegacy);
-    assert_eq!(Config::load(mode("nft"), &env(&[]), None).unwrap().backend, BackendChoice::IptablesNft);
-    let both = Settings { backend: Some("nft".into()), ..mode("legacy") };
-    assert_eq!(Config::load(both, &env(&[]), None).unwrap().backend, BackendChoice::Nft);
+    let mode = |m: &str| Settings {
+        iptables_mode: Some(m.into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        Config::load(mode("legacy"), &env(&[]), None)
+            .unwrap()
+            .backend,
+        BackendChoice::IptablesLegacy
+    );
+    assert_eq!(
+        Config::load(mode("nft"), &env(&[]), None).unwrap().backend,
+        BackendChoice::IptablesNft
+    );
+    let both = Settings {
+        backend: Some("nft".into()),
+        ..mode("legacy")
+    };
+    assert_eq!(
+        Config::load(both, &env(&[]), None).unwrap().backend,
+        BackendChoice::Nft
+    );
 }

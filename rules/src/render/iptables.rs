@@ -94,7 +94,12 @@ pub fn restore_text(ruleset: &Ruleset, family: Family, jumps: Jumps) -> String {
         (Direction::Outbound, jumps.output),
     ] {
         if wanted {
-            let _ = writeln!(out, "-A {} {}", parent_chain(direction), jump_rule(direction));
+            let _ = writeln!(
+                out,
+                "-A {} {}",
+                parent_chain(direction),
+                jump_rule(direction)
+            );
         }
     }
     out.push_str("COMMIT\n");
@@ -202,7 +207,9 @@ impl Installed {
         for line in &self.jump_lines {
             let t = tokens(line);
             let first = match (t[1].as_str(), jump_target(&t)) {
-                ("PREROUTING", Some(INBOUND_CHAIN)) => !std::mem::replace(&mut seen.prerouting, true),
+                ("PREROUTING", Some(INBOUND_CHAIN)) => {
+                    !std::mem::replace(&mut seen.prerouting, true)
+                }
                 ("OUTPUT", Some(OUTBOUND_CHAIN)) => !std::mem::replace(&mut seen.output, true),
                 // A jump from elsewhere into our chains is not ours to keep.
                 _ => false,
@@ -367,7 +374,9 @@ fn rule_lines(rule: &Rule, family: Family) -> Vec<String> {
                 Side::Source => "-s",
                 Side::Destination => "-d",
             };
-            nets.iter().map(|net| line(format!("{flag} {net}"))).collect()
+            nets.iter()
+                .map(|net| line(format!("{flag} {net}")))
+                .collect()
         }
         Match::Uid(uid) => vec![line(format!("-m owner --uid-owner {uid}"))],
         Match::Gid(gid) => vec![line(format!("-m owner --gid-owner {gid}"))],

@@ -10,16 +10,19 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 
 use ipnet::IpNet;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range};
+use nftables::expr::{
+    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range,
+};
 use nftables::schema::{
-    Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
+    Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue,
+    Table,
 };
 use nftables::stmt::{Match as NftMatch, Operator, Return, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::{nft_address, nft_chain};
-use crate::ruleset::{Action, Direction, Family, Match, Ruleset};
 use crate::ports::PortSet;
+use crate::ruleset::{Action, Direction, Family, Match, Ruleset};
 
 /// Our one table, `inet meshinit`: both families in one place.
 pub const TABLE: &str = "meshinit";
@@ -194,10 +197,12 @@ fn meta(key: MetaKey) -> Expression<'static> {
 }
 
 fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
-        protocol: protocol.into(),
-        field: field.into(),
-    })))
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
 }
 
 fn set_ref(name: &str) -> Expression<'static> {
@@ -294,7 +299,9 @@ fn same_identity(a: &NfListObject<'_>, b: &NfListObject<'_>) -> bool {
     match (a, b) {
         (NfListObject::Set(a), NfListObject::Set(b)) => a.name == b.name,
         (NfListObject::Chain(a), NfListObject::Chain(b)) => a.name == b.name,
-        (NfListObject::Rule(a), NfListObject::Rule(b)) => a.chain == b.chain && a.comment == b.comment,
+        (NfListObject::Rule(a), NfListObject::Rule(b)) => {
+            a.chain == b.chain && a.comment == b.comment
+        }
         _ => false,
     }
 }

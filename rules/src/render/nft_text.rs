@@ -7,8 +7,8 @@ use std::fmt::Write;
 
 use ipnet::IpNet;
 
-use super::{nft_address, nft_chain};
 use super::nft_json::TABLE;
+use super::{nft_address, nft_chain};
 use crate::ruleset::{Action, Direction, Family, Match, Ruleset};
 
 /// Renders the whole table.

@@ -13,7 +13,9 @@ fn configurations() -> Vec<(&'static str, Spec)> {
         (
             "many_ports_and_ranges",
             Spec {
-                inbound_ports_to_ignore: "4190,4191,22,8000-8100,9000-9010,25,26,27".parse().unwrap(),
+                inbound_ports_to_ignore: "4190,4191,22,8000-8100,9000-9010,25,26,27"
+                    .parse()
+                    .unwrap(),
                 outbound_ports_to_ignore: (1..=40)
                     .map(|i| (i * 3).to_string())
                     .chain(["5000-5100".to_string(), "6000-6010".to_string()])
@@ -61,7 +63,10 @@ fn configurations() -> Vec<(&'static str, Spec)> {
 #[test]
 fn nft_text_snapshots() {
     for (name, spec) in configurations() {
-        insta::assert_snapshot!(format!("nft_text_{name}"), nft_text::render(&Ruleset::from(&spec)));
+        insta::assert_snapshot!(
+            format!("nft_text_{name}"),
+            nft_text::render(&Ruleset::from(&spec))
+        );
     }
 }
 
@@ -89,12 +94,17 @@ fn installed_listing_equal_to_expected_has_no_diff() {
     // What `nft -j list table inet meshinit` printed for the defaults (nft 1.0.6),
     // with the handles nft adds; they must be ignored.
     let rules = Ruleset::from(&Spec::default());
-    let mut listing = vec![serde_json::json!({"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}})];
+    let mut listing = vec![
+        serde_json::json!({"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}),
+    ];
     listing.push(serde_json::json!({"table": {"family": "inet", "name": "meshinit", "handle": 7}}));
     for (i, object) in nft_json::objects(&rules).into_iter().enumerate() {
         let mut value = serde_json::to_value(&object).unwrap();
         let inner = value.as_object_mut().unwrap().values_mut().next().unwrap();
-        inner.as_object_mut().unwrap().insert("handle".into(), (i + 1).into());
+        inner
+            .as_object_mut()
+            .unwrap()
+            .insert("handle".into(), (i + 1).into());
         listing.push(value);
     }
     let text = serde_json::json!({ "nftables": listing }).to_string();
@@ -106,7 +116,12 @@ fn installed_listing_equal_to_expected_has_no_diff() {
         ..Spec::default()
     });
     let differences = nft_json::diff(&other, &text).unwrap();
-    assert!(differences.iter().any(|d| d.contains("set outbound_ports_to_ignore") && d.contains("missing")), "{differences:?}");
+    assert!(
+        differences
+            .iter()
+            .any(|d| d.contains("set outbound_ports_to_ignore") && d.contains("missing")),
+        "{differences:?}"
+    );
 }
 
 proptest! {
@@ -172,7 +187,10 @@ COMMIT
 fn installed_reads_only_ours() {
     let installed = iptables::Installed::parse(SAVED);
     assert_eq!(installed.chains, ["MESHINIT_INBOUND", "MESHINIT_OUTPUT"]);
-    assert_eq!(installed.rules, ["-A MESHINIT_OUTPUT -o lo -m comment --comment old -j RETURN"]);
+    assert_eq!(
+        installed.rules,
+        ["-A MESHINIT_OUTPUT -o lo -m comment --comment old -j RETURN"]
+    );
     assert_eq!(installed.jump_lines.len(), 3);
     assert_eq!(installed.jumps(), Jumps::BOTH);
 }
@@ -198,14 +216,20 @@ fn rollback_text_restores_rules_and_jumps_verbatim() {
         Jumps::BOTH,
     ));
     let text = before.rollback_text(&now);
-    assert!(text.contains("-A MESHINIT_OUTPUT -o lo -m comment --comment old -j RETURN"), "{text}");
+    assert!(
+        text.contains("-A MESHINIT_OUTPUT -o lo -m comment --comment old -j RETURN"),
+        "{text}"
+    );
     assert!(text.contains("\n-A OUTPUT -j MESHINIT_OUTPUT\n"), "{text}");
     assert_eq!(text.matches("-D PREROUTING").count(), 1, "{text}");
     assert!(!text.contains("-X"), "chains existed before: {text}");
 
     let empty = iptables::Installed::default();
     let text = empty.rollback_text(&now);
-    assert!(text.contains("-X MESHINIT_INBOUND") && text.contains("-X MESHINIT_OUTPUT"), "{text}");
+    assert!(
+        text.contains("-X MESHINIT_INBOUND") && text.contains("-X MESHINIT_OUTPUT"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -216,6 +240,14 @@ fn iptables_diff_counts_jumps_and_compares_lines_as_arguments() {
     let installed = iptables::Installed::parse(&text);
     assert_eq!(installed.diff(&rules, Family::V4), Vec::<String>::new());
     let differences = iptables::Installed::parse(SAVED).diff(&rules, Family::V4);
-    assert!(differences.iter().any(|d| d.contains("2 jumps from OUTPUT")), "{differences:?}");
-    assert!(differences.iter().any(|d| d.starts_with("rule missing")), "{differences:?}");
+    assert!(
+        differences
+            .iter()
+            .any(|d| d.contains("2 jumps from OUTPUT")),
+        "{differences:?}"
+    );
+    assert!(
+        differences.iter().any(|d| d.starts_with("rule missing")),
+        "{differences:?}"
+    );
 }

@@ -127,19 +127,20 @@ fn ports_to_redirect_limits_inbound_only() {
 
 fn port_set() -> impl Strategy<Value = PortSet> {
     proptest::collection::vec((1u16..=65535, 0u16..20), 0..60).prop_map(|items| {
-        PortSet::new(
-            items
-                .into_iter()
-                .map(|(lo, len)| PortRange { lo, hi: lo.saturating_add(len) }),
-        )
+        PortSet::new(items.into_iter().map(|(lo, len)| PortRange {
+            lo,
+            hi: lo.saturating_add(len),
+        }))
     })
 }
 
 fn v4_subnets() -> impl Strategy<Value = SubnetList> {
     proptest::collection::vec((any::<u32>(), 8u8..=32), 0..20).prop_map(|items| {
-        SubnetList::new(items.into_iter().map(|(addr, len)| {
-            ipnet::IpNet::new(IpAddr::V4(Ipv4Addr::from(addr)), len).unwrap()
-        }))
+        SubnetList::new(
+            items.into_iter().map(|(addr, len)| {
+                ipnet::IpNet::new(IpAddr::V4(Ipv4Addr::from(addr)), len).unwrap()
+            }),
+        )
     })
 }
 
