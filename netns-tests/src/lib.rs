@@ -18,6 +18,7 @@
 //! - `nft`: reading back a namespace's ruleset.
 //! - `backend`: [`Backend`], meshinit's three backends ([`for_each_backend!`] runs a test
 //!   once per backend), and reading back what each holds ([`Netns::firewall`]).
+//! - `transfer`: bulk sends and receives hashed with SHA-256 ([`transfer::Pattern`]).
 //! - `fault`: [`fault::FaultyTools`], failing or killed stand-ins for nft/iptables tools.
 //! - `bins`: where the binaries under test are (`meshinit`, `meshproxy`, `netns-probe`) and
 //!   running `meshinit` in a namespace.
@@ -42,6 +43,7 @@ mod pods;
 mod process;
 mod proxy;
 mod sockets;
+pub mod transfer;
 
 pub use backend::{normalise_nft, normalise_save, Backend};
 pub use bins::{meshinit_bin, meshproxy_bin, netns_probe_bin};

@@ -42,8 +42,8 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::digest::{Context, SHA256};
 use netns_tests::mesh::{Mesh, PEER_ID, POD_ID};
+use netns_tests::transfer::{receive, Pattern, Transfer};
 use netns_tests::{Family, MeshProxy, Metrics, Netns, Pods};
 use nix::sys::socket::{
     bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
@@ -722,11 +722,6 @@ struct Exchange {
 }
 
 /// A count of bytes and their SHA-256, in hex.
-#[derive(Debug, PartialEq, Eq)]
-struct Transfer {
-    bytes: u64,
-    sha256: String,
-}
 
 impl Exchange {
     #[track_caller]
@@ -801,98 +796,6 @@ fn exchange(client: TcpStream, server: &TcpListener, size: u64) -> Exchange {
             down_received: client_receives.join().expect("client receiver"),
         }
     })
-}
-
-/// The chunk size of every bulk read and write.
-const CHUNK: usize = 64 * 1024;
-
-/// A non-repeating byte stream that is cheap to make in a debug build: a pseudo-random
-/// 64 KiB block (different per seed) whose first 8 bytes are replaced by the number of the
-/// chunk, so a chunk lost, repeated or reordered changes the hash as surely as a flipped
-/// byte does. Hashed as it is sent.
-struct Pattern {
-    block: Vec<u8>,
-    chunk: u64,
-    hash: Context,
-    total: u64,
-}
-
-impl Pattern {
-    fn new(seed: u64) -> Pattern {
-        let mut state = seed;
-        let block = (0..CHUNK / 8)
-            .flat_map(|_| splitmix64(&mut state).to_le_bytes())
-            .collect();
-        Pattern {
-            block,
-            chunk: 0,
-            hash: Context::new(&SHA256),
-            total: 0,
-        }
-    }
-
-    fn send(&mut self, stream: &mut TcpStream, len: u64) -> io::Result<()> {
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
-            self.block[..8].copy_from_slice(&self.chunk.to_le_bytes());
-            self.chunk += 1;
-            stream.write_all(&self.block[..n]).map_err(|e| {
-                io::Error::new(e.kind(), format!("after {} bytes: {e}", self.total))
-            })?;
-            self.hash.update(&self.block[..n]);
-            self.total += n as u64;
-            left -= n as u64;
-        }
-        Ok(())
-    }
-
-    fn finish(self) -> Transfer {
-        Transfer {
-            bytes: self.total,
-            sha256: hex(self.hash.finish().as_ref()),
-        }
-    }
-}
-
-/// Reads until EOF (a reset is an error), hashing what arrives.
-fn receive(stream: &mut TcpStream) -> io::Result<Transfer> {
-    let mut hash = Context::new(&SHA256);
-    let mut total = 0;
-    let mut buf = vec![0; CHUNK];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                hash.update(&buf[..n]);
-                total += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("after {total} bytes: {e}"),
-                ))
-            }
-        }
-    }
-    Ok(Transfer {
-        bytes: total,
-        sha256: hex(hash.finish().as_ref()),
-    })
-}
-
-/// The next value of the splitmix64 generator whose state is `state`.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::digest::{Context, SHA256};
+use netns_tests::transfer::{receive, send, Pattern, Transfer};
 use netns_tests::{Accepted, Family, Listener, MeshProxy, Metrics, Netns, Pods, ACCEPT_TIMEOUT};
 
 const MIB: u64 = 1 << 20;
@@ -34,8 +34,6 @@ const OPAQUE_PORT: u16 = 5432;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the proxy may take to record a connection's close after both ends closed.
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
-/// The chunk size of every read and write here.
-const CHUNK: usize = 64 * 1024;
 
 /// Applies meshinit's default rules in the pod and starts meshproxy there with `args`.
 fn meshed<'a>(pods: &'a Pods, args: &[&str]) -> MeshProxy<'a> {
@@ -514,13 +512,6 @@ struct Exchange {
     server_saw: SocketAddr,
 }
 
-/// A count of bytes and their SHA-256, in hex.
-#[derive(Debug, PartialEq, Eq)]
-struct Transfer {
-    bytes: u64,
-    sha256: String,
-}
-
 impl Exchange {
     #[track_caller]
     fn assert_intact(&self, context: &str) {
@@ -575,7 +566,7 @@ fn exchange(client: TcpStream, server: &Listener, up: u64, down: u64) -> Exchang
         });
         let mut server_writer = accepted.stream;
         let down_sent = {
-            let mut bytes = Bytes::new(2);
+            let mut bytes = Pattern::new(2);
             let first = down / 2;
             bytes
                 .send(&mut server_writer, first)
@@ -608,98 +599,6 @@ fn exchange(client: TcpStream, server: &Listener, up: u64, down: u64) -> Exchang
 /// Panics with what failed (the proxy's log follows when it is dropped).
 fn fail(side: &str, e: io::Error) -> ! {
     panic!("{side}: {e}");
-}
-
-/// Writes `len` bytes of the stream seeded with `seed`.
-fn send(stream: &mut TcpStream, seed: u64, len: u64) -> io::Result<Transfer> {
-    let mut bytes = Bytes::new(seed);
-    bytes.send(stream, len)?;
-    Ok(bytes.finish())
-}
-
-/// Reads until EOF (a reset is an error), hashing what arrives.
-fn receive(stream: &mut TcpStream) -> io::Result<Transfer> {
-    let mut hash = Context::new(&SHA256);
-    let mut total = 0;
-    let mut buf = vec![0; CHUNK];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                hash.update(&buf[..n]);
-                total += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("after {total} bytes: {e}"),
-                ))
-            }
-        }
-    }
-    Ok(Transfer {
-        bytes: total,
-        sha256: hex(hash.finish().as_ref()),
-    })
-}
-
-/// A deterministic, non-repeating stream of pseudo-random bytes (splitmix64), hashed as it
-/// is sent.
-struct Bytes {
-    state: u64,
-    hash: Context,
-    total: u64,
-    buf: Vec<u8>,
-}
-
-impl Bytes {
-    fn new(seed: u64) -> Bytes {
-        Bytes {
-            state: seed,
-            hash: Context::new(&SHA256),
-            total: 0,
-            buf: vec![0; CHUNK],
-        }
-    }
-
-    fn send(&mut self, stream: &mut TcpStream, len: u64) -> io::Result<()> {
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
-            for word in self.buf[..n].chunks_mut(8) {
-                let value = splitmix64(&mut self.state).to_le_bytes();
-                word.copy_from_slice(&value[..word.len()]);
-            }
-            stream.write_all(&self.buf[..n]).map_err(|e| {
-                io::Error::new(e.kind(), format!("after {} bytes: {e}", self.total))
-            })?;
-            self.hash.update(&self.buf[..n]);
-            self.total += n as u64;
-            left -= n as u64;
-        }
-        Ok(())
-    }
-
-    fn finish(self) -> Transfer {
-        Transfer {
-            bytes: self.total,
-            sha256: hex(self.hash.finish().as_ref()),
-        }
-    }
-}
-
-/// The next value of the splitmix64 generator whose state is `state`.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `promtool check metrics` (Debian's prometheus package) must accept `metrics`.
