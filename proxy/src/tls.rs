@@ -37,6 +37,8 @@ pub enum TlsError {
     BadCertificate(webpki::Error),
     #[error("cannot build the client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("the identity key is not ECDSA P-256: mesh identities are ECDSA P-256 leaves (meshproxy identity issue makes them)")]
+    NotP256,
     #[error("the certificate and key cannot be used (is the key the certificate's?): {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -61,6 +63,17 @@ pub(crate) fn configs(
     anchors: Vec<CertificateDer<'static>>,
 ) -> Result<Configs, TlsError> {
     let provider = provider();
+    // Identities are ECDSA P-256 leaves (DESIGN.md): small certificates and fast
+    // handshakes on every hop. A key that cannot sign ECDSA P-256 SHA-256 is refused
+    // here, before it is offered to any peer. (rustls then checks that the key belongs
+    // to the certificate.)
+    let signing = provider.key_provider.load_private_key(key.clone_key())?;
+    if signing
+        .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+        .is_none()
+    {
+        return Err(TlsError::NotP256);
+    }
     let mut roots = RootCertStore::empty();
     for (index, anchor) in anchors.into_iter().enumerate() {
         roots
@@ -160,5 +173,33 @@ impl HandshakeFailure {
             ) => HandshakeFailure::Untrusted,
             _ => HandshakeFailure::Other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384};
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+
+    use super::*;
+
+    /// A self-signed certificate for `name` with a key of `alg`, used as its own anchor.
+    fn self_signed(
+        alg: &'static rcgen::SignatureAlgorithm,
+    ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate_for(alg).unwrap();
+        let params = CertificateParams::new(vec!["a.test.mesh.local".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let der = PrivatePkcs8KeyDer::from(key.serialize_der());
+        (cert.der().clone(), PrivateKeyDer::Pkcs8(der))
+    }
+
+    #[test]
+    fn identities_must_be_ecdsa_p256() {
+        let (cert, key) = self_signed(&PKCS_ECDSA_P256_SHA256);
+        assert!(configs(vec![cert.clone()], key, vec![cert]).is_ok());
+        let (cert, key) = self_signed(&PKCS_ECDSA_P384_SHA384);
+        let err = configs(vec![cert.clone()], key, vec![cert]).err().unwrap();
+        assert!(matches!(err, TlsError::NotP256), "{err}");
     }
 }
