@@ -54,6 +54,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (NOFILE, PROXY_UID, as_proxy, build_tool, cpu_ticks, ensure_packages,  # noqa: E402
+                      fmt_range, in_ns, log, procs, sh, show_logs, spawn, stop_all, wait_port)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.join(ROOT, "scripts", "bench")
 TAG = f"{os.getpid()}"
@@ -61,7 +65,6 @@ NS_A = f"mi-bench-mtls-a-{TAG}"
 NS_B = f"mi-bench-mtls-b-{TAG}"
 A4, B4 = "198.18.0.1", "198.18.0.2"
 ID_A, ID_B = "a.default.mesh.local", "b.default.mesh.local"
-PROXY_UID = 2102
 IPERF_PORT = 5201
 ECHO_PORT = 7000
 # Linkerd's default opaque ports plus ours: no protocol detection on either proxy.
@@ -83,81 +86,25 @@ PACKAGES = {"iperf3": "iperf3", "stunnel4": "stunnel4", "conntrack": "conntrack"
             "prlimit": "util-linux"}
 PATHS = {"A": "direct", "M": "meshproxy mTLS", "S": "stunnel mTLS"}
 
-_res = __import__("resource")
-_HARD = _res.getrlimit(_res.RLIMIT_NOFILE)[1]
-NOFILE_MAX = 1 << 20 if _HARD == _res.RLIM_INFINITY else _HARD
-NOFILE = f"--nofile={NOFILE_MAX}:{NOFILE_MAX}"
-procs = []      # background processes we started (killed on exit)
 tmpdir = None
 
 
-def log(*a):
-    print("mtls.py:", *a, file=sys.stderr, flush=True)
 
 
-def sh(*args, check=True, **kw):
-    r = subprocess.run(args, capture_output=True, text=True, **kw)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, args))}: exit {r.returncode}\n{r.stdout}{r.stderr}")
-    return r.stdout
 
 
-def in_ns(ns, *args):
-    return ["ip", "netns", "exec", ns, *args]
 
-
-def as_proxy(*args):
-    return ["prlimit", NOFILE, "setpriv", f"--reuid={PROXY_UID}",
-            f"--regid={PROXY_UID}", "--clear-groups", *args]
-
-
-def spawn(args, **kw):
-    p = subprocess.Popen(args, **kw)
-    procs.append(p)
-    return p
-
-
-def ensure_packages():
-    missing = sorted({pkg for cmd, pkg in PACKAGES.items() if shutil.which(cmd) is None})
-    if not missing:
-        return
-    log("installing", *missing)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
-    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
-        subprocess.run(cmd, env=env, capture_output=True, check=True)
-
-
-def build_tool(name):
-    manifest = os.path.join(HERE, name, "Cargo.toml")
-    target = os.path.join(HERE, name, "target")
-    sh("cargo", "build", "--release", "-q", "--manifest-path", manifest,
-       env=dict(os.environ, CARGO_TARGET_DIR=target))
-    return os.path.join(target, "release", name)
 
 
 LOGS = ("meshproxy-a.log", "meshproxy-b.log", "stunnel-a.log", "stunnel-b.log")
 
 
 def cleanup():
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.time() + 3
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop_all()
     for ns in (NS_A, NS_B):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     if tmpdir and sys.exc_info()[0] is not None:
-        for name in LOGS:
-            path = os.path.join(tmpdir, name)
-            if os.path.exists(path):
-                log(f"--- {name} (last lines) ---\n" + "".join(open(path, errors="replace").readlines()[-15:]))
+        show_logs(tmpdir, LOGS)
     if tmpdir:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -174,14 +121,6 @@ def setup_netns():
         sh(*in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000"))
         sh(*in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"))
 
-
-def wait_port(ns, port, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if sh(*in_ns(ns, "ss", "-Htln", f"sport = :{port}")).strip():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} in {ns}")
 
 
 def make_identities(meshproxy):
@@ -266,11 +205,6 @@ def veth_bytes():
     st = json.loads(sh("ip", "-n", NS_A, "-s", "-j", "link", "show", "eth0"))[0]["stats64"]
     return st["rx"]["bytes"] + st["tx"]["bytes"]
 
-
-def cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def metrics(ns):
@@ -468,9 +402,6 @@ def stunnel_version():
     return f"stunnel {v[1] if v else '?'} (OpenSSL {o[1] if o else '?'})"
 
 
-def fmt_range(vals, f):
-    return f"{f(statistics.median(vals))} ({f(min(vals))}–{f(max(vals))})"
-
 
 def report(a, bench, meta, info):
     r, med = bench.results, lambda k: statistics.median(bench.results[k])
@@ -573,7 +504,7 @@ def main():
     for b in (a.meshinit, a.meshproxy):
         if not os.access(b, os.X_OK):
             sys.exit(f"mtls.py: {b} not found: cargo build --release -p meshinit -p meshproxy (or pass the path)")
-    ensure_packages()
+    ensure_packages(PACKAGES)
     log("building netbench and connrate")
     netbench, connrate = build_tool("netbench"), build_tool("connrate")
 

@@ -39,7 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (NOFILE, NOFILE_MAX, PROXY_UID, as_proxy, build_tool, cpu_ticks, ensure_packages,  # noqa: E402
+                      fmt_range, in_ns, log, sh, show_logs, spawn, stop_all, wait_port)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.join(ROOT, "scripts", "bench")
@@ -48,7 +51,6 @@ POD = f"mi-bench-pod-{TAG}"
 PEER = f"mi-bench-peer-{TAG}"
 POD4, PEER4 = "198.18.0.1", "198.18.0.2"
 POD6, PEER6 = "fd00:18::1", "fd00:18::2"
-PROXY_UID = 2102
 IPERF_PORT = 5201
 OPAQUE_PORT = 7000  # in meshproxy's --opaque-ports
 DETECT_PORT = 8080  # not opaque: goes through detection
@@ -67,79 +69,23 @@ PATHS = {
     "Cn": ("HAProxy no splice", HAP_PLAIN_PORT, OPAQUE_PORT),
 }
 
-# Raise the fd limit to the hard limit we have (this workplace may lack CAP_SYS_RESOURCE).
-_HARD = __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[1]
-NOFILE_MAX = 1 << 20 if _HARD == __import__("resource").RLIM_INFINITY else _HARD
-NOFILE = f"--nofile={NOFILE_MAX}:{NOFILE_MAX}"
 HAP_MAXCONN = (NOFILE_MAX - 200) // 2
-procs = []      # background processes we started (killed on exit)
 tmpdir = None
 
 
-def log(*a):
-    print("proxy.py:", *a, file=sys.stderr, flush=True)
 
 
-def sh(*args, check=True, **kw):
-    r = subprocess.run(args, capture_output=True, text=True, **kw)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, args))}: exit {r.returncode}\n{r.stdout}{r.stderr}")
-    return r.stdout
 
 
-def in_ns(ns, *args):
-    return ["ip", "netns", "exec", ns, *args]
 
-
-def as_proxy(*args):
-    # Root raises the fd limit, then drops to the proxy uid (exempt from redirect).
-    return ["prlimit", NOFILE, "setpriv", f"--reuid={PROXY_UID}",
-            f"--regid={PROXY_UID}", "--clear-groups", *args]
-
-
-def spawn(args, **kw):
-    p = subprocess.Popen(args, **kw)
-    procs.append(p)
-    return p
-
-
-def ensure_packages():
-    missing = sorted({pkg for cmd, pkg in PACKAGES.items() if shutil.which(cmd) is None})
-    if not missing:
-        return
-    log("installing", *missing)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
-    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
-        subprocess.run(cmd, env=env, capture_output=True, check=True)
-
-
-def build_tool(name):
-    manifest = os.path.join(HERE, name, "Cargo.toml")
-    target = os.path.join(HERE, name, "target")
-    sh("cargo", "build", "--release", "-q", "--manifest-path", manifest,
-       env=dict(os.environ, CARGO_TARGET_DIR=target))
-    return os.path.join(target, "release", name)
 
 
 def cleanup():
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.time() + 3
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.kill()
+    stop_all()
     for ns in (POD, PEER):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     if tmpdir and sys.exc_info()[0] is not None:
-        for name in ("meshproxy.log", "haproxy.log"):
-            path = os.path.join(tmpdir, name)
-            if os.path.exists(path):
-                log(f"--- {name} (last lines) ---\n" + "".join(open(path, errors="replace").readlines()[-15:]))
+        show_logs(tmpdir, ("meshproxy.log", "haproxy.log"))
     if tmpdir:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -157,14 +103,6 @@ def setup_netns():
     sh(*in_ns(POD, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000"))
     sh(*in_ns(POD, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"))
 
-
-def wait_port(ns, port, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if sh(*in_ns(ns, "ss", "-Htln", f"sport = :{port}")).strip():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} in {ns}")
 
 
 def start_meshproxy(bin_path):
@@ -224,11 +162,6 @@ class Rules:
                "--outgoing-proxy-port", str(proxy_port))
         self.current = want
 
-
-def cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def rss_kib(pid):
@@ -352,9 +285,6 @@ def memory(meshproxy_bin, rules, netbench, count, hap_pid):
     return res
 
 
-def fmt_range(vals, unit_fmt):
-    return f"{unit_fmt(statistics.median(vals))} ({unit_fmt(min(vals))}–{unit_fmt(max(vals))})"
-
 
 def report(a, bench, mem, meta):
     r, med = bench.results, lambda k: statistics.median(bench.results[k])
@@ -468,7 +398,7 @@ def main():
     for b in (a.meshinit, a.meshproxy):
         if not os.access(b, os.X_OK):
             sys.exit(f"proxy.py: {b} not found: cargo build --release -p meshinit -p meshproxy (or pass the path)")
-    ensure_packages()
+    ensure_packages(PACKAGES)
     log("building netbench and connrate")
     netbench, connrate = build_tool("netbench"), build_tool("connrate")
 
