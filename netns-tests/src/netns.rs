@@ -180,7 +180,7 @@ impl Drop for Netns {
 
 /// True while `pid` exists and is not a zombie (a killed process that nobody reaped yet is
 /// dead for our purposes).
-fn is_alive(pid: u32) -> bool {
+pub(crate) fn is_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|stat| {

@@ -162,19 +162,7 @@ impl MeshProxy<'_> {
     /// True while the process has not exited.
     fn is_running(&self) -> bool {
         // `Spawned::is_running` needs `&mut` to reap; `/proc` answers without it.
-        let pid = self.process.pid();
-        fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let state = stat
-                    .rsplit_once(')')?
-                    .1
-                    .split_whitespace()
-                    .next()?
-                    .to_string();
-                Some(state != "Z" && state != "X")
-            })
-            .unwrap_or(false)
+        crate::netns::is_alive(self.process.pid())
     }
 }
 

@@ -16,6 +16,30 @@ pub struct Transfer {
     pub sha256: String,
 }
 
+/// What both ends of a two-way transfer sent and received.
+#[derive(Debug)]
+pub struct Exchange {
+    pub up_sent: Transfer,
+    pub up_received: Transfer,
+    pub down_sent: Transfer,
+    pub down_received: Transfer,
+}
+
+impl Exchange {
+    /// Panics unless each direction received exactly what was sent.
+    #[track_caller]
+    pub fn assert_intact(&self, context: &str) {
+        assert_eq!(
+            self.up_received, self.up_sent,
+            "{context}: client -> server: received, sent"
+        );
+        assert_eq!(
+            self.down_received, self.down_sent,
+            "{context}: server -> client: received, sent"
+        );
+    }
+}
+
 /// A non-repeating byte stream that is cheap to make in a debug build: a pseudo-random
 /// 64 KiB block (different per seed) whose first 8 bytes are replaced by the number of the
 /// chunk, so a chunk lost, repeated or reordered changes the hash as surely as a flipped

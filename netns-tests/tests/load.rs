@@ -43,7 +43,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use netns_tests::mesh::{Mesh, PEER_ID, POD_ID};
-use netns_tests::transfer::{receive, Pattern, Transfer};
+use netns_tests::transfer::{receive, Exchange, Pattern};
 use netns_tests::{Family, MeshProxy, Metrics, Netns, Pods};
 use nix::sys::socket::{
     bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
@@ -710,31 +710,6 @@ fn bulk_both_ways_through_two_proxies_with_mtls_arrives_intact_with_half_close()
     );
     a_proc.assert_alive(&a);
     b_proc.assert_alive(&b);
-}
-
-/// What both ends of one [`exchange`] sent and received.
-#[derive(Debug)]
-struct Exchange {
-    up_sent: Transfer,
-    up_received: Transfer,
-    down_sent: Transfer,
-    down_received: Transfer,
-}
-
-/// A count of bytes and their SHA-256, in hex.
-
-impl Exchange {
-    #[track_caller]
-    fn assert_intact(&self, context: &str) {
-        assert_eq!(
-            self.up_received, self.up_sent,
-            "{context}: client -> server: received, sent"
-        );
-        assert_eq!(
-            self.down_received, self.down_sent,
-            "{context}: server -> client: received, sent"
-        );
-    }
 }
 
 /// Sends `size` bytes from `client` to the server that `server` accepts and `size` back,

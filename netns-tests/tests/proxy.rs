@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use netns_tests::transfer::{receive, send, Pattern, Transfer};
+use netns_tests::transfer::{receive, send, Exchange, Pattern};
 use netns_tests::{Accepted, Family, Listener, MeshProxy, Metrics, Netns, Pods, ACCEPT_TIMEOUT};
 
 const MIB: u64 = 1 << 20;
@@ -52,10 +52,10 @@ fn outbound_100_mib_each_way_arrive_intact_and_half_close_is_honoured() {
         let to = SocketAddr::new(family.peer(), DETECTED_PORT);
         let server = pods.peer.listen("peer app", family.any_port(DETECTED_PORT));
         let client = connect(&pods.pod, to);
-        let exchange = exchange(client, &server, BULK, BULK);
+        let (exchange, server_saw) = exchange(client, &server, BULK, BULK);
         exchange.assert_intact(&format!("pod -> {to} through the outbound proxy"));
         assert_eq!(
-            exchange.server_saw.ip(),
+            server_saw.ip(),
             family.pod(),
             "the proxy connects from the pod's address"
         );
@@ -77,7 +77,7 @@ fn inbound_100_mib_each_way_arrive_intact_and_half_close_is_honoured() {
                 .pod
                 .listen("pod app", SocketAddr::new(bind, DETECTED_PORT));
             let client = connect(&pods.peer, to);
-            let exchange = exchange(client, &server, size, size);
+            let (exchange, _) = exchange(client, &server, size, size);
             exchange.assert_intact(&format!(
                 "peer -> {to} through the inbound proxy, app bound to {bind}"
             ));
@@ -277,14 +277,18 @@ fn byte_counters_equal_the_bytes_sent_each_way() {
             let to = SocketAddr::new(family.peer(), port);
             let server = pods.peer.listen("peer app", family.any_port(port));
             let client = connect(&pods.pod, to);
-            exchange(client, &server, UP, DOWN).assert_intact(&format!("pod -> {to}"));
+            exchange(client, &server, UP, DOWN)
+                .0
+                .assert_intact(&format!("pod -> {to}"));
             assert_forwarded(&proxy, "outbound", to, UP, DOWN);
         }
         // Inbound: the client is the peer, the proxy reads from it and writes to it.
         let to = SocketAddr::new(family.pod(), DETECTED_PORT);
         let server = pods.pod.listen("pod app", family.any_port(DETECTED_PORT));
         let client = connect(&pods.peer, to);
-        exchange(client, &server, UP, DOWN).assert_intact(&format!("peer -> {to}"));
+        exchange(client, &server, UP, DOWN)
+            .0
+            .assert_intact(&format!("peer -> {to}"));
         assert_forwarded(&proxy, "inbound", to, UP, DOWN);
     }
 }
@@ -501,31 +505,6 @@ fn server_speaks_first(pods: &Pods, family: Family, port: u16) -> Timing {
     })
 }
 
-/// What both ends of one [`exchange`] sent and received.
-#[derive(Debug)]
-struct Exchange {
-    up_sent: Transfer,
-    up_received: Transfer,
-    down_sent: Transfer,
-    down_received: Transfer,
-    /// The client's address as the server saw it.
-    server_saw: SocketAddr,
-}
-
-impl Exchange {
-    #[track_caller]
-    fn assert_intact(&self, context: &str) {
-        assert_eq!(
-            self.up_received, self.up_sent,
-            "{context}: client -> server: received, sent"
-        );
-        assert_eq!(
-            self.down_received, self.down_sent,
-            "{context}: server -> client: received, sent"
-        );
-    }
-}
-
 /// Sends `up` pseudo-random bytes from `client` to the server that `server` accepts, and
 /// `down` bytes back, concurrently, and proves half-close on the way:
 ///
@@ -536,7 +515,7 @@ impl Exchange {
 ///
 /// The client starts sending before the server accepts: on a detected port the proxy
 /// connects only once it has seen the client's first bytes.
-fn exchange(client: TcpStream, server: &Listener, up: u64, down: u64) -> Exchange {
+fn exchange(client: TcpStream, server: &Listener, up: u64, down: u64) -> (Exchange, SocketAddr) {
     thread::scope(|scope| {
         let mut client_writer = client.try_clone().expect("clone the client stream");
         let client_sends = scope.spawn(move || {
@@ -586,13 +565,13 @@ fn exchange(client: TcpStream, server: &Listener, up: u64, down: u64) -> Exchang
             bytes.finish()
         };
 
-        Exchange {
+        let exchange = Exchange {
             up_sent: client_sends.join().expect("client sender"),
             up_received: server_receives.join().expect("server receiver"),
             down_sent,
             down_received: client_receives.join().expect("client receiver"),
-            server_saw,
-        }
+        };
+        (exchange, server_saw)
     })
 }
 
