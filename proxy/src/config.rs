@@ -177,6 +177,9 @@ const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 const DEFAULT_MAX_DETECTING: usize = 4_096;
 const DEFAULT_PEER_INBOUND_PORT: u16 = 4143;
+/// Descriptors beyond the connections': listeners, admin clients, certificate and
+/// peers files being re-read, the bind probe of `orig_dst::is_local`, stdio, epoll.
+pub const DESCRIPTOR_MARGIN: u64 = 128;
 /// Upper bound for both caps: the drain waits for all permits with one `u32` call.
 const MAX_CAP: usize = 1_000_000;
 
@@ -534,6 +537,14 @@ impl Config {
         })
     }
 
+    /// How many file descriptors the caps may need at once: two per connection (the
+    /// client's and ours to the destination), for both directions, plus
+    /// [`DESCRIPTOR_MARGIN`] for the listeners, admin connections, files and probes.
+    pub fn descriptors_needed(&self) -> u64 {
+        let per_direction = u64::try_from(self.max_connections).unwrap_or(u64::MAX / 8);
+        2 * 2 * per_direction + DESCRIPTOR_MARGIN
+    }
+
     /// The `--config` path: the flag, else `MESHPROXY_CONFIG`.
     pub fn file_path(args: &ProxyArgs, env: &HashMap<String, String>) -> Option<PathBuf> {
         args.config
@@ -579,7 +590,8 @@ fn parse_addrs(input: &str) -> Result<Vec<SocketAddr>, String> {
 /// A duration greater than zero and at most [`MAX_DURATION`] (a day). Zero would make
 /// every timer fire at once (no detection, no drain), which is never what was meant.
 fn parse_duration(input: &str) -> Result<Duration, String> {
-    let expected = || "expected a duration greater than 0 and at most 24h, like 10s, 500ms or 2m".to_string();
+    let expected =
+        || "expected a duration greater than 0 and at most 24h, like 10s, 500ms or 2m".to_string();
     match humantime::parse_duration(input.trim()) {
         Ok(d) if !d.is_zero() && d <= MAX_DURATION => Ok(d),
         _ => Err(expected()),

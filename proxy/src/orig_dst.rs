@@ -114,9 +114,12 @@ pub fn is_local(ip: IpAddr) -> bool {
 /// Whether `net.ipv4.ip_nonlocal_bind` or `net.ipv6.ip_nonlocal_bind` is set in this
 /// namespace, which makes [`is_local`] say yes to every address.
 pub fn nonlocal_bind_enabled() -> bool {
-    ["/proc/sys/net/ipv4/ip_nonlocal_bind", "/proc/sys/net/ipv6/ip_nonlocal_bind"]
-        .iter()
-        .any(|path| std::fs::read_to_string(path).is_ok_and(|v| v.trim() != "0"))
+    [
+        "/proc/sys/net/ipv4/ip_nonlocal_bind",
+        "/proc/sys/net/ipv6/ip_nonlocal_bind",
+    ]
+    .iter()
+    .any(|path| std::fs::read_to_string(path).is_ok_and(|v| v.trim() != "0"))
 }
 
 #[cfg(test)]
@@ -146,7 +149,10 @@ mod tests {
         let a: SocketAddrV6 = "[fd00:18::1]:4143".parse().unwrap();
         let labelled = SocketAddrV6::new(*a.ip(), 4143, 0xabcde, 0);
         assert!(same_endpoint(a.into(), labelled.into()));
-        assert!(!same_endpoint(a.into(), "[fd00:18::1]:4140".parse().unwrap()));
+        assert!(!same_endpoint(
+            a.into(),
+            "[fd00:18::1]:4140".parse().unwrap()
+        ));
         assert!(same_endpoint(
             "[::ffff:198.18.0.1]:80".parse().unwrap(),
             "198.18.0.1:80".parse().unwrap()
@@ -156,7 +162,10 @@ mod tests {
     #[test]
     fn loopback_is_local_and_a_documentation_address_is_not() {
         assert!(is_local("127.0.0.1".parse().unwrap()));
-        assert!(is_local("127.0.0.2".parse().unwrap()), "all of 127/8 is local");
+        assert!(
+            is_local("127.0.0.2".parse().unwrap()),
+            "all of 127/8 is local"
+        );
         assert!(!is_local("192.0.2.1".parse().unwrap()));
         assert!(!is_local("2001:db8::1".parse().unwrap()));
     }

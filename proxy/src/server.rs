@@ -339,7 +339,12 @@ async fn accept_loop<F>(
         // The connection cap: past it, close at once rather than queue, so a flood
         // cannot exhaust file descriptors (each connection costs two). Per direction,
         // so a flood of one cannot starve the other.
-        let Ok(permit) = shared.connections.get(direction).clone().try_acquire_owned() else {
+        let Ok(permit) = shared
+            .connections
+            .get(direction)
+            .clone()
+            .try_acquire_owned()
+        else {
             shared.metrics.refused(direction, Refused::MaxConnections);
             debug!(
                 direction = direction.as_str(),

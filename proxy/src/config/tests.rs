@@ -122,18 +122,33 @@ fn durations_out_of_range_are_errors_naming_value_and_source() {
         ("handshake-timeout", |a, v| a.handshake_timeout = Some(v)),
     ];
     for (flag, set) in settings {
-        for bad in ["0s", "0ms", "25h", "2days", "500000000000years", "-1s", "soon"] {
+        for bad in [
+            "0s",
+            "0ms",
+            "25h",
+            "2days",
+            "500000000000years",
+            "-1s",
+            "soon",
+        ] {
             let mut args = ProxyArgs::default();
             set(&mut args, bad.to_string());
             let err = error(args, &[], None);
-            assert!(err.contains(&format!("--{flag}")) && err.contains(bad), "{err}");
+            assert!(
+                err.contains(&format!("--{flag}")) && err.contains(bad),
+                "{err}"
+            );
 
             let var = env_var(flag);
             let err = error(ProxyArgs::default(), &[(var.as_str(), bad)], None);
             assert!(err.contains(&var) && err.contains(bad), "{err}");
 
             let key = toml_key(flag);
-            let err = error(ProxyArgs::default(), &[], Some(&format!("{key} = \"{bad}\"")));
+            let err = error(
+                ProxyArgs::default(),
+                &[],
+                Some(&format!("{key} = \"{bad}\"")),
+            );
             assert!(err.contains(&key) && err.contains(bad), "{err}");
         }
         // The bounds themselves are valid.

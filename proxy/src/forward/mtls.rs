@@ -33,12 +33,12 @@ const TLS_READ_BUF: usize = 16 * 1024;
 use super::{connect, copy, Classified, Forwarder, ForwarderError};
 use crate::config::{Config, PortSet};
 use crate::detect::{detect, Detected, Protocol};
-use crate::metrics::Refused;
-use crate::route::{own_listener, Context};
 use crate::identity::IdentityWatch;
 use crate::mesh_peers::MeshPeersWatch;
+use crate::metrics::Refused;
 use crate::metrics::{errno_name, Direction};
 use crate::prefixed::Prefixed;
+use crate::route::{own_listener, Context};
 use crate::tls::{self, HandshakeFailure};
 use crate::transport_header::{self, SessionProtocol, TransportHeader};
 
@@ -169,7 +169,8 @@ pub(super) async fn inbound_direct(
             .clone()
             .try_acquire_owned()
         else {
-            fwd.metrics.refused(Direction::Inbound, Refused::MaxDetecting);
+            fwd.metrics
+                .refused(Direction::Inbound, Refused::MaxDetecting);
             debug!(?client_addr, %local, "too many connections without a ClientHello, closing");
             return;
         };
@@ -262,7 +263,8 @@ pub(super) async fn inbound(
                 outbound: &fwd.listeners.outbound,
                 is_local: Some(&crate::orig_dst::is_local),
             };
-            if (direct && header.port == listener_port) || own_listener(destination, &cx).is_some() {
+            if (direct && header.port == listener_port) || own_listener(destination, &cx).is_some()
+            {
                 // Forwarding to one of our own listeners would loop back into us.
                 debug!(%target, %client_id, port = header.port, "transport header names a port of the proxy itself");
                 fwd.metrics.refused(Direction::Inbound, Refused::SelfLoop);

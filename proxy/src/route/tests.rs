@@ -11,7 +11,9 @@ fn addr(s: &str) -> SocketAddr {
 
 /// The pod of the netns tests: its two addresses and loopback are local.
 fn pod_local(ip: IpAddr) -> bool {
-    ip.is_loopback() || ip == POD_V4.parse::<IpAddr>().unwrap() || ip == POD_V6.parse::<IpAddr>().unwrap()
+    ip.is_loopback()
+        || ip == POD_V4.parse::<IpAddr>().unwrap()
+        || ip == POD_V6.parse::<IpAddr>().unwrap()
 }
 
 /// meshproxy's default listeners.
@@ -38,8 +40,14 @@ fn decide(direction: Direction, original: &str, accepts_direct: bool) -> Result<
 fn inbound_destinations_must_be_addresses_of_the_pod() {
     use Direction::Inbound;
     let ok = |s: &str| Ok(Route::Forward(addr(s)));
-    assert_eq!(decide(Inbound, "198.18.0.1:8080", false), ok("198.18.0.1:8080"));
-    assert_eq!(decide(Inbound, "[fd00:18::1]:8080", false), ok("[fd00:18::1]:8080"));
+    assert_eq!(
+        decide(Inbound, "198.18.0.1:8080", false),
+        ok("198.18.0.1:8080")
+    );
+    assert_eq!(
+        decide(Inbound, "[fd00:18::1]:8080", false),
+        ok("[fd00:18::1]:8080")
+    );
     for (original, reason) in [
         ("127.0.0.1:8080", Refused::LoopbackDestination),
         ("127.9.9.9:22", Refused::LoopbackDestination),
@@ -61,7 +69,12 @@ fn inbound_destinations_must_be_addresses_of_the_pod() {
 #[test]
 fn outbound_destinations_are_the_applications_business() {
     use Direction::Outbound;
-    for original in ["198.18.0.2:80", "127.0.0.1:5432", "[::1]:8080", "198.18.0.1:4143"] {
+    for original in [
+        "198.18.0.2:80",
+        "127.0.0.1:5432",
+        "[::1]:8080",
+        "198.18.0.1:4143",
+    ] {
         // Only the proxy's own listeners are refused (below); even the pod's inbound
         // port at its own address is a wildcard listener, so that one is.
         let got = decide(Outbound, original, false);
@@ -130,7 +143,10 @@ fn every_own_listener_is_a_self_loop_in_both_directions_and_families() {
     };
     for original in ["198.18.0.1:4140", "[fd00:18::1]:4140"] {
         let got = route(Direction::Inbound, Ok(addr(original)), &cx);
-        assert!(matches!(got, Err(Refusal::SelfLoop { .. })), "{original}: {got:?}");
+        assert!(
+            matches!(got, Err(Refusal::SelfLoop { .. })),
+            "{original}: {got:?}"
+        );
     }
     // The same port at a foreign address is not ours: outbound, it is forwarded.
     let got = route(Direction::Outbound, Ok(addr("198.18.0.2:4140")), &cx);
