@@ -351,3 +351,27 @@ pub async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
     set_keepalive(&stream)?;
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::socket::{getsockopt, sockopt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Both sockets of a forwarded connection: the one `connect` opens, and the
+    /// accepted one, which `forward` passes through `set_keepalive`.
+    #[tokio::test]
+    async fn forwarded_sockets_have_tcp_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        set_keepalive(&accepted).unwrap();
+        for stream in [&upstream, &accepted] {
+            assert!(getsockopt(stream, sockopt::KeepAlive).unwrap());
+            assert_eq!(getsockopt(stream, sockopt::TcpKeepIdle).unwrap(), 60);
+            assert_eq!(getsockopt(stream, sockopt::TcpKeepInterval).unwrap(), 10);
+            assert_eq!(getsockopt(stream, sockopt::TcpKeepCount).unwrap(), 6);
+        }
+    }
+}

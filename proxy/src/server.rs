@@ -468,6 +468,82 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn refusal_warnings_are_limited_to_one_per_second_per_reason() {
+        let limiter = RateLimited::new(WARN_INTERVAL);
+        let start = Instant::now();
+        assert_eq!(limiter.check(Refused::SelfLoop, start), Some(0));
+        // A flood within the second: suppressed, and counted.
+        for _ in 0..1000 {
+            assert_eq!(limiter.check(Refused::SelfLoop, Instant::now()), None);
+        }
+        // Another reason has its own budget.
+        assert_eq!(
+            limiter.check(Refused::ForeignDestination, Instant::now()),
+            Some(0)
+        );
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(limiter.check(Refused::SelfLoop, Instant::now()), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // The next one says how many were left out.
+        assert_eq!(limiter.check(Refused::SelfLoop, Instant::now()), Some(1001));
+        assert_eq!(limiter.check(Refused::SelfLoop, Instant::now()), None);
+    }
+
+    /// One silent inbound client holds the only inbound connection and detection
+    /// permits; an outbound connection still gets both of its own.
+    #[tokio::test(start_paused = true)]
+    async fn inbound_and_outbound_have_separate_budgets() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let args = crate::config::ProxyArgs {
+            inbound_addr: Some("127.0.0.1:0".into()),
+            outbound_addr: Some("127.0.0.1:0".into()),
+            admin_addr: Some("127.0.0.1:0".into()),
+            max_connections: Some("1".into()),
+            max_detecting: Some("1".into()),
+            ..Default::default()
+        };
+        let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
+        let proxy = Proxy::bind(config).await.unwrap();
+        let addrs = proxy.local_addrs();
+        let metrics = proxy.metrics();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(proxy.serve_with(move |_| Ok(target), async {
+            let _ = stopped.await;
+        }));
+
+        let silent = TcpStream::connect(addrs.inbound[0]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // The inbound budget is used up...
+        let mut refused = TcpStream::connect(addrs.inbound[0]).await.unwrap();
+        assert_eq!(refused.read(&mut [0; 1]).await.unwrap_or(0), 0);
+        // ...the outbound one is not.
+        let mut client = TcpStream::connect(addrs.outbound[0]).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut echoed = [0; 18];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"GET / HTTP/1.1\r\n\r\n");
+        let text = metrics.encode();
+        assert!(
+            text.contains("tcp_refused_total{direction=\"inbound\",reason=\"max_connections\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("direction=\"outbound\",reason="), "{text}");
+        drop((client, silent));
+        stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+
     #[tokio::test]
     async fn ipv4_and_ipv6_wildcards_share_a_port() {
         let v4 = bind("0.0.0.0:0".parse().unwrap()).unwrap();
