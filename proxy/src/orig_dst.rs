@@ -93,7 +93,8 @@ pub fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
 /// packet addressed to it locally.
 ///
 /// Asked with a bind test: `bind(ip:0)` on a fresh socket succeeds exactly when the
-/// address is local (`EADDRNOTAVAIL` otherwise), because the socket sets neither
+/// address is local (`EADDRNOTAVAIL` otherwise; broadcast addresses are told apart by
+/// a `connect`, see below), because the socket sets neither
 /// `IP_FREEBIND` nor `IP_TRANSPARENT`. We prefer it to a cached address list because it
 /// is always current (an address added a moment ago counts, one removed does not),
 /// costs three syscalls and no netlink dump, and uses the kernel's own definition of
@@ -106,9 +107,16 @@ pub fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
 /// local": the connection is refused rather than forwarded somewhere unknown.
 pub fn is_local(ip: IpAddr) -> bool {
     let addr = SocketAddr::new(ip, 0);
-    Socket::new(Domain::for_address(addr), Type::DGRAM, None)
-        .and_then(|socket| socket.bind(&addr.into()))
-        .is_ok()
+    let Ok(socket) = Socket::new(Domain::for_address(addr), Type::DGRAM, None) else {
+        return false;
+    };
+    if socket.bind(&addr.into()).is_err() {
+        return false;
+    }
+    // IPv4 `bind` also accepts broadcast addresses (a subnet's directed broadcast):
+    // a UDP `connect` to one fails with EACCES without SO_BROADCAST, and only sets the
+    // socket's route otherwise (no packet is sent).
+    ip.is_ipv6() || socket.connect(&SocketAddr::new(ip, 9).into()).is_ok()
 }
 
 /// Whether `net.ipv4.ip_nonlocal_bind` or `net.ipv6.ip_nonlocal_bind` is set in this
@@ -160,13 +168,13 @@ mod tests {
     }
 
     #[test]
-    fn loopback_is_local_and_a_documentation_address_is_not() {
+    fn loopback_is_local_and_documentation_and_broadcast_addresses_are_not() {
         assert!(is_local("127.0.0.1".parse().unwrap()));
         assert!(
             is_local("127.0.0.2".parse().unwrap()),
             "all of 127/8 is local"
         );
-        assert!(!is_local("192.0.2.1".parse().unwrap()));
-        assert!(!is_local("2001:db8::1".parse().unwrap()));
+        assert!(!is_local("203.0.113.77".parse().unwrap()));
+        assert!(!is_local("2001:db8::77".parse().unwrap()));
     }
 }
