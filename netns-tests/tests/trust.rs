@@ -134,17 +134,18 @@ fn an_original_destination_that_is_another_listener_of_the_proxy_is_a_self_loop(
 // ---------------------------------------------------------------------------------------
 // Foreign destinations
 
-#[test]
-fn an_inbound_original_destination_that_is_not_the_pods_is_refused() {
-    const FOREIGN: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 7);
-    let pods = Pods::new("trust_foreign_destination");
-    let proxy = meshed(&pods, &[]);
-    // Rules that redirect a packet for an address the pod does not have: meshinit's own
-    // rules may not, but the proxy must not rely on it. Applied before meshinit's chain
-    // (priority -110), so this redirect is the one that counts.
-    let rules = "table ip trust_test {\n\
-                 chain pre { type nat hook prerouting priority -110; \
-                 ip daddr 198.18.7.7 tcp dport 8080 redirect to :4143; }\n}\n";
+/// Installs, in the pod, a redirect to the inbound port of TCP to `daddr`:`port`, ahead
+/// of meshinit's own chain (priority -110, so this redirect is the one that counts).
+/// meshinit's rules may not redirect such packets; the proxy must not rely on it.
+fn redirect_in_pod(pods: &Pods, daddr: Ipv4Addr, port: u16) {
+    let rules = format!(
+        "table ip trust_test {{\n\
+         chain pre {{\n\
+         type nat hook prerouting priority -110;\n\
+         ip daddr {daddr} tcp dport {port} redirect to :4143\n\
+         }}\n\
+         }}\n"
+    );
     let file = std::env::temp_dir().join(format!("{}-trust.nft", pods.pod.name()));
     std::fs::write(&file, rules).expect("write the rules");
     let applied = pods
@@ -152,6 +153,14 @@ fn an_inbound_original_destination_that_is_not_the_pods_is_refused() {
         .exec(&["nft", "-f", file.to_str().expect("a UTF-8 path")]);
     let _ = std::fs::remove_file(&file);
     applied.expect_ok();
+}
+
+#[test]
+fn an_inbound_original_destination_that_is_not_the_pods_is_refused() {
+    const FOREIGN: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 7);
+    let pods = Pods::new("trust_foreign_destination");
+    let proxy = meshed(&pods, &[]);
+    redirect_in_pod(&pods, FOREIGN, DETECTED_PORT);
     // The peer sends its packets for that address to the pod.
     pods.peer
         .ip(&["route", "add", "198.18.7.7/32", "via", "198.18.0.1"]);
@@ -170,6 +179,74 @@ fn an_inbound_original_destination_that_is_not_the_pods_is_refused() {
         "never forwarded\n{metrics}"
     );
     assert!(proxy.log().contains("198.18.7.7:8080"), "{}", proxy.log());
+}
+
+/// A neighbour that routes `127.0.0.5` to the pod (it controls its own routing and
+/// `route_localnet`) must not reach a service that listens on the pod's loopback.
+#[test]
+fn an_inbound_original_destination_on_loopback_is_refused() {
+    const LOOPBACK: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+    let pods = Pods::new("trust_loopback_destination");
+    let proxy = meshed(&pods, &[]);
+    redirect_in_pod(&pods, LOOPBACK, DETECTED_PORT);
+    // A service the pod keeps to itself.
+    let private = pods.pod.listen(
+        "loopback-only app",
+        SocketAddr::new(IpAddr::V4(LOOPBACK), DETECTED_PORT),
+    );
+    // The peer: its own loopback rule after a rule sending 127.0.0.5 to the pod, and
+    // martian (loopback) source addresses accepted back on its veth.
+    for rule in [
+        &[
+            "rule",
+            "add",
+            "pref",
+            "10",
+            "to",
+            "127.0.0.5",
+            "lookup",
+            "100",
+        ][..],
+        &[
+            "route",
+            "add",
+            "127.0.0.5",
+            "via",
+            "198.18.0.1",
+            "dev",
+            "eth0",
+            "table",
+            "100",
+        ],
+        &["rule", "del", "pref", "0", "lookup", "local"],
+        &["rule", "add", "pref", "50", "lookup", "local"],
+    ] {
+        pods.peer.ip(rule);
+    }
+    pods.peer
+        .exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.route_localnet=1",
+            "net.ipv4.conf.eth0.route_localnet=1",
+        ])
+        .expect_ok();
+
+    let to = SocketAddr::new(IpAddr::V4(LOOPBACK), DETECTED_PORT);
+    closed_without_answer(&pods.peer, to);
+    let metrics = proxy.wait_for_metric(
+        "tcp_refused_total",
+        &[("direction", "inbound"), ("reason", "loopback_destination")],
+        1.0,
+        METRICS_TIMEOUT,
+    );
+    assert_eq!(metrics.sum("tcp_open_total", &[]), 0.0, "{metrics}");
+    if let Some(accepted) = private.accept_within(Duration::from_millis(300)) {
+        panic!(
+            "the loopback-only app got a connection from {}",
+            accepted.peer
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -125,6 +125,8 @@ where
     R: AsyncRead + Unpin,
 {
     loop {
+        // `*len < buf.len()` here: it starts at 0, and once it reaches `buf.len()`
+        // `classify(.., full = true)` is always decisive and the loop returns.
         let n = io.read(&mut buf[*len..]).await?;
         if n == 0 {
             if *len == 0 {
