@@ -159,7 +159,7 @@ pub fn own_listener(addr: SocketAddr, cx: &Context<'_>) -> Option<(Direction, So
         bound.is_ipv4() == ip.is_ipv4()
             && (ip.is_loopback()
                 || ip.is_unspecified()
-                || cx.is_local.map_or(true, |is_local| is_local(ip)))
+                || cx.is_local.is_none_or(|is_local| is_local(ip)))
     };
     let tagged = |direction| move |l: &SocketAddr| (direction, *l);
     cx.inbound
