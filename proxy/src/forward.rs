@@ -339,7 +339,8 @@ where
 /// the proxy UID (2102 by default), whose traffic meshinit's outbound rule exempts, and
 /// because inbound destinations (the pod's own address) are reached over `lo`, which the
 /// rules exempt too. Under any other UID each forwarded connection would come back to
-/// the outbound listener, until `--max-connections` stops the loop.
+/// the outbound listener, until `--max-connections` stops the loop; meshproxy warns at
+/// start-up when its UID is not `--proxy-uid`.
 ///
 /// Meshed destinations get this same connection, to the peer's inbound port, wrapped
 /// in mTLS by `mtls::outbound`.

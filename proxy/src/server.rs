@@ -301,8 +301,9 @@ impl RateLimited {
 }
 
 /// Warns when the proxy does not run as the UID meshinit exempts: each connection it
-/// forwards would then be redirected back into its own outbound listener (refused as a
-/// self-loop, so nothing would ever get through), and nothing else would say why.
+/// forwards would then be redirected back into its own outbound listener, with the same
+/// original destination, again and again until the outbound `--max-connections` is used
+/// up, and nothing else would say why.
 fn warn_unless_proxy_uid(proxy_uid: u32) {
     let uid = nix::unistd::Uid::effective().as_raw();
     if uid != proxy_uid {

@@ -35,8 +35,7 @@ use crate::config::{Config, PortSet};
 use crate::detect::{detect, Detected, Protocol};
 use crate::identity::IdentityWatch;
 use crate::mesh_peers::MeshPeersWatch;
-use crate::metrics::Refused;
-use crate::metrics::{errno_name, Direction};
+use crate::metrics::{errno_name, Direction, Refused};
 use crate::prefixed::Prefixed;
 use crate::route::{own_listener, Context};
 use crate::tls::{self, HandshakeFailure};
@@ -174,8 +173,8 @@ pub(super) async fn inbound_direct(
             debug!(?client_addr, %local, "too many connections without a ClientHello, closing");
             return;
         };
-        // `detect` stops reading as soon as the bytes are decisive; a TLS record header
-        // is. Whatever it read is replayed to rustls.
+        // `detect` reads until the bytes are decisive: for TLS, the whole ClientHello
+        // record (or 8 KiB of it). Whatever it read is replayed to rustls.
         match detect(&mut client, fwd.handshake_timeout).await {
             Ok(detection) => detection,
             Err(error) => {
@@ -191,7 +190,9 @@ pub(super) async fn inbound_direct(
         Detected::Timeout => {
             fwd.metrics
                 .handshake_failed(Direction::Inbound, HandshakeFailure::Timeout);
-            info!(
+            // Counted; logged at debug only, since a flood of these is what the budget
+            // is for.
+            debug!(
                 ?client_addr,
                 timeout = ?fwd.handshake_timeout,
                 "closing a direct connection that sent no ClientHello within the handshake timeout"
