@@ -26,7 +26,7 @@
 //! Outbound destinations are otherwise the application's business: it may connect to
 //! anything, and the proxy only sees what the application could have reached directly.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::metrics::{Direction, Refused};
 use crate::orig_dst::OrigDstError;
@@ -143,7 +143,13 @@ pub fn route(
 /// address and port, or a wildcard listener of the same family and port when `addr` is
 /// local.
 pub fn own_listener(addr: SocketAddr, cx: &Context<'_>) -> Option<(Direction, SocketAddr)> {
-    let ip = addr.ip().to_canonical();
+    // `connect` to the unspecified address goes to loopback (`0.0.0.0` is 127.0.0.1,
+    // `::` is `::1`), so that is the address it reaches.
+    let ip = match addr.ip().to_canonical() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
     let reaches = |listener: &SocketAddr| {
         if listener.port() != addr.port() {
             return false;
@@ -153,13 +159,10 @@ pub fn own_listener(addr: SocketAddr, cx: &Context<'_>) -> Option<(Direction, So
             return bound == ip;
         }
         // A wildcard listener takes its own family only (IPv6 ones are IPV6_V6ONLY),
-        // at every local address. Loopback and the unspecified address (which
-        // `connect` treats as "this host") always are; anything else is asked, and
+        // at every local address. Loopback always is; anything else is asked, and
         // taken as local when the caller chose the destination itself.
         bound.is_ipv4() == ip.is_ipv4()
-            && (ip.is_loopback()
-                || ip.is_unspecified()
-                || cx.is_local.is_none_or(|is_local| is_local(ip)))
+            && (ip.is_loopback() || cx.is_local.is_none_or(|is_local| is_local(ip)))
     };
     let tagged = |direction| move |l: &SocketAddr| (direction, *l);
     cx.inbound

@@ -154,6 +154,27 @@ fn every_own_listener_is_a_self_loop_in_both_directions_and_families() {
     // A v4 wildcard does not take IPv6, and the reverse: [::1]:4143 is no listener here.
     let got = route(Direction::Outbound, Ok(addr("[::1]:4143")), &cx);
     assert_eq!(got.unwrap(), Route::Forward(addr("[::1]:4143")));
+    // `connect` takes the unspecified address for loopback: that is our listener too.
+    for original in ["0.0.0.0:4140", "[::]:4140"] {
+        let got = route(Direction::Outbound, Ok(addr(original)), &cx);
+        assert!(
+            matches!(got, Err(Refusal::SelfLoop { .. })),
+            "{original}: {got:?}"
+        );
+    }
+    let (inbound, outbound) = listeners();
+    let cx = Context {
+        inbound: &inbound,
+        outbound: &outbound,
+        ..cx
+    };
+    for original in ["0.0.0.0:4140", "[::]:4140", "0.0.0.0:4143", "[::]:4143"] {
+        let got = route(Direction::Outbound, Ok(addr(original)), &cx);
+        assert!(
+            matches!(got, Err(Refusal::SelfLoop { .. })),
+            "{original}: {got:?}"
+        );
+    }
 }
 
 #[test]
