@@ -236,6 +236,14 @@ pub fn proxy_config(data: &[u8]) {
     if let Ok(config) = Config::from_sources(&ProxyArgs::default(), &env, Some(toml)) {
         assert!(!config.inbound_addrs.is_empty() && !config.outbound_addrs.is_empty());
         assert!(config.max_connections >= 1 && config.max_detecting >= 1);
+        // Every duration is in its documented range: above zero, at most a day.
+        for d in [
+            config.detect_timeout,
+            config.shutdown_grace,
+            config.handshake_timeout,
+        ] {
+            assert!(!d.is_zero() && d <= Duration::from_secs(86_400), "{d:?}");
+        }
         assert_ne!(config.peer_inbound_port, 0);
         for ports in [&config.inbound_opaque_ports, &config.outbound_opaque_ports] {
             assert_eq!(ports.to_string().parse::<PortSet>().as_ref(), Ok(ports));

@@ -23,7 +23,8 @@
 //! - `bins`: where the binaries under test are (`meshinit`, `meshproxy`, `netns-probe`) and
 //!   running `meshinit` in a namespace.
 //! - `proxy`: [`MeshProxy`], the real `meshproxy` started in a namespace as the proxy uid
-//!   ([`Netns::start_meshproxy`]), and [`Metrics`], a scrape of its `/metrics`.
+//!   ([`Netns::start_meshproxy`]) or as another uid through a wrapper such as `prlimit`
+//!   ([`Netns::start_meshproxy_as`]), and [`Metrics`], a scrape of its `/metrics`.
 //!
 //! These helpers panic instead of returning errors whenever the harness itself fails (no
 //! root, `ip` refused, a binary not built): in a test the panic message, with the command

@@ -41,16 +41,25 @@ impl Netns {
     /// listener must stay on port [`ADMIN_PORT`]. Panics, with the proxy's log, when it exits
     /// or is not ready within 10 s.
     pub fn start_meshproxy(&self, args: &[&str]) -> MeshProxy<'_> {
+        self.start_meshproxy_as(PROXY_UID, &[], args)
+    }
+
+    /// Like [`Netns::start_meshproxy`], but as `uid` (and gid; 0 is root) and through
+    /// `wrapper`, a command that execs its arguments (`prlimit --nofile=256:4096`), run
+    /// before the uid changes.
+    pub fn start_meshproxy_as(&self, uid: u32, wrapper: &[&str], args: &[&str]) -> MeshProxy<'_> {
         let log = std::env::temp_dir().join(format!("{}-meshproxy.log", self.name()));
-        // The shell (still root) opens the log, then becomes setpriv, then meshproxy: one
-        // pid throughout, so the guard kills meshproxy itself.
+        // The shell (still root) opens the log, then becomes the wrapper, setpriv, then
+        // meshproxy: one pid throughout, so the guard kills meshproxy itself.
         let mut cmd = self.command("sh");
         cmd.arg("-c")
-            .arg(r#"log="$1"; shift; exec setpriv "$@" 2>"$log""#)
+            .arg(r#"log="$1"; shift; exec "$@" 2>"$log""#)
             .arg("sh")
             .arg(&log)
-            .arg(format!("--reuid={PROXY_UID}"))
-            .arg(format!("--regid={PROXY_UID}"))
+            .args(wrapper)
+            .arg("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
             .arg("--clear-groups")
             .arg(meshproxy_bin())
             .args(args)
@@ -69,6 +78,11 @@ impl MeshProxy<'_> {
     /// The admin address, as reached from inside the proxy's namespace.
     pub fn admin_addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT))
+    }
+
+    /// The process id of meshproxy (for `/proc/PID/limits`).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     /// What meshproxy has logged so far.

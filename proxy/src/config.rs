@@ -54,16 +54,29 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "DURATION", help_heading = "Protocol detection")]
     pub detect_timeout: Option<String>,
 
-    /// Most connections open at once; more are closed at accept [default: 16384].
+    /// Most connections open at once, per direction (inbound and outbound each have
+    /// this many); more are closed at accept [default: 16384].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     pub max_connections: Option<String>,
-    /// Most connections still in protocol detection; more are closed [default: 4096].
+    /// Most connections still in protocol detection (or, on the inbound port, still
+    /// without a TLS ClientHello), per direction; more are closed [default: 4096].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     pub max_detecting: Option<String>,
+    /// How long a direct mTLS client of the inbound port may take to send its
+    /// ClientHello, and an mTLS handshake with its transport header to complete
+    /// [default: 10s].
+    #[arg(long, value_name = "DURATION", help_heading = "Limits")]
+    pub handshake_timeout: Option<String>,
 
     /// On SIGTERM/SIGINT, how long open connections may drain [default: 30s].
     #[arg(long, value_name = "DURATION", help_heading = "Lifecycle")]
     pub shutdown_grace: Option<String>,
+
+    /// The UID meshproxy is meant to run as, meshinit's --proxy-uid, whose traffic is
+    /// not redirected; a warning is logged at start-up when the effective UID differs
+    /// [default: 2102].
+    #[arg(long, value_name = "UID", help_heading = "Lifecycle")]
+    pub proxy_uid: Option<String>,
 
     /// `plain` or `json` (one object per line) [default: plain].
     #[arg(long, value_name = "FORMAT", help_heading = "Logging")]
@@ -114,12 +127,23 @@ pub struct Config {
     /// How long open connections may drain after SIGTERM. Default 30 s, the kubelet's
     /// default termination grace period.
     pub shutdown_grace: Duration,
-    /// Cap on open connections, so that a flood cannot exhaust file descriptors.
-    /// Default 16384.
+    /// Cap on open connections, per direction, so that a flood cannot exhaust file
+    /// descriptors, and a flood of inbound connections cannot refuse the pod's own
+    /// outbound ones (or the reverse). Default 16384 each.
     pub max_connections: usize,
-    /// Cap on connections still in detection, each of which holds a buffer and waits
-    /// up to `detect_timeout`: silent clients must not pile up. Default 4096.
+    /// Cap on connections still in detection, per direction, each of which holds a
+    /// buffer and waits up to `detect_timeout`: silent clients must not pile up.
+    /// Direct mTLS connections to the inbound port count here until their ClientHello
+    /// arrives. Default 4096 each.
     pub max_detecting: usize,
+    /// How long a direct mTLS client may take to send its ClientHello, and any mTLS
+    /// handshake (with the transport header) to complete: a silent or stalling peer
+    /// must not hold a slot. Default 10 s, like `detect_timeout`.
+    pub handshake_timeout: Duration,
+    /// The UID meshinit exempts (`--proxy-uid`). meshproxy only warns when its
+    /// effective UID differs: every connection it forwards would then be redirected
+    /// back to it. Default 2102, meshinit's.
+    pub proxy_uid: u32,
     /// How logs are written. Default plain text.
     pub log_format: LogFormat,
     /// Our certificate, key and trust anchors. Default none: no mTLS, every
@@ -145,9 +169,17 @@ const DEFAULT_OUTBOUND_ADDRS: &str = "127.0.0.1:4140,[::1]:4140";
 const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:4191";
 const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_PROXY_UID: u32 = 2102;
+/// The longest any duration setting may be. Longer is a typo, not a wish, and huge
+/// values overflow `Instant` arithmetic (a panic) in timers and deadlines.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 const DEFAULT_MAX_DETECTING: usize = 4_096;
 const DEFAULT_PEER_INBOUND_PORT: u16 = 4143;
+/// Descriptors beyond the connections': listeners, admin clients, certificate and
+/// peers files being re-read, the bind probe of `orig_dst::is_local`, stdio, epoll.
+pub const DESCRIPTOR_MARGIN: u64 = 128;
 /// Upper bound for both caps: the drain waits for all permits with one `u32` call.
 const MAX_CAP: usize = 1_000_000;
 
@@ -219,7 +251,9 @@ struct FileConfig {
     detect_timeout: Option<FileValue>,
     max_connections: Option<FileValue>,
     max_detecting: Option<FileValue>,
+    handshake_timeout: Option<FileValue>,
     shutdown_grace: Option<FileValue>,
+    proxy_uid: Option<FileValue>,
     log_format: Option<FileValue>,
     identity_cert: Option<FileValue>,
     identity_key: Option<FileValue>,
@@ -396,6 +430,22 @@ impl Config {
                 parse_cap,
             )?
             .unwrap_or(DEFAULT_MAX_DETECTING);
+        let handshake_timeout = s
+            .resolve(
+                "handshake-timeout",
+                a.handshake_timeout.as_ref(),
+                f.handshake_timeout.as_ref(),
+                parse_duration,
+            )?
+            .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+        let proxy_uid = s
+            .resolve(
+                "proxy-uid",
+                a.proxy_uid.as_ref(),
+                f.proxy_uid.as_ref(),
+                parse_uid,
+            )?
+            .unwrap_or(DEFAULT_PROXY_UID);
         let log_format = s
             .resolve(
                 "log-format",
@@ -477,12 +527,22 @@ impl Config {
             shutdown_grace,
             max_connections,
             max_detecting,
+            handshake_timeout,
+            proxy_uid,
             log_format,
             identity,
             mesh_peers,
             require_identity_ports,
             peer_inbound_port,
         })
+    }
+
+    /// How many file descriptors the caps may need at once: two per connection (the
+    /// client's and ours to the destination), for both directions, plus
+    /// [`DESCRIPTOR_MARGIN`] for the listeners, admin connections, files and probes.
+    pub fn descriptors_needed(&self) -> u64 {
+        let per_direction = u64::try_from(self.max_connections).unwrap_or(u64::MAX / 8);
+        2 * 2 * per_direction + DESCRIPTOR_MARGIN
     }
 
     /// The `--config` path: the flag, else `MESHPROXY_CONFIG`.
@@ -494,13 +554,16 @@ impl Config {
 }
 
 impl Default for Config {
+    /// The built-in defaults. No input reaches this: an empty environment and no file
+    /// cannot fail, which `config::tests` checks.
     fn default() -> Config {
         Config::from_sources(&ProxyArgs::default(), &HashMap::new(), None)
             .expect("the built-in defaults are valid")
     }
 }
 
-/// Parses a built-in default, which is a constant known to be valid.
+/// Parses a built-in default, which is a constant known to be valid (each one is parsed
+/// by `Config::default()` in the tests, so a bad constant fails there, not here).
 fn default<T>(parse: fn(&str) -> Result<T, String>, value: &str) -> T {
     parse(value).expect("built-in default is valid")
 }
@@ -524,9 +587,24 @@ fn parse_addrs(input: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(addrs)
 }
 
+/// A duration greater than zero and at most [`MAX_DURATION`] (a day). Zero would make
+/// every timer fire at once (no detection, no drain), which is never what was meant.
 fn parse_duration(input: &str) -> Result<Duration, String> {
-    humantime::parse_duration(input.trim())
-        .map_err(|_| "expected a duration like 10s, 500ms or 2m".to_string())
+    let expected =
+        || "expected a duration greater than 0 and at most 24h, like 10s, 500ms or 2m".to_string();
+    match humantime::parse_duration(input.trim()) {
+        Ok(d) if !d.is_zero() && d <= MAX_DURATION => Ok(d),
+        _ => Err(expected()),
+    }
+}
+
+fn parse_uid(input: &str) -> Result<u32, String> {
+    input
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|&uid| uid != u32::MAX)
+        .ok_or_else(|| "expected a numeric UID from 0 to 4294967294".to_string())
 }
 
 fn parse_path(input: &str) -> Result<PathBuf, String> {

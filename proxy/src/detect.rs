@@ -125,6 +125,8 @@ where
     R: AsyncRead + Unpin,
 {
     loop {
+        // `*len < buf.len()` here: it starts at 0, and once it reaches `buf.len()`
+        // `classify(.., full = true)` is always decisive and the loop returns.
         let n = io.read(&mut buf[*len..]).await?;
         if n == 0 {
             if *len == 0 {
@@ -187,6 +189,10 @@ fn classify_h2(buf: &[u8]) -> Verdict {
 
 /// Matches a request line `METHOD SP request-target SP HTTP/1.x CRLF` (RFC 9112,
 /// section 3), also accepting a bare LF as RFC 9112 allows recipients to.
+///
+/// Indexing cannot panic on any input: each `buf[i]` follows a check that
+/// `i < buf.len()`, and `after[0]` one that `after` is not empty (the fuzz target
+/// `detect` runs this on arbitrary bytes).
 fn classify_http1(buf: &[u8]) -> Verdict {
     let mut i = 0;
     // method = token

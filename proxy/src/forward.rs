@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -28,6 +29,7 @@ use crate::identity::IdentityError;
 use crate::mesh_peers::MeshPeersError;
 use crate::metrics::{errno_name, ConnMetrics, Direction, Metrics, Refused};
 use crate::prefixed::Prefixed;
+use crate::route::Route;
 
 mod mtls;
 
@@ -37,12 +39,67 @@ use self::mtls::Mesh;
 pub struct Forwarder {
     metrics: Arc<Metrics>,
     detect_timeout: Duration,
+    /// How long an mTLS peer may take to say hello and finish the handshake.
+    handshake_timeout: Duration,
     inbound_opaque_ports: PortSet,
     outbound_opaque_ports: PortSet,
-    /// Permits for connections in detection (`--max-detecting`).
-    detecting: Arc<Semaphore>,
+    /// Permits for connections in detection (`--max-detecting`), one budget per
+    /// direction: silent inbound clients must not refuse the pod's own outbound
+    /// connections.
+    detecting: PerDirection<Arc<Semaphore>>,
     /// Identity and meshed peers, when mTLS is configured.
     mesh: Option<Mesh>,
+    /// Our listeners, which a transport header must not name (see `mtls::inbound`).
+    listeners: Listeners,
+}
+
+/// The addresses the proxy listens on, by direction.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Listeners {
+    pub(crate) inbound: Vec<SocketAddr>,
+    pub(crate) outbound: Vec<SocketAddr>,
+}
+
+/// One value per direction: the connection and detection budgets.
+#[derive(Debug)]
+pub(crate) struct PerDirection<T> {
+    pub(crate) inbound: T,
+    pub(crate) outbound: T,
+}
+
+impl<T> PerDirection<T> {
+    pub(crate) fn new(mut make: impl FnMut() -> T) -> PerDirection<T> {
+        PerDirection {
+            inbound: make(),
+            outbound: make(),
+        }
+    }
+
+    pub(crate) fn get(&self, direction: Direction) -> &T {
+        match direction {
+            Direction::Inbound => &self.inbound,
+            Direction::Outbound => &self.outbound,
+        }
+    }
+}
+
+/// TCP keepalive on both sockets of a forwarded connection: probes start after 60 s
+/// without traffic, every 10 s, and 6 unanswered probes (2 minutes in all) reset the
+/// connection. Without it a peer that vanished (a node gone, a NAT entry expired) holds
+/// its connection slot and two descriptors until the process restarts; with it the
+/// copy loop gets an error and the slot is freed. Idle but live connections are not
+/// affected: the peer's kernel answers the probes.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 6;
+
+/// Enables [`KEEPALIVE_IDLE`] and friends on a forwarded connection's socket.
+pub(crate) fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
+    let keepalive = TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    SockRef::from(stream).set_tcp_keepalive(&keepalive)
 }
 
 /// Why a [`Forwarder`] could not be built: the mTLS files are unusable.
@@ -75,11 +132,18 @@ impl Forwarder {
         Ok(Forwarder {
             metrics,
             detect_timeout: config.detect_timeout,
+            handshake_timeout: config.handshake_timeout,
             inbound_opaque_ports: config.inbound_opaque_ports.clone(),
             outbound_opaque_ports: config.outbound_opaque_ports.clone(),
-            detecting: Arc::new(Semaphore::new(config.max_detecting)),
+            detecting: PerDirection::new(|| Arc::new(Semaphore::new(config.max_detecting))),
             mesh: Mesh::new(config)?,
+            listeners: Listeners::default(),
         })
+    }
+
+    /// Tells the forwarder where the proxy listens, once bound.
+    pub(crate) fn set_listeners(&mut self, listeners: Listeners) {
+        self.listeners = listeners;
     }
 
     /// Whether the inbound listener takes direct (not redirected) connections: with
@@ -88,24 +152,27 @@ impl Forwarder {
         self.mesh.is_some()
     }
 
-    /// Forwards `client`, accepted by the `direction` listener, to `target`. Errors end
-    /// the connection and are logged and counted here; there is nothing to return.
+    /// Forwards `client`, accepted by the `direction` listener, as `route` decided.
+    /// Errors end the connection and are logged and counted here; there is nothing to
+    /// return.
     ///
-    /// With an identity, an inbound connection whose target is the inbound listener
-    /// itself is a peer proxy's direct mTLS connection (its original destination was
-    /// port 4143, or it was not redirected at all); see `mtls`.
-    pub async fn forward(&self, mut client: TcpStream, direction: Direction, target: SocketAddr) {
+    /// [`Route::Direct`] is a peer proxy's direct mTLS connection to our inbound port
+    /// (only decided with an identity); see `mtls`.
+    pub(crate) async fn forward(&self, mut client: TcpStream, direction: Direction, route: Route) {
         // We forward what we read as soon as we read it; Nagle would only add delay.
         let _ = client.set_nodelay(true);
+        // Best effort: a socket that refuses keepalive is still forwarded.
+        let _ = set_keepalive(&client);
         let mesh = self.mesh.as_ref();
 
-        if let (Some(mesh), Direction::Inbound) = (mesh, direction) {
-            let listener_port = client.local_addr().map(|a| a.port()).ok();
-            if listener_port == Some(target.port()) {
-                let client = Prefixed::new(Vec::new(), client);
-                return mtls::inbound(self, mesh, client, target, true).await;
+        let target = match (route, mesh) {
+            (Route::Forward(target), _) => target,
+            (Route::Direct(local), Some(mesh)) => {
+                return mtls::inbound_direct(self, mesh, client, local).await;
             }
-        }
+            // `route` only decides `Direct` when `accepts_direct()`, i.e. with a mesh.
+            (Route::Direct(_), None) => return,
+        };
 
         // On a port that requires an identity we must see whether the client starts a
         // TLS session for us, so it is detected even if it is opaque: a plaintext client
@@ -172,8 +239,9 @@ impl Forwarder {
         }
         // The cap on connections in detection: each holds a buffer and may wait the
         // whole timeout, so a flood of silent clients is turned away here, at once,
-        // instead of piling up.
-        let Ok(_permit) = self.detecting.clone().try_acquire_owned() else {
+        // instead of piling up. Per direction, so that inbound clients cannot use up
+        // the budget of the pod's own outbound connections.
+        let Ok(_permit) = self.detecting.get(direction).clone().try_acquire_owned() else {
             self.metrics.refused(direction, Refused::MaxDetecting);
             debug!(?client_addr, %target, "too many connections in protocol detection, closing");
             return None;
@@ -271,12 +339,40 @@ where
 /// the proxy UID (2102 by default), whose traffic meshinit's outbound rule exempts, and
 /// because inbound destinations (the pod's own address) are reached over `lo`, which the
 /// rules exempt too. Under any other UID each forwarded connection would come back to
-/// the outbound listener, until `--max-connections` stops the loop.
+/// the outbound listener, until `--max-connections` stops the loop; meshproxy warns at
+/// start-up when its UID is not `--proxy-uid`.
 ///
 /// Meshed destinations get this same connection, to the peer's inbound port, wrapped
 /// in mTLS by `mtls::outbound`.
+///
+/// The connection gets TCP keepalive (see [`KEEPALIVE_IDLE`]).
 pub async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::connect(target).await?;
     stream.set_nodelay(true)?;
+    set_keepalive(&stream)?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::socket::{getsockopt, sockopt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Both sockets of a forwarded connection: the one `connect` opens, and the
+    /// accepted one, which `forward` passes through `set_keepalive`.
+    #[tokio::test]
+    async fn forwarded_sockets_have_tcp_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        set_keepalive(&accepted).unwrap();
+        for stream in [&upstream, &accepted] {
+            assert!(getsockopt(stream, sockopt::KeepAlive).unwrap());
+            assert_eq!(getsockopt(stream, sockopt::TcpKeepIdle).unwrap(), 60);
+            assert_eq!(getsockopt(stream, sockopt::TcpKeepInterval).unwrap(), 10);
+            assert_eq!(getsockopt(stream, sockopt::TcpKeepCount).unwrap(), 6);
+        }
+    }
 }

@@ -8,6 +8,8 @@
 //!   connection caps and drains on shutdown ([`run`], [`Proxy`]).
 //! - `orig_dst`: recovers where the client meant to go (`SO_ORIGINAL_DST`,
 //!   `IP6T_SO_ORIGINAL_DST`) and refuses connections that were not redirected.
+//! - `route`: the pure decision per connection: forward, terminate a peer's direct mTLS,
+//!   or refuse (the trust boundary: loopback, foreign or own-listener destinations).
 //! - `detect`: reads the client's first bytes and classifies HTTP/1, HTTP/2, TLS or
 //!   opaque TCP; a plain async function over any reader, no sockets.
 //! - `forward`: one connection from detection to close: connect to the destination,
@@ -43,6 +45,7 @@ mod metrics;
 mod orig_dst;
 mod prefixed;
 mod reload;
+mod route;
 mod server;
 mod tls;
 mod transport_header;

@@ -95,6 +95,7 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    raise_nofile_limit(config.descriptors_needed());
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -151,6 +152,49 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, and warns when even that cannot
+/// hold `needed` descriptors.
+///
+/// The soft limit is often 1024 (systemd, many container runtimes), far below what
+/// `--max-connections` allows: past it `accept` fails with EMFILE and the proxy stops
+/// taking connections at a fraction of its cap. The hard limit is what the
+/// administrator granted, so we take all of it; we cannot go higher without
+/// CAP_SYS_RESOURCE, and do not try.
+fn raise_nofile_limit(needed: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the file descriptor limit (RLIMIT_NOFILE)");
+            return;
+        }
+    };
+    let soft = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                tracing::debug!(from = soft, to = hard, "raised the file descriptor limit");
+                hard
+            }
+            Err(error) => {
+                tracing::warn!(%error, soft, hard, "cannot raise the file descriptor limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if soft < needed {
+        tracing::warn!(
+            limit = soft,
+            needed,
+            "the file descriptor limit (RLIMIT_NOFILE) is below what --max-connections \
+             needs (two descriptors per connection, inbound and outbound, plus a margin): \
+             connections will fail with EMFILE before the cap; raise the hard limit \
+             (ulimit -Hn, LimitNOFILE=) or lower --max-connections"
+        );
+    }
+}
+
 fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
@@ -163,11 +207,25 @@ fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Completes on SIGTERM (the kubelet stopping the pod) or SIGINT (Ctrl-C).
+///
+/// Without a SIGTERM handler (the runtime could not register one, which does not
+/// happen on Linux short of running out of descriptors) SIGTERM keeps its default
+/// action and ends the process at once, without draining: logged, not a panic.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot handle SIGTERM: it will stop meshproxy without draining");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+        () = term => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }

@@ -13,7 +13,9 @@
 //! ```
 //!
 //! A destination matching several entries takes the longest prefix, so a /32 can
-//! override its /24. A destination matching none is not meshed and is reached in
+//! override its /24. IPv4-mapped IPv6 networks (`::ffff:198.18.0.2`,
+//! `::ffff:198.18.0.0/120`) are the IPv4 networks they map: destinations are compared
+//! as IPv4, so kept as IPv6 they would silently match nothing. A destination matching none is not meshed and is reached in
 //! plaintext, exactly as without the flag. Unknown keys are an error: a typo such as
 //! `identiy` must not silently turn a peer into a plaintext destination.
 //!
@@ -90,7 +92,7 @@ impl MeshPeers {
                     identity,
                 });
             }
-            peers.push((parsed.trunc(), identity));
+            peers.push((ipv4_mapped_to_ipv4(parsed).trunc(), identity));
         }
         // Longest prefix first, so the first match is the most specific.
         peers.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
@@ -120,6 +122,18 @@ impl MeshPeers {
     }
 }
 
+/// An IPv4-mapped IPv6 network (inside `::ffff:0:0/96`) as the IPv4 network it maps;
+/// any other network unchanged.
+fn ipv4_mapped_to_ipv4(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        other => other,
+    }
+}
+
 /// The mesh peers file, reloaded when it changes.
 pub struct MeshPeersWatch {
     watched: Watched<MeshPeers, MeshPeersError>,
@@ -128,7 +142,9 @@ pub struct MeshPeersWatch {
 impl MeshPeersWatch {
     pub fn new(path: &Path) -> Result<MeshPeersWatch, MeshPeersError> {
         let watched = Watched::new("mesh peers", vec![path.to_path_buf()], |paths| {
-            MeshPeers::load(&paths[0])
+            // `Watched` hands back the one path it was given.
+            let path = paths.first().map_or(Path::new(""), PathBuf::as_path);
+            MeshPeers::load(path)
         })?;
         Ok(MeshPeersWatch { watched })
     }
@@ -169,6 +185,30 @@ mod tests {
         assert_eq!(id("fd00::9"), Some("db.default.mesh.local"));
         assert_eq!(id("198.18.1.2"), None);
         assert_eq!(parse("").unwrap(), MeshPeers::default());
+    }
+
+    #[test]
+    fn ipv4_mapped_networks_are_their_ipv4_networks() {
+        let peers = parse(
+            r#"
+            [[peer]]
+            net = "::ffff:198.18.0.2"
+            identity = "web.default.mesh.local"
+            [[peer]]
+            net = "::ffff:198.18.1.0/120"
+            identity = "any.default.mesh.local"
+            "#,
+        )
+        .unwrap();
+        let id = |ip: &str| peers.identity(ip.parse().unwrap());
+        assert_eq!(id("198.18.0.2"), Some("web.default.mesh.local"));
+        assert_eq!(id("::ffff:198.18.0.2"), Some("web.default.mesh.local"));
+        assert_eq!(id("198.18.1.77"), Some("any.default.mesh.local"));
+        assert_eq!(id("198.18.2.1"), None);
+        // A network that merely contains the mapped range stays IPv6.
+        let peers = parse("[[peer]]\nnet = \"::/64\"\nidentity = \"a.b\"").unwrap();
+        assert_eq!(peers.identity("198.18.0.2".parse().unwrap()), None);
+        assert_eq!(peers.identity("::5".parse().unwrap()), Some("a.b"));
     }
 
     #[test]

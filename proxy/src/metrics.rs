@@ -25,8 +25,12 @@
 //! detection and appear in neither.
 //!
 //! `tcp_refused_total{direction,reason}` counts connections closed before forwarding:
-//! `max_connections`, `max_detecting` (the caps), `no_original_dst` (not redirected)
-//! and `identity_required` (a plaintext client on a `--require-identity-ports` port).
+//! `max_connections`, `max_detecting` (the caps, per direction), `no_original_dst` (not
+//! redirected), `identity_required` (a plaintext client on a `--require-identity-ports`
+//! port), and the trust boundary (see `route`): `loopback_destination`,
+//! `unspecified_destination`, `multicast_destination`, `foreign_destination` (an inbound
+//! original destination that is not an address of the pod) and `self_loop` (an original
+//! destination that is one of the proxy's own listeners).
 //!
 //! `tls_handshake_failures_total{direction,reason}` counts failed mTLS handshakes:
 //! `reason` is `no_client_cert`, `untrusted` (no chain to the trust anchors),
@@ -126,22 +130,37 @@ struct RefusedLabels {
 type HandshakeLabels = RefusedLabels;
 
 /// Why a connection was closed before being forwarded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Refused {
     MaxConnections,
     MaxDetecting,
     NoOriginalDst,
     /// A plaintext client on a `--require-identity-ports` port.
     IdentityRequired,
+    /// Trust boundary (`route`): an inbound original destination on loopback,
+    LoopbackDestination,
+    /// the unspecified address,
+    UnspecifiedDestination,
+    /// a multicast or broadcast address,
+    MulticastDestination,
+    /// or an address that is not one of the namespace's own;
+    ForeignDestination,
+    /// an original destination that is one of the proxy's own listeners.
+    SelfLoop,
 }
 
 impl Refused {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Refused::MaxConnections => "max_connections",
             Refused::MaxDetecting => "max_detecting",
             Refused::NoOriginalDst => "no_original_dst",
             Refused::IdentityRequired => "identity_required",
+            Refused::LoopbackDestination => "loopback_destination",
+            Refused::UnspecifiedDestination => "unspecified_destination",
+            Refused::MulticastDestination => "multicast_destination",
+            Refused::ForeignDestination => "foreign_destination",
+            Refused::SelfLoop => "self_loop",
         }
     }
 }

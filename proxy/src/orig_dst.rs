@@ -5,11 +5,15 @@
 //! read it back with `getsockopt(SOL_IP, SO_ORIGINAL_DST)` for IPv4 and
 //! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` for IPv6 (both optname 80). nix wraps
 //! both calls, so this module needs no `unsafe`.
+//!
+//! It also answers whether an address is one of the namespace's own ([`is_local`]),
+//! which `route` asks of every inbound original destination.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use nix::sys::socket::{getsockopt, sockopt};
+use socket2::{Domain, Socket, Type};
 use tokio::net::TcpStream;
 
 /// Why a connection has no usable original destination. Such a connection is refused.
@@ -33,11 +37,12 @@ pub enum OrigDstError {
     Addrs(io::Error),
 }
 
-/// The original destination of an accepted, redirected connection.
+/// The original destination of an accepted, redirected connection: its address and
+/// port (an IPv6 destination keeps its scope id, never a flow label).
 ///
-/// Refuses a connection whose original destination is the socket's own local address:
-/// that connection was not redirected, and forwarding it would make the proxy connect to
-/// itself, again and again.
+/// Refuses a connection whose original destination is the socket's own local address
+/// and port: that connection was not redirected, and forwarding it would make the proxy
+/// connect to itself, again and again.
 pub fn original_dst(stream: &TcpStream) -> Result<SocketAddr, OrigDstError> {
     let local = stream.local_addr().map_err(OrigDstError::Addrs)?;
     let peer = stream.peer_addr().map_err(OrigDstError::Addrs)?;
@@ -58,18 +63,71 @@ pub fn original_dst(stream: &TcpStream) -> Result<SocketAddr, OrigDstError> {
         }
         SocketAddr::V6(_) => {
             let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(lookup)?;
+            // The kernel fills `sin6_flowinfo` with the accepted socket's flow label,
+            // which is not part of where the client meant to go: with
+            // `net.ipv6.flowlabel_reflect=1` it is the client's label, never 0, so a
+            // whole-`sockaddr_in6` comparison with our own address never matched and a
+            // connection to `[pod]:4143` was forwarded to the proxy itself, forever.
             SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(sa.sin6_addr.s6_addr),
                 u16::from_be(sa.sin6_port),
-                sa.sin6_flowinfo,
+                0,
                 sa.sin6_scope_id,
             ))
         }
     };
-    if original == local {
+    if same_endpoint(original, local) {
         return Err(OrigDstError::NotRedirected { local, peer });
     }
     Ok(original)
+}
+
+/// Whether two socket addresses name the same endpoint: the same IP and port. Flow
+/// labels and scope ids are not compared, and an IPv4-mapped IPv6 address equals its
+/// IPv4 address.
+pub fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+}
+
+/// Whether `ip` is an address of this network namespace: the kernel would deliver a
+/// packet addressed to it locally.
+///
+/// Asked with a bind test: `bind(ip:0)` on a fresh socket succeeds exactly when the
+/// address is local (`EADDRNOTAVAIL` otherwise; broadcast addresses are told apart by
+/// a `connect`, see below), because the socket sets neither
+/// `IP_FREEBIND` nor `IP_TRANSPARENT`. We prefer it to a cached address list because it
+/// is always current (an address added a moment ago counts, one removed does not),
+/// costs three syscalls and no netlink dump, and uses the kernel's own definition of
+/// "local" (for IPv4 that includes `ip route add local` ranges, which an interface list
+/// would miss). A UDP socket is used so the port it takes is not a TCP port.
+///
+/// The one way it can say yes to a foreign address is the sysctl
+/// `net.ipv{4,6}.ip_nonlocal_bind=1`; meshproxy warns about that at start-up
+/// ([`nonlocal_bind_enabled`]). Any other error (out of descriptors) counts as "not
+/// local": the connection is refused rather than forwarded somewhere unknown.
+pub fn is_local(ip: IpAddr) -> bool {
+    let addr = SocketAddr::new(ip, 0);
+    let Ok(socket) = Socket::new(Domain::for_address(addr), Type::DGRAM, None) else {
+        return false;
+    };
+    if socket.bind(&addr.into()).is_err() {
+        return false;
+    }
+    // IPv4 `bind` also accepts broadcast addresses (a subnet's directed broadcast):
+    // a UDP `connect` to one fails with EACCES without SO_BROADCAST, and only sets the
+    // socket's route otherwise (no packet is sent).
+    ip.is_ipv6() || socket.connect(&SocketAddr::new(ip, 9).into()).is_ok()
+}
+
+/// Whether `net.ipv4.ip_nonlocal_bind` or `net.ipv6.ip_nonlocal_bind` is set in this
+/// namespace, which makes [`is_local`] say yes to every address.
+pub fn nonlocal_bind_enabled() -> bool {
+    [
+        "/proc/sys/net/ipv4/ip_nonlocal_bind",
+        "/proc/sys/net/ipv6/ip_nonlocal_bind",
+    ]
+    .iter()
+    .any(|path| std::fs::read_to_string(path).is_ok_and(|v| v.trim() != "0"))
 }
 
 #[cfg(test)]
@@ -92,5 +150,31 @@ mod tests {
             }
             other => panic!("unexpected error {other}"),
         }
+    }
+
+    #[test]
+    fn endpoints_compare_address_and_port_only() {
+        let a: SocketAddrV6 = "[fd00:18::1]:4143".parse().unwrap();
+        let labelled = SocketAddrV6::new(*a.ip(), 4143, 0xabcde, 0);
+        assert!(same_endpoint(a.into(), labelled.into()));
+        assert!(!same_endpoint(
+            a.into(),
+            "[fd00:18::1]:4140".parse().unwrap()
+        ));
+        assert!(same_endpoint(
+            "[::ffff:198.18.0.1]:80".parse().unwrap(),
+            "198.18.0.1:80".parse().unwrap()
+        ));
+    }
+
+    #[test]
+    fn loopback_is_local_and_documentation_and_broadcast_addresses_are_not() {
+        assert!(is_local("127.0.0.1".parse().unwrap()));
+        assert!(
+            is_local("127.0.0.2".parse().unwrap()),
+            "all of 127/8 is local"
+        );
+        assert!(!is_local("203.0.113.77".parse().unwrap()));
+        assert!(!is_local("2001:db8::77".parse().unwrap()));
     }
 }

@@ -1,27 +1,34 @@
-//! The listeners, the accept loops, the connection cap and graceful shutdown.
+//! The listeners, the accept loops, the connection caps and graceful shutdown.
 //!
 //! [`run`] binds and serves until `shutdown` completes (mini-redis' `server::run`
 //! shape), then stops accepting, marks the proxy not ready, and lets open connections
 //! drain for `--shutdown-grace` before dropping whatever is left.
+//!
+//! Inbound and outbound connections have separate budgets (`--max-connections` and
+//! `--max-detecting` each apply per direction): one shared cap let a flood of silent
+//! inbound sockets refuse the pod's own outbound connections.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::Config;
-use crate::forward::{Forwarder, ForwarderError};
+use crate::forward::{Forwarder, ForwarderError, Listeners, PerDirection};
 use crate::metrics::{Direction, Metrics, Refused};
-use crate::orig_dst::{original_dst, OrigDstError};
+use crate::orig_dst::{self, original_dst, OrigDstError};
+use crate::route::{self, Context, Refusal};
 
 /// Pending connections the kernel queues per listener before we accept them.
 const BACKLOG: i32 = 1024;
@@ -30,6 +37,8 @@ const BACKLOG: i32 = 1024;
 pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot read the address of a bound listener: {0}")]
+    LocalAddr(io::Error),
     #[error(transparent)]
     Mesh(#[from] ForwarderError),
 }
@@ -45,6 +54,7 @@ pub struct Proxy {
     inbound: Vec<TcpListener>,
     outbound: Vec<TcpListener>,
     admin: TcpListener,
+    addrs: BoundAddrs,
     metrics: Arc<Metrics>,
     forwarder: Forwarder,
 }
@@ -67,30 +77,32 @@ impl Proxy {
     /// defaults list both families and must work on IPv4-only hosts.
     pub async fn bind(config: Config) -> Result<Proxy, ServerError> {
         let metrics = Arc::new(Metrics::new());
-        let forwarder = Forwarder::new(&config, metrics.clone())?;
+        let mut forwarder = Forwarder::new(&config, metrics.clone())?;
         let admin = bind(config.admin_addr)?;
         let inbound = bind_all(&config.inbound_addrs)?;
         let outbound = bind_all(&config.outbound_addrs)?;
+        let addrs = BoundAddrs {
+            inbound: local_addrs(&inbound)?,
+            outbound: local_addrs(&outbound)?,
+            admin: local_addr(&admin)?,
+        };
+        forwarder.set_listeners(Listeners {
+            inbound: addrs.inbound.clone(),
+            outbound: addrs.outbound.clone(),
+        });
         Ok(Proxy {
             config,
             inbound,
             outbound,
             admin,
+            addrs,
             metrics,
             forwarder,
         })
     }
 
     pub fn local_addrs(&self) -> BoundAddrs {
-        let addrs = |ls: &[TcpListener]| ls.iter().filter_map(|l| l.local_addr().ok()).collect();
-        BoundAddrs {
-            inbound: addrs(&self.inbound),
-            outbound: addrs(&self.outbound),
-            admin: self
-                .admin
-                .local_addr()
-                .expect("a bound listener has an address"),
-        }
+        self.addrs.clone()
     }
 
     /// The metrics the proxy records.
@@ -98,13 +110,24 @@ impl Proxy {
         self.metrics.clone()
     }
 
-    /// Serves redirected connections, each sent to its `SO_ORIGINAL_DST`.
+    /// Serves redirected connections, each sent to its `SO_ORIGINAL_DST` unless `route`
+    /// refuses it (the trust boundary: see there).
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        self.serve_with(original_dst, shutdown).await
+        if orig_dst::nonlocal_bind_enabled() {
+            warn!(
+                "net.ipv4/ipv6.ip_nonlocal_bind is set in this network namespace: inbound \
+                 original destinations that are not addresses of the pod cannot be told apart \
+                 and are forwarded"
+            );
+        }
+        self.serve_inner(original_dst, Some(orig_dst::is_local), shutdown)
+            .await
     }
 
     /// Serves connections, each sent where `destination` says. `serve` passes the
-    /// kernel's original destination; tests pass a fixed address.
+    /// kernel's original destination; tests pass a fixed address, which is trusted as
+    /// chosen: only the self-loop check of `route` applies to it, not the inbound
+    /// address checks (a test's destination is on loopback).
     pub async fn serve_with<F>(
         self,
         destination: F,
@@ -113,15 +136,28 @@ impl Proxy {
     where
         F: Fn(&TcpStream) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
     {
-        let addrs = self.local_addrs();
+        self.serve_inner(destination, None, shutdown).await
+    }
+
+    async fn serve_inner<F>(
+        self,
+        destination: F,
+        is_local: Option<fn(std::net::IpAddr) -> bool>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError>
+    where
+        F: Fn(&TcpStream) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
+    {
         let Proxy {
             config,
             inbound,
             outbound,
             admin,
+            addrs,
             metrics,
             forwarder,
         } = self;
+        warn_unless_proxy_uid(config.proxy_uid);
 
         let ready = Arc::new(AtomicBool::new(false));
         let admin_task = tokio::spawn(admin::serve(admin, metrics.clone(), ready.clone()));
@@ -132,10 +168,17 @@ impl Proxy {
         let (stop_accepting, stop_rx) = watch::channel(false);
         let (abort, abort_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
+            accepts_direct: forwarder.accepts_direct(),
             forwarder,
             metrics,
-            connections: Arc::new(Semaphore::new(config.max_connections)),
+            connections: PerDirection::new(|| Arc::new(Semaphore::new(config.max_connections))),
             destination,
+            is_local,
+            listeners: Listeners {
+                inbound: addrs.inbound.clone(),
+                outbound: addrs.outbound.clone(),
+            },
+            warnings: RateLimited::new(WARN_INTERVAL),
             abort: abort_rx,
         });
         let mut accept_loops = JoinSet::new();
@@ -170,12 +213,20 @@ impl Proxy {
         while accept_loops.join_next().await.is_some() {}
 
         // Every open connection holds one permit; all permits back means all closed.
-        let all =
-            u32::try_from(config.max_connections).expect("max_connections is capped by config");
-        match tokio::time::timeout(grace, shared.connections.acquire_many(all)).await {
-            Ok(_) => info!("all connections drained"),
+        // `max_connections` is at most a million (config's MAX_CAP), so it fits a u32;
+        // were it not, waiting for u32::MAX permits would only end at the grace period.
+        let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+        let conns = &shared.connections;
+        let drained = async {
+            let _inbound = conns.inbound.acquire_many(all).await;
+            let _outbound = conns.outbound.acquire_many(all).await;
+        };
+        match tokio::time::timeout(grace, drained).await {
+            Ok(()) => info!("all connections drained"),
             Err(_) => {
-                let left = config.max_connections - shared.connections.available_permits();
+                let left = 2 * config.max_connections
+                    - conns.inbound.available_permits()
+                    - conns.outbound.available_permits();
                 warn!(
                     left,
                     "shutdown grace period over, closing the remaining connections"
@@ -191,11 +242,79 @@ impl Proxy {
 /// What the accept loops and connection tasks share.
 struct Shared<F> {
     forwarder: Forwarder,
+    /// Whether the inbound listener takes direct mTLS connections.
+    accepts_direct: bool,
     metrics: Arc<Metrics>,
-    /// One permit per open connection (`--max-connections`).
-    connections: Arc<Semaphore>,
+    /// One permit per open connection (`--max-connections`), per direction.
+    connections: PerDirection<Arc<Semaphore>>,
     destination: F,
+    /// `orig_dst::is_local` for the kernel's destinations; `None` for chosen ones.
+    is_local: Option<fn(std::net::IpAddr) -> bool>,
+    listeners: Listeners,
+    /// Refusal warnings, at most one per reason per [`WARN_INTERVAL`].
+    warnings: RateLimited,
     abort: watch::Receiver<bool>,
+}
+
+/// How often each kind of refusal may be logged at WARN. A refusal can come in floods
+/// (a redirect loop, a scan, a misconfigured rule): one line a second per reason, with
+/// the number left out, says as much without filling the disk.
+const WARN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// At most one event per key per interval; counts the ones it suppressed.
+struct RateLimited {
+    interval: Duration,
+    /// Per key: when it was last let through, and how many were suppressed since.
+    last: Mutex<HashMap<Refused, (Instant, u64)>>,
+}
+
+impl RateLimited {
+    fn new(interval: Duration) -> RateLimited {
+        RateLimited {
+            interval,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(suppressed)` when an event for `key` at `now` may be logged (with the
+    /// number suppressed since the last one), `None` when it is to be suppressed.
+    fn check(&self, key: Refused, now: Instant) -> Option<u64> {
+        // A poisoned lock only means another thread panicked while holding it; the
+        // map is still a valid map.
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.get_mut(&key) {
+            Some((at, suppressed)) if now.duration_since(*at) < self.interval => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                let n = std::mem::take(suppressed);
+                *at = now;
+                Some(n)
+            }
+            None => {
+                last.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Warns when the proxy does not run as the UID meshinit exempts: each connection it
+/// forwards would then be redirected back into its own outbound listener, with the same
+/// original destination, again and again until the outbound `--max-connections` is used
+/// up, and nothing else would say why.
+fn warn_unless_proxy_uid(proxy_uid: u32) {
+    let uid = nix::unistd::Uid::effective().as_raw();
+    if uid != proxy_uid {
+        warn!(
+            uid,
+            proxy_uid,
+            "meshproxy is not running as the proxy UID (--proxy-uid, meshinit's --proxy-uid): \
+             its own connections are redirected back to it, so forwarded connections will fail; \
+             run it as UID {proxy_uid}, or set --proxy-uid to the UID meshinit exempts"
+        );
+    }
 }
 
 async fn accept_loop<F>(
@@ -219,8 +338,14 @@ async fn accept_loop<F>(
             },
         };
         // The connection cap: past it, close at once rather than queue, so a flood
-        // cannot exhaust file descriptors (each connection costs two).
-        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+        // cannot exhaust file descriptors (each connection costs two). Per direction,
+        // so a flood of one cannot starve the other.
+        let Ok(permit) = shared
+            .connections
+            .get(direction)
+            .clone()
+            .try_acquire_owned()
+        else {
             shared.metrics.refused(direction, Refused::MaxConnections);
             debug!(
                 direction = direction.as_str(),
@@ -228,33 +353,47 @@ async fn accept_loop<F>(
             );
             continue;
         };
-        let target =
-            match (shared.destination)(&stream) {
-                Ok(target) => target,
-                // With mTLS, peer proxies connect to the inbound port directly. Under
-                // meshinit's rules such a connection is redirected to the port it was
-                // already going to (original destination == our own address); without
-                // rules it has no NAT record at all. Either way its destination is the
-                // listener itself, and `forward` will demand mTLS and a transport header.
-                Err(
-                    OrigDstError::NotRedirected { local, .. } | OrigDstError::Lookup { local, .. },
-                ) if direction == Direction::Inbound && shared.forwarder.accepts_direct() => local,
-                Err(error) => {
-                    shared.metrics.refused(direction, Refused::NoOriginalDst);
-                    warn!(direction = direction.as_str(), %error, "refusing connection");
-                    continue;
-                }
-            };
+        let is_local = shared.is_local.as_ref().map(|f| f as &dyn Fn(_) -> bool);
+        let cx = Context {
+            accepts_direct: shared.accepts_direct,
+            inbound: &shared.listeners.inbound,
+            outbound: &shared.listeners.outbound,
+            is_local,
+        };
+        let route = match route::route(direction, (shared.destination)(&stream), &cx) {
+            Ok(route) => route,
+            Err(refusal) => {
+                refuse(&shared, direction, &stream, &refusal);
+                continue;
+            }
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut abort = shared.abort.clone();
             tokio::select! {
-                () = shared.forwarder.forward(stream, direction, target) => {}
+                () = shared.forwarder.forward(stream, direction, route) => {}
                 () = set(&mut abort) => {}
             }
         });
     }
+}
+
+/// Counts a refused connection and logs it at WARN, rate-limited per reason. The
+/// connection is closed when the caller drops it.
+fn refuse<F>(shared: &Shared<F>, direction: Direction, stream: &TcpStream, refusal: &Refusal) {
+    let reason = refusal.reason();
+    shared.metrics.refused(direction, reason);
+    let Some(suppressed) = shared.warnings.check(reason, Instant::now()) else {
+        return;
+    };
+    warn!(
+        direction = direction.as_str(),
+        reason = reason.as_str(),
+        client = ?stream.peer_addr().ok(),
+        suppressed,
+        "refusing connection: {refusal}"
+    );
 }
 
 /// Completes when the flag is set, or when its sender is gone (the server stopped).
@@ -301,6 +440,14 @@ fn no_ipv6(error: &io::Error) -> bool {
     )
 }
 
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, ServerError> {
+    listener.local_addr().map_err(ServerError::LocalAddr)
+}
+
+fn local_addrs(listeners: &[TcpListener]) -> Result<Vec<SocketAddr>, ServerError> {
+    listeners.iter().map(local_addr).collect()
+}
+
 fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     let bind_error = |source| ServerError::Bind { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(bind_error)?;
@@ -321,6 +468,82 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn refusal_warnings_are_limited_to_one_per_second_per_reason() {
+        let limiter = RateLimited::new(WARN_INTERVAL);
+        let start = Instant::now();
+        assert_eq!(limiter.check(Refused::SelfLoop, start), Some(0));
+        // A flood within the second: suppressed, and counted.
+        for _ in 0..1000 {
+            assert_eq!(limiter.check(Refused::SelfLoop, Instant::now()), None);
+        }
+        // Another reason has its own budget.
+        assert_eq!(
+            limiter.check(Refused::ForeignDestination, Instant::now()),
+            Some(0)
+        );
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(limiter.check(Refused::SelfLoop, Instant::now()), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // The next one says how many were left out.
+        assert_eq!(limiter.check(Refused::SelfLoop, Instant::now()), Some(1001));
+        assert_eq!(limiter.check(Refused::SelfLoop, Instant::now()), None);
+    }
+
+    /// One silent inbound client holds the only inbound connection and detection
+    /// permits; an outbound connection still gets both of its own.
+    #[tokio::test(start_paused = true)]
+    async fn inbound_and_outbound_have_separate_budgets() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let args = crate::config::ProxyArgs {
+            inbound_addr: Some("127.0.0.1:0".into()),
+            outbound_addr: Some("127.0.0.1:0".into()),
+            admin_addr: Some("127.0.0.1:0".into()),
+            max_connections: Some("1".into()),
+            max_detecting: Some("1".into()),
+            ..Default::default()
+        };
+        let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
+        let proxy = Proxy::bind(config).await.unwrap();
+        let addrs = proxy.local_addrs();
+        let metrics = proxy.metrics();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(proxy.serve_with(move |_| Ok(target), async {
+            let _ = stopped.await;
+        }));
+
+        let silent = TcpStream::connect(addrs.inbound[0]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // The inbound budget is used up...
+        let mut refused = TcpStream::connect(addrs.inbound[0]).await.unwrap();
+        assert_eq!(refused.read(&mut [0; 1]).await.unwrap_or(0), 0);
+        // ...the outbound one is not.
+        let mut client = TcpStream::connect(addrs.outbound[0]).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut echoed = [0; 18];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"GET / HTTP/1.1\r\n\r\n");
+        let text = metrics.encode();
+        assert!(
+            text.contains("tcp_refused_total{direction=\"inbound\",reason=\"max_connections\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("direction=\"outbound\",reason="), "{text}");
+        drop((client, silent));
+        stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
 
     #[tokio::test]
     async fn ipv4_and_ipv6_wildcards_share_a_port() {

@@ -37,6 +37,8 @@ fn help_is_grouped_and_lists_the_contract_flags() {
         "--mesh-peers",
         "--require-identity-ports",
         "--shutdown-grace",
+        "--handshake-timeout",
+        "--proxy-uid",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }

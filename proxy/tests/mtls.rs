@@ -593,3 +593,40 @@ fn half_an_identity_is_a_config_error() {
     };
     assert!(Config::from_sources(&args, &HashMap::new(), None).is_err());
 }
+
+/// A direct client of the inbound port that never sends a ClientHello is closed when
+/// `--handshake-timeout` is over (not the detect timeout), and holds an inbound
+/// detection permit until then: with `--max-detecting=1` a second one is refused at once.
+#[tokio::test(start_paused = true)]
+async fn a_silent_direct_client_is_closed_after_the_handshake_timeout() {
+    let pki = Pki::new("handshake-timeout");
+    let b_args = args(&pki.issue(B), |a| {
+        a.detect_timeout = Some("1h".into());
+        a.handshake_timeout = Some("3s".into());
+        a.max_detecting = Some("1".into());
+    });
+    let b = start(b_args, None).await;
+    let inbound = b.addrs.inbound[0];
+
+    let started = tokio::time::Instant::now();
+    let mut silent = TcpStream::connect(inbound).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut second = TcpStream::connect(inbound).await.unwrap();
+    assert_eq!(second.read(&mut [0; 1]).await.unwrap_or(0), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+
+    assert_eq!(silent.read(&mut [0; 1]).await.unwrap_or(0), 0);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(4),
+        "closed after {waited:?}, expected the 3 s handshake timeout"
+    );
+    let timeout = "tls_handshake_failures_total{direction=\"inbound\",reason=\"timeout\"}";
+    wait_for_sample(b.addrs.admin, timeout, 1.0).await;
+    let refused = "tcp_refused_total{direction=\"inbound\",reason=\"max_detecting\"}";
+    wait_for_sample(b.addrs.admin, refused, 1.0).await;
+    b.stop().await;
+}

@@ -43,6 +43,8 @@ fn defaults_match_design() {
     assert_eq!(c.detect_timeout, Duration::from_secs(10));
     assert_eq!(c.shutdown_grace, Duration::from_secs(30));
     assert_eq!(c.log_format, LogFormat::Plain);
+    assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(c.proxy_uid, 2102);
     assert!(c.outbound_opaque_ports.contains(3306));
     assert!(!c.outbound_opaque_ports.contains(80));
 }
@@ -85,6 +87,76 @@ fn durations_accept_the_documented_forms() {
             ..ProxyArgs::default()
         };
         assert_eq!(config(args, &[], None).detect_timeout, want, "{input}");
+    }
+}
+
+#[test]
+fn handshake_timeout_and_proxy_uid_come_from_every_source() {
+    let args = ProxyArgs {
+        handshake_timeout: Some("3s".into()),
+        ..ProxyArgs::default()
+    };
+    let c = config(args, &[("MESHPROXY_PROXY_UID", "1337")], None);
+    assert_eq!(c.handshake_timeout, Duration::from_secs(3));
+    assert_eq!(c.proxy_uid, 1337);
+    let c = config(
+        ProxyArgs::default(),
+        &[("MESHPROXY_HANDSHAKE_TIMEOUT", "250ms")],
+        Some("proxy_uid = 0"),
+    );
+    assert_eq!(c.handshake_timeout, Duration::from_millis(250));
+    assert_eq!(c.proxy_uid, 0);
+    let err = error(ProxyArgs::default(), &[], Some("proxy_uid = -1"));
+    assert!(err.contains("\"-1\"") && err.contains("proxy_uid"), "{err}");
+}
+
+/// Every duration setting: zero and out-of-range values (which used to overflow timer
+/// arithmetic, or make every timer fire at once) are errors naming the value and where
+/// it came from, whichever source it came from.
+#[test]
+fn durations_out_of_range_are_errors_naming_value_and_source() {
+    type Set = fn(&mut ProxyArgs, String);
+    let settings: [(&str, Set); 3] = [
+        ("detect-timeout", |a, v| a.detect_timeout = Some(v)),
+        ("shutdown-grace", |a, v| a.shutdown_grace = Some(v)),
+        ("handshake-timeout", |a, v| a.handshake_timeout = Some(v)),
+    ];
+    for (flag, set) in settings {
+        for bad in [
+            "0s",
+            "0ms",
+            "25h",
+            "2days",
+            "500000000000years",
+            "-1s",
+            "soon",
+        ] {
+            let mut args = ProxyArgs::default();
+            set(&mut args, bad.to_string());
+            let err = error(args, &[], None);
+            assert!(
+                err.contains(&format!("--{flag}")) && err.contains(bad),
+                "{err}"
+            );
+
+            let var = env_var(flag);
+            let err = error(ProxyArgs::default(), &[(var.as_str(), bad)], None);
+            assert!(err.contains(&var) && err.contains(bad), "{err}");
+
+            let key = toml_key(flag);
+            let err = error(
+                ProxyArgs::default(),
+                &[],
+                Some(&format!("{key} = \"{bad}\"")),
+            );
+            assert!(err.contains(&key) && err.contains(bad), "{err}");
+        }
+        // The bounds themselves are valid.
+        for good in ["1ms", "24h"] {
+            let mut args = ProxyArgs::default();
+            set(&mut args, good.to_string());
+            config(args, &[], None);
+        }
     }
 }
 

@@ -41,6 +41,7 @@ pub(super) fn classify(buf: &[u8], full: bool) -> Verdict {
     if buf.len() < 6 {
         return Verdict::NeedMore;
     }
+    // From here `buf.len() >= 6`: indexes 3 to 5, and `5..` below, are in bounds.
     let record_len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
     if !(4..=MAX_RECORD).contains(&record_len) || buf[5] != CLIENT_HELLO {
         return Verdict::No;

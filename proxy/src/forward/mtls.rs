@@ -9,9 +9,12 @@
 //!
 //! Inbound, on a direct connection: require a client certificate chaining to the trust
 //! anchors and the ALPN, read the header, and forward to the local application at the
-//! connection's destination address and the header's port. The handshake and the
-//! header together must finish within the detect timeout: a peer that stalls in
-//! either must not hold a connection slot forever.
+//! connection's destination address and the header's port. A direct client must send
+//! its ClientHello within `--handshake-timeout`, and holds one of the inbound detection
+//! permits (`--max-detecting`) until it has: otherwise silent connections to port 4143
+//! would pile up outside every budget. The handshake and the header together must then
+//! finish within `--handshake-timeout` again: a peer that stalls in either must not hold
+//! a connection slot forever. Outbound handshakes get the same timeout.
 
 use std::net::SocketAddr;
 
@@ -29,11 +32,12 @@ const TLS_READ_BUF: usize = 16 * 1024;
 
 use super::{connect, copy, Classified, Forwarder, ForwarderError};
 use crate::config::{Config, PortSet};
-use crate::detect::Protocol;
+use crate::detect::{detect, Detected, Protocol};
 use crate::identity::IdentityWatch;
 use crate::mesh_peers::MeshPeersWatch;
-use crate::metrics::{errno_name, Direction};
+use crate::metrics::{errno_name, Direction, Refused};
 use crate::prefixed::Prefixed;
+use crate::route::{own_listener, Context};
 use crate::tls::{self, HandshakeFailure};
 use crate::transport_header::{self, SessionProtocol, TransportHeader};
 
@@ -108,7 +112,7 @@ pub(super) async fn outbound(
         }
     };
     let connector = TlsConnector::from(mesh.identity.current().client_config());
-    let handshake = tokio::time::timeout(fwd.detect_timeout, async {
+    let handshake = tokio::time::timeout(fwd.handshake_timeout, async {
         let mut tls = connector
             .connect(server_name, BufReader::with_capacity(TLS_READ_BUF, tcp))
             .await
@@ -148,6 +152,57 @@ pub(super) async fn outbound(
     copy(client, tls, classified.prefix, &mut conn, target).await;
 }
 
+/// A peer proxy's direct connection to our inbound listener at `local`: waits, holding
+/// an inbound detection permit, for its ClientHello, then terminates its mTLS.
+pub(super) async fn inbound_direct(
+    fwd: &Forwarder,
+    mesh: &Mesh,
+    mut client: TcpStream,
+    local: SocketAddr,
+) {
+    let client_addr = client.peer_addr().ok();
+    let hello = {
+        let Ok(_permit) = fwd
+            .detecting
+            .get(Direction::Inbound)
+            .clone()
+            .try_acquire_owned()
+        else {
+            fwd.metrics
+                .refused(Direction::Inbound, Refused::MaxDetecting);
+            debug!(?client_addr, %local, "too many connections without a ClientHello, closing");
+            return;
+        };
+        // `detect` reads until the bytes are decisive: for TLS, the whole ClientHello
+        // record (or 8 KiB of it). Whatever it read is replayed to rustls.
+        match detect(&mut client, fwd.handshake_timeout).await {
+            Ok(detection) => detection,
+            Err(error) => {
+                debug!(?client_addr, %error, "direct client failed before its ClientHello");
+                return;
+            }
+        }
+    };
+    match hello.detected {
+        Detected::Eof => {
+            debug!(?client_addr, "direct client closed before sending anything");
+        }
+        Detected::Timeout => {
+            fwd.metrics
+                .handshake_failed(Direction::Inbound, HandshakeFailure::Timeout);
+            // Counted; logged at debug only, since a flood of these is what the budget
+            // is for.
+            debug!(
+                ?client_addr,
+                timeout = ?fwd.handshake_timeout,
+                "closing a direct connection that sent no ClientHello within the handshake timeout"
+            );
+        }
+        // Not TLS is left to rustls, which rejects it with the usual reason.
+        _ => inbound(fwd, mesh, Prefixed::new(hello.prefix, client), local, true).await,
+    }
+}
+
 /// Terminates mTLS from a peer. `direct` says the client connected to the inbound
 /// port itself, where the transport ALPN (and so the header) is required; a client
 /// that named our identity on an application port may omit it and is then forwarded
@@ -162,7 +217,7 @@ pub(super) async fn inbound(
     let identity = mesh.identity.current();
     let acceptor = TlsAcceptor::from(identity.server_config());
     let listener_port = target.port();
-    let accepted = tokio::time::timeout(fwd.detect_timeout, async {
+    let accepted = tokio::time::timeout(fwd.handshake_timeout, async {
         let mut tls = acceptor
             .accept(BufReader::with_capacity(TLS_READ_BUF, client))
             .await
@@ -202,9 +257,18 @@ pub(super) async fn inbound(
 
     let (destination, protocol) = match header {
         Some(header) => {
-            if direct && header.port == listener_port {
-                // Forwarding to our own inbound port would loop back into us.
-                debug!(%target, %client_id, "transport header names the inbound port itself");
+            let destination = SocketAddr::new(target.ip(), header.port);
+            let cx = Context {
+                accepts_direct: false,
+                inbound: &fwd.listeners.inbound,
+                outbound: &fwd.listeners.outbound,
+                is_local: Some(&crate::orig_dst::is_local),
+            };
+            if (direct && header.port == listener_port) || own_listener(destination, &cx).is_some()
+            {
+                // Forwarding to one of our own listeners would loop back into us.
+                debug!(%target, %client_id, port = header.port, "transport header names a port of the proxy itself");
+                fwd.metrics.refused(Direction::Inbound, Refused::SelfLoop);
                 return failed(HandshakeFailure::Other);
             }
             let protocol = match header.protocol {
