@@ -187,7 +187,7 @@ fn local_only(spec: &Spec, rules: &mut Vec<Rule>) {
     rules.push(rule(
         Match::DstNotLocal,
         Action::Return,
-        "meshinit: inbound to an address that is not this pod's is not intercepted",
+        "meshinit: inbound to an address that is not local to the pod is not intercepted",
     ));
     rules.push(rule(
         Match::DstLoopback(Family::V4),
