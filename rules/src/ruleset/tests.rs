@@ -284,6 +284,36 @@ proptest! {
     }
 
     #[test]
+    fn inbound_is_redirected_only_to_the_pods_own_non_loopback_addresses(
+        ignored in port_set(), redirected in port_set(), nets in v4_subnets(),
+        v4 in any::<u32>(), v6 in any::<u128>(), port in 1u16..=65535, ipv6 in any::<bool>(),
+    ) {
+        let spec = Spec {
+            inbound_ports_to_ignore: ignored,
+            ports_to_redirect: redirected,
+            inbound_subnets_to_ignore: nets,
+            ipv6,
+            ..Spec::default()
+        };
+        let rules = Ruleset::from(&spec);
+        let loopback_v4 = Ipv4Addr::from((127u32 << 24) | (v4 & 0x00ff_ffff));
+        for dst in [
+            IpAddr::V4(Ipv4Addr::from(v4)),
+            IpAddr::V4(loopback_v4),
+            IpAddr::V6(Ipv6Addr::from(v6)),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
+            if dst == IpAddr::V4(POD_V4) || dst == IpAddr::V6(POD_V6) {
+                continue;
+            }
+            for via_lo in [false, true] {
+                let packet = Packet { dst, via_lo, ..app_packet(port) };
+                prop_assert_eq!(verdict(&rules.inbound, &packet), None, "{} via lo {}", dst, via_lo);
+            }
+        }
+    }
+
+    #[test]
     fn rule_count_does_not_grow_with_lists(ports in port_set(), nets in v4_subnets()) {
         let spec = Spec {
             inbound_ports_to_ignore: ports.clone(),
