@@ -70,12 +70,8 @@ fn nft_ip(family: Family) -> &'static str {
 /// Makes the peer send [`lure`] and [`foreign`] to the pod's MAC address, and rewrites the
 /// lure's destination to loopback (and its answers' source back). Table `inet lure`.
 fn set_up_lure(peer: &Netns) {
-    for family in Family::ALL {
-        let (nets, pod) = match family {
-            Family::V4 => ("198.18.9.0/24", family.pod()),
-            Family::V6 => ("fd00:99::/64", family.pod()),
-        };
-        peer.ip(&["route", "add", nets, "via", &pod.to_string()]);
+    for (nets, family) in [("198.18.9.0/24", Family::V4), ("fd00:99::/64", Family::V6)] {
+        peer.ip(&["route", "add", nets, "via", &family.pod().to_string()]);
     }
     peer.nft(&["add", "table", "inet", "lure"]);
     // Output, type filter: after routing chose the pod as the next hop, so changing the
