@@ -66,6 +66,59 @@ fn show_with_iptables_mode_prints_restore_text() {
 }
 
 #[test]
+fn ipv4_mapped_skip_subnets_are_rendered_as_ipv4() {
+    for backend in ["nft", "iptables-nft"] {
+        let out = meshinit(&[
+            "show",
+            "--backend",
+            backend,
+            "--subnets-to-ignore",
+            "::ffff:198.18.0.0/111",
+            "--outbound-subnets-to-ignore",
+            "::ffff:198.19.0.7",
+        ]);
+        assert!(out.status.success(), "{backend}: {}", stderr(&out));
+        let text = stdout(&out);
+        assert!(!text.contains("::ffff:"), "{backend}: {text}");
+        if backend == "nft" {
+            assert!(
+                text.contains("elements = { 198.18.0.0/15 }"),
+                "{backend}: {text}"
+            );
+            assert!(!text.contains("_v6"), "{backend}: {text}");
+        } else {
+            assert!(text.contains("-s 198.18.0.0/15"), "{backend}: {text}");
+            assert!(text.contains("-d 198.18.0.0/15"), "{backend}: {text}");
+        }
+    }
+}
+
+#[test]
+fn show_intercepts_inbound_only_to_the_pods_own_addresses() {
+    let out = meshinit(&["show"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let redirect = text.find("redirect to :4143").expect("inbound redirect");
+    for rule in [
+        "fib daddr type != local return",
+        "ip daddr 127.0.0.0/8 return",
+        "ip6 daddr ::1 return",
+    ] {
+        let at = text.find(rule).unwrap_or_else(|| panic!("{rule}: {text}"));
+        assert!(at < redirect, "{rule} after the redirect: {text}");
+    }
+    let out = meshinit(&["show", "--backend", "iptables-legacy"]);
+    let text = stdout(&out);
+    for rule in [
+        "-A MESHINIT_INBOUND -m addrtype ! --dst-type LOCAL",
+        "-A MESHINIT_INBOUND -d 127.0.0.0/8",
+        "-A MESHINIT_INBOUND -d ::1/128",
+    ] {
+        assert!(text.contains(rule), "{rule}: {text}");
+    }
+}
+
+#[test]
 fn bad_input_exits_2_naming_the_value() {
     let cases: &[(&[&str], &str)] = &[
         (&["--outbound-ports-to-ignore", "0"], "\"0\""),
@@ -75,6 +128,10 @@ fn bad_input_exits_2_naming_the_value() {
         (
             &["--subnets-to-ignore", "198.18.0.0/33"],
             "\"198.18.0.0/33\"",
+        ),
+        (
+            &["--inbound-subnets-to-ignore", "::ffff:198.18.0.0/80"],
+            "\"::ffff:198.18.0.0/80\"",
         ),
         (&["--incoming-proxy-port", "4140"], "4140"),
         (

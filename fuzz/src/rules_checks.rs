@@ -71,8 +71,8 @@ pub fn ports(data: &[u8]) {
     );
 }
 
-/// `subnets`: a CIDR list is normalised (host bits cleared, covered nets dropped,
-/// sorted) and what it prints parses back to the same list.
+/// `subnets`: a CIDR list is normalised (host bits cleared, IPv4-mapped nets made
+/// IPv4, covered nets dropped, sorted) and what it prints parses back to the same list.
 pub fn subnets(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -85,6 +85,12 @@ pub fn subnets(data: &[u8]) {
     }
     for net in &list.v6 {
         assert_eq!(*net, net.trunc(), "{text:?}: host bits left in {net}");
+        // IPv4-mapped subnets become IPv4 ones (or are refused when wider than /96):
+        // kept as IPv6 they would match nothing.
+        assert!(
+            net.network().to_ipv4_mapped().is_none(),
+            "{text:?}: IPv4-mapped {net} kept as IPv6"
+        );
     }
     for pair in list.v4.windows(2) {
         assert!(

@@ -108,12 +108,26 @@ fn subnets_that_do_not_contain_the_peer_exempt_nothing(backend: Backend) {
     );
 }
 
+/// An IPv4-mapped IPv6 subnet (`::ffff:198.18.0.0/120`, how an IPv6 socket shows IPv4
+/// peers) stands for the IPv4 subnet: it exempts the IPv4 peer, in both directions.
+fn ipv4_mapped_subnets_exempt_ipv4_traffic(backend: Backend) {
+    check(
+        backend,
+        "subnets_to_ignore_mapped",
+        "--subnets-to-ignore",
+        "::ffff:198.18.0.0/120,fd00:18::/64",
+        DIRECT,
+        DIRECT,
+    );
+}
+
 for_each_backend!(
     subnets_to_ignore_exempt_both_directions,
     inbound_subnets_to_ignore_exempt_inbound_only,
     outbound_subnets_to_ignore_exempt_outbound_only,
     single_addresses_are_subnets_too,
     subnets_that_do_not_contain_the_peer_exempt_nothing,
+    ipv4_mapped_subnets_exempt_ipv4_traffic,
 );
 
 /// IPv4 subnets go only into the IPv4 rules and IPv6 subnets only into the IPv6 rules (the

@@ -54,6 +54,13 @@ pub enum Match {
     Gid(u32),
     /// Leaving through the loopback interface.
     OutLoopback,
+    /// Destination is not an address of this namespace (any interface, lo
+    /// included): the kernel's routing would forward or drop the packet, not
+    /// deliver it. nft `fib daddr type != local`, iptables `-m addrtype !
+    /// --dst-type LOCAL`.
+    DstNotLocal,
+    /// Destination is a loopback address of this family: 127.0.0.0/8 or ::1.
+    DstLoopback(Family),
 }
 
 /// What a matching rule does.
@@ -159,9 +166,47 @@ fn subnet_rules(
     }
 }
 
+/// Inbound interception covers only connections addressed to one of the
+/// namespace's own non-loopback addresses.
+///
+/// nat prerouting runs before routing. Without these rules a host on the
+/// pod's L2 segment could send a SYN to `127.0.0.1:PORT`, or to any address
+/// that is not the pod's, and the redirect would hand it to the proxy before
+/// routing drops it (as a martian, or because the pod does not forward); the
+/// proxy would then connect, as its exempt UID, to a loopback-only service or
+/// onwards to the foreign address.
+///
+/// Two checks, because neither is enough alone: the FIB says whether the
+/// destination is local, but loopback addresses are local too (they live in
+/// the local table on `lo`), so they get their own exemption. A loopback
+/// destination is exempt whatever the input interface: traffic the pod sends
+/// itself over `lo` has its NAT decided in the output hook and never reaches
+/// nat prerouting as a new connection, so there is nothing to lose, and the
+/// rule then says exactly what the contract says.
+fn local_only(spec: &Spec, rules: &mut Vec<Rule>) {
+    rules.push(rule(
+        Match::DstNotLocal,
+        Action::Return,
+        "meshinit: inbound to an address that is not local to the pod is not intercepted",
+    ));
+    rules.push(rule(
+        Match::DstLoopback(Family::V4),
+        Action::Return,
+        "meshinit: inbound to a loopback address is not intercepted (IPv4)",
+    ));
+    if spec.ipv6 {
+        rules.push(rule(
+            Match::DstLoopback(Family::V6),
+            Action::Return,
+            "meshinit: inbound to a loopback address is not intercepted (IPv6)",
+        ));
+    }
+}
+
 fn inbound(spec: &Spec) -> Chain {
     let mut rules = Vec::new();
     ipv6_off(spec, &mut rules);
+    local_only(spec, &mut rules);
     if !spec.inbound_ports_to_ignore.is_empty() {
         rules.push(rule(
             Match::DstPort {

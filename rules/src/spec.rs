@@ -75,6 +75,8 @@ pub enum SpecError {
     BadRange { input: String },
     #[error("invalid CIDR {input:?}: expected an IPv4 or IPv6 address with an optional /prefix (e.g. 198.18.0.0/15, fd00::/8)")]
     BadCidr { input: String },
+    #[error("invalid CIDR {input:?}: an IPv4-mapped IPv6 subnet (::ffff:a.b.c.d/N) stands for the IPv4 subnet a.b.c.d/(N-96), so its prefix must be /96 to /128; write IPv4 subnets as IPv4 (e.g. 198.18.0.0/15)")]
+    MappedCidrTooWide { input: String },
     #[error("port {port} given as both --incoming-proxy-port and --outgoing-proxy-port: they must differ")]
     SameProxyPort { port: u16 },
 }

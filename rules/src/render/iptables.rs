@@ -381,6 +381,11 @@ fn rule_lines(rule: &Rule, family: Family) -> Vec<String> {
         Match::Uid(uid) => vec![line(format!("-m owner --uid-owner {uid}"))],
         Match::Gid(gid) => vec![line(format!("-m owner --gid-owner {gid}"))],
         Match::OutLoopback => vec![line("-o lo".into())],
+        Match::DstNotLocal => vec![line("-m addrtype ! --dst-type LOCAL".into())],
+        Match::DstLoopback(net_family) if *net_family == family => {
+            vec![line(format!("-d {}", super::loopback_net(family)))]
+        }
+        Match::DstLoopback(_) => vec![],
     }
 }
 

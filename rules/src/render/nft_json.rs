@@ -11,7 +11,8 @@ use std::collections::HashSet;
 
 use ipnet::IpNet;
 use nftables::expr::{
-    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range,
+    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
+    Prefix, Range,
 };
 use nftables::schema::{
     Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue,
@@ -20,9 +21,9 @@ use nftables::schema::{
 use nftables::stmt::{Match as NftMatch, Operator, Return, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
-use super::{nft_address, nft_chain};
+use super::{loopback_net, nft_address, nft_chain};
 use crate::ports::PortSet;
-use crate::ruleset::{Action, Direction, Family, Match, Ruleset};
+use crate::ruleset::{Action, Direction, Family, Match, Ruleset, Side};
 
 /// Our one table, `inet meshinit`: both families in one place.
 pub const TABLE: &str = "meshinit";
@@ -223,6 +224,21 @@ fn matches(when: &Match) -> Vec<Statement<'static>> {
         Match::Uid(uid) => eq(meta(MetaKey::Skuid), Expression::Number(*uid)),
         Match::Gid(gid) => eq(meta(MetaKey::Skgid), Expression::Number(*gid)),
         Match::OutLoopback => eq(meta(MetaKey::Oifname), Expression::String("lo".into())),
+        Match::DstNotLocal => Statement::Match(NftMatch {
+            left: Expression::Named(NamedExpression::Fib(Fib {
+                result: FibResult::Type,
+                flags: HashSet::from([FibFlag::Daddr]),
+            })),
+            right: Expression::String("local".into()),
+            op: Operator::NEQ,
+        }),
+        Match::DstLoopback(family) => {
+            let (protocol, field) = nft_address(*family, Side::Destination);
+            eq(
+                payload(protocol, field),
+                net_element(&loopback_net(*family)),
+            )
+        }
     };
     vec![statement]
 }

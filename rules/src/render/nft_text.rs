@@ -8,8 +8,8 @@ use std::fmt::Write;
 use ipnet::IpNet;
 
 use super::nft_json::TABLE;
-use super::{nft_address, nft_chain};
-use crate::ruleset::{Action, Direction, Family, Match, Ruleset};
+use super::{loopback_net, nft_address, nft_chain};
+use crate::ruleset::{Action, Direction, Family, Match, Ruleset, Side};
 
 /// Renders the whole table.
 pub fn render(ruleset: &Ruleset) -> String {
@@ -98,5 +98,10 @@ fn match_text(when: &Match) -> String {
         Match::Uid(uid) => format!("meta skuid {uid}"),
         Match::Gid(gid) => format!("meta skgid {gid}"),
         Match::OutLoopback => "oifname \"lo\"".to_string(),
+        Match::DstNotLocal => "fib daddr type != local".to_string(),
+        Match::DstLoopback(family) => {
+            let (protocol, field) = nft_address(*family, Side::Destination);
+            format!("{protocol} {field} {}", net_text(&loopback_net(*family)))
+        }
     }
 }

@@ -3,7 +3,9 @@
 
 use proptest::prelude::*;
 
-use crate::{iptables, nft_json, nft_text, Family, Jumps, PortRange, PortSet, Ruleset, Spec};
+use crate::{
+    iptables, nft_json, nft_text, Family, Jumps, Match, PortRange, PortSet, Ruleset, Spec,
+};
 
 /// The named configurations every renderer is snapshotted for.
 fn configurations() -> Vec<(&'static str, Spec)> {
@@ -248,6 +250,59 @@ fn iptables_diff_counts_jumps_and_compares_lines_as_arguments() {
     );
     assert!(
         differences.iter().any(|d| d.starts_with("rule missing")),
+        "{differences:?}"
+    );
+}
+
+/// What real tools printed after `meshinit apply` (nft 1.0.6, iptables 1.8.9), kept in the
+/// fuzz corpora: reading them back must find no drift. This pins the form nft and
+/// iptables-save print our matches in (`fib daddr type != local`, the loopback prefix,
+/// `-m addrtype ! --dst-type LOCAL`, `-d ::1/128`), which `meshinit check` relies on.
+#[test]
+fn real_listings_after_apply_have_no_diff() {
+    let defaults = Ruleset::from(&Spec::default());
+    let listing = include_str!("../../../fuzz/corpus/nft_listing/defaults.json");
+    assert_eq!(
+        nft_json::diff(&defaults, listing).unwrap(),
+        Vec::<String>::new()
+    );
+    let v6_subnets = Ruleset::from(&Spec {
+        inbound_subnets_to_ignore: "198.18.0.0/24,fd00:18::/64,fd00:99::1".parse().unwrap(),
+        outbound_subnets_to_ignore: "198.19.0.0/16,fd00:18::/64".parse().unwrap(),
+        ..Spec::default()
+    });
+    let listing = include_str!("../../../fuzz/corpus/nft_listing/v6_subnets.json");
+    assert_eq!(
+        nft_json::diff(&v6_subnets, listing).unwrap(),
+        Vec::<String>::new()
+    );
+    // Applied with `--subnets-to-ignore ::ffff:198.18.0.0/111`: IPv4 rules for 198.18.0.0/15.
+    let mapped = Ruleset::from(&Spec {
+        inbound_subnets_to_ignore: "::ffff:198.18.0.0/111".parse().unwrap(),
+        outbound_subnets_to_ignore: "::ffff:198.18.0.0/111".parse().unwrap(),
+        ..Spec::default()
+    });
+    let saved = include_str!("../../../fuzz/corpus/iptables_save/local_only");
+    let (v4, v6) = saved.split_at(saved.find("COMMIT\n").unwrap() + "COMMIT\n".len());
+    for (family, save) in [(Family::V4, v4), (Family::V6, v6)] {
+        let installed = iptables::Installed::parse(save);
+        assert_eq!(
+            installed.diff(&mapped, family),
+            Vec::<String>::new(),
+            "{save}"
+        );
+        assert!(installed.rules[0].contains("-m addrtype ! --dst-type LOCAL"));
+    }
+    // Without the local-only rules the same listings are drift.
+    let mut old = defaults.clone();
+    old.inbound
+        .rules
+        .retain(|rule| !matches!(rule.when, Match::DstNotLocal | Match::DstLoopback(_)));
+    let listing = include_str!("../../../fuzz/corpus/nft_listing/defaults.json");
+    let differences = nft_json::diff(&old, listing).unwrap();
+    assert_eq!(differences.len(), 3, "{differences:?}");
+    assert!(
+        differences.iter().all(|d| d.ends_with("not expected")),
         "{differences:?}"
     );
 }

@@ -43,6 +43,14 @@ fn verdict(chain: &Chain, packet: &Packet) -> Option<u16> {
             Match::Uid(uid) => packet.uid == *uid,
             Match::Gid(gid) => packet.gid == *gid,
             Match::OutLoopback => packet.via_lo,
+            Match::DstNotLocal => !is_local(packet.dst),
+            Match::DstLoopback(family) => {
+                let same_family = matches!(
+                    (family, packet.dst),
+                    (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+                );
+                same_family && packet.dst.is_loopback()
+            }
         };
         if hit {
             return match rule.action {
@@ -54,10 +62,20 @@ fn verdict(chain: &Chain, packet: &Packet) -> Option<u16> {
     None
 }
 
+/// The pod's own addresses, as in the netns tests.
+const POD_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const POD_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
+
+/// What `fib daddr type local` says in the pod: its addresses, and loopback
+/// (which the kernel's local table holds too).
+fn is_local(addr: IpAddr) -> bool {
+    addr.is_loopback() || addr == IpAddr::V4(POD_V4) || addr == IpAddr::V6(POD_V6)
+}
+
 fn app_packet(dport: u16) -> Packet {
     Packet {
         src: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
-        dst: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+        dst: IpAddr::V4(POD_V4),
         dport,
         uid: 1000,
         gid: 1000,
@@ -82,6 +100,77 @@ fn defaults_redirect_both_ways_and_exempt_the_proxy_and_loopback() {
         ..app_packet(8080)
     };
     assert_eq!(verdict(&rules.outbound, &local), None);
+}
+
+#[test]
+fn inbound_redirects_only_the_pods_own_non_loopback_addresses() {
+    for spec in [
+        Spec::default(),
+        Spec {
+            ports_to_redirect: "8080".parse().unwrap(),
+            ..Spec::default()
+        },
+    ] {
+        let rules = Ruleset::from(&spec);
+        for dst in [IpAddr::V4(POD_V4), IpAddr::V6(POD_V6)] {
+            let to_pod = Packet {
+                dst,
+                ..app_packet(8080)
+            };
+            assert_eq!(verdict(&rules.inbound, &to_pod), Some(4143), "{dst}");
+        }
+        for dst in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "198.18.0.99",
+            "fd00:18::99",
+            "198.19.0.1",
+            "::ffff:127.0.0.1",
+        ] {
+            let dst: IpAddr = dst.parse().unwrap();
+            for via_lo in [false, true] {
+                let packet = Packet {
+                    dst,
+                    via_lo,
+                    ..app_packet(8080)
+                };
+                assert_eq!(
+                    verdict(&rules.inbound, &packet),
+                    None,
+                    "{dst} via lo {via_lo}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn local_only_rules_come_before_any_redirect_and_follow_ipv6() {
+    for ipv6 in [true, false] {
+        let rules = Ruleset::from(&Spec {
+            ipv6,
+            ..Spec::default()
+        });
+        let whens: Vec<&Match> = rules.inbound.rules.iter().map(|r| &r.when).collect();
+        let at = |m: &Match| whens.iter().position(|w| *w == m);
+        let redirect = rules
+            .inbound
+            .rules
+            .iter()
+            .position(|r| matches!(r.action, Action::Redirect(_)))
+            .unwrap();
+        assert!(at(&Match::DstNotLocal).unwrap() < redirect);
+        assert!(at(&Match::DstLoopback(Family::V4)).unwrap() < redirect);
+        assert_eq!(at(&Match::DstLoopback(Family::V6)).is_some(), ipv6);
+        // Outbound is unchanged: a connection from the pod to a foreign address
+        // is what the outbound proxy is for.
+        assert!(!rules
+            .outbound
+            .rules
+            .iter()
+            .any(|r| matches!(r.when, Match::DstNotLocal | Match::DstLoopback(_))));
+    }
 }
 
 #[test]
@@ -195,6 +284,36 @@ proptest! {
     }
 
     #[test]
+    fn inbound_is_redirected_only_to_the_pods_own_non_loopback_addresses(
+        ignored in port_set(), redirected in port_set(), nets in v4_subnets(),
+        v4 in any::<u32>(), v6 in any::<u128>(), port in 1u16..=65535, ipv6 in any::<bool>(),
+    ) {
+        let spec = Spec {
+            inbound_ports_to_ignore: ignored,
+            ports_to_redirect: redirected,
+            inbound_subnets_to_ignore: nets,
+            ipv6,
+            ..Spec::default()
+        };
+        let rules = Ruleset::from(&spec);
+        let loopback_v4 = Ipv4Addr::from((127u32 << 24) | (v4 & 0x00ff_ffff));
+        for dst in [
+            IpAddr::V4(Ipv4Addr::from(v4)),
+            IpAddr::V4(loopback_v4),
+            IpAddr::V6(Ipv6Addr::from(v6)),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
+            if dst == IpAddr::V4(POD_V4) || dst == IpAddr::V6(POD_V6) {
+                continue;
+            }
+            for via_lo in [false, true] {
+                let packet = Packet { dst, via_lo, ..app_packet(port) };
+                prop_assert_eq!(verdict(&rules.inbound, &packet), None, "{} via lo {}", dst, via_lo);
+            }
+        }
+    }
+
+    #[test]
     fn rule_count_does_not_grow_with_lists(ports in port_set(), nets in v4_subnets()) {
         let spec = Spec {
             inbound_ports_to_ignore: ports.clone(),
@@ -204,7 +323,8 @@ proptest! {
             proxy_gid: Some(7),
             ..Spec::default()
         };
-        // At most: 2 skip-port rules, 4 subnet rules, uid, gid, lo, 2 redirects.
-        prop_assert!(Ruleset::from(&spec).rule_count() <= 11);
+        // At most: 2 skip-port rules, 4 subnet rules, uid, gid, lo, 2 redirects,
+        // and the 3 rules that keep inbound to the pod's own addresses.
+        prop_assert!(Ruleset::from(&spec).rule_count() <= 14);
     }
 }
