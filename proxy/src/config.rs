@@ -65,6 +65,11 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "DURATION", help_heading = "Lifecycle")]
     pub shutdown_grace: Option<String>,
 
+    /// Metric label sets with no open connection for this long are dropped
+    /// [default: 10m].
+    #[arg(long, value_name = "DURATION", help_heading = "Metrics")]
+    pub metrics_retain_idle: Option<String>,
+
     /// `plain` or `json` (one object per line) [default: plain].
     #[arg(long, value_name = "FORMAT", help_heading = "Logging")]
     pub log_format: Option<String>,
@@ -120,6 +125,10 @@ pub struct Config {
     /// Cap on connections still in detection, each of which holds a buffer and waits
     /// up to `detect_timeout`: silent clients must not pile up. Default 4096.
     pub max_detecting: usize,
+    /// How long a metric label set (one destination, protocol, ...) with no open
+    /// connection is kept: without it every destination ever seen, a port scan's
+    /// included, would stay in `/metrics` forever. Default 10 min, Linkerd's.
+    pub metrics_retain_idle: Duration,
     /// How logs are written. Default plain text.
     pub log_format: LogFormat,
     /// Our certificate, key and trust anchors. Default none: no mTLS, every
@@ -147,6 +156,7 @@ const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 const DEFAULT_MAX_DETECTING: usize = 4_096;
+const DEFAULT_METRICS_RETAIN_IDLE: Duration = crate::metrics::DEFAULT_RETAIN_IDLE;
 const DEFAULT_PEER_INBOUND_PORT: u16 = 4143;
 /// Upper bound for both caps: the drain waits for all permits with one `u32` call.
 const MAX_CAP: usize = 1_000_000;
@@ -220,6 +230,7 @@ struct FileConfig {
     max_connections: Option<FileValue>,
     max_detecting: Option<FileValue>,
     shutdown_grace: Option<FileValue>,
+    metrics_retain_idle: Option<FileValue>,
     log_format: Option<FileValue>,
     identity_cert: Option<FileValue>,
     identity_key: Option<FileValue>,
@@ -396,6 +407,14 @@ impl Config {
                 parse_cap,
             )?
             .unwrap_or(DEFAULT_MAX_DETECTING);
+        let metrics_retain_idle = s
+            .resolve(
+                "metrics-retain-idle",
+                a.metrics_retain_idle.as_ref(),
+                f.metrics_retain_idle.as_ref(),
+                parse_duration,
+            )?
+            .unwrap_or(DEFAULT_METRICS_RETAIN_IDLE);
         let log_format = s
             .resolve(
                 "log-format",
@@ -477,6 +496,7 @@ impl Config {
             shutdown_grace,
             max_connections,
             max_detecting,
+            metrics_retain_idle,
             log_format,
             identity,
             mesh_peers,
