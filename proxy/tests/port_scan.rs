@@ -113,7 +113,11 @@ async fn a_20000_port_scan_leaves_metrics_under_2_mib() {
 
     assert!(after.len() < 2 << 20, "/metrics is {} bytes", after.len());
     // The cap of 2,048 label sets, plus the overflow one.
-    assert!(targets.len() <= 2_049, "{} target_addr values", targets.len());
+    assert!(
+        targets.len() <= 2_049,
+        "{} target_addr values",
+        targets.len()
+    );
     assert!(targets.contains("overflow"), "overflow not counted");
     // Every connection is still counted, under its target or under overflow.
     assert_eq!(total(&after, "tcp_open_total"), f64::from(SCANNED));
