@@ -185,6 +185,8 @@ impl Scrapes {
 async fn read_head(stream: &mut TcpStream) -> io::Result<Option<String>> {
     let mut buf = vec![0; MAX_REQUEST];
     let mut len = 0;
+    // `len < buf.len()` here, and `read` returns at most the slice's length, so
+    // `len <= buf.len()` after it: both slices below are in bounds.
     while len < buf.len() {
         let n = stream.read(&mut buf[len..]).await?;
         if n == 0 {

@@ -83,6 +83,7 @@ impl Identity {
             files: Box::new(files.clone()),
             source,
         };
+        // `read_certs` never returns an empty chain (`NoCertificate`), so [0] exists.
         let name = tls::identity_of(&chain[0]).map_err(tls_error)?;
         let configs = tls::configs(chain, key, anchors).map_err(tls_error)?;
         Ok(Identity { name, configs })
@@ -136,6 +137,8 @@ impl IdentityWatch {
             files.key.clone(),
             files.trust_anchors.clone(),
         ];
+        // `Watched` calls the loader with exactly the paths given here, these three,
+        // so the indexing below cannot go out of bounds.
         let watched = Watched::new("identity", paths, |paths| {
             Identity::load(&IdentityFiles {
                 cert: paths[0].clone(),

@@ -182,9 +182,21 @@ fn run(config: Config) -> anyhow::Result<()> {
 /// Completes on SIGTERM (the kubelet stopping the pod) or SIGINT (Ctrl-C).
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
+    let sigterm = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            // Cannot happen on a runtime with signals enabled (ours); if it did, the
+            // proxy still stops on SIGINT rather than refusing to run.
+            Err(error) => {
+                tracing::error!(%error, "cannot install the SIGTERM handler");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+        () = sigterm => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }

@@ -609,6 +609,7 @@ fn openmetrics_to_prometheus(openmetrics: &str) -> String {
             Some((tag, rest)) => {
                 let name = rest.split(' ').next().unwrap_or_default();
                 if counters.contains(&name) {
+                    // In bounds, on a char boundary: `name` is a prefix of `rest`.
                     out.push_str(&format!("{tag}{name}_total{}", &rest[name.len()..]));
                 } else {
                     out.push_str(line);
