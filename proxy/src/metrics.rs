@@ -19,6 +19,16 @@
 //! visible while they last; each update is one atomic add on a counter looked up once
 //! per connection.
 //!
+//! The connection label sets are bounded, because `target_addr` is whatever a client
+//! connects to: a port scan once grew `/metrics` from 8 KB to 12 MB. There are at most
+//! [`MAX_CONN_LABEL_SETS`] connection label sets and [`MAX_CLOSE_LABEL_SETS`] close
+//! label sets; past them a connection is counted under `target_addr="overflow"` (same
+//! direction, protocol and `tls`, no peer identity), so totals stay right. A label set
+//! that has had no open connection for `--metrics-retain-idle` (10 minutes) is dropped
+//! at the next scrape, or when the table is full; one with an open connection never
+//! is. A dropped counter that comes back starts from zero, which Prometheus reads as a
+//! counter reset (`rate()` and `increase()` handle it).
+//!
 //! Detection: `detect_results_total{result}` with `result` one of http1, http2, tls,
 //! opaque, timeout (failed open), eof (closed before sending), error (read failed);
 //! `detect_duration_seconds` how long detection took. Connections on opaque ports skip
