@@ -266,7 +266,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Metrics that drop idle label sets after [`DEFAULT_RETAIN_IDLE`].
+    /// Metrics that drop idle label sets after `DEFAULT_RETAIN_IDLE` (10 minutes).
     pub fn new() -> Metrics {
         Metrics::with_retain_idle(DEFAULT_RETAIN_IDLE)
     }
@@ -407,7 +407,7 @@ impl Metrics {
     /// it as closed. `peer_id` is the peer's identity when the hop is our mTLS: the
     /// client's for inbound connections, the server's for outbound ones.
     ///
-    /// Past [`MAX_CONN_LABEL_SETS`] a new destination is counted under
+    /// Past `MAX_CONN_LABEL_SETS` a new destination is counted under
     /// `target_addr="overflow"`.
     pub fn open(
         &self,
