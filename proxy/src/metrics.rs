@@ -48,12 +48,16 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeMetric, LabelSetEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
@@ -130,16 +134,16 @@ impl EncodeLabelSet for ConnLabels {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct CloseLabels {
-    conn: ConnLabels,
-    errno: String,
+/// The labels of a `tcp_close_total` sample: the connection's and `errno`.
+struct CloseLabels<'a> {
+    conn: &'a ConnLabels,
+    errno: &'a str,
 }
 
-impl EncodeLabelSet for CloseLabels {
+impl EncodeLabelSet for CloseLabels<'_> {
     fn encode(&self, mut encoder: LabelSetEncoder<'_>) -> fmt::Result {
         self.conn.encode_into(&mut encoder)?;
-        ("errno", self.errno.as_str()).encode(encoder.encode_label())
+        ("errno", self.errno).encode(encoder.encode_label())
     }
 }
 
@@ -218,27 +222,30 @@ pub struct Metrics {
     handshake_failures: Family<HandshakeLabels, Counter>,
 }
 
-/// The connection families and the bookkeeping that bounds them.
+/// The connection metrics: their label sets, handles and the bookkeeping that bounds
+/// them, encoded by the registry through [`ConnFamilies`].
 ///
-/// Every change to their label sets (creating one, dropping an idle one) goes through
-/// `book`, so a label set with an open connection is never dropped: `open` is counted
-/// under the same lock that decides removal. The handles of a label set (four metrics
-/// and its close counters) are resolved once, when the connection opens or closes, and
-/// the copy loop only adds to its byte counters.
+/// They are not prometheus-client `Family`s: a `Family` is read-locked while it is
+/// encoded, and creating a label set write-locks it, so a connection to a new
+/// destination would wait for a scrape to finish encoding (and every other connection
+/// behind it, for the mutex below). Here an encode copies the values under `book` (a
+/// few microseconds per label set, no text formatting) and formats them after
+/// releasing it; opening and closing a connection only ever takes `book`, briefly.
+///
+/// A label set with an open connection is never dropped: `open` is counted under the
+/// same lock that decides removal. The handles of a label set are resolved once, when
+/// the connection opens, and the copy loop only adds to its byte counters.
+#[derive(Debug)]
 struct Conns {
-    tcp_open: Family<ConnLabels, Counter>,
-    tcp_close: Family<CloseLabels, Counter>,
-    tcp_open_connections: Family<ConnLabels, Gauge>,
-    tcp_read_bytes: Family<ConnLabels, Counter>,
-    tcp_write_bytes: Family<ConnLabels, Counter>,
     /// Label sets without an open connection for this long are dropped.
     retain_idle: Duration,
     book: Mutex<Book>,
 }
 
 /// What is known about the live label sets.
+#[derive(Debug)]
 struct Book {
-    series: HashMap<ConnLabels, Series>,
+    series: HashMap<Arc<ConnLabels>, Series>,
     /// Label sets of `tcp_close_total` (the sum of every `Series::closes` length).
     close_label_sets: usize,
     /// When idle label sets were last dropped.
@@ -246,17 +253,28 @@ struct Book {
 }
 
 /// One connection label set: its metrics, and whether it may be dropped.
+#[derive(Debug, Default)]
 struct Series {
     open_total: Counter,
     open_now: Gauge,
     read: Counter,
     written: Counter,
     /// `tcp_close_total` of this label set, by `errno` (a handful at most).
-    closes: Vec<(String, Counter)>,
+    closes: Vec<(Arc<str>, Counter)>,
     /// Connections open now. A label set is never dropped while this is not zero.
     open: u64,
     /// When a connection with these labels last opened or closed.
-    last_active: Instant,
+    last_active: Option<Instant>,
+}
+
+/// The values of one label set at one scrape.
+struct Sample {
+    labels: Arc<ConnLabels>,
+    open_total: u64,
+    open_now: i64,
+    read: u64,
+    written: u64,
+    closes: Vec<(Arc<str>, u64)>,
 }
 
 impl Default for Metrics {
@@ -276,11 +294,6 @@ impl Metrics {
     pub fn with_retain_idle(retain_idle: Duration) -> Metrics {
         let mut registry = Registry::default();
         let conns = Arc::new(Conns {
-            tcp_open: Family::default(),
-            tcp_close: Family::default(),
-            tcp_open_connections: Family::default(),
-            tcp_read_bytes: Family::default(),
-            tcp_write_bytes: Family::default(),
             retain_idle,
             book: Mutex::new(Book {
                 series: HashMap::new(),
@@ -293,29 +306,11 @@ impl Metrics {
         let detect_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let refused = Family::default();
         let handshake_failures = Family::default();
-        // prometheus-client appends `_total` to counters: `tcp_open` is exposed as
-        // `tcp_open_total`.
-        registry.register("tcp_open", "Connections forwarded", conns.tcp_open.clone());
-        registry.register(
-            "tcp_close",
-            "Forwarded connections closed",
-            conns.tcp_close.clone(),
-        );
-        registry.register(
-            "tcp_open_connections",
-            "Forwarded connections currently open",
-            conns.tcp_open_connections.clone(),
-        );
-        registry.register(
-            "tcp_read_bytes",
-            "Bytes read from the client",
-            conns.tcp_read_bytes.clone(),
-        );
-        registry.register(
-            "tcp_write_bytes",
-            "Bytes written to the client",
-            conns.tcp_write_bytes.clone(),
-        );
+        // `tcp_open`, `tcp_close`, `tcp_open_connections`, `tcp_read_bytes`,
+        // `tcp_write_bytes`: see `ConnFamilies`.
+        registry.register_collector(Box::new(ConnFamilies(conns.clone())));
+        // prometheus-client appends `_total` to counters: `tcp_refused` is exposed as
+        // `tcp_refused_total`.
         registry.register(
             "detect_results",
             "Protocol detection outcomes",
@@ -450,7 +445,7 @@ impl Conns {
 
     /// Counts one more open connection under `labels` (or its overflow label set when
     /// the label sets are full) and returns the labels used and the byte counters.
-    fn open(&self, labels: ConnLabels, now: Instant) -> (ConnLabels, Counters) {
+    fn open(&self, labels: ConnLabels, now: Instant) -> (Arc<ConnLabels>, Counters) {
         let mut book = self.lock();
         let labels = if book.series.contains_key(&labels) || labels.is_overflow() {
             labels
@@ -468,9 +463,9 @@ impl Conns {
                 labels
             }
         };
-        let series = self.series(&mut book, &labels, now);
+        let (labels, series) = entry(&mut book, labels);
         series.open += 1;
-        series.last_active = now;
+        series.last_active = Some(now);
         series.open_total.inc();
         series.open_now.inc();
         let counters = Counters {
@@ -478,19 +473,6 @@ impl Conns {
             written: series.written.clone(),
         };
         (labels, counters)
-    }
-
-    /// The label set `labels`, created (in all four families) if new.
-    fn series<'b>(&self, book: &'b mut Book, labels: &ConnLabels, now: Instant) -> &'b mut Series {
-        book.series.entry(labels.clone()).or_insert_with(|| Series {
-            open_total: self.tcp_open.get_or_create(labels).clone(),
-            open_now: self.tcp_open_connections.get_or_create(labels).clone(),
-            read: self.tcp_read_bytes.get_or_create(labels).clone(),
-            written: self.tcp_write_bytes.get_or_create(labels).clone(),
-            closes: Vec::new(),
-            open: 0,
-            last_active: now,
-        })
     }
 
     /// Counts a connection opened under `labels` as closed with `errno`.
@@ -504,34 +486,32 @@ impl Conns {
             return;
         };
         series.open = series.open.saturating_sub(1);
-        series.last_active = now;
+        series.last_active = Some(now);
         series.open_now.dec();
-        if let Some((_, closed)) = series.closes.iter().find(|(e, _)| *e == errno) {
+        if let Some((_, closed)) = series.closes.iter().find(|(e, _)| **e == *errno) {
             closed.inc();
             return;
         }
         // A new `tcp_close_total` label set: past the cap, count it under the
         // overflow label set instead (created if needed, and then idle at once).
-        let labels = if book.close_label_sets >= MAX_CLOSE_LABEL_SETS && !labels.is_overflow() {
-            labels.overflow()
+        let series = if book.close_label_sets >= MAX_CLOSE_LABEL_SETS && !labels.is_overflow() {
+            let (_, series) = entry(book, labels.overflow());
+            series.last_active = Some(now);
+            series
         } else {
-            labels.clone()
+            match book.series.get_mut(labels) {
+                Some(series) => series,
+                // Unreachable: found above, under the same lock.
+                None => return,
+            }
         };
-        let series = self.series(book, &labels, now);
-        series.last_active = now;
-        if let Some((_, closed)) = series.closes.iter().find(|(e, _)| *e == errno) {
+        if let Some((_, closed)) = series.closes.iter().find(|(e, _)| **e == *errno) {
             closed.inc();
             return;
         }
-        let closed = self
-            .tcp_close
-            .get_or_create(&CloseLabels {
-                conn: labels,
-                errno: errno.clone(),
-            })
-            .clone();
+        let closed = Counter::default();
         closed.inc();
-        series.closes.push((errno, closed));
+        series.closes.push((errno.into(), closed));
         book.close_label_sets += 1;
     }
 
@@ -543,28 +523,111 @@ impl Conns {
 
     fn sweep_locked(&self, book: &mut Book, now: Instant) {
         let mut dropped_closes = 0;
-        book.series.retain(|labels, series| {
+        book.series.retain(|_, series| {
             // Never a label set with an open connection: its handles are in use and
             // its gauge is not zero.
-            let keep = series.open > 0
-                || now.saturating_duration_since(series.last_active) < self.retain_idle;
+            let idle_since = series.last_active.unwrap_or(now);
+            let keep =
+                series.open > 0 || now.saturating_duration_since(idle_since) < self.retain_idle;
             if !keep {
-                self.tcp_open.remove(labels);
-                self.tcp_open_connections.remove(labels);
-                self.tcp_read_bytes.remove(labels);
-                self.tcp_write_bytes.remove(labels);
-                for (errno, _) in series.closes.drain(..) {
-                    self.tcp_close.remove(&CloseLabels {
-                        conn: labels.clone(),
-                        errno,
-                    });
-                    dropped_closes += 1;
-                }
+                dropped_closes += series.closes.len();
             }
             keep
         });
         book.close_label_sets = book.close_label_sets.saturating_sub(dropped_closes);
         book.last_sweep = Some(now);
+    }
+
+    /// The values of every label set, copied under the lock; formatting them into text
+    /// happens after it is released.
+    fn samples(&self) -> Vec<Sample> {
+        let book = self.lock();
+        book.series
+            .iter()
+            .map(|(labels, series)| Sample {
+                labels: labels.clone(),
+                open_total: series.open_total.get(),
+                open_now: series.open_now.get(),
+                read: series.read.get(),
+                written: series.written.get(),
+                closes: series
+                    .closes
+                    .iter()
+                    .map(|(errno, closed)| (errno.clone(), closed.get()))
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// The label set `labels` of `book`, created if new, and its key.
+fn entry(book: &mut Book, labels: ConnLabels) -> (Arc<ConnLabels>, &mut Series) {
+    // Looked up first so that an existing label set costs no allocation.
+    let key = match book.series.get_key_value(&labels) {
+        Some((key, _)) => key.clone(),
+        None => Arc::new(labels),
+    };
+    let series = book.series.entry(key.clone()).or_default();
+    (key, series)
+}
+
+/// The connection families, as the registry encodes them at each scrape.
+#[derive(Debug)]
+struct ConnFamilies(Arc<Conns>);
+
+impl Collector for ConnFamilies {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let samples = self.0.samples();
+        let counter = |encoder: &mut DescriptorEncoder<'_>,
+                       name: &str,
+                       help: &str,
+                       value: fn(&Sample) -> u64|
+         -> fmt::Result {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for sample in &samples {
+                ConstCounter::new(value(sample)).encode(family.encode_family(&*sample.labels)?)?;
+            }
+            Ok(())
+        };
+        counter(&mut encoder, "tcp_open", "Connections forwarded.", |s| {
+            s.open_total
+        })?;
+        let mut closes = encoder.encode_descriptor(
+            "tcp_close",
+            "Forwarded connections closed.",
+            None,
+            MetricType::Counter,
+        )?;
+        for sample in &samples {
+            for (errno, closed) in &sample.closes {
+                let labels = CloseLabels {
+                    conn: &sample.labels,
+                    errno,
+                };
+                ConstCounter::new(*closed).encode(closes.encode_family(&labels)?)?;
+            }
+        }
+        let mut open = encoder.encode_descriptor(
+            "tcp_open_connections",
+            "Forwarded connections currently open.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for sample in &samples {
+            ConstGauge::new(sample.open_now).encode(open.encode_family(&*sample.labels)?)?;
+        }
+        counter(
+            &mut encoder,
+            "tcp_read_bytes",
+            "Bytes read from the client.",
+            |s| s.read,
+        )?;
+        counter(
+            &mut encoder,
+            "tcp_write_bytes",
+            "Bytes written to the client.",
+            |s| s.written,
+        )
     }
 }
 
@@ -572,7 +635,7 @@ impl Conns {
 pub struct ConnMetrics {
     counters: Counters,
     conns: Arc<Conns>,
-    labels: ConnLabels,
+    labels: Arc<ConnLabels>,
     errno: Option<String>,
 }
 
