@@ -15,8 +15,11 @@
 //!   as soon as they are accepted, so a flood costs the proxy no memory or task.
 //! - A client must send its request head within [`HEAD_TIMEOUT`] and take the response
 //!   within [`RESPONSE_TIMEOUT`], so a slow client (slowloris) holds a slot for a
-//!   bounded time: with every slot held by silent clients, a scrape gets through at
-//!   the latest [`HEAD_TIMEOUT`] later.
+//!   bounded time: with every slot held by clients that send nothing, a retrying
+//!   scrape gets through at most [`HEAD_TIMEOUT`] later; with every slot held by
+//!   clients that ask and then read slowly, at most `HEAD_TIMEOUT + RESPONSE_TIMEOUT`.
+//!   (An attacker who keeps reopening slots as they free up can keep a scraper out;
+//!   the admin port should only be reachable by Prometheus and the kubelet.)
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
