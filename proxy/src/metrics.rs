@@ -355,11 +355,6 @@ impl Metrics {
         openmetrics_to_prometheus(&openmetrics)
     }
 
-    /// How many connection label sets exist now (overflow ones included).
-    pub fn conn_label_sets(&self) -> usize {
-        self.conns.lock().series.len()
-    }
-
     /// Records a detection outcome and how long it took.
     pub fn detected(&self, detected: &Detected, took: Duration) {
         self.detect_results
