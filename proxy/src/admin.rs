@@ -249,6 +249,17 @@ mod tests {
     #[tokio::test]
     async fn concurrent_scrapes_share_one_fresh_encode() {
         let metrics = Arc::new(Metrics::new());
+        // Enough label sets that an encode takes milliseconds: every scrape below asks
+        // (within microseconds) while the first encode is still running.
+        for n in 0..2000u32 {
+            let target = std::net::SocketAddr::from(([198, 19, (n >> 8) as u8, n as u8], 80));
+            drop(metrics.open(
+                crate::metrics::Direction::Inbound,
+                target,
+                crate::detect::Protocol::Opaque,
+                None,
+            ));
+        }
         let scrapes = Arc::new(Scrapes::new(metrics.clone()));
         let first = scrapes.encoded().await.unwrap();
         // A connection opened after the first scrape is in every later one.
@@ -276,7 +287,8 @@ mod tests {
             );
         }
         // The first to come encodes; the 15 others asked while it was encoding, so
-        // they wait and share the one next encode: two encodes for 16 scrapes.
+        // they wait (one encode at a time) and share the one next encode, which
+        // started after they asked: two encodes for 16 scrapes.
         let mut distinct: Vec<&Arc<str>> = Vec::new();
         for output in &outputs {
             if !distinct.iter().any(|d| Arc::ptr_eq(d, output)) {
