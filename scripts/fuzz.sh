@@ -26,7 +26,7 @@ cd "$root/fuzz"
 
 seconds=${1:-60}
 shift || true
-all=(ports subnets ruleset iptables_save nft_listing detect client_hello transport_header proxy_config meshinit_config)
+all=(ports subnets ruleset iptables_save nft_listing detect client_hello transport_header proxy_config identity_name meshinit_config)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all[@]}")
 
@@ -48,7 +48,7 @@ fi
 # its inputs go past that to reach the full-buffer path.
 max_len() {
     case $1 in
-        ports | subnets | transport_header) echo 512 ;;
+        ports | subnets | transport_header | identity_name) echo 512 ;;
         ruleset | proxy_config | meshinit_config) echo 2048 ;;
         client_hello | iptables_save) echo 4096 ;;
         nft_listing) echo 8192 ;;

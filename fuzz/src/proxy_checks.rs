@@ -1,4 +1,4 @@
-//! What must hold for any input to meshproxy's parsers.
+//! What must hold for any input to meshproxy's parsers and checks.
 //!
 //! One function per fuzz target. The same file is compiled into
 //! `proxy/tests/fuzz_corpus.rs` (by `#[path]`), which replays every file of
@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use meshproxy::fuzzing::classify;
 use meshproxy::{
-    detect, Config, Detected, MeshPeers, PortSet, ProxyArgs, SessionProtocol, TransportHeader,
-    MAX_PREFIX,
+    check_identity_name, detect, Config, Detected, MeshPeers, PortSet, ProxyArgs, SessionProtocol,
+    TransportHeader, MAX_PREFIX,
 };
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::runtime::Runtime;
@@ -254,4 +254,65 @@ pub fn proxy_config(data: &[u8]) {
             let _ = peers.identity(ip.parse().unwrap());
         }
     }
+}
+
+/// `identity_name`: meshproxy's identity name check (`meshproxy identity issue`, and
+/// which certificate SANs are identities) accepts exactly the DNS host names of at
+/// most 253 characters, never a wildcard, and what it accepts is a plain file name;
+/// a refusal names the input.
+pub fn identity_name(data: &[u8]) {
+    let Ok(name) = std::str::from_utf8(data) else {
+        return;
+    };
+    let verdict = check_identity_name(name);
+    assert_eq!(verdict.is_ok(), is_host_name(name), "{name:?}: {verdict:?}");
+    match verdict {
+        Ok(()) => {
+            assert!(!name.contains(['*', '/', '\0']), "{name:?}");
+            // `issue` writes NAME.crt and NAME.key into --out: one plain component.
+            for ext in ["crt", "key"] {
+                let file = format!("{name}.{ext}");
+                let parts: Vec<_> = Path::new(&file).components().collect();
+                assert!(
+                    matches!(parts.as_slice(), [std::path::Component::Normal(p)] if *p == file.as_str()),
+                    "{file:?} is not a plain file name"
+                );
+            }
+            // Case does not matter; a wildcard over it is never an identity.
+            assert!(check_identity_name(&name.to_ascii_uppercase()).is_ok());
+            assert!(check_identity_name(&name.to_ascii_lowercase()).is_ok());
+            assert!(check_identity_name(&format!("*.{name}")).is_err());
+        }
+        Err(error) => {
+            assert_eq!(error.name, name);
+            let message = error.to_string();
+            assert!(message.contains(&format!("{name:?}")), "{message}");
+        }
+    }
+}
+
+/// The oracle: RFC 1123 host names, written independently of meshproxy's check
+/// (bytes and indices rather than labels and chars).
+fn is_host_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() > 253 {
+        return false;
+    }
+    let mut start = 0;
+    let mut last_all_digits = false;
+    for end in (0..=bytes.len()).filter(|&i| i == bytes.len() || bytes[i] == b'.') {
+        let label = &bytes[start..end];
+        let ok = (1..=63).contains(&label.len())
+            && label
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+            && label[0] != b'-'
+            && label[label.len() - 1] != b'-';
+        if !ok {
+            return false;
+        }
+        last_all_digits = label.iter().all(u8::is_ascii_digit);
+        start = end + 1;
+    }
+    !last_all_digits
 }

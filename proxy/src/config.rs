@@ -77,6 +77,10 @@ pub struct ProxyArgs {
     /// [default: 2102].
     #[arg(long, value_name = "UID", help_heading = "Lifecycle")]
     pub proxy_uid: Option<String>,
+    /// Metric label sets with no open connection for this long are dropped
+    /// [default: 10m].
+    #[arg(long, value_name = "DURATION", help_heading = "Metrics")]
+    pub metrics_retain_idle: Option<String>,
 
     /// `plain` or `json` (one object per line) [default: plain].
     #[arg(long, value_name = "FORMAT", help_heading = "Logging")]
@@ -144,6 +148,10 @@ pub struct Config {
     /// effective UID differs: every connection it forwards would then be redirected
     /// back to it. Default 2102, meshinit's.
     pub proxy_uid: u32,
+    /// How long a metric label set (one destination, protocol, ...) with no open
+    /// connection is kept: without it every destination ever seen, a port scan's
+    /// included, would stay in `/metrics` forever. Default 10 min, Linkerd's.
+    pub metrics_retain_idle: Duration,
     /// How logs are written. Default plain text.
     pub log_format: LogFormat,
     /// Our certificate, key and trust anchors. Default none: no mTLS, every
@@ -176,6 +184,7 @@ const DEFAULT_PROXY_UID: u32 = 2102;
 const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 const DEFAULT_MAX_DETECTING: usize = 4_096;
+const DEFAULT_METRICS_RETAIN_IDLE: Duration = crate::metrics::DEFAULT_RETAIN_IDLE;
 const DEFAULT_PEER_INBOUND_PORT: u16 = 4143;
 /// Descriptors beyond the connections': listeners, admin clients, certificate and
 /// peers files being re-read, the bind probe of `orig_dst::is_local`, stdio, epoll.
@@ -254,6 +263,7 @@ struct FileConfig {
     handshake_timeout: Option<FileValue>,
     shutdown_grace: Option<FileValue>,
     proxy_uid: Option<FileValue>,
+    metrics_retain_idle: Option<FileValue>,
     log_format: Option<FileValue>,
     identity_cert: Option<FileValue>,
     identity_key: Option<FileValue>,
@@ -446,6 +456,14 @@ impl Config {
                 parse_uid,
             )?
             .unwrap_or(DEFAULT_PROXY_UID);
+        let metrics_retain_idle = s
+            .resolve(
+                "metrics-retain-idle",
+                a.metrics_retain_idle.as_ref(),
+                f.metrics_retain_idle.as_ref(),
+                parse_duration,
+            )?
+            .unwrap_or(DEFAULT_METRICS_RETAIN_IDLE);
         let log_format = s
             .resolve(
                 "log-format",
@@ -529,6 +547,7 @@ impl Config {
             max_detecting,
             handshake_timeout,
             proxy_uid,
+            metrics_retain_idle,
             log_format,
             identity,
             mesh_peers,

@@ -1,7 +1,7 @@
 //! The proxy's identity: its certificate, key and trust anchors, read from PEM files
 //! and reloaded when they change on disk.
 //!
-//! The identity *name* is the first DNS SAN of our certificate (Linkerd's convention,
+//! The identity *name* is the first exact DNS SAN of our certificate (Linkerd's convention,
 //! e.g. `web.default.serviceaccount.identity.linkerd.cluster.local`; ours are whatever
 //! the CA issued, e.g. `web.default.mesh.local`). Peers are checked against the names
 //! listed in `--mesh-peers`, and inbound clients are labelled with theirs.
@@ -11,9 +11,11 @@
 //! Connections already open keep the config they started with. The trust anchors are
 //! reloaded with the certificate, so a CA rotation is a file change too.
 //!
+//! `name` says what an identity name may be (an exact DNS name, never a wildcard);
 //! `dev_ca` holds the `meshproxy identity new-ca|issue` helpers for demos and tests.
 
 mod dev_ca;
+mod name;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +27,9 @@ use rustls::{ClientConfig, ServerConfig};
 use crate::reload::Watched;
 use crate::tls::{self, TlsError};
 
-pub use self::dev_ca::{issue, new_ca, DevCaError, Issued};
+pub use self::dev_ca::{issue, new_ca, new_ca_replacing, DevCaError, Issued};
+pub(crate) use self::name::same as same_name;
+pub use self::name::{check as check_name, InvalidName};
 
 /// The three PEM files of an identity (`--identity-cert`, `--identity-key`,
 /// `--trust-anchors`).
@@ -79,6 +83,7 @@ impl Identity {
             files: Box::new(files.clone()),
             source,
         };
+        // `read_certs` never returns an empty chain (`NoCertificate`), so [0] exists.
         let name = tls::identity_of(&chain[0]).map_err(tls_error)?;
         let configs = tls::configs(chain, key, anchors).map_err(tls_error)?;
         Ok(Identity { name, configs })
@@ -132,6 +137,8 @@ impl IdentityWatch {
             files.key.clone(),
             files.trust_anchors.clone(),
         ];
+        // `Watched` calls the loader with exactly the paths given here, these three,
+        // so the indexing below cannot go out of bounds.
         let watched = Watched::new("identity", paths, |paths| {
             Identity::load(&IdentityFiles {
                 cert: paths[0].clone(),

@@ -15,16 +15,19 @@
 //! - `forward`: one connection from detection to close: connect to the destination,
 //!   replay the detected bytes, copy, count.
 //! - `duplex`: the copy loop in both directions with half-close and byte counters.
-//! - `metrics`: the Prometheus registry and the per-connection counters.
-//! - `admin`: the tiny HTTP/1 server for `/metrics`, `/ready` and `/live`.
+//! - `metrics`: the Prometheus registry and the per-connection counters, with the
+//!   connection label sets capped and idle ones dropped (`--metrics-retain-idle`).
+//! - `admin`: the tiny HTTP/1 server for `/metrics`, `/ready` and `/live`; encodes off
+//!   the async workers, one at a time, and caps its connections.
 //!
 //! Mutual TLS between proxies adds a branch to `forward` (`forward/mtls`) and these:
 //!
 //! - `tls`: the one crypto provider (aws-lc-rs), TLS 1.3 only, how peers are verified,
 //!   and how handshake failures are named.
 //! - `identity`: our certificate, key and trust anchors from PEM files, reloaded on
-//!   change; `identity/dev_ca` makes a throwaway CA and identities (`meshproxy
-//!   identity`).
+//!   change; `identity/name` says what an identity name may be (an exact DNS name,
+//!   never a wildcard); `identity/dev_ca` makes a throwaway CA and identities
+//!   (`meshproxy identity`).
 //! - `mesh_peers`: which destinations are meshed and the identity expected there.
 //! - `transport_header`: the header that tells the peer proxy the application port.
 //! - `prefixed`: replays the bytes detection read, for a TLS session we terminate.
@@ -55,7 +58,8 @@ pub use crate::detect::{detect, ClientHello, Detected, Detection, Protocol, MAX_
 pub use crate::duplex::{duplex, Counters, DuplexError, Side, Totals};
 pub use crate::forward::{connect, Forwarder, ForwarderError};
 pub use crate::identity::{
-    issue, new_ca, DevCaError, Identity, IdentityError, IdentityFiles, IdentityWatch, Issued,
+    check_name as check_identity_name, issue, new_ca, new_ca_replacing, DevCaError, Identity,
+    IdentityError, IdentityFiles, IdentityWatch, InvalidName, Issued,
 };
 pub use crate::mesh_peers::{MeshPeers, MeshPeersError};
 pub use crate::metrics::{Direction, Metrics};

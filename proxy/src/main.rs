@@ -47,13 +47,17 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum IdentityCommand {
-    /// Create a CA in DIR: ca.crt (give it to --trust-anchors) and ca.key.
+    /// Create a CA in DIR: ca.crt (give it to --trust-anchors) and ca.key. An
+    /// existing CA there is not replaced (exit 2) unless --force is given.
     NewCa {
         /// Directory to write to; created if missing.
         dir: PathBuf,
+        /// Replace a CA already in DIR (identities it issued will no longer be trusted).
+        #[arg(long)]
+        force: bool,
     },
     /// Issue NAME.crt and NAME.key (ECDSA P-256, DNS SAN = NAME) signed by a CA made
-    /// by `new-ca`.
+    /// by `new-ca`. NAME must be an exact DNS name (no wildcard): exit 2 otherwise.
     Issue {
         /// The CA directory (holding ca.crt and ca.key).
         #[arg(long, value_name = "DIR")]
@@ -107,10 +111,17 @@ fn main() -> ExitCode {
 
 fn identity(command: IdentityCommand) -> ExitCode {
     let result = match command {
-        IdentityCommand::NewCa { dir } => meshproxy::new_ca(&dir).map(|anchors| {
-            println!("{}", anchors.display());
-            println!("{}", dir.join("ca.key").display());
-        }),
+        IdentityCommand::NewCa { dir, force } => {
+            let made = if force {
+                meshproxy::new_ca_replacing(&dir)
+            } else {
+                meshproxy::new_ca(&dir)
+            };
+            made.map(|anchors| {
+                println!("{}", anchors.display());
+                println!("{}", dir.join("ca.key").display());
+            })
+        }
         IdentityCommand::Issue { ca, name, out } => {
             let out = out.unwrap_or_else(|| ca.clone());
             meshproxy::issue(&ca, &name, &out).map(|issued| {
@@ -123,7 +134,13 @@ fn identity(command: IdentityCommand) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("meshproxy: {error}");
-            ExitCode::FAILURE
+            match error {
+                // Bad input, as for the proxy's flags: exit 2, nothing written.
+                meshproxy::DevCaError::BadName(_)
+                | meshproxy::DevCaError::CaExists { .. }
+                | meshproxy::DevCaError::UnsafeFileName { .. } => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -19,6 +19,16 @@
 //! visible while they last; each update is one atomic add on a counter looked up once
 //! per connection.
 //!
+//! The connection label sets are bounded, because `target_addr` is whatever a client
+//! connects to: a port scan once grew `/metrics` from 8 KB to 12 MB. There are at most
+//! [`MAX_CONN_LABEL_SETS`] connection label sets and [`MAX_CLOSE_LABEL_SETS`] close
+//! label sets; past them a connection is counted under `target_addr="overflow"` (same
+//! direction, protocol and `tls`, no peer identity), so totals stay right. A label set
+//! that has had no open connection for `--metrics-retain-idle` (10 minutes) is dropped
+//! at the next scrape, or when the table is full; one with an open connection never
+//! is. A dropped counter that comes back starts from zero, which Prometheus reads as a
+//! counter reset (`rate()` and `increase()` handle it).
+//!
 //! Detection: `detect_results_total{result}` with `result` one of http1, http2, tls,
 //! opaque, timeout (failed open), eof (closed before sending), error (read failed);
 //! `detect_duration_seconds` how long detection took. Connections on opaque ports skip
@@ -37,16 +47,23 @@
 //! `wrong_identity` (a trusted certificate for another identity), `bad_alpn`,
 //! `timeout` or `other` (including a malformed transport header).
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeMetric, LabelSetEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use tokio::time::Instant;
 
 use crate::detect::{Detected, Protocol};
 use crate::duplex::Counters;
@@ -96,22 +113,41 @@ impl ConnLabels {
     }
 }
 
+impl ConnLabels {
+    fn is_overflow(&self) -> bool {
+        self.target_addr == OVERFLOW
+    }
+
+    /// The label set a connection is counted under once the label sets are full: the
+    /// same direction, protocol and `tls`, `target_addr="overflow"`, and no peer
+    /// identity (which would be one more unbounded label).
+    fn overflow(&self) -> ConnLabels {
+        ConnLabels {
+            direction: self.direction,
+            target_addr: OVERFLOW.to_string(),
+            protocol: self.protocol,
+            tls: self.tls,
+            peer_id: None,
+        }
+    }
+}
+
 impl EncodeLabelSet for ConnLabels {
     fn encode(&self, mut encoder: LabelSetEncoder<'_>) -> fmt::Result {
         self.encode_into(&mut encoder)
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct CloseLabels {
-    conn: ConnLabels,
-    errno: String,
+/// The labels of a `tcp_close_total` sample: the connection's and `errno`.
+struct CloseLabels<'a> {
+    conn: &'a ConnLabels,
+    errno: &'a str,
 }
 
-impl EncodeLabelSet for CloseLabels {
+impl EncodeLabelSet for CloseLabels<'_> {
     fn encode(&self, mut encoder: LabelSetEncoder<'_>) -> fmt::Result {
         self.conn.encode_into(&mut encoder)?;
-        ("errno", self.errno.as_str()).encode(encoder.encode_label())
+        ("errno", self.errno).encode(encoder.encode_label())
     }
 }
 
@@ -165,18 +201,99 @@ impl Refused {
     }
 }
 
+/// Most label sets of the connection families (`tcp_open_total`,
+/// `tcp_open_connections`, `tcp_read_bytes_total`, `tcp_write_bytes_total`, which share
+/// their label sets). Past it, a connection to a new destination is counted under
+/// `target_addr="overflow"` (one label set per direction, protocol and `tls`, which the
+/// cap does not count: at most 16 more).
+///
+/// Why 2048: each label set costs four samples of about 110 bytes, so the four
+/// families stay under 1 MiB of text however many destinations a port scan tries,
+/// while a pod that really talks to many services (a few hundred distinct
+/// `IP:port`, even counting both directions) never reaches it.
+pub const MAX_CONN_LABEL_SETS: usize = 2048;
+
+/// Most label sets of `tcp_close_total` (a connection label set times an `errno`).
+/// Past it, a close that would start a new label set is counted under the overflow
+/// label set of its direction, protocol and `tls`, with its `errno`. 4096 samples of
+/// about 125 bytes: under 0.5 MiB, so all connection metrics together stay well under
+/// 2 MiB.
+pub const MAX_CLOSE_LABEL_SETS: usize = 4096;
+
+/// `--metrics-retain-idle` when not set: Linkerd's 10 minutes.
+pub const DEFAULT_RETAIN_IDLE: Duration = Duration::from_secs(600);
+
+/// The `target_addr` of connections past the label-set cap.
+pub const OVERFLOW: &str = "overflow";
+
+/// While the label sets are full, how often a new destination may trigger a sweep of
+/// idle label sets: a sweep walks them all, so it must not run once per connection of
+/// a flood.
+const FULL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// All metrics of one proxy, and the registry that exposes them.
 pub struct Metrics {
     registry: Registry,
-    tcp_open: Family<ConnLabels, Counter>,
-    tcp_close: Family<CloseLabels, Counter>,
-    tcp_open_connections: Family<ConnLabels, Gauge>,
-    tcp_read_bytes: Family<ConnLabels, Counter>,
-    tcp_write_bytes: Family<ConnLabels, Counter>,
+    conns: Arc<Conns>,
     detect_results: Family<ResultLabels, Counter>,
     detect_duration: Histogram,
     refused: Family<RefusedLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
+}
+
+/// The connection metrics: their label sets, handles and the bookkeeping that bounds
+/// them, encoded by the registry through [`ConnFamilies`].
+///
+/// They are not prometheus-client `Family`s: a `Family` is read-locked while it is
+/// encoded, and creating a label set write-locks it, so a connection to a new
+/// destination would wait for a scrape to finish encoding (and every other connection
+/// behind it, for the mutex below). Here an encode copies the values under `book` (a
+/// few microseconds per label set, no text formatting) and formats them after
+/// releasing it; opening and closing a connection only ever takes `book`, briefly.
+///
+/// A label set with an open connection is never dropped: `open` is counted under the
+/// same lock that decides removal. The handles of a label set are resolved once, when
+/// the connection opens, and the copy loop only adds to its byte counters.
+#[derive(Debug)]
+struct Conns {
+    /// Label sets without an open connection for this long are dropped.
+    retain_idle: Duration,
+    book: Mutex<Book>,
+}
+
+/// What is known about the live label sets.
+#[derive(Debug)]
+struct Book {
+    series: HashMap<Arc<ConnLabels>, Series>,
+    /// Label sets of `tcp_close_total` (the sum of every `Series::closes` length).
+    close_label_sets: usize,
+    /// When idle label sets were last dropped.
+    last_sweep: Option<Instant>,
+}
+
+/// One connection label set: its metrics, and whether it may be dropped.
+#[derive(Debug, Default)]
+struct Series {
+    open_total: Counter,
+    open_now: Gauge,
+    read: Counter,
+    written: Counter,
+    /// `tcp_close_total` of this label set, by `errno` (a handful at most).
+    closes: Vec<(Arc<str>, Counter)>,
+    /// Connections open now. A label set is never dropped while this is not zero.
+    open: u64,
+    /// When a connection with these labels last opened or closed.
+    last_active: Option<Instant>,
+}
+
+/// The values of one label set at one scrape.
+struct Sample {
+    labels: Arc<ConnLabels>,
+    open_total: u64,
+    open_now: i64,
+    read: u64,
+    written: u64,
+    closes: Vec<(Arc<str>, u64)>,
 }
 
 impl Default for Metrics {
@@ -186,41 +303,33 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Metrics that drop idle label sets after `DEFAULT_RETAIN_IDLE` (10 minutes).
     pub fn new() -> Metrics {
+        Metrics::with_retain_idle(DEFAULT_RETAIN_IDLE)
+    }
+
+    /// Metrics that drop label sets with no open connection for `retain_idle`
+    /// (`--metrics-retain-idle`).
+    pub fn with_retain_idle(retain_idle: Duration) -> Metrics {
         let mut registry = Registry::default();
-        let tcp_open = Family::default();
-        let tcp_close = Family::default();
-        let tcp_open_connections = Family::default();
-        let tcp_read_bytes = Family::default();
-        let tcp_write_bytes = Family::default();
+        let conns = Arc::new(Conns {
+            retain_idle,
+            book: Mutex::new(Book {
+                series: HashMap::new(),
+                close_label_sets: 0,
+                last_sweep: None,
+            }),
+        });
         let detect_results = Family::default();
         // 1 ms to 16 s: covers a fast client and the default 10 s timeout.
         let detect_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let refused = Family::default();
         let handshake_failures = Family::default();
-        // prometheus-client appends `_total` to counters: `tcp_open` is exposed as
-        // `tcp_open_total`.
-        registry.register("tcp_open", "Connections forwarded", tcp_open.clone());
-        registry.register(
-            "tcp_close",
-            "Forwarded connections closed",
-            tcp_close.clone(),
-        );
-        registry.register(
-            "tcp_open_connections",
-            "Forwarded connections currently open",
-            tcp_open_connections.clone(),
-        );
-        registry.register(
-            "tcp_read_bytes",
-            "Bytes read from the client",
-            tcp_read_bytes.clone(),
-        );
-        registry.register(
-            "tcp_write_bytes",
-            "Bytes written to the client",
-            tcp_write_bytes.clone(),
-        );
+        // `tcp_open`, `tcp_close`, `tcp_open_connections`, `tcp_read_bytes`,
+        // `tcp_write_bytes`: see `ConnFamilies`.
+        registry.register_collector(Box::new(ConnFamilies(conns.clone())));
+        // prometheus-client appends `_total` to counters: `tcp_refused` is exposed as
+        // `tcp_refused_total`.
         registry.register(
             "detect_results",
             "Protocol detection outcomes",
@@ -243,11 +352,7 @@ impl Metrics {
         );
         Metrics {
             registry,
-            tcp_open,
-            tcp_close,
-            tcp_open_connections,
-            tcp_read_bytes,
-            tcp_write_bytes,
+            conns,
             detect_results,
             detect_duration,
             refused,
@@ -255,9 +360,16 @@ impl Metrics {
         }
     }
 
-    /// Every metric in the Prometheus text format (version 0.0.4).
+    /// Every metric in the Prometheus text format (version 0.0.4), after dropping the
+    /// label sets idle for longer than `retain_idle`.
+    ///
+    /// This walks every label set: the admin server calls it off the async workers
+    /// (`spawn_blocking`), one call at a time.
     pub fn encode(&self) -> String {
+        self.conns.sweep(Instant::now());
         let mut openmetrics = String::new();
+        // Unreachable error: `encode` fails only when its writer does, and writing to a
+        // `String` cannot fail (our label encoders only pass the writer's result on).
         encode(&mut openmetrics, &self.registry).expect("writing to a String cannot fail");
         openmetrics_to_prometheus(&openmetrics)
     }
@@ -303,6 +415,9 @@ impl Metrics {
     /// Counts a connection as open and returns its counters. Dropping the result counts
     /// it as closed. `peer_id` is the peer's identity when the hop is our mTLS: the
     /// client's for inbound connections, the server's for outbound ones.
+    ///
+    /// Past `MAX_CONN_LABEL_SETS` a new destination is counted under
+    /// `target_addr="overflow"`.
     pub fn open(
         &self,
         direction: Direction,
@@ -323,16 +438,10 @@ impl Metrics {
                 (key, id.to_string())
             }),
         };
-        self.tcp_open.get_or_create(&labels).inc();
-        let open = self.tcp_open_connections.get_or_create(&labels).clone();
-        open.inc();
+        let (labels, counters) = self.conns.open(labels, Instant::now());
         ConnMetrics {
-            counters: Counters {
-                read: self.tcp_read_bytes.get_or_create(&labels).clone(),
-                written: self.tcp_write_bytes.get_or_create(&labels).clone(),
-            },
-            open,
-            close: self.tcp_close.clone(),
+            counters,
+            conns: self.conns.clone(),
             labels,
             // Until `set_errno` says otherwise, a connection dropped midway (shutdown
             // grace expired) was cancelled.
@@ -341,12 +450,206 @@ impl Metrics {
     }
 }
 
+impl Conns {
+    /// The bookkeeping. A panic while it was held cannot leave it inconsistent in a
+    /// way that matters more than losing metrics, so a poisoned lock is used as is.
+    fn lock(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts one more open connection under `labels` (or its overflow label set when
+    /// the label sets are full) and returns the labels used and the byte counters.
+    fn open(&self, labels: ConnLabels, now: Instant) -> (Arc<ConnLabels>, Counters) {
+        let mut book = self.lock();
+        let labels = if book.series.contains_key(&labels) || labels.is_overflow() {
+            labels
+        } else {
+            if book.series.len() >= MAX_CONN_LABEL_SETS
+                && book
+                    .last_sweep
+                    .is_none_or(|at| now.saturating_duration_since(at) >= FULL_SWEEP_INTERVAL)
+            {
+                self.sweep_locked(&mut book, now);
+            }
+            if book.series.len() >= MAX_CONN_LABEL_SETS {
+                labels.overflow()
+            } else {
+                labels
+            }
+        };
+        let (labels, series) = entry(&mut book, labels);
+        series.open += 1;
+        series.last_active = Some(now);
+        series.open_total.inc();
+        series.open_now.inc();
+        let counters = Counters {
+            read: series.read.clone(),
+            written: series.written.clone(),
+        };
+        (labels, counters)
+    }
+
+    /// Counts a connection opened under `labels` as closed with `errno`.
+    fn close(&self, labels: &ConnLabels, errno: String, now: Instant) {
+        let mut book = self.lock();
+        let book = &mut *book;
+        let Some(series) = book.series.get_mut(labels) else {
+            // Unreachable: a label set with an open connection (this one) is never
+            // dropped. Losing one close is better than a panic in a destructor.
+            debug_assert!(false, "label set dropped while open: {labels:?}");
+            return;
+        };
+        series.open = series.open.saturating_sub(1);
+        series.last_active = Some(now);
+        series.open_now.dec();
+        if let Some((_, closed)) = series.closes.iter().find(|(e, _)| **e == *errno) {
+            closed.inc();
+            return;
+        }
+        // A new `tcp_close_total` label set: past the cap, count it under the
+        // overflow label set instead (created if needed, and then idle at once).
+        let series = if book.close_label_sets >= MAX_CLOSE_LABEL_SETS && !labels.is_overflow() {
+            let (_, series) = entry(book, labels.overflow());
+            series.last_active = Some(now);
+            series
+        } else {
+            match book.series.get_mut(labels) {
+                Some(series) => series,
+                // Unreachable: found above, under the same lock.
+                None => return,
+            }
+        };
+        if let Some((_, closed)) = series.closes.iter().find(|(e, _)| **e == *errno) {
+            closed.inc();
+            return;
+        }
+        let closed = Counter::default();
+        closed.inc();
+        series.closes.push((errno.into(), closed));
+        book.close_label_sets += 1;
+    }
+
+    /// Drops the label sets that have had no open connection for `retain_idle`.
+    fn sweep(&self, now: Instant) {
+        let mut book = self.lock();
+        self.sweep_locked(&mut book, now);
+    }
+
+    fn sweep_locked(&self, book: &mut Book, now: Instant) {
+        let mut dropped_closes = 0;
+        book.series.retain(|_, series| {
+            // Never a label set with an open connection: its handles are in use and
+            // its gauge is not zero.
+            let idle_since = series.last_active.unwrap_or(now);
+            let keep =
+                series.open > 0 || now.saturating_duration_since(idle_since) < self.retain_idle;
+            if !keep {
+                dropped_closes += series.closes.len();
+            }
+            keep
+        });
+        book.close_label_sets = book.close_label_sets.saturating_sub(dropped_closes);
+        book.last_sweep = Some(now);
+    }
+
+    /// The values of every label set, copied under the lock; formatting them into text
+    /// happens after it is released.
+    fn samples(&self) -> Vec<Sample> {
+        let book = self.lock();
+        book.series
+            .iter()
+            .map(|(labels, series)| Sample {
+                labels: labels.clone(),
+                open_total: series.open_total.get(),
+                open_now: series.open_now.get(),
+                read: series.read.get(),
+                written: series.written.get(),
+                closes: series
+                    .closes
+                    .iter()
+                    .map(|(errno, closed)| (errno.clone(), closed.get()))
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// The label set `labels` of `book`, created if new, and its key.
+fn entry(book: &mut Book, labels: ConnLabels) -> (Arc<ConnLabels>, &mut Series) {
+    // Looked up first so that an existing label set costs no allocation.
+    let key = match book.series.get_key_value(&labels) {
+        Some((key, _)) => key.clone(),
+        None => Arc::new(labels),
+    };
+    let series = book.series.entry(key.clone()).or_default();
+    (key, series)
+}
+
+/// The connection families, as the registry encodes them at each scrape.
+#[derive(Debug)]
+struct ConnFamilies(Arc<Conns>);
+
+impl Collector for ConnFamilies {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let samples = self.0.samples();
+        let counter = |encoder: &mut DescriptorEncoder<'_>,
+                       name: &str,
+                       help: &str,
+                       value: fn(&Sample) -> u64|
+         -> fmt::Result {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for sample in &samples {
+                ConstCounter::new(value(sample)).encode(family.encode_family(&*sample.labels)?)?;
+            }
+            Ok(())
+        };
+        counter(&mut encoder, "tcp_open", "Connections forwarded.", |s| {
+            s.open_total
+        })?;
+        let mut closes = encoder.encode_descriptor(
+            "tcp_close",
+            "Forwarded connections closed.",
+            None,
+            MetricType::Counter,
+        )?;
+        for sample in &samples {
+            for (errno, closed) in &sample.closes {
+                let labels = CloseLabels {
+                    conn: &sample.labels,
+                    errno,
+                };
+                ConstCounter::new(*closed).encode(closes.encode_family(&labels)?)?;
+            }
+        }
+        let mut open = encoder.encode_descriptor(
+            "tcp_open_connections",
+            "Forwarded connections currently open.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for sample in &samples {
+            ConstGauge::new(sample.open_now).encode(open.encode_family(&*sample.labels)?)?;
+        }
+        counter(
+            &mut encoder,
+            "tcp_read_bytes",
+            "Bytes read from the client.",
+            |s| s.read,
+        )?;
+        counter(
+            &mut encoder,
+            "tcp_write_bytes",
+            "Bytes written to the client.",
+            |s| s.written,
+        )
+    }
+}
+
 /// The metrics of one open connection. Records the close when dropped.
 pub struct ConnMetrics {
     counters: Counters,
-    open: Gauge,
-    close: Family<CloseLabels, Counter>,
-    labels: ConnLabels,
+    conns: Arc<Conns>,
+    labels: Arc<ConnLabels>,
     errno: Option<String>,
 }
 
@@ -364,12 +667,8 @@ impl ConnMetrics {
 
 impl Drop for ConnMetrics {
     fn drop(&mut self) {
-        self.open.dec();
-        let labels = CloseLabels {
-            conn: self.labels.clone(),
-            errno: self.errno.take().unwrap_or_default(),
-        };
-        self.close.get_or_create(&labels).inc();
+        let errno = self.errno.take().unwrap_or_default();
+        self.conns.close(&self.labels, errno, Instant::now());
     }
 }
 
@@ -397,6 +696,7 @@ fn openmetrics_to_prometheus(openmetrics: &str) -> String {
             Some((tag, rest)) => {
                 let name = rest.split(' ').next().unwrap_or_default();
                 if counters.contains(&name) {
+                    // In bounds, on a char boundary: `name` is a prefix of `rest`.
                     out.push_str(&format!("{tag}{name}_total{}", &rest[name.len()..]));
                 } else {
                     out.push_str(line);
@@ -457,6 +757,153 @@ mod tests {
         assert!(
             text.contains(&format!("tcp_close_total{closed} 1\n")),
             "{text}"
+        );
+    }
+
+    /// The distinct `target_addr` values of a scrape.
+    fn target_addrs(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.split("target_addr=\"").nth(1)?;
+                Some(rest.split('"').next()?.to_string())
+            })
+            .collect()
+    }
+
+    fn addr(n: usize) -> std::net::SocketAddr {
+        let n = u32::try_from(n).unwrap();
+        std::net::SocketAddr::from(([198, 18, (n >> 16) as u8, (n >> 8) as u8], n as u16))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_port_scan_is_capped_and_the_rest_is_counted_as_overflow() {
+        let metrics = Metrics::new();
+        let scanned = MAX_CONN_LABEL_SETS + 500;
+        for n in 0..scanned {
+            let mut conn = metrics.open(Direction::Inbound, addr(n), Protocol::Opaque, None);
+            conn.set_errno(Some("ECONNREFUSED".into()));
+        }
+        let text = metrics.encode();
+        let targets = target_addrs(&text);
+        // The cap, plus the one overflow value.
+        assert_eq!(targets.len(), MAX_CONN_LABEL_SETS + 1, "{}", text.len());
+        assert!(targets.contains(OVERFLOW));
+        let overflow =
+            r#"{direction="inbound",target_addr="overflow",protocol="opaque",tls="false"}"#;
+        assert!(
+            text.contains(&format!("tcp_open_total{overflow} 500\n")),
+            "overflow not counted"
+        );
+        let closed = r#"{direction="inbound",target_addr="overflow",protocol="opaque",tls="false",errno="ECONNREFUSED"}"#;
+        assert!(text.contains(&format!("tcp_close_total{closed} 500\n")));
+        // Every connection is counted once, capped or not.
+        let opened: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("tcp_open_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(opened, scanned as f64);
+        assert!(text.len() < 2 << 20, "{} bytes", text.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_label_sets_are_capped_too() {
+        let metrics = Metrics::new();
+        // 1,500 destinations failing in 4 different ways: 6,000 close label sets wanted.
+        for n in 0..1500 {
+            for errno in ["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EHOSTUNREACH"] {
+                let mut conn = metrics.open(Direction::Outbound, addr(n), Protocol::Http1, None);
+                conn.set_errno(Some(errno.into()));
+            }
+        }
+        let text = metrics.encode();
+        let closes = text
+            .lines()
+            .filter(|l| l.starts_with("tcp_close_total{"))
+            .count();
+        assert!(
+            closes <= MAX_CLOSE_LABEL_SETS + 4,
+            "{closes} close label sets"
+        );
+        let overflow = r#"tcp_close_total{direction="outbound",target_addr="overflow",protocol="http1",tls="false",errno="EHOSTUNREACH"}"#;
+        assert!(text.contains(overflow), "overflowing closes are counted");
+        let total: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("tcp_close_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(total, 6000.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_label_sets_are_dropped_but_never_one_with_an_open_connection() {
+        let metrics = Metrics::new();
+        let (idle, busy) = (addr(1), addr(2));
+        drop(metrics.open(Direction::Outbound, idle, Protocol::Opaque, None));
+        let open = metrics.open(Direction::Outbound, busy, Protocol::Opaque, None);
+        open.counters().read.inc_by(7);
+
+        // Just under the default 10 minutes: both kept.
+        tokio::time::advance(Duration::from_secs(599)).await;
+        let text = metrics.encode();
+        assert!(target_addrs(&text).contains(&idle.to_string()), "{text}");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let text = metrics.encode();
+        let targets = target_addrs(&text);
+        assert!(
+            !targets.contains(&idle.to_string()),
+            "idle label set kept:\n{text}"
+        );
+        // Open for 10 minutes without a byte: still there, still counting.
+        assert!(targets.contains(&busy.to_string()), "{text}");
+        let busy_labels = format!(
+            r#"{{direction="outbound",target_addr="{busy}",protocol="opaque",tls="false"}}"#
+        );
+        assert!(
+            text.contains(&format!("tcp_open_connections{busy_labels} 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("tcp_read_bytes_total{busy_labels} 7\n")),
+            "{text}"
+        );
+
+        // Once closed, it goes after its own idle period, close counter included.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        drop(open);
+        let text = metrics.encode();
+        assert!(
+            text.contains(&format!("tcp_open_connections{busy_labels} 0\n")),
+            "{text}"
+        );
+        tokio::time::advance(Duration::from_secs(601)).await;
+        let text = metrics.encode();
+        assert!(target_addrs(&text).is_empty(), "{text}");
+
+        // A destination that comes back starts again from zero (a counter reset).
+        drop(metrics.open(Direction::Outbound, idle, Protocol::Opaque, None));
+        let idle_labels = format!(
+            r#"{{direction="outbound",target_addr="{idle}",protocol="opaque",tls="false"}}"#
+        );
+        assert!(metrics
+            .encode()
+            .contains(&format!("tcp_open_total{idle_labels} 1\n")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_makes_room_by_dropping_idle_label_sets() {
+        let metrics = Metrics::with_retain_idle(Duration::from_secs(60));
+        for n in 0..MAX_CONN_LABEL_SETS {
+            drop(metrics.open(Direction::Inbound, addr(n), Protocol::Opaque, None));
+        }
+        tokio::time::advance(Duration::from_secs(61)).await;
+        // No scrape in between: the full table sweeps itself for the new destination.
+        let new = addr(MAX_CONN_LABEL_SETS + 1);
+        drop(metrics.open(Direction::Inbound, new, Protocol::Opaque, None));
+        let text = metrics.encode();
+        assert_eq!(
+            target_addrs(&text).into_iter().collect::<Vec<_>>(),
+            [new.to_string()]
         );
     }
 

@@ -76,7 +76,7 @@ impl Proxy {
     /// a warning, as long as another address of the same direction is bound: the
     /// defaults list both families and must work on IPv4-only hosts.
     pub async fn bind(config: Config) -> Result<Proxy, ServerError> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_retain_idle(config.metrics_retain_idle));
         let mut forwarder = Forwarder::new(&config, metrics.clone())?;
         let admin = bind(config.admin_addr)?;
         let inbound = bind_all(&config.inbound_addrs)?;

@@ -8,20 +8,32 @@
 //!   and 1.3 encrypts the certificates (the pods' identities) on the wire.
 //! - Server side: a client certificate chaining to the trust anchors is required
 //!   (`WebPkiClientVerifier`); ALPN `transport.l5d.io/v1` is offered.
-//! - Client side: the server certificate must chain to the trust anchors and carry the
-//!   expected identity as a DNS SAN (`WebPkiServerVerifier` with server name = the
-//!   peer's identity); our own certificate is presented.
+//! - Client side: the server certificate must chain to the trust anchors
+//!   (`WebPkiServerVerifier`) and carry the expected identity *exactly* as one of its
+//!   DNS SANs (`ExactIdentity`); our own certificate is presented.
 //!
-//! An identity is the first DNS SAN of a certificate.
+//! Identities are exact DNS names (see `identity::name`). webpki, like every web PKI
+//! client, lets a `*.shop.mesh.local` SAN match `redis-a.shop.mesh.local`; in a mesh
+//! that would let whoever holds one wildcard certificate impersonate every workload
+//! under it, so the name check is redone here without wildcard matching (ASCII case
+//! is still ignored, as DNS does).
+//!
+//! An identity is the first DNS SAN of a certificate that is an exact DNS name.
 
 use std::io;
 use std::sync::Arc;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore, ServerConfig};
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
 
+use crate::identity::{check_name, same_name};
 use crate::transport_header;
 
 /// Why TLS configs could not be built from a certificate, key and trust anchors.
@@ -31,7 +43,7 @@ pub enum TlsError {
     NoTrustAnchors,
     #[error("trust anchor certificate #{index} is not usable: {source}")]
     BadTrustAnchor { index: usize, source: rustls::Error },
-    #[error("the certificate has no DNS subject alternative name, which is the identity")]
+    #[error("the certificate has no DNS subject alternative name that is an exact DNS name (the identity; wildcards are not identities)")]
     NoIdentity,
     #[error("the certificate cannot be parsed: {0}")]
     BadCertificate(webpki::Error),
@@ -94,9 +106,13 @@ pub(crate) fn configs(
         .with_single_cert(chain.clone(), key.clone_key())?;
     server.alpn_protocols = vec![transport_header::ALPN.to_vec()];
 
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()?;
     let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        // "dangerous" only in that rustls cannot vouch for a custom verifier: this one
+        // runs webpki's full verification first and only adds a stricter name check.
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ExactIdentity { webpki }))
         .with_client_auth_cert(chain, key)?;
     client.alpn_protocols = vec![transport_header::ALPN.to_vec()];
 
@@ -106,11 +122,88 @@ pub(crate) fn configs(
     })
 }
 
-/// The identity a certificate carries: its first DNS SAN.
+/// The identity a certificate carries: its first DNS SAN that is an exact DNS name
+/// (wildcard SANs are skipped).
 pub fn identity_of(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
     let cert = webpki::EndEntityCert::try_from(cert).map_err(TlsError::BadCertificate)?;
-    let name = cert.valid_dns_names().next().ok_or(TlsError::NoIdentity)?;
+    let name = cert
+        .valid_dns_names()
+        .find(|san| check_name(san).is_ok())
+        .ok_or(TlsError::NoIdentity)?;
     Ok(name.to_string())
+}
+
+/// Whether `cert` carries `expected` exactly (ASCII case aside) as a DNS SAN. A
+/// wildcard SAN never matches.
+fn has_exact_identity(cert: &CertificateDer<'_>, expected: &str) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    let found = cert
+        .valid_dns_names()
+        .any(|san| check_name(san).is_ok() && same_name(san, expected));
+    found
+}
+
+/// The server verifier of our outbound mTLS: webpki's (chain to the trust anchors,
+/// validity, key usage, and its own name check), then the expected identity must be
+/// one of the certificate's DNS SANs exactly.
+#[derive(Debug)]
+struct ExactIdentity {
+    webpki: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for ExactIdentity {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let exact = match server_name {
+            ServerName::DnsName(expected) => has_exact_identity(end_entity, expected.as_ref()),
+            // Identities are DNS names; we never connect expecting an IP address.
+            _ => false,
+        };
+        if !exact {
+            // Named like webpki's own mismatch, so it is counted as `wrong_identity`.
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 /// Why a handshake failed, as the `reason` label of `tls_handshake_failures_total`.
@@ -192,6 +285,25 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         let der = PrivatePkcs8KeyDer::from(key.serialize_der());
         (cert.der().clone(), PrivateKeyDer::Pkcs8(der))
+    }
+
+    fn with_sans(sans: &[&str]) -> CertificateDer<'static> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let params = CertificateParams::new(sans).unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn identities_are_exact_dns_sans_never_wildcards() {
+        let wildcard = with_sans(&["*.shop.mesh.local"]);
+        assert!(!has_exact_identity(&wildcard, "redis-a.shop.mesh.local"));
+        assert!(!has_exact_identity(&wildcard, "*.shop.mesh.local"));
+        assert!(matches!(identity_of(&wildcard), Err(TlsError::NoIdentity)));
+        let exact = with_sans(&["*.shop.mesh.local", "Redis-A.shop.mesh.local"]);
+        assert!(has_exact_identity(&exact, "redis-a.shop.mesh.local"));
+        assert!(!has_exact_identity(&exact, "redis-b.shop.mesh.local"));
+        assert_eq!(identity_of(&exact).unwrap(), "Redis-A.shop.mesh.local");
     }
 
     #[test]

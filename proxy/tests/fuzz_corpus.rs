@@ -44,3 +44,8 @@ fn transport_header_corpus() {
 fn proxy_config_corpus() {
     replay("proxy_config", checks::proxy_config);
 }
+
+#[test]
+fn identity_name_corpus() {
+    replay("identity_name", checks::identity_name);
+}

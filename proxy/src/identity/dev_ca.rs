@@ -5,6 +5,11 @@
 //! and certificates are valid until rcgen's far-future default. In a cluster the
 //! identities come from a real issuer (cert-manager, Linkerd's identity controller).
 //!
+//! Names are checked first (`identity::name`): an exact DNS name, never a wildcard,
+//! which also makes `NAME.crt` a plain file name inside `--out`. `new-ca` never
+//! replaces an existing CA unless asked (`--force`): every identity issued by the old
+//! one would stop being trusted.
+//!
 //! Every key is ECDSA P-256, the mesh's one key type. Leaves carry their name as the
 //! only DNS SAN (the identity) and both the serverAuth and clientAuth extended key
 //! usages, since every proxy is a TLS server (inbound) and client (outbound).
@@ -28,6 +33,8 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
+use super::name::{self, InvalidName};
+
 /// The subject of every dev CA.
 const CA_COMMON_NAME: &str = "meshproxy dev CA";
 
@@ -41,8 +48,12 @@ pub enum DevCaError {
     BadCaCert { path: PathBuf },
     #[error("{dir} was not made by `meshproxy identity new-ca` (ca.crt and ca.key do not match the dev CA)")]
     NotADevCa { dir: PathBuf },
-    #[error("{name:?} is not a valid DNS name for an identity: {source}")]
-    BadName { name: String, source: rcgen::Error },
+    #[error(transparent)]
+    BadName(#[from] InvalidName),
+    #[error("{path} already exists: not replacing a CA, since identities it issued would no longer be trusted (use --force to replace it)")]
+    CaExists { path: PathBuf },
+    #[error("{name:?} cannot name a file inside {out}")]
+    UnsafeFileName { name: String, out: PathBuf },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -68,21 +79,67 @@ fn ca_params() -> CertificateParams {
     params
 }
 
+/// Whether writing a file may replace one already there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Existing {
+    Replace,
+    Refuse,
+}
+
 /// Creates `dir/ca.crt` and `dir/ca.key` (creating `dir` if needed). Returns the path
-/// of `ca.crt`, the trust anchors file.
+/// of `ca.crt`, the trust anchors file. An existing CA in `dir` is an error
+/// ([`DevCaError::CaExists`]), and nothing is written.
 pub fn new_ca(dir: &Path) -> Result<PathBuf, DevCaError> {
+    make_ca(dir, Existing::Refuse)
+}
+
+/// [`new_ca`], replacing a CA already in `dir` (`new-ca --force`).
+pub fn new_ca_replacing(dir: &Path) -> Result<PathBuf, DevCaError> {
+    make_ca(dir, Existing::Replace)
+}
+
+fn make_ca(dir: &Path, existing: Existing) -> Result<PathBuf, DevCaError> {
+    let cert_path = dir.join("ca.crt");
+    let key_path = dir.join("ca.key");
+    if existing == Existing::Refuse {
+        // Checked for both before writing either, so a refusal leaves `dir` as it was.
+        // (`write` also refuses atomically, should one appear in between.)
+        for path in [&cert_path, &key_path] {
+            if path.symlink_metadata().is_ok() {
+                return Err(DevCaError::CaExists { path: path.clone() });
+            }
+        }
+    }
     create_dir(dir)?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = ca_params().self_signed(&key)?;
-    let cert_path = dir.join("ca.crt");
-    write(&cert_path, cert.pem().as_bytes(), 0o644)?;
-    write(&dir.join("ca.key"), key.serialize_pem().as_bytes(), 0o600)?;
+    // The key first: a CA certificate without its key on disk would be useless.
+    write(&key_path, key.serialize_pem().as_bytes(), 0o600, existing)?;
+    write(&cert_path, cert.pem().as_bytes(), 0o644, existing)?;
     Ok(cert_path)
 }
 
 /// Issues `out/NAME.crt` and `out/NAME.key` for identity `name`, signed by the dev CA
 /// in `ca_dir`.
 pub fn issue(ca_dir: &Path, name: &str, out: &Path) -> Result<Issued, DevCaError> {
+    name::check(name)?;
+    let file = |ext: &str| -> Result<PathBuf, DevCaError> {
+        let file_name = format!("{name}.{ext}");
+        // Already implied by the name check (no '/', not "." or ".."); kept as a
+        // second lock on the door, since these paths are written to.
+        let mut components = Path::new(&file_name).components();
+        match (components.next(), components.next()) {
+            (Some(std::path::Component::Normal(_)), None) => Ok(out.join(file_name)),
+            _ => Err(DevCaError::UnsafeFileName {
+                name: name.to_string(),
+                out: out.to_path_buf(),
+            }),
+        }
+    };
+    let issued = Issued {
+        cert: file("crt")?,
+        key: file("key")?,
+    };
     let ca_key_path = ca_dir.join("ca.key");
     let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(|source| DevCaError::Read {
         path: ca_key_path.clone(),
@@ -92,11 +149,7 @@ pub fn issue(ca_dir: &Path, name: &str, out: &Path) -> Result<Issued, DevCaError
     let ca = ca_params().self_signed(&ca_key)?;
     check_same_ca(ca_dir, ca.der())?;
 
-    let mut params =
-        CertificateParams::new(vec![name.to_string()]).map_err(|source| DevCaError::BadName {
-            name: name.to_string(),
-            source,
-        })?;
+    let mut params = CertificateParams::new(vec![name.to_string()])?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     params.distinguished_name = dn;
@@ -110,12 +163,19 @@ pub fn issue(ca_dir: &Path, name: &str, out: &Path) -> Result<Issued, DevCaError
     let cert = params.signed_by(&key, &ca, &ca_key)?;
 
     create_dir(out)?;
-    let issued = Issued {
-        cert: out.join(format!("{name}.crt")),
-        key: out.join(format!("{name}.key")),
-    };
-    write(&issued.cert, cert.pem().as_bytes(), 0o644)?;
-    write(&issued.key, key.serialize_pem().as_bytes(), 0o600)?;
+    // Re-issuing replaces the files: that is how an identity is rotated.
+    write(
+        &issued.cert,
+        cert.pem().as_bytes(),
+        0o644,
+        Existing::Replace,
+    )?;
+    write(
+        &issued.key,
+        key.serialize_pem().as_bytes(),
+        0o600,
+        Existing::Replace,
+    )?;
     Ok(issued)
 }
 
@@ -143,9 +203,13 @@ fn create_dir(dir: &Path) -> Result<(), DevCaError> {
     })
 }
 
-/// Writes a file whole. It goes to a temporary name first and is then renamed, so a
-/// proxy watching the file never reads half of it.
-fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), DevCaError> {
+/// Writes a file whole. It goes to a temporary name first and is then renamed (or,
+/// when an existing file must not be replaced, hard-linked, which fails if the name
+/// exists), so a proxy watching the file never reads half of it.
+///
+/// The temporary file is created with `O_EXCL` after removing any stale one, so a
+/// symlink planted at its name is replaced, never followed out of the directory.
+fn write(path: &Path, contents: &[u8], mode: u32, existing: Existing) -> Result<(), DevCaError> {
     let error = |source| DevCaError::Write {
         path: path.to_path_buf(),
         source,
@@ -153,16 +217,31 @@ fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), DevCaError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(error(e)),
+        _ => {}
+    }
     let mut file = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&tmp)
         .map_err(error)?;
     file.write_all(contents).map_err(error)?;
     file.sync_all().map_err(error)?;
-    std::fs::rename(&tmp, path).map_err(error)
+    match existing {
+        Existing::Replace => std::fs::rename(&tmp, path).map_err(error),
+        Existing::Refuse => {
+            let linked = std::fs::hard_link(&tmp, path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(DevCaError::CaExists {
+                    path: path.to_path_buf(),
+                }),
+                other => other.map_err(error),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

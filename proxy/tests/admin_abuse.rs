@@ -1,0 +1,230 @@
+//! The admin server from an attacker's side: floods of connections, clients that never
+//! send a request, and many concurrent scrapes of a large `/metrics` must not stop a
+//! legitimate scrape, nor slow the proxy's forwarding, beyond a bound.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshproxy::{BoundAddrs, Config, Direction, Metrics, Protocol, Proxy, ProxyArgs, ServerError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Running {
+    addrs: BoundAddrs,
+    metrics: Arc<Metrics>,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn start(target: SocketAddr) -> Running {
+    let args = ProxyArgs {
+        inbound_addr: Some("127.0.0.1:0".into()),
+        outbound_addr: Some("127.0.0.1:0".into()),
+        admin_addr: Some("127.0.0.1:0".into()),
+        ..ProxyArgs::default()
+    };
+    let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
+    let proxy = Proxy::bind(config).await.unwrap();
+    let addrs = proxy.local_addrs();
+    let metrics = proxy.metrics();
+    let (shutdown, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.serve_with(move |_| Ok(target), async {
+        let _ = rx.await;
+    }));
+    Running {
+        addrs,
+        metrics,
+        shutdown,
+        task,
+    }
+}
+
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                tokio::io::copy(&mut r, &mut w).await
+            });
+        }
+    });
+    addr
+}
+
+/// GET `path`: the whole response, or `None` if the server closed without one.
+async fn try_get(admin: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(admin).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.starts_with("HTTP/1.1 200 OK").then_some(response)
+}
+
+/// Whether the server closes `stream` within `within` (EOF or reset).
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_excess_admin_connections_cannot_lock_out_a_scrape() {
+    let proxy = start(echo_server().await).await;
+    let admin = proxy.addrs.admin;
+
+    // An attacker takes every admin slot with connections that never send a request.
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(TcpStream::connect(admin).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Past the cap, its further connections are closed at once rather than queued.
+    let mut excess = Vec::new();
+    for _ in 0..100 {
+        excess.push(TcpStream::connect(admin).await.unwrap());
+    }
+    for stream in &mut excess {
+        assert!(
+            closed_within(stream, Duration::from_millis(500)).await,
+            "an admin connection past the cap was kept open"
+        );
+    }
+
+    // A scraper retrying (as Prometheus does at its next interval, only faster) gets
+    // through once the silent connections time out: within the 2 s head timeout.
+    let started = Instant::now();
+    let scrape = loop {
+        if let Some(response) = try_get(admin, "/metrics").await {
+            break response;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "locked out of /metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(scrape.contains("# TYPE tcp_open_total counter"));
+    eprintln!("scrape served after {:?}", started.elapsed());
+    for stream in &mut silent {
+        assert!(
+            closed_within(stream, Duration::from_secs(3)).await,
+            "a silent admin client kept its slot"
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_scrapes_of_a_large_output_do_not_stall_forwarding() {
+    let proxy = start(echo_server().await).await;
+    // A large /metrics: every connection label set the cap allows.
+    for n in 0..2048u32 {
+        let target = SocketAddr::from(([198, 18, (n >> 8) as u8, n as u8], 10_000));
+        drop(
+            proxy
+                .metrics
+                .open(Direction::Inbound, target, Protocol::Http1, None),
+        );
+    }
+    let started = Instant::now();
+    let size = proxy.metrics.encode().len();
+    let encode = started.elapsed();
+
+    // A client with a connection through the proxy, kept open: round trips measure
+    // only the forwarding path.
+    let mut client = TcpStream::connect(proxy.addrs.outbound[0]).await.unwrap();
+    client.set_nodelay(true).unwrap();
+    let round_trip = async |client: &mut TcpStream| {
+        let started = Instant::now();
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        client.read_exact(&mut buf).await.unwrap();
+        started.elapsed()
+    };
+    round_trip(&mut client).await;
+    let mut idle = Duration::ZERO;
+    for _ in 0..20 {
+        idle = idle.max(round_trip(&mut client).await);
+    }
+
+    // 16 scrapers in a loop for 1.5 s, on a runtime of their own (another process,
+    // in reality): the proxy's workers serve them but do not also run them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let admin = proxy.addrs.admin;
+    let scrapers = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let scrapers: Vec<_> = (0..16)
+                    .map(|_| {
+                        let stop = stop.clone();
+                        tokio::spawn(async move {
+                            let mut served = 0;
+                            while !stop.load(Ordering::Relaxed) {
+                                if let Some(response) = try_get(admin, "/metrics").await {
+                                    assert!(response.len() > size);
+                                    served += 1;
+                                }
+                            }
+                            served
+                        })
+                    })
+                    .collect();
+                let mut scrapes = 0;
+                for scraper in scrapers {
+                    scrapes += scraper.await.unwrap();
+                }
+                scrapes
+            })
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut loaded = Duration::ZERO;
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut trips = 0;
+    while Instant::now() < until {
+        loaded = loaded.max(round_trip(&mut client).await);
+        trips += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let scrapes = tokio::task::spawn_blocking(move || scrapers.join().unwrap())
+        .await
+        .unwrap();
+    eprintln!(
+        "/metrics {size} bytes, one encode {encode:?}; round trip idle max {idle:?}, \
+         with 16 scrapers max {loaded:?} over {trips} trips; {scrapes} scrapes served"
+    );
+    assert!(scrapes >= 16, "scrapes were served ({scrapes})");
+    // Encodes run on the blocking pool: a round trip never waits for one, let alone
+    // for a queue of them. The bound leaves room for a busy shared machine.
+    let bound = encode.max(Duration::from_millis(50));
+    assert!(
+        loaded < bound,
+        "a round trip took {loaded:?} while scrapes ran (one encode: {encode:?})"
+    );
+    drop(client);
+    proxy.stop().await;
+}
