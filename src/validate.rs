@@ -91,7 +91,7 @@ pub fn run(config: &Config, args: &ValidateArgs) -> Result<ExitCode, Failure> {
         )));
     }
     let port = config.spec.outgoing_proxy_port;
-    let timeout: Duration = args.validate_timeout.into();
+    let timeout = config.validate_timeout;
     match validate(args.validate_addr, port, uid, timeout) {
         Ok(()) => {
             println!(

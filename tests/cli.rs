@@ -85,12 +85,41 @@ fn bad_input_exits_2_naming_the_value() {
             &["--config", "/nonexistent/meshinit.toml"],
             "/nonexistent/meshinit.toml",
         ),
+        (
+            &["--netns", ""],
+            "--netns: \"\" (from flag --netns) is empty",
+        ),
+        (&["apply", "--lock-timeout", "0s"], "\"0s\""),
+        (
+            &["validate", "--validate-timeout", "500000000000years"],
+            "\"500000000000years\" (from flag --validate-timeout) is out of range",
+        ),
+        (&["cleanup", "--lock-timeout=2days"], "\"2days\""),
     ];
     for (args, needle) in cases {
         let out = meshinit(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
     }
+}
+
+/// A duration given in the environment is named as such (clap's own `env` support
+/// would not say where the value came from).
+#[test]
+fn a_bad_duration_in_the_environment_names_the_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshinit"))
+        .args(["validate"])
+        .env_clear()
+        .env("PATH", "/nonexistent")
+        .env("MESHINIT_VALIDATE_TIMEOUT", "500000000000years")
+        .output()
+        .expect("run meshinit");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("(from env MESHINIT_VALIDATE_TIMEOUT) is out of range"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -155,6 +184,9 @@ fn help_lists_every_flag_of_the_contract() {
         "--dry-run",
         "--config",
         "--log-format",
+        "--allow-host-netns",
+        "--lock-timeout",
+        "--validate-timeout",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }

@@ -277,7 +277,7 @@ fn join(base: &str, more: &str) -> String {
 
 /// Validates the merged settings exactly as the CLI does (flags' parsers).
 pub fn resolve(settings: Settings) -> Result<Config, CniError> {
-    Config::load(settings, &Default::default(), None).map_err(|err| CniError::InvalidConfig {
+    Config::from_cni(settings).map_err(|err| CniError::InvalidConfig {
         message: err.to_string(),
     })
 }
