@@ -80,6 +80,12 @@ fn require_for(backend: &dyn Backend, what: &str) -> Result<(), Failure> {
     }
 }
 
+/// The lock file around every change (see `lock`); a refused or busy lock exits 1.
+fn take_lock(config: &Config) -> Result<lock::Lock, Failure> {
+    lock::acquire(std::path::Path::new(lock::PATH), config.lock_timeout)
+        .map_err(|err| Failure::Apply(err.into()))
+}
+
 fn choose(config: &Config) -> Result<Box<dyn Backend>, backend::BackendError> {
     match backend::named(config.backend) {
         Some(backend) => Ok(backend),
@@ -106,7 +112,7 @@ fn apply(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
 /// then removes ours from any other backend. Prints nothing on stdout.
 pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
     require(&[Cap::NetAdmin], "applying rules")?;
-    let _lock = lock::acquire();
+    let _lock = take_lock(config)?;
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
     require_for(backend.as_ref(), "applying rules")?;
     backend
@@ -147,7 +153,7 @@ pub fn cleanup(config: &Config) -> Result<ExitCode, Failure> {
     // With auto, ours are removed from every backend that has them: cleanup
     // must not depend on guessing which backend an earlier run chose.
     require(&[Cap::NetAdmin], "removing rules")?;
-    let _lock = lock::acquire();
+    let _lock = take_lock(config)?;
     let backends = match backend::named(config.backend) {
         Some(backend) => vec![backend],
         None => backend::all(),
