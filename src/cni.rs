@@ -239,6 +239,7 @@ fn invocation(
         }
         Err(Failure::Apply(err)) => return Err(rules_error(err)),
     }
+    crate::addrs::warn_if_ipv6_unmeshed(config.spec.ipv6);
     let netns = netns.display().to_string();
     match verb {
         Verb::Add => {

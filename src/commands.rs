@@ -50,6 +50,9 @@ pub fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
     if changes {
         allowed_here(netns::current(), config.allow_host_netns, HOST_HINT)?;
     }
+    if matches!(command, Command::Apply | Command::Check { .. }) {
+        crate::addrs::warn_if_ipv6_unmeshed(config.spec.ipv6);
+    }
 
     match command {
         Command::Cleanup => cleanup(config),
