@@ -290,6 +290,19 @@ pub fn read_stdin(stdin: impl Read, limit: u64, input: &mut Vec<u8>) -> Result<(
     Ok(())
 }
 
+/// The first key given twice in one object of a JSON document (see
+/// `netconf::duplicate_key`); public for the fuzz targets.
+pub fn duplicate_key(bytes: &[u8]) -> Option<String> {
+    netconf::duplicate_key(bytes)
+}
+
+/// Parses a network configuration as ADD and CHECK do, up to (not including) the
+/// pod's annotations: the settings it gives, or the error the plugin reports.
+/// Public for the fuzz targets.
+pub fn parse_config(bytes: &[u8]) -> Result<crate::cli::Settings, CniError> {
+    netconf::parse(bytes).map(|conf| conf.settings)
+}
+
 /// DEL: remove our rules from the pod's namespace, whatever else is wrong.
 ///
 /// The runtime retries a failed DEL and may keep a pod's sandbox (and its IP)
