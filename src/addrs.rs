@@ -58,6 +58,7 @@ pub fn routable(addresses: &[Ipv6Addr]) -> Vec<Ipv6Addr> {
         .iter()
         .copied()
         .filter(|address| {
+            // `segments()` is a [u16; 8]: index 0 always exists.
             let first = address.segments()[0];
             first & 0xe000 == 0x2000 || first & 0xfe00 == 0xfc00
         })

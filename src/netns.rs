@@ -1,9 +1,11 @@
-//! Entering the target network namespace.
+//! Entering the target network namespace, and telling whether a namespace is
+//! the host's own ([`current`], [`classify`]).
 //!
-//! meshinit is single-threaded and has no async runtime, so entering on the
-//! main thread before anything else runs is safe: `setns` moves only the
-//! calling thread, and every `nft`/`iptables-restore` child forked after it
-//! inherits that thread's namespace.
+//! meshinit is single-threaded (its one async runtime, in `addrs`, is a
+//! current-thread one: it runs on the calling thread and starts none), so
+//! entering on the main thread before anything else runs is safe: `setns`
+//! moves only the calling thread, and every `nft`/`iptables-restore` child
+//! forked after it, and every socket it opens, is in that thread's namespace.
 
 use std::fs::File;
 use std::io;
