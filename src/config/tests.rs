@@ -328,3 +328,44 @@ fn an_empty_netns_is_bad_input_not_the_current_namespace() {
     let config = Config::load(Settings::default(), &env(&[]), None).unwrap();
     assert_eq!(config.netns, None);
 }
+
+#[test]
+fn allow_host_netns_comes_from_flag_env_or_file() {
+    let load = |flags: Settings, vars: &[(&str, &str)], toml: Option<&str>| {
+        Config::load(flags, &env(vars), toml.and_then(file))
+    };
+    assert!(
+        load(
+            Settings::default(),
+            &[("MESHINIT_ALLOW_HOST_NETNS", "true")],
+            None
+        )
+        .unwrap()
+        .allow_host_netns
+    );
+    assert!(
+        load(Settings::default(), &[], Some("allow_host_netns = true"))
+            .unwrap()
+            .allow_host_netns
+    );
+    let no = Settings {
+        allow_host_netns: Some("false".into()),
+        ..Settings::default()
+    };
+    assert!(
+        !load(no, &[("MESHINIT_ALLOW_HOST_NETNS", "true")], None)
+            .unwrap()
+            .allow_host_netns
+    );
+    let err = load(
+        Settings::default(),
+        &[("MESHINIT_ALLOW_HOST_NETNS", "maybe")],
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("allow-host-netns") && err.contains("maybe"),
+        "{err}"
+    );
+}
