@@ -26,7 +26,7 @@ cd "$root/fuzz"
 
 seconds=${1:-60}
 shift || true
-all=(ports subnets ruleset iptables_save nft_listing detect client_hello transport_header proxy_config identity_name meshinit_config)
+all=(ports subnets ruleset iptables_save nft_listing detect client_hello transport_header proxy_config identity_name meshinit_config cni_config)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all[@]}")
 
@@ -52,6 +52,8 @@ max_len() {
         ruleset | proxy_config | meshinit_config) echo 2048 ;;
         client_hello | iptables_save) echo 4096 ;;
         nft_listing) echo 8192 ;;
+        # Past the largest stdin limit the first byte can choose (255 * 16 bytes).
+        cni_config) echo 8192 ;;
         detect) echo 10000 ;;
     esac
 }

@@ -36,6 +36,7 @@ pub fn effective() -> Option<u64> {
 
 fn parse_cap_eff(status: &str) -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("CapEff:"))?;
+    // In bounds and on a char boundary: `line` starts with these ASCII bytes.
     u64::from_str_radix(line["CapEff:".len()..].trim(), 16).ok()
 }
 

@@ -76,14 +76,6 @@ pub struct ValidateArgs {
         default_value = "198.18.255.254:1404"
     )]
     pub validate_addr: std::net::SocketAddr,
-    /// How long to wait for the redirected connection
-    #[arg(
-        long,
-        value_name = "DURATION",
-        env = "MESHINIT_VALIDATE_TIMEOUT",
-        default_value = "5s"
-    )]
-    pub validate_timeout: humantime::Duration,
     /// The unprivileged UID (and GID) the test connects as when started as root; must
     /// not be the proxy's, whose traffic is exempt
     #[arg(
@@ -179,6 +171,39 @@ pub struct Settings {
     #[arg(long, alias = "simulate", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", global = true, help_heading = "Execution")]
     #[serde(default, deserialize_with = "setting")]
     pub dry_run: Option<String>,
+    /// Allow apply, check --repair and CNI ADD in the host's initial network namespace,
+    /// which is refused otherwise (exit 2) [default: false]
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        global = true,
+        help_heading = "Execution"
+    )]
+    #[serde(default, deserialize_with = "setting")]
+    pub allow_host_netns: Option<String>,
+    /// How long to wait for /run/meshinit.lock before giving up (exit 1); more than 0,
+    /// at most 1 day [default: 30s]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        global = true,
+        help_heading = "Execution"
+    )]
+    #[serde(default, deserialize_with = "setting")]
+    pub lock_timeout: Option<String>,
+    /// validate: how long to wait for the redirected connection; more than 0, at most
+    /// 1 day [default: 5s]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        global = true,
+        help_heading = "Validate"
+    )]
+    #[serde(default, deserialize_with = "setting")]
+    pub validate_timeout: Option<String>,
     /// TOML file with settings (keys are the flag names in snake_case)
     #[arg(long, value_name = "FILE", global = true, help_heading = "Execution")]
     #[serde(skip)]

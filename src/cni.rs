@@ -9,12 +9,18 @@
 //!
 //! - ADD applies the rules inside `CNI_NETNS` and returns `prevResult`
 //!   unchanged (we add no interface or address).
-//! - DEL removes them, and succeeds when the namespace is already gone.
+//! - DEL removes them, and succeeds when the namespace is already gone. It reads
+//!   only what it needs (the version and, when valid, the backend): a bad setting,
+//!   a bad annotation or a missing annotations file is logged, never a reason to
+//!   leave rules behind.
 //! - CHECK compares the installed rules with the expected ones.
 //! - VERSION lists [`netconf::SUPPORTED_VERSIONS`].
 //!
 //! Everything is parsed and validated before the namespace is entered, so a
-//! malformed configuration changes nothing.
+//! malformed configuration changes nothing. The configuration on stdin is read
+//! with bounded memory ([`STDIN_LIMIT`]) and a key given twice in one object is
+//! refused, not resolved by "last one wins". ADD refuses the host's own network
+//! namespace unless `allow_host_netns` is set.
 
 mod netconf;
 
@@ -34,6 +40,11 @@ use netconf::{NetConf, Pod, SUPPORTED_VERSIONS};
 /// (a conflist's `"type"` names a file in CNI_PATH; a symlink to `meshinit`).
 pub const PLUGIN_NAME: &str = "meshinit-cni";
 
+/// The most the network configuration on stdin may hold. Real ones are a few KiB
+/// (a `prevResult` with a handful of interfaces); a runtime that sends more is
+/// broken or hostile, and reading it all would let it choose our memory use.
+pub const STDIN_LIMIT: u64 = 1024 * 1024;
+
 /// A failure, reported as the spec's error object. Codes 1-11 are the spec's;
 /// 100 and up are meshinit's own.
 #[derive(Debug, Error)]
@@ -46,6 +57,8 @@ pub enum CniError {
     BadEnv { name: &'static str, problem: String },
     #[error("cannot read the network configuration from stdin")]
     Stdin { source: io::Error },
+    #[error("the network configuration on stdin is larger than {limit} bytes")]
+    TooLarge { limit: u64 },
     #[error("cannot read the annotations file {path}")]
     AnnotationsFile { path: PathBuf, source: io::Error },
     #[error("cannot decode {what}")]
@@ -65,7 +78,7 @@ impl CniError {
             CniError::IncompatibleVersion { .. } => 1,
             CniError::UnsupportedField { .. } => 2,
             CniError::BadEnv { .. } => 4,
-            CniError::Stdin { .. } => 5,
+            CniError::Stdin { .. } | CniError::TooLarge { .. } => 5,
             CniError::AnnotationsFile { source, .. } if netconf::is_transient(source) => 11,
             CniError::AnnotationsFile { .. } => 5,
             CniError::Decode { .. } => 6,
@@ -86,6 +99,9 @@ impl CniError {
             ),
             CniError::BadEnv { name, problem } => format!("{name}: {problem}"),
             CniError::Stdin { source } => source.to_string(),
+            CniError::TooLarge { limit } => {
+                format!("at most {limit} bytes (1 MiB) are read; a network configuration is a few KiB")
+            }
             CniError::AnnotationsFile { source, .. } => source.to_string(),
             CniError::Decode { message, .. }
             | CniError::InvalidConfig { message }
@@ -97,7 +113,7 @@ impl CniError {
     /// Errors in the input, as opposed to failures while changing rules: they
     /// exit 2 like the CLI's bad input, the others 1.
     fn is_bad_input(&self) -> bool {
-        matches!(self.code(), 1 | 2 | 4 | 6 | 7)
+        matches!(self, CniError::TooLarge { .. }) || matches!(self.code(), 1 | 2 | 4 | 6 | 7)
     }
 }
 
@@ -143,7 +159,7 @@ enum Verb {
 /// The invocation: what to print on success (`None` for nothing).
 fn invocation(
     env: &HashMap<String, String>,
-    mut stdin: impl Read,
+    stdin: impl Read,
     input: &mut Vec<u8>,
 ) -> Result<Option<String>, CniError> {
     let verb = match env.get("CNI_COMMAND").map(String::as_str) {
@@ -168,9 +184,10 @@ fn invocation(
             })
         }
     };
-    stdin
-        .read_to_end(input)
-        .map_err(|source| CniError::Stdin { source })?;
+    read_stdin(stdin, STDIN_LIMIT, input)?;
+    if verb == Verb::Del {
+        return del(env, input);
+    }
     let conf = netconf::parse(input)?;
     if verb == Verb::Check && conf.cni_version.starts_with("0.3.") {
         // CHECK was introduced in 0.4.0; a 0.3.x runtime never sends it.
@@ -180,16 +197,12 @@ fn invocation(
     }
     let container = required(env, "CNI_CONTAINERID")?;
     required(env, "CNI_IFNAME")?;
-    let netns = env
-        .get("CNI_NETNS")
-        .filter(|n| !n.is_empty())
-        .map(PathBuf::from);
-    if netns.is_none() && verb != Verb::Del {
+    let Some(netns) = cni_netns(env) else {
         return Err(CniError::BadEnv {
             name: "CNI_NETNS",
             problem: "not set; ADD and CHECK need the pod's namespace".to_string(),
         });
-    }
+    };
     let args = cni_args(env.get("CNI_ARGS").map(String::as_str).unwrap_or(""))?;
     let (namespace, pod) = (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME"));
 
@@ -216,17 +229,8 @@ fn invocation(
     let config = netconf::resolve(settings)?;
     let ruleset = Ruleset::from(&config.spec);
 
-    let Some(netns) = netns else {
-        tracing::info!(container, "DEL without a namespace: nothing to remove");
-        return Ok(None);
-    };
     match commands::enter(&netns) {
         Ok(()) => {}
-        // The runtime may call DEL more than once, and after the namespace is gone.
-        Err(Failure::BadInput(err)) if verb == Verb::Del => {
-            tracing::info!(container, "namespace gone, nothing to remove: {err:#}");
-            return Ok(None);
-        }
         Err(Failure::BadInput(err)) => {
             return Err(CniError::BadEnv {
                 name: "CNI_NETNS",
@@ -235,16 +239,23 @@ fn invocation(
         }
         Err(Failure::Apply(err)) => return Err(rules_error(err)),
     }
+    crate::addrs::warn_if_ipv6_unmeshed(config.spec.ipv6);
     let netns = netns.display().to_string();
     match verb {
         Verb::Add => {
+            commands::allowed_here(crate::netns::current(), config.allow_host_netns, HOST_HINT)
+                .map_err(|failure| match failure {
+                    Failure::BadInput(err) => CniError::BadEnv {
+                        name: "CNI_NETNS",
+                        problem: format!("{err:#}"),
+                    },
+                    Failure::Apply(err) => rules_error(err),
+                })?;
             commands::install(&config, &ruleset).map_err(failure)?;
             tracing::info!(container, netns, "rules applied");
         }
-        Verb::Del => {
-            commands::cleanup(&config).map_err(failure)?;
-            tracing::info!(container, netns, "rules removed");
-        }
+        // DEL returned above, through `del`.
+        Verb::Del => {}
         Verb::Check => {
             let (backend, differences) = commands::drift(&config, &ruleset).map_err(failure)?;
             if !differences.is_empty() {
@@ -254,6 +265,87 @@ fn invocation(
         }
     }
     Ok(output(verb, &conf))
+}
+
+/// How to point ADD at a pod, for the host refusal.
+const HOST_HINT: &str = "CNI_NETNS must be the pod's namespace";
+
+/// `CNI_NETNS`, when set and not empty.
+fn cni_netns(env: &HashMap<String, String>) -> Option<PathBuf> {
+    env.get("CNI_NETNS")
+        .filter(|n| !n.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Reads at most `limit` bytes of stdin into `input` (never more than `limit + 1`
+/// are held): past the limit the configuration is refused, not truncated.
+pub fn read_stdin(stdin: impl Read, limit: u64, input: &mut Vec<u8>) -> Result<(), CniError> {
+    stdin
+        .take(limit.saturating_add(1))
+        .read_to_end(input)
+        .map_err(|source| CniError::Stdin { source })?;
+    if u64::try_from(input.len()).map_or(true, |len| len > limit) {
+        return Err(CniError::TooLarge { limit });
+    }
+    Ok(())
+}
+
+/// The first key given twice in one object of a JSON document (see
+/// `netconf::duplicate_key`); public for the fuzz targets.
+pub fn duplicate_key(bytes: &[u8]) -> Option<String> {
+    netconf::duplicate_key(bytes)
+}
+
+/// Parses a network configuration as ADD and CHECK do, up to (not including) the
+/// pod's annotations: the settings it gives, or the error the plugin reports.
+/// Public for the fuzz targets.
+pub fn parse_config(bytes: &[u8]) -> Result<crate::cli::Settings, CniError> {
+    netconf::parse(bytes).map(|conf| conf.settings)
+}
+
+/// DEL: remove our rules from the pod's namespace, whatever else is wrong.
+///
+/// The runtime retries a failed DEL and may keep a pod's sandbox (and its IP)
+/// until one succeeds, so DEL fails only when it cannot know what it is talking
+/// about (a configuration that is not a JSON object of a supported version, or
+/// missing CNI variables) or when removing the rules itself fails. Settings are
+/// needed only to pick the backend: when they do not resolve (a bad value, an
+/// unknown or duplicate key), the problem is logged and our rules are removed
+/// from every backend, as `cleanup --backend auto` does. Annotations and
+/// exclusions are not read at all: a pod that was meshed before its annotations
+/// changed still gets its rules removed.
+fn del(env: &HashMap<String, String>, input: &[u8]) -> Result<Option<String>, CniError> {
+    netconf::envelope(input)?;
+    let container = required(env, "CNI_CONTAINERID")?;
+    required(env, "CNI_IFNAME")?;
+    let Some(netns) = cni_netns(env) else {
+        tracing::info!(container, "DEL without a namespace: nothing to remove");
+        return Ok(None);
+    };
+    let config = match netconf::parse(input).and_then(|conf| netconf::resolve(conf.settings)) {
+        Ok(config) => config,
+        Err(err) => {
+            tracing::warn!(
+                container,
+                code = err.code(),
+                "DEL ignores a settings problem and removes meshinit's rules from every backend: {err}: {}",
+                err.details()
+            );
+            netconf::resolve(Default::default())?
+        }
+    };
+    match commands::enter(&netns) {
+        Ok(()) => {}
+        // The runtime may call DEL more than once, and after the namespace is gone.
+        Err(Failure::BadInput(err)) => {
+            tracing::info!(container, "namespace gone, nothing to remove: {err:#}");
+            return Ok(None);
+        }
+        Err(Failure::Apply(err)) => return Err(rules_error(err)),
+    }
+    commands::cleanup(&config).map_err(failure)?;
+    tracing::info!(container, netns = %netns.display(), "rules removed");
+    Ok(None)
 }
 
 /// ADD prints the previous result unchanged; DEL and CHECK print nothing.
@@ -431,6 +523,97 @@ mod tests {
             ("CNI_NETNS", "/nonexistent/netns"),
         ];
         assert_eq!(run(&gone, conf).unwrap(), None);
+    }
+
+    #[test]
+    fn stdin_is_read_with_bounded_memory_up_to_the_limit() {
+        let mut input = Vec::new();
+        read_stdin(&[b'x'; 64][..], 64, &mut input).unwrap();
+        assert_eq!(input.len(), 64);
+        let mut input = Vec::new();
+        let err = read_stdin(&[b'x'; 65][..], 64, &mut input).unwrap_err();
+        assert_eq!(err.code(), 5);
+        assert!(err.is_bad_input());
+        // An endless stdin is cut at limit + 1 bytes, not read to the end.
+        let mut input = Vec::new();
+        let err = read_stdin(io::repeat(b' '), STDIN_LIMIT, &mut input).unwrap_err();
+        assert!(matches!(err, CniError::TooLarge { .. }), "{err:?}");
+        assert_eq!(input.len() as u64, STDIN_LIMIT + 1);
+        // Through the invocation: a valid config padded past 1 MiB is refused.
+        let mut big = r#"{"cniVersion":"1.0.0","name":"n","type":"meshinit-cni"}"#.to_string();
+        big.push_str(&" ".repeat(STDIN_LIMIT as usize));
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/nonexistent"),
+        ];
+        assert_eq!(run(&vars, &big).unwrap_err().code(), 5);
+    }
+
+    #[test]
+    fn a_key_given_twice_at_any_level_is_code_7() {
+        for conf in [
+            r#"{"cniVersion":"1.0.0","proxy_uid":1,"proxy_uid":2}"#,
+            r#"{"cniVersion":"1.0.0","cniVersion":"1.0.0"}"#,
+            r#"{"cniVersion":"1.0.0","meshinit":{"outbound_ports_to_ignore":"1","outbound_ports_to_ignore":"2"}}"#,
+            r#"{"cniVersion":"1.0.0","annotations":{"ns/p":{"linkerd.io/inject":"enabled","linkerd.io/inject":"disabled"}}}"#,
+            r#"{"cniVersion":"1.0.0","prevResult":{"ips":[{"address":"198.18.0.2/24","address":"198.18.0.3/24"}]}}"#,
+            // The same key spelled with an escape is the same key.
+            r#"{"cniVersion":"1.0.0","proxy_uid":1,"proxy_uid":2}"#,
+        ] {
+            let err = netconf::parse(conf.as_bytes()).unwrap_err();
+            assert_eq!(err.code(), 7, "{conf}: {err:?}");
+            assert!(err.details().contains("twice"), "{}", err.details());
+        }
+        let err =
+            netconf::parse(br#"{"cniVersion":"1.0.0","meshinit":{"proxy_uid":1,"proxy_uid":2}}"#)
+                .unwrap_err();
+        assert!(
+            err.details()
+                .contains("\"proxy_uid\" is given twice in the object at /meshinit"),
+            "{}",
+            err.details()
+        );
+        // Equal keys in different objects are not duplicates.
+        netconf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","prevResult":{"a":{"name":1},"b":[{"name":2},{"name":3}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(netconf::duplicate_key(b"not json"), None);
+    }
+
+    const DEL_GONE: [(&str, &str); 5] = [
+        ("CNI_COMMAND", "DEL"),
+        ("CNI_CONTAINERID", "c"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_NETNS", "/nonexistent/netns"),
+        ("CNI_ARGS", "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p"),
+    ];
+
+    #[test]
+    fn del_succeeds_whatever_is_wrong_with_the_settings() {
+        for conf in [
+            // A bad value, an unknown key, a duplicate key, a refused setting.
+            r#"{"cniVersion":"1.0.0","name":"n","outbound_ports_to_ignore":"70000"}"#,
+            r#"{"cniVersion":"1.0.0","name":"n","outbound_prots_to_ignore":"80"}"#,
+            r#"{"cniVersion":"1.0.0","name":"n","proxy_uid":1,"proxy_uid":2}"#,
+            r#"{"cniVersion":"1.0.0","name":"n","netns":"/x","lock_timeout":"0s"}"#,
+            // Annotations DEL does not need: missing file, bad value, bad shape.
+            r#"{"cniVersion":"1.0.0","name":"n","annotations_file":"/nonexistent/annotations.json"}"#,
+            r#"{"cniVersion":"1.0.0","name":"n","annotations":{"ns/p":{"config.linkerd.io/skip-outbound-ports":"0"}}}"#,
+            r#"{"cniVersion":"1.0.0","name":"n","annotations":"nope"}"#,
+        ] {
+            assert_eq!(run(&DEL_GONE, conf).unwrap(), None, "{conf}");
+        }
+        // What DEL does need is still checked.
+        assert_eq!(run(&DEL_GONE, "{").unwrap_err().code(), 6);
+        assert_eq!(
+            run(&DEL_GONE, r#"{"cniVersion":"9.9.9"}"#)
+                .unwrap_err()
+                .code(),
+            1
+        );
     }
 
     #[test]

@@ -42,12 +42,53 @@ pub fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
         enter(path)?;
     }
 
+    let changes = match &command {
+        Command::Apply => !config.dry_run,
+        Command::Check { repair } => *repair,
+        _ => false,
+    };
+    if changes {
+        allowed_here(netns::current(), config.allow_host_netns, HOST_HINT)?;
+    }
+    if matches!(command, Command::Apply | Command::Check { .. }) {
+        crate::addrs::warn_if_ipv6_unmeshed(config.spec.ipv6);
+    }
+
     match command {
         Command::Cleanup => cleanup(config),
         Command::Check { repair } => check(config, &ruleset, repair),
         Command::Validate(args) => crate::validate::run(config, &args),
         // Show returned above; completions, man pages and cni are handled in main.
         _ => apply(config, &ruleset),
+    }
+}
+
+/// How to point the CLI at a pod, for the refusal message.
+const HOST_HINT: &str = "name the pod's namespace with --netns /var/run/netns/NAME or --netns /proc/PID/ns/net (or run meshinit inside it)";
+
+/// Refuses to change the host's own network namespace unless `allow`ed.
+///
+/// A bare `meshinit` run as root on a host would send all of the host's outbound
+/// TCP to a port where nothing listens (the proxy runs in pods), cutting the host
+/// off. That is never what "run the pod's init by hand" means, so it takes an
+/// explicit `--allow-host-netns`. When it cannot be told whether this is the host
+/// (init's namespace is unreadable and the kernel has no fixed inode for it) the
+/// run goes ahead with a warning: refusing would make meshinit unusable in every
+/// named namespace on such hosts. `hint` says how to name a pod's namespace.
+pub fn allowed_here(target: netns::Target, allow: bool, hint: &str) -> Result<(), Failure> {
+    match target {
+        netns::Target::Host(why) if !allow => Err(Failure::BadInput(anyhow!(
+            "refusing to redirect the host: the target is the host's initial network namespace ({why}), and redirecting it would send all of the host's outbound TCP to the proxy port; {hint}, or pass --allow-host-netns (MESHINIT_ALLOW_HOST_NETNS=true, allow_host_netns = true) if the host is really meant"
+        ))),
+        netns::Target::Host(why) => {
+            tracing::warn!("changing the host's initial network namespace ({why}), as --allow-host-netns allows");
+            Ok(())
+        }
+        netns::Target::Other => Ok(()),
+        netns::Target::Unknown(why) => {
+            tracing::warn!("cannot tell whether this is the host's network namespace ({why}); going ahead");
+            Ok(())
+        }
     }
 }
 
@@ -80,6 +121,12 @@ fn require_for(backend: &dyn Backend, what: &str) -> Result<(), Failure> {
     }
 }
 
+/// The lock file around every change (see `lock`); a refused or busy lock exits 1.
+fn take_lock(config: &Config) -> Result<lock::Lock, Failure> {
+    lock::acquire(std::path::Path::new(lock::PATH), config.lock_timeout)
+        .map_err(|err| Failure::Apply(err.into()))
+}
+
 fn choose(config: &Config) -> Result<Box<dyn Backend>, backend::BackendError> {
     match backend::named(config.backend) {
         Some(backend) => Ok(backend),
@@ -106,7 +153,7 @@ fn apply(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
 /// then removes ours from any other backend. Prints nothing on stdout.
 pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
     require(&[Cap::NetAdmin], "applying rules")?;
-    let _lock = lock::acquire();
+    let _lock = take_lock(config)?;
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
     require_for(backend.as_ref(), "applying rules")?;
     backend
@@ -147,7 +194,7 @@ pub fn cleanup(config: &Config) -> Result<ExitCode, Failure> {
     // With auto, ours are removed from every backend that has them: cleanup
     // must not depend on guessing which backend an earlier run chose.
     require(&[Cap::NetAdmin], "removing rules")?;
-    let _lock = lock::acquire();
+    let _lock = take_lock(config)?;
     let backends = match backend::named(config.backend) {
         Some(backend) => vec![backend],
         None => backend::all(),
@@ -223,4 +270,38 @@ fn check(config: &Config, ruleset: &Ruleset, repair: bool) -> Result<ExitCode, F
     }
     println!("repaired: the expected rules are installed again ({backend})");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netns::Target;
+
+    fn message(result: Result<(), Failure>) -> String {
+        match result {
+            Err(Failure::BadInput(err)) => format!("{err:#}"),
+            Err(Failure::Apply(err)) => panic!("expected bad input, got a failure: {err:#}"),
+            Ok(()) => panic!("expected a refusal"),
+        }
+    }
+
+    #[test]
+    fn the_host_is_refused_as_bad_input_saying_how_to_target_a_pod() {
+        let text = message(allowed_here(Target::Host("fixed inode"), false, HOST_HINT));
+        for needle in [
+            "refusing to redirect the host",
+            "fixed inode",
+            "--netns /var/run/netns/NAME",
+            "--allow-host-netns",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing: {text}");
+        }
+    }
+
+    #[test]
+    fn allowed_or_not_the_host_goes_ahead() {
+        assert!(allowed_here(Target::Host("fixed inode"), true, HOST_HINT).is_ok());
+        assert!(allowed_here(Target::Other, false, HOST_HINT).is_ok());
+        assert!(allowed_here(Target::Unknown("EACCES".into()), false, HOST_HINT).is_ok());
+    }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use meshinit_rules::{PortSet, Spec, SpecError, SubnetList};
 use serde::{Deserialize, Deserializer};
@@ -44,6 +45,45 @@ pub struct Config {
     pub dry_run: bool,
     /// Log format; plain by default.
     pub log_format: LogFormat,
+    /// Whether `apply`, `check --repair` and CNI ADD may change the host's initial
+    /// network namespace; off by default, because a bare `meshinit` run as root on a
+    /// host would otherwise send all of the host's outbound TCP to a port where
+    /// nothing listens.
+    pub allow_host_netns: bool,
+    /// How long to wait for the lock file before giving up; 30s by default. Bounded so
+    /// that a stuck run cannot hold up every later one (a pod's init container) forever.
+    pub lock_timeout: Duration,
+    /// How long `validate` waits for the redirected connection; 5s by default.
+    pub validate_timeout: Duration,
+}
+
+/// The longest any duration setting may be (unless its flag says otherwise): beyond
+/// a day a wait is a hang, and a bound keeps deadline arithmetic from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Where a setting's value came from, so that an error can say where to fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Flag,
+    Env,
+    File(PathBuf),
+    /// The CNI plugin's network configuration (stdin).
+    Cni,
+    Default,
+}
+
+impl Source {
+    /// "flag --lock-timeout", "env MESHINIT_LOCK_TIMEOUT", "lock_timeout in config file F".
+    pub fn describe(&self, flag: &str) -> String {
+        let key = flag.replace('-', "_");
+        match self {
+            Source::Flag => format!("flag --{flag}"),
+            Source::Env => format!("env MESHINIT_{}", key.to_uppercase()),
+            Source::File(path) => format!("{key} in config file {}", path.display()),
+            Source::Cni => format!("{key} in the CNI network configuration"),
+            Source::Default => "the default".to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -63,11 +103,19 @@ pub enum ConfigError {
     SameProxyPort(SpecError),
     #[error("config file {path}: {message}")]
     File { path: PathBuf, message: String },
+    #[error("--{flag}: {input:?} (from {origin}) {problem}")]
+    FromSource {
+        flag: &'static str,
+        input: String,
+        /// [`Source::describe`] of where the value came from.
+        origin: String,
+        problem: String,
+    },
 }
 
 impl Settings {
     /// Each setting with its flag name, for generic merging.
-    fn fields_mut(&mut self) -> [(&'static str, &mut Option<String>); 15] {
+    fn fields_mut(&mut self) -> [(&'static str, &mut Option<String>); 18] {
         [
             ("incoming-proxy-port", &mut self.incoming_proxy_port),
             ("outgoing-proxy-port", &mut self.outgoing_proxy_port),
@@ -93,7 +141,20 @@ impl Settings {
             ("ipv6", &mut self.ipv6),
             ("netns", &mut self.netns),
             ("dry-run", &mut self.dry_run),
+            ("allow-host-netns", &mut self.allow_host_netns),
+            ("lock-timeout", &mut self.lock_timeout),
+            ("validate-timeout", &mut self.validate_timeout),
         ]
+    }
+
+    /// The flag names of the settings this source gives.
+    fn given(&self) -> Vec<&'static str> {
+        self.clone()
+            .fields_mut()
+            .into_iter()
+            .filter(|(_, value)| value.is_some())
+            .map(|(flag, _)| flag)
+            .collect()
     }
 
     /// The keys of the TOML file (and of the CNI network config): the flag names
@@ -171,19 +232,51 @@ impl Config {
         env: &HashMap<String, String>,
         file: Option<(PathBuf, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut settings = flags.or(Settings::from_env(env));
-        if let Some((path, contents)) = file {
-            let from_file: Settings =
-                toml::from_str(&contents).map_err(|err| ConfigError::File {
-                    path: path.clone(),
-                    message: err.message().to_string(),
-                })?;
+        let from_env = Settings::from_env(env);
+        let from_file = match file {
+            Some((path, contents)) => {
+                let settings: Settings =
+                    toml::from_str(&contents).map_err(|err| ConfigError::File {
+                        path: path.clone(),
+                        message: err.message().to_string(),
+                    })?;
+                Some((path, settings))
+            }
+            None => None,
+        };
+        // Recorded before the merge, which forgets where each value came from.
+        let (in_flags, in_env) = (flags.given(), from_env.given());
+        let in_file = from_file
+            .as_ref()
+            .map(|(path, settings)| (path.clone(), settings.given()));
+        let origin = |flag: &'static str| {
+            if in_flags.contains(&flag) {
+                Source::Flag
+            } else if in_env.contains(&flag) {
+                Source::Env
+            } else {
+                match &in_file {
+                    Some((path, given)) if given.contains(&flag) => Source::File(path.clone()),
+                    _ => Source::Default,
+                }
+            }
+        };
+        let mut settings = flags.or(from_env);
+        if let Some((_, from_file)) = from_file {
             settings = settings.or(from_file);
         }
-        Config::resolve(settings)
+        Config::resolve(settings, &origin)
     }
 
-    fn resolve(s: Settings) -> Result<Config, ConfigError> {
+    /// Validates the settings of a CNI network configuration (no env, no file).
+    pub fn from_cni(settings: Settings) -> Result<Config, ConfigError> {
+        Config::resolve(settings, &|_| Source::Cni)
+    }
+
+    fn resolve(
+        s: Settings,
+        origin: &dyn Fn(&'static str) -> Source,
+    ) -> Result<Config, ConfigError> {
         let defaults = Spec::default();
         let spec = Spec {
             incoming_proxy_port: port(&s.incoming_proxy_port, "incoming-proxy-port")?
@@ -214,13 +307,18 @@ impl Config {
         Ok(Config {
             spec,
             backend: backend(&s.backend, &s.iptables_mode)?,
-            netns: s.netns.filter(|p| !p.is_empty()).map(PathBuf::from),
+            netns: netns(&s.netns, origin)?,
             dry_run: boolean(&s.dry_run, "dry-run")?.unwrap_or(false),
             log_format: match s.log_format.as_deref() {
                 None | Some("plain") => LogFormat::Plain,
                 Some("json") => LogFormat::Json,
                 Some(other) => return Err(bad("log-format", other, "plain or json")),
             },
+            allow_host_netns: boolean(&s.allow_host_netns, "allow-host-netns")?.unwrap_or(false),
+            lock_timeout: duration(&s.lock_timeout, "lock-timeout", origin)?
+                .unwrap_or(Duration::from_secs(30)),
+            validate_timeout: duration(&s.validate_timeout, "validate-timeout", origin)?
+                .unwrap_or(Duration::from_secs(5)),
         })
     }
 }
@@ -231,6 +329,53 @@ fn bad(flag: &'static str, input: &str, expected: &'static str) -> ConfigError {
         input: input.to_string(),
         expected,
     }
+}
+
+/// `--netns PATH`. An empty path is refused rather than read as "the current
+/// namespace": an unset template variable (`--netns "$NS"`) must not turn a run meant
+/// for a pod into one on whatever namespace meshinit happens to be in.
+fn netns(
+    value: &Option<String>,
+    origin: &dyn Fn(&'static str) -> Source,
+) -> Result<Option<PathBuf>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(text) if text.trim().is_empty() => Err(ConfigError::FromSource {
+            flag: "netns",
+            input: text.clone(),
+            origin: origin("netns").describe("netns"),
+            problem: "is empty: expected a namespace file (/var/run/netns/NAME or /proc/PID/ns/net); leave the setting out to use the current namespace".to_string(),
+        }),
+        Some(text) => Ok(Some(PathBuf::from(text))),
+    }
+}
+
+/// A duration such as `30s`, `500ms` or `2m`: more than 0 and at most
+/// [`MAX_DURATION`]. Zero would make every wait fail at once, and a huge value would
+/// overflow the deadline it is added to.
+fn duration(
+    value: &Option<String>,
+    flag: &'static str,
+    origin: &dyn Fn(&'static str) -> Source,
+) -> Result<Option<Duration>, ConfigError> {
+    let Some(text) = value else { return Ok(None) };
+    let error = |problem: String| ConfigError::FromSource {
+        flag,
+        input: text.clone(),
+        origin: origin(flag).describe(flag),
+        problem,
+    };
+    let parsed = humantime::parse_duration(text.trim()).map_err(|err| {
+        error(format!(
+            "is not a duration ({err}): expected e.g. 30s, 500ms or 2m"
+        ))
+    })?;
+    if parsed.is_zero() || parsed > MAX_DURATION {
+        return Err(error(
+            "is out of range: expected more than 0 and at most 1day".to_string(),
+        ));
+    }
+    Ok(Some(parsed))
 }
 
 fn port(value: &Option<String>, flag: &'static str) -> Result<Option<u16>, ConfigError> {

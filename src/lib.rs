@@ -4,7 +4,8 @@
 //!
 //! - `cli`: flags (clap), one `Option<String>` per setting.
 //! - `config`: flags > env > TOML file > defaults, validated into a `Config`.
-//! - `netns`: entering the target namespace.
+//! - `netns`: entering the target namespace, and telling whether it is the host's.
+//! - `addrs`: the namespace's IPv6 addresses (rtnetlink), for the `--ipv6=false` warning.
 //! - `backend`: runners that apply a `meshinit_rules::Ruleset` (`backend/nft`).
 //! - `commands`: apply, cleanup, show, check (and `check --repair`).
 //! - `validate`: proving that redirection works (`meshinit validate`).
@@ -14,6 +15,7 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+mod addrs;
 mod backend;
 mod caps;
 pub mod cli;

@@ -91,7 +91,7 @@ pub fn run(config: &Config, args: &ValidateArgs) -> Result<ExitCode, Failure> {
         )));
     }
     let port = config.spec.outgoing_proxy_port;
-    let timeout: Duration = args.validate_timeout.into();
+    let timeout = config.validate_timeout;
     match validate(args.validate_addr, port, uid, timeout) {
         Ok(()) => {
             println!(
@@ -114,6 +114,8 @@ fn validate(addr: SocketAddr, port: u16, uid: u32, timeout: Duration) -> Result<
         tracing::debug!(uid, "dropped privileges");
     }
     let token = token()?;
+    // Cannot overflow: `config` bounds the timeout to at most a day (a huge
+    // --validate-timeout used to panic right here).
     let deadline = Instant::now() + timeout;
 
     let mut client = TcpStream::connect_timeout(&addr, timeout).map_err(|source| {

@@ -142,12 +142,41 @@ fn bad_input_exits_2_naming_the_value() {
             &["--config", "/nonexistent/meshinit.toml"],
             "/nonexistent/meshinit.toml",
         ),
+        (
+            &["--netns", ""],
+            "--netns: \"\" (from flag --netns) is empty",
+        ),
+        (&["apply", "--lock-timeout", "0s"], "\"0s\""),
+        (
+            &["validate", "--validate-timeout", "500000000000years"],
+            "\"500000000000years\" (from flag --validate-timeout) is out of range",
+        ),
+        (&["cleanup", "--lock-timeout=2days"], "\"2days\""),
     ];
     for (args, needle) in cases {
         let out = meshinit(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
     }
+}
+
+/// A duration given in the environment is named as such (clap's own `env` support
+/// would not say where the value came from).
+#[test]
+fn a_bad_duration_in_the_environment_names_the_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshinit"))
+        .args(["validate"])
+        .env_clear()
+        .env("PATH", "/nonexistent")
+        .env("MESHINIT_VALIDATE_TIMEOUT", "500000000000years")
+        .output()
+        .expect("run meshinit");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("(from env MESHINIT_VALIDATE_TIMEOUT) is out of range"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -168,7 +197,9 @@ fn unknown_config_key_exits_2() {
 
 #[test]
 fn missing_nft_binary_exits_1_naming_it() {
-    let out = meshinit(&["apply", "--backend", "nft"]);
+    // `check` (read-only): this test runs in whatever namespace `cargo test` runs in,
+    // which may be the host's, where `apply` is refused.
+    let out = meshinit(&["check", "--backend", "nft"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("`nft` was not found"),
@@ -212,6 +243,9 @@ fn help_lists_every_flag_of_the_contract() {
         "--dry-run",
         "--config",
         "--log-format",
+        "--allow-host-netns",
+        "--lock-timeout",
+        "--validate-timeout",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }

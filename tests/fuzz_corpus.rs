@@ -1,5 +1,5 @@
-//! Replays the fuzz corpus of meshinit's configuration loader as a regular test,
-//! through the very checks the `meshinit_config` fuzz target runs.
+//! Replays the fuzz corpora of meshinit's configuration loaders as regular tests,
+//! through the very checks the `meshinit_config` and `cni_config` fuzz targets run.
 #![deny(rust_2018_idioms)]
 
 #[path = "../fuzz/src/meshinit_checks.rs"]
@@ -14,4 +14,9 @@ fn meshinit_config_corpus() {
         "meshinit_config",
         checks::meshinit_config,
     );
+}
+
+#[test]
+fn cni_config_corpus() {
+    corpus::replay(env!("CARGO_MANIFEST_DIR"), "cni_config", checks::cni_config);
 }

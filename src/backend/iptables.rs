@@ -37,6 +37,7 @@ struct Tables {
 
 impl Tables {
     fn has_nat(&self, family: Family) -> bool {
+        // Constant indices into a [bool; 2]: checked at compile time.
         match family {
             Family::V4 => self.nat[0],
             Family::V6 => self.nat[1],

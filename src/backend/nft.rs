@@ -15,6 +15,8 @@ pub struct Nft;
 
 impl Nft {
     fn batch(&self, batch: &nftables::schema::Nftables<'_>) -> Result<(), BackendError> {
+        // Cannot fail: the batch is typed structs, enums and strings only (no maps with
+        // non-string keys, no non-finite floats), built by us, not read from input.
         let json = serde_json::to_vec(batch).expect("nft JSON always serialises");
         run("nft", &["-j", "-f", "-"], Some(&json), HINT).map(drop)
     }

@@ -7,10 +7,13 @@
 //! inline `"annotations"` map or an `"annotations_file"` (JSON or TOML), and
 //! win over the config. Everything here is pure apart from reading that file.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::CniError;
@@ -65,6 +68,27 @@ pub fn version_of(bytes: &[u8]) -> Option<String> {
     value.get("cniVersion")?.as_str().map(str::to_string)
 }
 
+/// The part of the network configuration every verb needs: a JSON object with a
+/// supported `cniVersion` (returned).
+pub fn envelope(bytes: &[u8]) -> Result<String, CniError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|err| CniError::Decode {
+        what: "the network configuration (stdin)",
+        message: err.to_string(),
+    })?;
+    let Some(object) = value.as_object() else {
+        return Err(invalid("the network configuration must be a JSON object"));
+    };
+    let Some(Value::String(version)) = object.get("cniVersion") else {
+        return Err(invalid("\"cniVersion\" (a string) is required"));
+    };
+    if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
+        return Err(CniError::IncompatibleVersion {
+            version: version.clone(),
+        });
+    }
+    Ok(version.clone())
+}
+
 /// Parses the network configuration. Refuses unknown keys: a typo in a skip
 /// list must not silently redirect traffic the user meant to exempt.
 pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
@@ -72,6 +96,11 @@ pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
         what: "the network configuration (stdin)",
         message: err.to_string(),
     })?;
+    // serde_json keeps the last of two equal keys; which one a user meant is a
+    // guess, and a guess about a skip list is a security bug.
+    if let Some(duplicate) = duplicate_key(bytes) {
+        return Err(invalid(&duplicate));
+    }
     let Value::Object(mut object) = value else {
         return Err(invalid("the network configuration must be a JSON object"));
     };
@@ -153,6 +182,96 @@ pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
         annotations_file,
         exclude_namespaces,
     })
+}
+
+/// Where the network configuration names one key twice in one object, at any depth
+/// (`key "proxy_uid" is given twice in /meshinit`); `None` when no key is, or when
+/// `bytes` is not JSON at all (that is reported by the parse proper).
+pub fn duplicate_key(bytes: &[u8]) -> Option<String> {
+    let found = RefCell::new(None);
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let _ = Walk {
+        path: String::new(),
+        found: &found,
+    }
+    .deserialize(&mut deserializer);
+    found.into_inner()
+}
+
+/// Visits every value of a JSON document, remembering the first duplicate key.
+struct Walk<'a> {
+    /// JSON-pointer-like path of the value ("" for the document itself).
+    path: String,
+    found: &'a RefCell<Option<String>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Walk<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Walk<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0usize;
+        loop {
+            let child = Walk {
+                path: format!("{}/{index}", self.path),
+                found: self.found,
+            };
+            if seq.next_element_seed(child)?.is_none() {
+                return Ok(());
+            }
+            index += 1;
+        }
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = format!("{}/{key}", self.path);
+            if seen.contains(&key) {
+                let at = if self.path.is_empty() {
+                    "the top level".to_string()
+                } else {
+                    self.path.clone()
+                };
+                *self.found.borrow_mut() = Some(format!(
+                    "key {key:?} is given twice in the object at {at}: give it once"
+                ));
+                // Stop here: one duplicate is enough to refuse the document.
+                return Err(de::Error::custom("duplicate key"));
+            }
+            seen.insert(key);
+            map.next_value_seed(Walk {
+                path,
+                found: self.found,
+            })?;
+        }
+        Ok(())
+    }
 }
 
 fn invalid(message: &str) -> CniError {
@@ -277,7 +396,7 @@ fn join(base: &str, more: &str) -> String {
 
 /// Validates the merged settings exactly as the CLI does (flags' parsers).
 pub fn resolve(settings: Settings) -> Result<Config, CniError> {
-    Config::load(settings, &Default::default(), None).map_err(|err| CniError::InvalidConfig {
+    Config::from_cni(settings).map_err(|err| CniError::InvalidConfig {
         message: err.to_string(),
     })
 }

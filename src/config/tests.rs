@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::*;
 
@@ -213,5 +214,158 @@ fn iptables_mode_is_an_alias_and_backend_wins() {
     assert_eq!(
         Config::load(both, &env(&[]), None).unwrap().backend,
         BackendChoice::Nft
+    );
+}
+
+#[test]
+fn durations_have_defaults_and_accept_human_units() {
+    let config = Config::load(Settings::default(), &env(&[]), None).unwrap();
+    assert_eq!(config.lock_timeout, Duration::from_secs(30));
+    assert_eq!(config.validate_timeout, Duration::from_secs(5));
+    assert!(!config.allow_host_netns);
+    let flags = Settings {
+        lock_timeout: Some("500ms".into()),
+        validate_timeout: Some("1day".into()),
+        allow_host_netns: Some("true".into()),
+        ..Settings::default()
+    };
+    let config = Config::load(flags, &env(&[]), None).unwrap();
+    assert_eq!(config.lock_timeout, Duration::from_millis(500));
+    assert_eq!(config.validate_timeout, MAX_DURATION);
+    assert!(config.allow_host_netns);
+}
+
+/// The message of a refused duration names the value and where it came from.
+#[track_caller]
+fn refused(flags: Settings, vars: &[(&str, &str)], toml: Option<&str>, needles: &[&str]) {
+    let err = Config::load(flags, &env(vars), toml.and_then(file))
+        .expect_err("must be refused")
+        .to_string();
+    for needle in needles {
+        assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    }
+}
+
+#[test]
+fn durations_out_of_range_are_refused_naming_value_and_source() {
+    for bad in [
+        "500000000000years",
+        "0s",
+        "0",
+        "25h",
+        "1day 1s",
+        "-1s",
+        "soon",
+        "",
+    ] {
+        refused(
+            Settings {
+                validate_timeout: Some(bad.into()),
+                ..Settings::default()
+            },
+            &[],
+            None,
+            &[&format!("{bad:?}"), "flag --validate-timeout"],
+        );
+        refused(
+            Settings::default(),
+            &[("MESHINIT_LOCK_TIMEOUT", bad)],
+            None,
+            &[&format!("{bad:?}"), "env MESHINIT_LOCK_TIMEOUT"],
+        );
+        refused(
+            Settings::default(),
+            &[],
+            Some(&format!("lock_timeout = {bad:?}")),
+            &[
+                &format!("{bad:?}"),
+                "lock_timeout in config file meshinit.toml",
+            ],
+        );
+    }
+    // The flag wins, so the flag is named even when env and file are set too.
+    refused(
+        Settings {
+            lock_timeout: Some("0s".into()),
+            ..Settings::default()
+        },
+        &[("MESHINIT_LOCK_TIMEOUT", "1s")],
+        Some("lock_timeout = \"2s\""),
+        &["\"0s\"", "flag --lock-timeout"],
+    );
+    let err = Config::from_cni(Settings {
+        lock_timeout: Some("0s".into()),
+        ..Settings::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("in the CNI network configuration"), "{err}");
+}
+
+#[test]
+fn an_empty_netns_is_bad_input_not_the_current_namespace() {
+    refused(
+        Settings {
+            netns: Some(String::new()),
+            ..Settings::default()
+        },
+        &[],
+        None,
+        &["--netns", "\"\"", "flag --netns", "is empty"],
+    );
+    refused(
+        Settings::default(),
+        &[("MESHINIT_NETNS", " ")],
+        None,
+        &["env MESHINIT_NETNS"],
+    );
+    refused(
+        Settings::default(),
+        &[],
+        Some("netns = \"\""),
+        &["netns in config file"],
+    );
+    let config = Config::load(Settings::default(), &env(&[]), None).unwrap();
+    assert_eq!(config.netns, None);
+}
+
+#[test]
+fn allow_host_netns_comes_from_flag_env_or_file() {
+    let load = |flags: Settings, vars: &[(&str, &str)], toml: Option<&str>| {
+        Config::load(flags, &env(vars), toml.and_then(file))
+    };
+    assert!(
+        load(
+            Settings::default(),
+            &[("MESHINIT_ALLOW_HOST_NETNS", "true")],
+            None
+        )
+        .unwrap()
+        .allow_host_netns
+    );
+    assert!(
+        load(Settings::default(), &[], Some("allow_host_netns = true"))
+            .unwrap()
+            .allow_host_netns
+    );
+    let no = Settings {
+        allow_host_netns: Some("false".into()),
+        ..Settings::default()
+    };
+    assert!(
+        !load(no, &[("MESHINIT_ALLOW_HOST_NETNS", "true")], None)
+            .unwrap()
+            .allow_host_netns
+    );
+    let err = load(
+        Settings::default(),
+        &[("MESHINIT_ALLOW_HOST_NETNS", "maybe")],
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("allow-host-netns") && err.contains("maybe"),
+        "{err}"
     );
 }
