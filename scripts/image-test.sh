@@ -227,3 +227,76 @@ expect "web inbound" "$web_metrics" \
 expect "peer inbound, mTLS" "$peer_metrics" \
   "^tcp_open_total\\{direction=\"inbound\",target_addr=\"$SUBNET.20:8080\",protocol=\"http1\",tls=\"true\",client_id=\"web.default.mesh.local\"\\} [2-9]"
 pm pod rm --force --time 0 web peer >/dev/null 2>&1
+
+# ---------------------------------------------------------------------------
+step "3. a podman CNI network chaining meshinit-cni after bridge + host-local"
+conflist() { # NAME OCTET MESHINIT_SETTINGS_JSON
+  cat >"$WORK/cni/$1.conflist" <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "$1",
+  "plugins": [
+    {
+      "type": "bridge", "bridge": "$1", "isGateway": true,
+      "ipam": {
+        "type": "host-local", "dataDir": "$WORK/ipam",
+        "ranges": [[{"subnet": "198.18.$2.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]
+      }
+    },
+    { "type": "meshinit-cni", "meshinit": $3 }
+  ]
+}
+JSON
+}
+conflist meshcni 65 '{"proxy_uid": 2102, "outbound_ports_to_ignore": "5432", "backend": "nft"}'
+leases() { # NETWORK: the addresses host-local holds
+  find "$WORK/ipam/$1" -maxdepth 1 -name '198.18.*' -printf '%f\n' 2>/dev/null | sort | tr '\n' ' '
+}
+# No init container: the image's entrypoint (meshproxy) and nothing else.
+pm run -d --name cni1 --network meshcni "$TAG" >/dev/null || fail "run on meshcni"
+sandbox=$(pm inspect cni1 --format '{{.NetworkSettings.SandboxKey}}')
+ip=$(pm inspect cni1 --format '{{(index .NetworkSettings.Networks "meshcni").IPAddress}}')
+[ -n "$sandbox" ] && [ -n "$ip" ] || fail "no sandbox/address for cni1"
+[ "$(leases meshcni)" = "$ip " ] || fail "lease of $ip: $(leases meshcni)"
+ruleset=$(nsenter --net="$sandbox" nft list table inet meshinit) || fail "no meshinit table in cni1's namespace"
+grep -q 'redirect to :4140' <<<"$ruleset" && grep -q 'redirect to :4143' <<<"$ruleset" && grep -q 5432 <<<"$ruleset" \
+  || { echo "$ruleset"; fail "cni1's rules"; }
+echo "    cni1 ($ip): rules installed by the CNI ADD, no init container"
+# CHECK, as the runtime would send it: the plugin's config with prevResult.
+cni_check() {
+  local conf
+  conf=$("$KV/bin/python" - "$WORK/cni/meshcni.conflist" "$ip" <<'PY'
+import json, sys
+conflist = json.load(open(sys.argv[1]))
+conf = dict(conflist["plugins"][-1], cniVersion=conflist["cniVersion"], name=conflist["name"])
+conf["prevResult"] = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}],
+                      "ips": [{"address": sys.argv[2] + "/24", "interface": 0}]}
+print(json.dumps(conf))
+PY
+)
+  CNI_COMMAND=CHECK CNI_CONTAINERID=cni1 CNI_NETNS="$sandbox" CNI_IFNAME=eth0 CNI_PATH="$WORK/cni-bin" \
+    "$WORK/cni-bin/meshinit-cni" <<<"$conf"
+}
+cni_check >"$WORK/out" 2>&1 || { cat "$WORK/out"; fail "CHECK of intact rules"; }
+handle=$(nsenter --net="$sandbox" nft -a list table inet meshinit | grep 'redirect to :4140' | head -1 | sed 's/.*# handle //')
+chain=$(nsenter --net="$sandbox" nft -a list table inet meshinit | awk -v h="# handle $handle" '/chain /{c=$2} index($0,h){print c; exit}')
+nsenter --net="$sandbox" nft delete rule inet meshinit "$chain" handle "$handle"
+if cni_check >"$WORK/out" 2>&1; then fail "CHECK passed with the outbound redirect removed"; fi
+echo "    CHECK: ok when intact; after deleting the rule in $chain: $(grep -o '"msg": *"[^"]*"' "$WORK/out" | head -1 | cut -c1-120)"
+pm rm --force --time 0 cni1 >/dev/null
+[ -z "$(leases meshcni)" ] || fail "lease kept after the container was removed: $(leases meshcni)"
+echo "    removed: lease released"
+
+# A broken meshinit setting: ADD fails (the container does not start), and the
+# DEL the runtime sends next still releases the bridge's IPAM lease.
+conflist meshbad 66 '{"proxy_uid": 2102, "outbound_ports_to_ignore": "99999"}'
+if pm run -d --name cni2 --network meshbad "$TAG" >"$WORK/out" 2>&1; then
+  fail "a container started on a network with a broken meshinit config"
+fi
+grep -q 99999 "$WORK/out" || { cat "$WORK/out"; fail "the ADD error does not name 99999"; }
+echo "    broken config: ADD fails: $(grep -o '[^:]*99999[^"]*' "$WORK/out" | head -1 | cut -c1-140)"
+[ -z "$(leases meshbad)" ] || fail "the IPAM lease was not released: $(leases meshbad)"
+echo "    broken config: no IPAM lease left (DEL succeeded)"
+pm rm --force --time 0 cni2 >/dev/null 2>&1 || true
+
+step "done"
