@@ -185,6 +185,10 @@ script += f"exec busybox httpd -f -p 8080 -h {www}"
 app["command"] = ["/usr/local/bin/meshproxy", "await", "--timeout=60s", "--",
                   "/usr/local/bin/busybox", "sh", "-c", script]
 app["env"] = [{"name": "PATH", "value": "/usr/local/bin"}]
+# The application listed first, so podman starts it before the proxy: the
+# guard must not depend on the start order (without `meshproxy await` this
+# first request is refused: the rules are in place, the proxy is not).
+spec["containers"].sort(key=lambda c: c["name"] != "app")
 yaml.safe_dump(doc, sys.stdout)
 PY
 }
