@@ -12,7 +12,8 @@
 #   3. a podman CNI network whose conflist chains meshinit-cni after bridge +
 #      host-local: containers get the rules with no init container, CHECK detects a
 #      removed rule, a broken meshinit config fails ADD and DEL still releases the
-#      IPAM lease.
+#      IPAM lease;
+#   4. deploy/cni-daemonset.yaml's install step copies the plugin and the conflist.
 #
 # Everything runs inside a network namespace this script creates (podman runs
 # under `nsenter --net`, not `ip netns exec`, which remounts /sys and hides the
@@ -79,8 +80,10 @@ ip netns add "$NS"
 in_ns ip link set lo up
 
 step "image (scripts/image.sh, rootfs cached in target/image-cache)"
+# Outside the test namespace: mmdebstrap fetches from Debian's mirror (first run
+# only), and `podman import` does no networking.
 PODMAN_OPTS="--root $WORK/storage --runroot $WORK/run" \
-  in_ns scripts/image.sh --no-build --bin-dir "$BIN_DIR" --tag "$TAG"
+  scripts/image.sh --no-build --bin-dir "$BIN_DIR" --tag "$TAG"
 # The test application: the image plus a static busybox (httpd, nc, sh), run as
 # uid 1000 (not the proxy's 2102, whose traffic is exempt from redirection).
 cid=$(pm create "$TAG")
@@ -302,5 +305,34 @@ echo "    broken config: ADD fails: $(grep -o '[^:]*99999[^"]*' "$WORK/out" | he
 [ -z "$(leases meshbad)" ] || fail "the IPAM lease was not released: $(leases meshbad)"
 echo "    broken config: no IPAM lease left (DEL succeeded)"
 pm rm --force --time 0 cni2 >/dev/null 2>&1 || true
+
+# ---------------------------------------------------------------------------
+step "4. deploy/cni-daemonset.yaml's install step, run in the image"
+mkdir -p "$WORK/node/bin" "$WORK/node/net.d" "$WORK/node/config"
+"$KV/bin/python" - "$WORK/node" <<'PY'
+import sys, yaml
+docs = list(yaml.safe_load_all(open("deploy/cni-daemonset.yaml")))
+config = next(d for d in docs if d["kind"] == "ConfigMap")
+for name, text in config["data"].items():
+    open(f"{sys.argv[1]}/config/{name}", "w").write(text)
+ds = next(d for d in docs if d["kind"] == "DaemonSet")
+install = ds["spec"]["template"]["spec"]["initContainers"][0]
+caps = install["securityContext"]["capabilities"]["add"]
+open(f"{sys.argv[1]}/command", "w").write("\0".join(install["command"]))
+open(f"{sys.argv[1]}/caps", "w").write(",".join(caps))
+PY
+mapfile -d '' -t install <"$WORK/node/command"
+pm run --rm --network none --user 0:0 --read-only --cap-drop all --cap-add "$(cat "$WORK/node/caps")" \
+  -v "$WORK/node/bin:/host/opt/cni/bin" -v "$WORK/node/net.d:/host/etc/cni/net.d" \
+  -v "$WORK/node/config:/config:ro" --entrypoint "${install[0]}" "$TAG" "${install[@]:1}" \
+  || fail "the DaemonSet's install step"
+cmp -s "$WORK/node/bin/meshinit-cni" "$BIN_DIR/meshinit" && [ -x "$WORK/node/bin/meshinit-cni" ] \
+  || fail "meshinit-cni not installed"
+cmp -s "$WORK/node/net.d/10-meshinit.conflist" "$WORK/node/config/10-meshinit.conflist" || fail "conflist not installed"
+[ "$(cat "$WORK/node/net.d/meshinit-annotations.json")" = '{}' ] || fail "annotations file"
+ls -A "$WORK/node/bin" "$WORK/node/net.d" | grep -q '\.tmp' && fail "temporary files left"
+echo "    installed /opt/cni/bin/meshinit-cni and net.d/10-meshinit.conflist"
+pm run --rm --network none --user 65534:65534 --cap-drop all --read-only --entrypoint /bin/sleep "$TAG" 0 \
+  || fail "the idle container's sleep"
 
 step "done"

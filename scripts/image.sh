@@ -6,7 +6,8 @@
 # them): /usr/local/bin/{meshinit,meshproxy}, meshinit-cni -> meshinit, user
 # 2102:2102, entrypoint meshproxy. The rootfs holds only what the two binaries
 # run: nft, the iptables tools (nft and legacy flavours) and their libraries;
-# no shell, no apt, no file capabilities (see the README's "Capabilities").
+# a shell and coreutils for the CNI DaemonSet's install step; no apt, no
+# file capabilities (see the README's "Why no file capabilities").
 #
 # The rootfs is built once and cached (keyed by its recipe), so later runs take
 # seconds: scripts/test.sh relies on that.
@@ -61,13 +62,15 @@ for binary in meshinit meshproxy; do
 done
 
 # The rootfs recipe. --variant=extract unpacks the packages and their
-# dependencies without running maintainer scripts: no Essential set (shell,
-# coreutils, dpkg), nothing the binaries do not run. meshinit calls the tools
+# dependencies without running maintainer scripts: no Essential set (dpkg, apt,
+# perl, login, ...), nothing the binaries do not run. meshinit calls the tools
 # by their flavoured names (iptables-nft-restore, nft), so the alternatives
-# symlinks that iptables' postinst would make are not needed.
+# symlinks that iptables' postinst would make are not needed. dash and
+# coreutils are there for deploy/cni-daemonset.yaml, whose install step is a
+# shell script (cp, chmod, mv) and whose idle container runs sleep.
 SUITE=bookworm
-PACKAGES=nftables,iptables
-recipe="$SUITE $PACKAGES $MIRROR extract v1"
+PACKAGES=nftables,iptables,dash,coreutils
+recipe="$SUITE $PACKAGES $MIRROR extract v2"
 key=$(printf '%s' "$recipe" | sha256sum | cut -c1-16)
 rootfs="$CACHE/rootfs-$SUITE-$key.tar"
 mkdir -p "$CACHE"
@@ -79,8 +82,11 @@ if [ ! -s "$rootfs" ]; then
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     --customize-hook='rm -rf "$1"/var/cache/apt "$1"/var/lib/apt/lists "$1"/var/log/*' \
     --customize-hook='mkdir -p "$1"/run "$1"/proc "$1"/sys "$1"/root && chmod 1777 "$1"/tmp' \
+    --customize-hook='[ -e "$1"/bin/sh ] || ln -s dash "$1"/bin/sh' \
     "$SUITE" "$rootfs.part" "$MIRROR"
   mv "$rootfs.part" "$rootfs"
+  # Rootfs tarballs of older recipes are never used again.
+  find "$CACHE" -maxdepth 1 -name "rootfs-*.tar" ! -name "${rootfs##*/}" -delete
   echo "    rootfs built in $(($(date +%s) - started)) s"
 else
   echo "==> rootfs cached: $rootfs"

@@ -522,7 +522,7 @@ fn dockerfile_builds_like_the_scripts_and_image_sh_makes_the_same_image() {
     assert!(image_sh.contains(r#"cp "$BIN_DIR/meshinit" "$BIN_DIR/meshproxy" "$work/layer/usr/local/bin/""#));
     assert!(runtime.contains("ln -s meshinit /usr/local/bin/meshinit-cni"));
     assert!(image_sh.contains(r#"ln -s meshinit "$work/layer/usr/local/bin/meshinit-cni""#));
-    assert!(image_sh.contains("PACKAGES=nftables,iptables"));
+    assert!(image_sh.contains("PACKAGES=nftables,iptables,dash,coreutils"));
     // The same user and entrypoint.
     let last = |prefix: &str| {
         *instructions
