@@ -283,7 +283,10 @@ fn classic_pod_runs_the_proxy_first_and_holds_the_app_with_meshproxy_await() {
 
     // The same settings as the native-sidecar pod.
     let native = &documents("deploy/pod.yaml")[0];
-    assert_eq!(pod["metadata"]["annotations"], native["metadata"]["annotations"]);
+    assert_eq!(
+        pod["metadata"]["annotations"],
+        native["metadata"]["annotations"]
+    );
     for (name, field) in [("meshinit", "args"), ("meshinit-validate", "args")] {
         assert_eq!(
             container(spec, "initContainers", name)[field],
@@ -353,7 +356,10 @@ fn every_manifest_passes_kubernetes_validate_strict() {
     let (ok, text) = validate("1.29.0", &[root.join("deploy/pod.yaml")]);
     assert!(ok, "{text}");
     let (ok, text) = validate("1.27.0", &[root.join("deploy/pod.yaml")]);
-    assert!(!ok && text.contains("'restartPolicy' was unexpected"), "{text}");
+    assert!(
+        !ok && text.contains("'restartPolicy' was unexpected"),
+        "{text}"
+    );
     let (ok, text) = validate("1.27.0", &[root.join("deploy/pod-classic.yaml")]);
     assert!(ok, "{text}");
 
@@ -362,7 +368,11 @@ fn every_manifest_passes_kubernetes_validate_strict() {
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("pod.yaml");
     let text = std::fs::read_to_string(root.join("deploy/pod-classic.yaml")).unwrap();
-    std::fs::write(&bad, text.replace("readOnlyRootFilesystem", "readOnlyRootFileSystem")).unwrap();
+    std::fs::write(
+        &bad,
+        text.replace("readOnlyRootFilesystem", "readOnlyRootFileSystem"),
+    )
+    .unwrap();
     let (ok, out) = validate(CURRENT_KUBERNETES, &[bad]);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!ok && out.contains("readOnlyRootFileSystem"), "{out}");
@@ -496,7 +506,10 @@ fn dockerfile_builds_like_the_scripts_and_image_sh_makes_the_same_image() {
         "scripts/demo.sh no longer builds with `{BUILD}`: update the Dockerfile too"
     );
     let image_sh = std::fs::read_to_string(root.join("scripts/image.sh")).unwrap();
-    assert!(image_sh.contains(BUILD), "scripts/image.sh must build with `{BUILD}`");
+    assert!(
+        image_sh.contains(BUILD),
+        "scripts/image.sh must build with `{BUILD}`"
+    );
 
     // `COPY . .` must not send target/ (many GB) to the builder.
     let ignored = std::fs::read_to_string(root.join(".dockerignore")).expect(".dockerignore");
@@ -519,7 +532,8 @@ fn dockerfile_builds_like_the_scripts_and_image_sh_makes_the_same_image() {
         );
         assert!(image_sh.contains(&format!("\"$BIN_DIR/{binary}\"")));
     }
-    assert!(image_sh.contains(r#"cp "$BIN_DIR/meshinit" "$BIN_DIR/meshproxy" "$work/layer/usr/local/bin/""#));
+    assert!(image_sh
+        .contains(r#"cp "$BIN_DIR/meshinit" "$BIN_DIR/meshproxy" "$work/layer/usr/local/bin/""#));
     assert!(runtime.contains("ln -s meshinit /usr/local/bin/meshinit-cni"));
     assert!(image_sh.contains(r#"ln -s meshinit "$work/layer/usr/local/bin/meshinit-cni""#));
     assert!(image_sh.contains("PACKAGES=nftables,iptables,dash,coreutils"));
