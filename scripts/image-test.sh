@@ -50,6 +50,7 @@ cleanup() {
   grep -o " $WORK[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
   rm -rf "$WORK"
 }
+# KEEP=1 leaves everything in place for debugging (remove it by hand).
 [ "${KEEP:-0}" = 1 ] && echo "KEEP: WORK=$WORK NS=$NS" || trap cleanup EXIT
 
 for tool in podman runc mmdebstrap nsenter curl; do
@@ -133,7 +134,24 @@ echo "    validator and show need no capability"
 
 # ---------------------------------------------------------------------------
 step "2. podman kube play deploy/pod-classic.yaml: two meshed pods"
-pm network create --subnet "$SUBNET.0/24" --gateway "$SUBNET.1" --disable-dns meshtest >/dev/null
+# A CNI network of our own (not `podman network create`, whose host-local leases
+# would live in the host's /var/lib/cni/networks): bridge + host-local, leases
+# under $WORK.
+cat >"$WORK/cni/meshtest.conflist" <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "meshtest",
+  "plugins": [
+    {
+      "type": "bridge", "bridge": "meshtest", "isGateway": true,
+      "ipam": {
+        "type": "host-local", "dataDir": "$WORK/ipam",
+        "ranges": [[{"subnet": "$SUBNET.0/24", "gateway": "$SUBNET.1"}]], "routes": [{"dst": "0.0.0.0/0"}]
+      }
+    }
+  ]
+}
+JSON
 # A throwaway CA and one identity per pod, readable by the proxy's uid.
 "$BIN_DIR/meshproxy" identity new-ca "$WORK/ids" >/dev/null
 for pod in web peer; do
