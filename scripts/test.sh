@@ -13,8 +13,10 @@ fi
 
 # Debian packages the tests use: the rule tools, ip, a real Redis and HTTP
 # server for traffic, promtool (package prometheus) to lint /metrics, and
-# HAProxy / stunnel / iperf3 for the benchmark peers.
-packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl tcpdump openssl containernetworking-plugins)
+# HAProxy / stunnel / iperf3 for the benchmark peers; podman, runc, catatonit
+# (podman's pause process), mmdebstrap and busybox-static for the image test
+# (scripts/image-test.sh), python3-venv for kubernetes-validate.
+packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl tcpdump openssl containernetworking-plugins podman runc catatonit mmdebstrap busybox-static python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,11 +28,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# kubernetes-validate (PyPI) checks every manifest in deploy/ (tests/deploy.rs).
+if [ ! -x target/kubernetes-validate/bin/kubernetes-validate ]; then
+  echo "==> installing kubernetes-validate into target/kubernetes-validate"
+  python3 -m venv target/kubernetes-validate
+  target/kubernetes-validate/bin/pip install -q kubernetes-validate==1.37.0
+fi
+
 echo "==> building"
 cargo build --workspace --bins --locked
 
 echo "==> testing"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+
+echo "==> the image in podman (scripts/image-test.sh)"
+image_started=$(date +%s)
+scripts/image-test.sh
+echo "    image test: $(($(date +%s) - image_started)) s"
 
 echo "==> demo (non-interactive), checking its claims"
 demo_out=$(mktemp)

@@ -61,7 +61,7 @@ pub fn require(needed: &[Cap], what: &str) -> Result<(), String> {
     let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
     Err(format!(
         "{what} needs {} (missing from the effective capability set): run as root, or grant it \
-         (Kubernetes: securityContext.capabilities.add: [NET_ADMIN, NET_RAW])",
+         (Kubernetes: securityContext.capabilities.add: [NET_ADMIN], plus NET_RAW for iptables-legacy)",
         names.join(" and ")
     ))
 }

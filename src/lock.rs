@@ -46,31 +46,33 @@ pub enum LockError {
     Timeout { path: PathBuf, waited: String },
     #[error("cannot lock {path}: {source}")]
     Flock { path: PathBuf, source: Errno },
+    #[error("cannot create the lock file {path}: {source} (meshinit needs a writable /run to serialise its runs; in a container with a read-only root filesystem, mount an emptyDir volume at /run)")]
+    Create { path: PathBuf, source: io::Error },
 }
 
 /// Held for as long as the value lives; released on drop (and by the kernel
 /// when the process dies, so a crash never leaves a stale lock).
 #[derive(Debug)]
 pub struct Lock {
-    _lock: Option<Flock<File>>,
+    _lock: Flock<File>,
 }
 
 /// Takes the lock at `path`, waiting at most `timeout` for a concurrent run to
 /// finish.
 ///
-/// When the lock file cannot be created at all (a read-only or missing `/run`)
-/// the run proceeds unlocked with a warning: refusing would make meshinit
-/// unusable there, and nft itself stays atomic. Something that is there but is
-/// not our kind of lock file is refused, because it was put there by someone.
+/// When the lock file cannot be created at all (a read-only or missing `/run`,
+/// as in a container with `readOnlyRootFilesystem` and no volume there) the run
+/// is refused (exit 1), not run unlocked: an unlocked run would silently drop
+/// the serialisation this module exists for, and the fix (a writable `/run`)
+/// is the operator's to make. Something that is there but is not our kind of
+/// lock file is refused too, because it was put there by someone.
 pub fn acquire(path: &Path, timeout: Duration) -> Result<Lock, LockError> {
-    let Some(file) = open(path)? else {
-        return Ok(Lock { _lock: None });
-    };
+    let file = open(path)?;
     let deadline = Instant::now().checked_add(timeout);
     let mut file = file;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(Lock { _lock: Some(lock) }),
+            Ok(lock) => return Ok(Lock { _lock: lock }),
             Err((back, Errno::EWOULDBLOCK | Errno::EINTR)) => file = back,
             Err((_, source)) => {
                 return Err(LockError::Flock {
@@ -92,8 +94,8 @@ pub fn acquire(path: &Path, timeout: Duration) -> Result<Lock, LockError> {
     }
 }
 
-/// Opens (creating it 0600 if needed) the lock file; `None` when it cannot be created.
-fn open(path: &Path) -> Result<Option<File>, LockError> {
+/// Opens (creating it 0600 if needed) the lock file.
+fn open(path: &Path) -> Result<File, LockError> {
     let refused_kind = |kind| LockError::NotRegular {
         path: path.to_path_buf(),
         kind,
@@ -115,13 +117,10 @@ fn open(path: &Path) -> Result<Option<File>, LockError> {
                 // A FIFO without a reader, opened write-only and non-blocking.
                 Some(Errno::ENXIO) => Err(refused_kind("a FIFO or device")),
                 Some(Errno::EISDIR) => Err(refused_kind("a directory")),
-                _ => {
-                    tracing::warn!(
-                        "cannot open {} ({err}); concurrent meshinit runs are not serialised",
-                        path.display()
-                    );
-                    Ok(None)
-                }
+                _ => Err(LockError::Create {
+                    path: path.to_path_buf(),
+                    source: err,
+                }),
             };
         }
     };
@@ -147,7 +146,7 @@ fn open(path: &Path) -> Result<Option<File>, LockError> {
                 source,
             })?;
     }
-    Ok(Some(file))
+    Ok(file)
 }
 
 fn kind_of(meta: &std::fs::Metadata) -> &'static str {
@@ -247,6 +246,20 @@ mod tests {
         std::fs::create_dir(dir.lock()).unwrap();
         let err = acquire(&dir.lock(), SHORT).unwrap_err();
         assert!(matches!(err, LockError::NotRegular { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_lock_file_that_cannot_be_created_is_an_error_not_a_warning() {
+        let dir = Dir::new("missing");
+        // A missing directory stands for a read-only /run (EROFS: root ignores
+        // permission bits, so a chmod'ed directory would not do; the podman test
+        // in scripts/image-test.sh shows the read-only root filesystem itself).
+        let path = dir.0.join("no-such-dir").join("meshinit.lock");
+        let err = acquire(&path, SHORT).unwrap_err();
+        assert!(matches!(err, LockError::Create { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("writable /run"), "{text}");
     }
 
     #[test]

@@ -123,13 +123,8 @@ fn pod_example_has_init_container_validator_and_native_sidecar() {
     assert_eq!(init, ["meshinit", "meshinit-validate", "meshproxy"]);
 
     let meshinit_c = container(spec, "initContainers", "meshinit");
-    let sc = &meshinit_c["securityContext"];
-    assert_eq!(
-        strings(&sc["capabilities"]["add"]),
-        ["NET_ADMIN", "NET_RAW"]
-    );
-    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
-    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    check_meshinit_container(spec, meshinit_c);
+    no_probes_on_plain_init_containers(spec, "pod");
 
     let validator = container(spec, "initContainers", "meshinit-validate");
     let vsc = &validator["securityContext"];
@@ -144,12 +139,23 @@ fn pod_example_has_init_container_validator_and_native_sidecar() {
         "the validator must not run as the proxy uid"
     );
     assert!(strings(&validator["args"]).contains(&"validate".to_string()));
+    assert_eq!(
+        strings(&validator["command"]),
+        ["/usr/local/bin/meshinit"],
+        "the image has no separate validator binary"
+    );
 
     let proxy = container(spec, "initContainers", "meshproxy");
     assert_eq!(
         str_of(&proxy["restartPolicy"], "restartPolicy"),
         "Always",
         "the sidecar"
+    );
+    // A sidecar counts as started once its startupProbe passes: without one the
+    // application may start before the proxy listens.
+    assert_eq!(
+        proxy["startupProbe"]["httpGet"]["path"].as_str(),
+        Some("/ready")
     );
     assert_eq!(
         proxy["readinessProbe"]["httpGet"]["path"].as_str(),
@@ -208,6 +214,168 @@ fn pod_example_has_init_container_validator_and_native_sidecar() {
         text.contains("4190-4191, 8081") && text.contains("5432"),
         "{text}"
     );
+}
+
+/// meshinit: root with NET_ADMIN only (nft, iptables-nft), read-only root
+/// filesystem, and a writable /run (an emptyDir) for its lock file.
+fn check_meshinit_container(spec: &Yaml, meshinit_c: &Yaml) {
+    let sc = &meshinit_c["securityContext"];
+    assert_eq!(strings(&sc["capabilities"]["add"]), ["NET_ADMIN"]);
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    let run = list(&meshinit_c["volumeMounts"], "meshinit volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/run"))
+        .expect("meshinit needs a writable /run for /run/meshinit.lock");
+    let volume = list(&spec["volumes"], "volumes")
+        .iter()
+        .find(|v| v["name"] == run["name"])
+        .unwrap();
+    assert!(
+        !volume["emptyDir"].is_badvalue(),
+        "/run must be an emptyDir: {volume:?}"
+    );
+}
+
+/// The API rejects probes on init containers other than native sidecars.
+fn no_probes_on_plain_init_containers(spec: &Yaml, what: &str) {
+    for c in spec["initContainers"].as_vec().cloned().unwrap_or_default() {
+        if c["restartPolicy"].as_str() == Some("Always") {
+            continue;
+        }
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert!(
+                c[probe].is_badvalue(),
+                "{what}: init container {:?} has a {probe}",
+                c["name"]
+            );
+        }
+    }
+}
+
+#[test]
+fn classic_pod_runs_the_proxy_first_and_holds_the_app_with_meshproxy_await() {
+    let docs = documents("deploy/pod-classic.yaml");
+    assert_eq!(docs.len(), 1);
+    let pod = &docs[0];
+    assert_eq!(check_object(pod), ("Pod", "web"));
+    let spec = &pod["spec"];
+    check_pod_spec(spec, "classic pod");
+    no_probes_on_plain_init_containers(spec, "classic pod");
+    let names = |field: &str| -> Vec<String> {
+        list(&spec[field], field)
+            .iter()
+            .map(|c| str_of(&c["name"], "name").to_string())
+            .collect()
+    };
+    assert_eq!(names("initContainers"), ["meshinit", "meshinit-validate"]);
+    assert_eq!(names("containers"), ["meshproxy", "app"], "proxy first");
+    for c in list(&spec["initContainers"], "initContainers") {
+        assert!(c["restartPolicy"].is_badvalue(), "no native sidecars here");
+    }
+    check_meshinit_container(spec, container(spec, "initContainers", "meshinit"));
+    let proxy = container(spec, "containers", "meshproxy");
+    let hook = strings(&proxy["lifecycle"]["postStart"]["exec"]["command"]);
+    assert_eq!(hook[..2], ["/usr/local/bin/meshproxy", "await"], "{hook:?}");
+    assert_eq!(proxy["securityContext"]["runAsUser"].as_i64(), Some(2102));
+    assert!(proxy["securityContext"]["capabilities"]["add"].is_badvalue());
+
+    // The same settings as the native-sidecar pod.
+    let native = &documents("deploy/pod.yaml")[0];
+    assert_eq!(
+        pod["metadata"]["annotations"],
+        native["metadata"]["annotations"]
+    );
+    for (name, field) in [("meshinit", "args"), ("meshinit-validate", "args")] {
+        assert_eq!(
+            container(spec, "initContainers", name)[field],
+            container(&native["spec"], "initContainers", name)[field],
+            "{name} {field}"
+        );
+    }
+    assert_eq!(
+        proxy["args"],
+        container(&native["spec"], "initContainers", "meshproxy")["args"]
+    );
+}
+
+/// kubernetes-validate (PyPI), installed by scripts/test.sh into a venv.
+fn kubernetes_validate() -> Command {
+    let path = std::env::var_os("KUBERNETES_VALIDATE").map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target/kubernetes-validate/bin/kubernetes-validate")
+        },
+        std::path::PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} not found: run scripts/test.sh, or `python3 -m venv target/kubernetes-validate && \
+         target/kubernetes-validate/bin/pip install kubernetes-validate`, or set KUBERNETES_VALIDATE",
+        path.display()
+    );
+    let mut cmd = Command::new(path);
+    cmd.arg("--strict");
+    cmd
+}
+
+/// The newest Kubernetes the validator knows, and the oldest each manifest claims.
+const CURRENT_KUBERNETES: &str = "1.37.0";
+
+#[test]
+fn every_manifest_passes_kubernetes_validate_strict() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut manifests: Vec<_> = std::fs::read_dir(root.join("deploy"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    manifests.sort();
+    assert_eq!(manifests.len(), 3, "{manifests:?}");
+    let validate = |version: &str, files: &[std::path::PathBuf]| {
+        let out = kubernetes_validate()
+            .args(["--kubernetes-version", version])
+            .args(files)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = validate(CURRENT_KUBERNETES, &manifests);
+    assert!(ok, "{text}");
+    assert_eq!(text.matches("passed").count(), 5, "{text}");
+    // Native sidecars from 1.29 (and the schema before knows no restartPolicy on
+    // an init container); the classic variant for older clusters.
+    let (ok, text) = validate("1.29.0", &[root.join("deploy/pod.yaml")]);
+    assert!(ok, "{text}");
+    let (ok, text) = validate("1.27.0", &[root.join("deploy/pod.yaml")]);
+    assert!(
+        !ok && text.contains("'restartPolicy' was unexpected"),
+        "{text}"
+    );
+    let (ok, text) = validate("1.27.0", &[root.join("deploy/pod-classic.yaml")]);
+    assert!(ok, "{text}");
+
+    // --strict rejects a misspelt field: the validator really validates.
+    let dir = std::env::temp_dir().join(format!("meshinit-kv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("pod.yaml");
+    let text = std::fs::read_to_string(root.join("deploy/pod-classic.yaml")).unwrap();
+    std::fs::write(
+        &bad,
+        text.replace("readOnlyRootFilesystem", "readOnlyRootFileSystem"),
+    )
+    .unwrap();
+    let (ok, out) = validate(CURRENT_KUBERNETES, &[bad]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!ok && out.contains("readOnlyRootFileSystem"), "{out}");
 }
 
 #[test]
@@ -304,7 +472,7 @@ fn cni(vars: &[(&str, &str)], stdin: &str) -> std::process::Output {
 const BUILD: &str = "cargo build --release --locked -p meshinit -p meshproxy";
 
 #[test]
-fn dockerfile_builds_like_the_scripts_and_ships_both_binaries() {
+fn dockerfile_builds_like_the_scripts_and_image_sh_makes_the_same_image() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
     // Join continuation lines, drop comments.
@@ -319,10 +487,13 @@ fn dockerfile_builds_like_the_scripts_and_ships_both_binaries() {
         .filter(|l| l.starts_with("FROM "))
         .copied()
         .collect();
+    // Base images are build arguments (a mirror, a local copy); today's defaults.
     assert_eq!(
         froms,
-        ["FROM rust:1-bookworm AS build", "FROM debian:bookworm-slim"]
+        ["FROM ${BUILD_IMAGE} AS build", "FROM ${RUNTIME_IMAGE}"]
     );
+    assert!(instructions.contains(&"ARG BUILD_IMAGE=rust:1-bookworm"));
+    assert!(instructions.contains(&"ARG RUNTIME_IMAGE=debian:bookworm-slim"));
     assert!(
         instructions.contains(&&*format!("RUN {BUILD}")),
         "the builder must run `{BUILD}`"
@@ -334,11 +505,24 @@ fn dockerfile_builds_like_the_scripts_and_ships_both_binaries() {
         normalised.contains(BUILD),
         "scripts/demo.sh no longer builds with `{BUILD}`: update the Dockerfile too"
     );
+    let image_sh = std::fs::read_to_string(root.join("scripts/image.sh")).unwrap();
+    assert!(
+        image_sh.contains(BUILD),
+        "scripts/image.sh must build with `{BUILD}`"
+    );
 
-    let runtime = joined.split("FROM debian:bookworm-slim").nth(1).unwrap();
-    for package in ["nftables", "iptables", "libcap2-bin"] {
+    // `COPY . .` must not send target/ (many GB) to the builder.
+    let ignored = std::fs::read_to_string(root.join(".dockerignore")).expect(".dockerignore");
+    assert!(ignored.lines().any(|l| l.trim() == "target/"), "{ignored}");
+
+    let runtime = joined.split("FROM ${RUNTIME_IMAGE}").nth(1).unwrap();
+    for package in ["nftables", "iptables"] {
         assert!(runtime.contains(package), "runtime image lacks {package}");
     }
+    // No file capabilities: under `drop: [ALL], add: [NET_ADMIN]` a binary with
+    // cap_net_raw in its file capabilities cannot be executed at all.
+    assert!(!runtime.contains("setcap") && !runtime.contains("libcap2-bin"));
+    assert!(!image_sh.contains("setcap"));
     for binary in ["meshinit", "meshproxy"] {
         assert!(
             runtime.contains(&format!(
@@ -346,16 +530,28 @@ fn dockerfile_builds_like_the_scripts_and_ships_both_binaries() {
             )),
             "{binary} is not copied into the image"
         );
+        assert!(image_sh.contains(&format!("\"$BIN_DIR/{binary}\"")));
     }
+    assert!(image_sh
+        .contains(r#"cp "$BIN_DIR/meshinit" "$BIN_DIR/meshproxy" "$work/layer/usr/local/bin/""#));
     assert!(runtime.contains("ln -s meshinit /usr/local/bin/meshinit-cni"));
-    assert!(runtime.contains("setcap cap_net_admin,cap_net_raw+ep /usr/local/bin/meshinit "));
-    let user = instructions
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("USER "))
-        .expect("a USER");
-    assert!(
-        !user.contains(" 0") && !user.contains("root"),
-        "the image must not run as root: {user}"
-    );
+    assert!(image_sh.contains(r#"ln -s meshinit "$work/layer/usr/local/bin/meshinit-cni""#));
+    assert!(image_sh.contains("PACKAGES=nftables,iptables,dash,coreutils"));
+    // The same user and entrypoint.
+    let last = |prefix: &str| {
+        *instructions
+            .iter()
+            .rev()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix}"))
+    };
+    let user = last("USER ");
+    assert_eq!(user, "USER 2102:2102", "the image must not run as root");
+    let entrypoint = last("ENTRYPOINT ");
+    for change in [user, entrypoint] {
+        assert!(
+            image_sh.contains(&format!("--change '{change}'")),
+            "scripts/image.sh lacks --change '{change}'"
+        );
+    }
 }

@@ -32,12 +32,15 @@
 //! - `transport_header`: the header that tells the peer proxy the application port.
 //! - `prefixed`: replays the bytes detection read, for a TLS session we terminate.
 //! - `reload`: values rebuilt when their files change on disk.
+//! - `await_ready`: `meshproxy await`, which waits for a proxy's `/ready` (the
+//!   classic-sidecar pod's guard against the application starting first).
 
 #![deny(rust_2018_idioms)]
 // No module needs `unsafe`: nix wraps the one raw getsockopt we make (orig_dst).
 #![forbid(unsafe_code)]
 
 mod admin;
+mod await_ready;
 mod config;
 mod detect;
 mod duplex;
@@ -53,6 +56,7 @@ mod server;
 mod tls;
 mod transport_header;
 
+pub use crate::await_ready::{await_ready, AwaitError};
 pub use crate::config::{Config, ConfigError, LogFormat, PortSet, ProxyArgs};
 pub use crate::detect::{detect, ClientHello, Detected, Detection, Protocol, MAX_PREFIX};
 pub use crate::duplex::{duplex, Counters, DuplexError, Side, Totals};

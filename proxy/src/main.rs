@@ -43,6 +43,21 @@ enum Command {
     },
     /// Print the man page (roff) generated from these flags.
     Man,
+    /// Wait until the proxy answers /ready with 200 (exit 0), or give up after
+    /// --timeout (exit 1). With a command after `--`, then run it in place of this
+    /// process. Use it as the proxy container's postStart hook, or to wrap the
+    /// application's command, so the application never starts before the proxy.
+    Await {
+        /// The proxy's admin address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4191")]
+        admin_addr: std::net::SocketAddr,
+        /// How long to wait (`120s`, `2m`).
+        #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// The command to run once the proxy is ready.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,6 +95,11 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut command, "meshproxy", &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
+        Some(Command::Await {
+            admin_addr,
+            timeout,
+            command,
+        }) => return await_then_exec(admin_addr, timeout, command),
         Some(Command::Man) => {
             let page = clap_mangen::Man::new(Cli::command());
             return match page.render(&mut std::io::stdout()) {
@@ -107,6 +127,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `meshproxy await`: a timeout exits 1; the command, if any, replaces this
+/// process (its exit status is the container's), and one that cannot be run
+/// exits 127 like a shell's.
+fn await_then_exec(
+    admin_addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+    command: Vec<std::ffi::OsString>,
+) -> ExitCode {
+    if let Err(error) = meshproxy::await_ready(admin_addr, timeout) {
+        eprintln!("meshproxy await: {error}");
+        return ExitCode::FAILURE;
+    }
+    let Some((program, args)) = command.split_first() else {
+        return ExitCode::SUCCESS;
+    };
+    use std::os::unix::process::CommandExt;
+    let error = std::process::Command::new(program).args(args).exec();
+    eprintln!("meshproxy await: cannot run {program:?}: {error}");
+    ExitCode::from(127)
 }
 
 fn identity(command: IdentityCommand) -> ExitCode {
