@@ -45,14 +45,23 @@ pub trait Backend {
     fn name(&self) -> &'static str;
     /// What `show` and `--dry-run` print.
     fn render(&self, ruleset: &Ruleset) -> String;
-    /// Replaces our rules with `ruleset`, atomically.
-    fn apply(&self, ruleset: &Ruleset) -> Result<(), BackendError>;
+    /// Replaces our rules with `ruleset`, atomically, and says what it saw.
+    fn apply(&self, ruleset: &Ruleset) -> Result<Applied, BackendError>;
     /// Removes our rules (and nothing else); succeeds when there are none.
     fn cleanup(&self) -> Result<(), BackendError>;
     /// Differences between what is installed and `ruleset`; empty when equal.
     fn diff(&self, ruleset: &Ruleset) -> Result<Vec<String>, BackendError>;
     /// True when any rule, chain or table of ours is installed.
     fn has_ours(&self) -> Result<bool, BackendError>;
+}
+
+/// What an apply learned on the way, so that the leftover checks after it need
+/// no process of their own when there is nothing to find.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The nf_tables tables (lines `table FAMILY NAME`, as `nft list tables` prints
+    /// them) that the nft backend's transaction saw; `None` from other backends.
+    pub nf_tables: Option<String>,
 }
 
 /// Runs `program args...`, feeding `stdin`, and returns its stdout.
@@ -112,6 +121,20 @@ pub fn all() -> Vec<Box<dyn Backend>> {
     vec![
         Box::new(Nft),
         Box::new(Iptables::new(Flavor::Nft)),
+        Box::new(Iptables::new(Flavor::Legacy)),
+    ]
+}
+
+/// Every backend, for the leftover check after `applied`: iptables-nft reuses the
+/// tables the apply already listed, if it did.
+pub fn all_after(applied: &Applied) -> Vec<Box<dyn Backend>> {
+    let iptables_nft = match &applied.nf_tables {
+        Some(listing) => Iptables::knowing_nf_tables(Flavor::Nft, listing.clone()),
+        None => Iptables::new(Flavor::Nft),
+    };
+    vec![
+        Box::new(Nft),
+        Box::new(iptables_nft),
         Box::new(Iptables::new(Flavor::Legacy)),
     ]
 }

@@ -156,7 +156,7 @@ pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
     let _lock = take_lock(config)?;
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
     require_for(backend.as_ref(), "applying rules")?;
-    backend
+    let applied = backend
         .apply(ruleset)
         .map_err(|err| apply_failure(err, "apply failed; the previous ruleset is intact"))?;
     tracing::info!(
@@ -167,7 +167,9 @@ pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
     );
     // Rules of ours left by another backend would keep redirecting (or stop
     // redirecting when removed later): clean them now that ours are in place.
-    for other in backend::all() {
+    // The check costs no process where there is nothing to find: legacy tables are
+    // listed in /proc, and nf_tables ones were listed by the nft apply itself.
+    for other in backend::all_after(&applied) {
         if other.name() == backend.name() {
             continue;
         }

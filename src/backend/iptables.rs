@@ -12,7 +12,7 @@
 
 use meshinit_rules::{iptables, Family, Installed, Jumps, Ruleset};
 
-use super::{run, Backend, BackendError};
+use super::{run, Applied, Backend, BackendError};
 
 /// Which iptables implementation writes the rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +25,10 @@ pub enum Flavor {
 
 pub struct Iptables {
     pub flavor: Flavor,
+    /// `nft list tables` as this run already saw it (the nft backend's apply lists
+    /// the tables in its own transaction), so the iptables-nft leftover check after
+    /// an nft apply costs no second `nft` process. `None`: run `nft` to know.
+    nf_tables: Option<String>,
 }
 
 /// What tables of a flavour may exist, per [`Iptables::may_have_tables`].
@@ -49,7 +53,19 @@ const HINT: &str = "install the iptables package";
 
 impl Iptables {
     pub fn new(flavor: Flavor) -> Self {
-        Iptables { flavor }
+        Iptables {
+            flavor,
+            nf_tables: None,
+        }
+    }
+
+    /// An iptables backend that takes `nft list tables` (lines `table FAMILY NAME`)
+    /// from `listing` instead of running `nft` for it.
+    pub fn knowing_nf_tables(flavor: Flavor, listing: String) -> Self {
+        Iptables {
+            flavor,
+            nf_tables: Some(listing),
+        }
     }
 
     fn binary(&self, family: Family, tool: &str) -> String {
@@ -126,7 +142,10 @@ impl Iptables {
                     nat: [nat(&v4), nat(&v6)],
                 }
             }
-            Flavor::Nft => match run("nft", &["list", "tables"], None, super::nft::HINT) {
+            Flavor::Nft => match self.nf_tables.clone().map_or_else(
+                || run("nft", &["list", "tables"], None, super::nft::HINT),
+                Ok,
+            ) {
                 Ok(tables) => {
                     let has = |prefix: &str| tables.lines().any(|l| l.trim().starts_with(prefix));
                     let (v4, v6) = (has("table ip "), has("table ip6 "));
@@ -180,7 +199,7 @@ impl Backend for Iptables {
         out
     }
 
-    fn apply(&self, ruleset: &Ruleset) -> Result<(), BackendError> {
+    fn apply(&self, ruleset: &Ruleset) -> Result<Applied, BackendError> {
         // Read every family first: the states to roll back to.
         let mut steps = Vec::new();
         for &family in Self::families(ruleset.ipv6) {
@@ -208,7 +227,7 @@ impl Backend for Iptables {
                 return Err(err);
             }
         }
-        Ok(())
+        Ok(Applied::default())
     }
 
     fn cleanup(&self) -> Result<(), BackendError> {
