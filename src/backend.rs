@@ -53,6 +53,12 @@ pub trait Backend {
     fn diff(&self, ruleset: &Ruleset) -> Result<Vec<String>, BackendError>;
     /// True when any rule, chain or table of ours is installed.
     fn has_ours(&self) -> Result<bool, BackendError>;
+    /// [`Backend::has_ours`] after an apply, using what it saw (`applied`) instead of
+    /// running a process of its own where that is enough.
+    fn has_ours_after(&self, applied: &Applied) -> Result<bool, BackendError> {
+        let _ = applied;
+        self.has_ours()
+    }
 }
 
 /// What an apply learned on the way, so that the leftover checks after it need
@@ -62,6 +68,21 @@ pub struct Applied {
     /// The nf_tables tables (lines `table FAMILY NAME`, as `nft list tables` prints
     /// them) that the nft backend's transaction saw; `None` from other backends.
     pub nf_tables: Option<String>,
+}
+
+impl Applied {
+    /// Makes sure the nf_tables tables are known, listing them with one `nft list
+    /// tables` when the apply did not (the iptables backends): the nft and
+    /// iptables-nft leftover checks then share that one process. Left unknown when
+    /// `nft` cannot list them; each check then runs its own look.
+    pub fn with_nf_tables(self) -> Applied {
+        if self.nf_tables.is_some() {
+            return self;
+        }
+        Applied {
+            nf_tables: run("nft", &["list", "tables"], None, nft::HINT).ok(),
+        }
+    }
 }
 
 /// Runs `program args...`, feeding `stdin`, and returns its stdout.
@@ -121,20 +142,6 @@ pub fn all() -> Vec<Box<dyn Backend>> {
     vec![
         Box::new(Nft),
         Box::new(Iptables::new(Flavor::Nft)),
-        Box::new(Iptables::new(Flavor::Legacy)),
-    ]
-}
-
-/// Every backend, for the leftover check after `applied`: iptables-nft reuses the
-/// tables the apply already listed, if it did.
-pub fn all_after(applied: &Applied) -> Vec<Box<dyn Backend>> {
-    let iptables_nft = match &applied.nf_tables {
-        Some(listing) => Iptables::knowing_nf_tables(Flavor::Nft, listing.clone()),
-        None => Iptables::new(Flavor::Nft),
-    };
-    vec![
-        Box::new(Nft),
-        Box::new(iptables_nft),
         Box::new(Iptables::new(Flavor::Legacy)),
     ]
 }

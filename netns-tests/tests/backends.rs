@@ -208,6 +208,31 @@ fn an_nft_apply_runs_one_nft_process_when_there_is_nothing_to_clean() {
     let _ = std::fs::remove_file(&log);
 }
 
+/// After an iptables apply, the nft and iptables-nft leftover checks share one `nft`
+/// process (`nft list tables`) instead of one each.
+#[test]
+fn an_iptables_apply_runs_one_nft_process_for_the_leftover_checks() {
+    let pods = Pods::new("an_iptables_apply_one_nft");
+    let log = std::env::temp_dir().join(format!("netns-tests-{}-one-nft.log", std::process::id()));
+    let script = format!(
+        "#!/bin/sh\nname=$(basename \"$0\")\necho \"$name\" >> {}\nexec /usr/sbin/\"$name\" \"$@\"\n",
+        log.display()
+    );
+    let logged = FaultyTools::new("one-nft", &TOOLS, &script);
+    // Legacy in an empty namespace, then iptables-nft (which removes legacy's rules).
+    for backend in [Backend::IptablesLegacy, Backend::IptablesNft] {
+        let _ = std::fs::remove_file(&log);
+        logged
+            .meshinit(&pods.pod, &["apply", &backend.flag()])
+            .expect_ok();
+        let tools = std::fs::read_to_string(&log).unwrap_or_default();
+        let nft = tools.lines().filter(|tool| *tool == "nft").count();
+        assert_eq!(nft, 1, "{backend}: {tools}");
+        assert_only_in(&pods, backend, &format!("after the {backend} apply"));
+    }
+    let _ = std::fs::remove_file(&log);
+}
+
 /// Legacy to nft, as the issue asks: no `MESHINIT_*` chain survives in legacy (either family),
 /// and since legacy then holds no rule, auto agrees with nft.
 #[test]

@@ -25,10 +25,6 @@ pub enum Flavor {
 
 pub struct Iptables {
     pub flavor: Flavor,
-    /// `nft list tables` as this run already saw it (the nft backend's apply lists
-    /// the tables in its own transaction), so the iptables-nft leftover check after
-    /// an nft apply costs no second `nft` process. `None`: run `nft` to know.
-    nf_tables: Option<String>,
 }
 
 /// What tables of a flavour may exist, per [`Iptables::may_have_tables`].
@@ -53,19 +49,7 @@ const HINT: &str = "install the iptables package";
 
 impl Iptables {
     pub fn new(flavor: Flavor) -> Self {
-        Iptables {
-            flavor,
-            nf_tables: None,
-        }
-    }
-
-    /// An iptables backend that takes `nft list tables` (lines `table FAMILY NAME`)
-    /// from `listing` instead of running `nft` for it.
-    pub fn knowing_nf_tables(flavor: Flavor, listing: String) -> Self {
-        Iptables {
-            flavor,
-            nf_tables: Some(listing),
-        }
+        Iptables { flavor }
     }
 
     fn binary(&self, family: Family, tool: &str) -> String {
@@ -129,6 +113,12 @@ impl Iptables {
     /// are nf_tables tables of family `ip` / `ip6`; when `nft` cannot tell, we
     /// assume they may exist.
     fn may_have_tables(&self) -> Tables {
+        self.may_have_tables_given(None)
+    }
+
+    /// [`Iptables::may_have_tables`], taking `nft list tables` (lines `table FAMILY
+    /// NAME`) from `nf_tables` when this run already has it instead of running `nft`.
+    fn may_have_tables_given(&self, nf_tables: Option<&str>) -> Tables {
         match self.flavor {
             Flavor::Legacy => {
                 let names = |path| std::fs::read_to_string(path).unwrap_or_default();
@@ -142,9 +132,9 @@ impl Iptables {
                     nat: [nat(&v4), nat(&v6)],
                 }
             }
-            Flavor::Nft => match self.nf_tables.clone().map_or_else(
+            Flavor::Nft => match nf_tables.map_or_else(
                 || run("nft", &["list", "tables"], None, super::nft::HINT),
-                Ok,
+                |listing| Ok(listing.to_string()),
             ) {
                 Ok(tables) => {
                     let has = |prefix: &str| tables.lines().any(|l| l.trim().starts_with(prefix));
@@ -265,7 +255,11 @@ impl Backend for Iptables {
     }
 
     fn has_ours(&self) -> Result<bool, BackendError> {
-        let tables = self.may_have_tables();
+        self.has_ours_after(&Applied::default())
+    }
+
+    fn has_ours_after(&self, applied: &Applied) -> Result<bool, BackendError> {
+        let tables = self.may_have_tables_given(applied.nf_tables.as_deref());
         for family in [Family::V4, Family::V6] {
             if tables.has_nat(family) && !self.installed(family)?.is_empty() {
                 return Ok(true);

@@ -86,6 +86,15 @@ impl Backend for Nft {
         Ok(self.list_ours()?.is_some())
     }
 
+    fn has_ours_after(&self, applied: &Applied) -> Result<bool, BackendError> {
+        match &applied.nf_tables {
+            Some(listing) => Ok(listing
+                .lines()
+                .any(|line| line.trim() == format!("table inet {}", nft_json::TABLE))),
+            None => self.has_ours(),
+        }
+    }
+
     fn diff(&self, ruleset: &Ruleset) -> Result<Vec<String>, BackendError> {
         let Some(listing) = self.list_ours()? else {
             return Ok(vec![format!(
