@@ -45,14 +45,44 @@ pub trait Backend {
     fn name(&self) -> &'static str;
     /// What `show` and `--dry-run` print.
     fn render(&self, ruleset: &Ruleset) -> String;
-    /// Replaces our rules with `ruleset`, atomically.
-    fn apply(&self, ruleset: &Ruleset) -> Result<(), BackendError>;
+    /// Replaces our rules with `ruleset`, atomically, and says what it saw.
+    fn apply(&self, ruleset: &Ruleset) -> Result<Applied, BackendError>;
     /// Removes our rules (and nothing else); succeeds when there are none.
     fn cleanup(&self) -> Result<(), BackendError>;
     /// Differences between what is installed and `ruleset`; empty when equal.
     fn diff(&self, ruleset: &Ruleset) -> Result<Vec<String>, BackendError>;
     /// True when any rule, chain or table of ours is installed.
     fn has_ours(&self) -> Result<bool, BackendError>;
+    /// [`Backend::has_ours`] after an apply, using what it saw (`applied`) instead of
+    /// running a process of its own where that is enough.
+    fn has_ours_after(&self, applied: &Applied) -> Result<bool, BackendError> {
+        let _ = applied;
+        self.has_ours()
+    }
+}
+
+/// What an apply learned on the way, so that the leftover checks after it need
+/// no process of their own when there is nothing to find.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The nf_tables tables (lines `table FAMILY NAME`, as `nft list tables` prints
+    /// them) that the nft backend's transaction saw; `None` from other backends.
+    pub nf_tables: Option<String>,
+}
+
+impl Applied {
+    /// Makes sure the nf_tables tables are known, listing them with one `nft list
+    /// tables` when the apply did not (the iptables backends): the nft and
+    /// iptables-nft leftover checks then share that one process. Left unknown when
+    /// `nft` cannot list them; each check then runs its own look.
+    pub fn with_nf_tables(self) -> Applied {
+        if self.nf_tables.is_some() {
+            return self;
+        }
+        Applied {
+            nf_tables: run("nft", &["list", "tables"], None, nft::HINT).ok(),
+        }
+    }
 }
 
 /// Runs `program args...`, feeding `stdin`, and returns its stdout.

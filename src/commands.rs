@@ -156,7 +156,7 @@ pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
     let _lock = take_lock(config)?;
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
     require_for(backend.as_ref(), "applying rules")?;
-    backend
+    let applied = backend
         .apply(ruleset)
         .map_err(|err| apply_failure(err, "apply failed; the previous ruleset is intact"))?;
     tracing::info!(
@@ -167,11 +167,15 @@ pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
     );
     // Rules of ours left by another backend would keep redirecting (or stop
     // redirecting when removed later): clean them now that ours are in place.
+    // The check costs no process where there is nothing to find: legacy tables are
+    // listed in /proc, and nf_tables ones by the nft apply itself (after an iptables
+    // apply, by one `nft list tables` that both nf_tables checks share).
+    let applied = applied.with_nf_tables();
     for other in backend::all() {
         if other.name() == backend.name() {
             continue;
         }
-        match other.has_ours() {
+        match other.has_ours_after(&applied) {
             Ok(true) => {
                 other.cleanup().map_err(|err| {
                     apply_failure(err, "removing our rules from the previous backend failed")

@@ -142,6 +142,97 @@ fn switching_backends_leaves_our_rules_in_the_new_backend_only() {
     }
 }
 
+/// The tools an apply may run, each wrapped to log its name before running the real one.
+const TOOLS: [&str; 9] = [
+    "nft",
+    "iptables-nft-save",
+    "ip6tables-nft-save",
+    "iptables-nft-restore",
+    "ip6tables-nft-restore",
+    "iptables-legacy-save",
+    "ip6tables-legacy-save",
+    "iptables-legacy-restore",
+    "ip6tables-legacy-restore",
+];
+
+/// An nft apply runs one process, `nft`, when no other backend holds anything: the
+/// leftover check for iptables-nft reads the tables that same `nft` listed, and the one
+/// for iptables-legacy reads /proc. With iptables-nft tables present the check still
+/// looks (and the switch test above shows it still removes ours).
+#[test]
+fn an_nft_apply_runs_one_nft_process_when_there_is_nothing_to_clean() {
+    let pods = Pods::new("an_nft_apply_runs_one_process");
+    let log = std::env::temp_dir().join(format!(
+        "netns-tests-{}-one-process.log",
+        std::process::id()
+    ));
+    let script = format!(
+        "#!/bin/sh\nname=$(basename \"$0\")\necho \"$name\" >> {}\nexec /usr/sbin/\"$name\" \"$@\"\n",
+        log.display()
+    );
+    let logged = FaultyTools::new("one-process", &TOOLS, &script);
+    let ran = |args: &[&str]| {
+        let _ = std::fs::remove_file(&log);
+        logged.meshinit(&pods.pod, args).expect_ok();
+        std::fs::read_to_string(&log).unwrap_or_default()
+    };
+    // First apply (no table yet), then a re-apply replacing it.
+    for round in ["first", "again"] {
+        let tools = ran(&[
+            "apply",
+            "--backend",
+            "nft",
+            "--outbound-ports-to-ignore=5555",
+        ]);
+        assert_eq!(tools, "nft\n", "{round} apply");
+    }
+    assert_only_in(&pods, Backend::Nft, "after the nft applies");
+
+    // Someone's iptables-nft table (not ours) in the namespace: now the check must look.
+    pods.pod
+        .exec(&[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "-j",
+            "ACCEPT",
+        ])
+        .expect_ok();
+    let tools = ran(&["apply", "--backend", "nft"]);
+    assert!(tools.starts_with("nft\n"), "{tools}");
+    assert!(tools.contains("iptables-nft-save"), "{tools}");
+    let _ = std::fs::remove_file(&log);
+}
+
+/// After an iptables apply, the nft and iptables-nft leftover checks share one `nft`
+/// process (`nft list tables`) instead of one each.
+#[test]
+fn an_iptables_apply_runs_one_nft_process_for_the_leftover_checks() {
+    let pods = Pods::new("an_iptables_apply_one_nft");
+    let log = std::env::temp_dir().join(format!("netns-tests-{}-one-nft.log", std::process::id()));
+    let script = format!(
+        "#!/bin/sh\nname=$(basename \"$0\")\necho \"$name\" >> {}\nexec /usr/sbin/\"$name\" \"$@\"\n",
+        log.display()
+    );
+    let logged = FaultyTools::new("one-nft", &TOOLS, &script);
+    // Legacy in an empty namespace, then iptables-nft (which removes legacy's rules).
+    for backend in [Backend::IptablesLegacy, Backend::IptablesNft] {
+        let _ = std::fs::remove_file(&log);
+        logged
+            .meshinit(&pods.pod, &["apply", &backend.flag()])
+            .expect_ok();
+        let tools = std::fs::read_to_string(&log).unwrap_or_default();
+        let nft = tools.lines().filter(|tool| *tool == "nft").count();
+        assert_eq!(nft, 1, "{backend}: {tools}");
+        assert_only_in(&pods, backend, &format!("after the {backend} apply"));
+    }
+    let _ = std::fs::remove_file(&log);
+}
+
 /// Legacy to nft, as the issue asks: no `MESHINIT_*` chain survives in legacy (either family),
 /// and since legacy then holds no rule, auto agrees with nft.
 #[test]

@@ -23,6 +23,14 @@ pub use self::tls::ClientHello;
 /// than this is classified from what fits (a request line: opaque; a ClientHello: TLS).
 pub const MAX_PREFIX: usize = 8 * 1024;
 
+/// The longest method in IANA's HTTP Method Registry: `UPDATEREDIRECTREF` (RFC 4437).
+/// A first token longer than this cannot begin a request line we would label HTTP/1,
+/// so the client is opaque at once instead of holding the connection until the detect
+/// timeout (a client that sends 64 bytes of one letter and waits for an answer used to
+/// stall for the whole timeout). Extension methods longer than any registered one are
+/// forwarded all the same, only labelled opaque.
+const MAX_METHOD: usize = 17;
+
 /// The HTTP/2 client connection preface (RFC 9113, section 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -195,9 +203,12 @@ fn classify_h2(buf: &[u8]) -> Verdict {
 /// `detect` runs this on arbitrary bytes).
 fn classify_http1(buf: &[u8]) -> Verdict {
     let mut i = 0;
-    // method = token
-    while i < buf.len() && is_tchar(buf[i]) {
+    // method = token, no longer than a registered method
+    while i < buf.len() && i <= MAX_METHOD && is_tchar(buf[i]) {
         i += 1;
+    }
+    if i > MAX_METHOD {
+        return Verdict::No;
     }
     if i == buf.len() {
         return Verdict::NeedMore;

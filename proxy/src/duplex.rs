@@ -13,11 +13,26 @@
 //! shut down writing towards the other side and keep copying the other direction until
 //! it ends too. Protocols that signal "end of request" with a FIN and then read the
 //! response depend on it.
+//!
+//! Between two TCP sockets ([`duplex_tcp`], plaintext opaque connections) a direction
+//! that carries bulk data leaves user space: once one of its reads fills the buffer, it
+//! moves the rest with `splice(2)` through a pipe of its own (`splice`), and frees the
+//! buffer. Small exchanges (a request and its answer) never fill it, so they cost no
+//! pipe; an idle connection holds no pipe either. Where splice is not possible (no
+//! descriptors left for a pipe, a kernel or filter that refuses it) the direction goes
+//! on with the copy loop. Counters, half-close and errors are the same either way.
 
 use std::io;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+mod splice;
+
+use self::splice::{splice_to_eof, Pipe, SpliceError};
 
 /// First size of each direction's buffer.
 const MIN_BUF: usize = 4 * 1024;
@@ -40,6 +55,8 @@ pub struct Totals {
     pub client_to_target: u64,
     /// Target to client.
     pub target_to_client: u64,
+    /// Of both, the bytes moved with `splice(2)` rather than copied.
+    pub spliced: u64,
 }
 
 /// Which side's socket failed.
@@ -47,6 +64,15 @@ pub struct Totals {
 pub enum Side {
     Client,
     Target,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Target,
+            Side::Target => Side::Client,
+        }
+    }
 }
 
 /// An I/O error that ended the copy, and on which side it happened.
@@ -83,39 +109,192 @@ where
         write(&mut target_write, &buf, Side::Target).await?;
         // Reuse detection's buffer for this direction.
         buf.resize(MIN_BUF.max(buf.len()), 0);
-        let copied = copy(
+        let (copied, _) = copy(
             &mut client_read,
             &mut target_write,
             &mut buf,
             Some(&counters.read),
             None,
             Side::Client,
+            Until::Eof,
         )
         .await?;
         Ok(replayed + copied)
     };
     let downstream = async {
         let mut buf = vec![0; MIN_BUF];
-        copy(
+        let (copied, _) = copy(
             &mut target_read,
             &mut client_write,
             &mut buf,
             None,
             Some(&counters.written),
             Side::Target,
+            Until::Eof,
         )
-        .await
+        .await?;
+        Ok(copied)
     };
     let (client_to_target, target_to_client) = tokio::try_join!(upstream, downstream)?;
     Ok(Totals {
         client_to_target,
         target_to_client,
+        spliced: 0,
     })
 }
 
-/// Copies `from` to `to` until EOF, then shuts down `to`'s write side (half-close).
+/// [`duplex`] between two TCP sockets, moving bulk data with `splice(2)` (see the
+/// module doc). Counters, totals, half-close and errors are those of [`duplex`].
+pub async fn duplex_tcp(
+    client: TcpStream,
+    target: TcpStream,
+    prefix: Vec<u8>,
+    counters: &Counters,
+) -> Result<Totals, DuplexError> {
+    duplex_tcp_with(client, target, prefix, counters, &Pipe::new).await
+}
+
+/// [`duplex_tcp`] with the pipe factory as a parameter, so tests can make it fail.
+async fn duplex_tcp_with(
+    mut client: TcpStream,
+    mut target: TcpStream,
+    prefix: Vec<u8>,
+    counters: &Counters,
+    pipes: &(dyn Fn() -> io::Result<Pipe> + Sync),
+) -> Result<Totals, DuplexError> {
+    let (mut client_read, mut client_write) = client.split();
+    let (mut target_read, mut target_write) = target.split();
+
+    counters.read.inc_by(prefix.len() as u64);
+    let upstream = async {
+        let mut buf = prefix;
+        let replayed = buf.len() as u64;
+        write(&mut target_write, &buf, Side::Target).await?;
+        buf.resize(MIN_BUF.max(buf.len()), 0);
+        let (copied, spliced) = tcp_direction(
+            &mut client_read,
+            &mut target_write,
+            buf,
+            Some(&counters.read),
+            None,
+            Side::Client,
+            pipes,
+        )
+        .await?;
+        Ok((replayed + copied, spliced))
+    };
+    let downstream = tcp_direction(
+        &mut target_read,
+        &mut client_write,
+        vec![0; MIN_BUF],
+        None,
+        Some(&counters.written),
+        Side::Target,
+        pipes,
+    );
+    let ((client_to_target, spliced_up), (target_to_client, spliced_down)) =
+        tokio::try_join!(upstream, downstream)?;
+    Ok(Totals {
+        client_to_target,
+        target_to_client,
+        spliced: spliced_up + spliced_down,
+    })
+}
+
+/// One direction between two TCP sockets: copies until a read fills the buffer, then
+/// splices to EOF; copies to EOF when no pipe can be had or the kernel refuses to
+/// splice. Returns the bytes moved in all, and of them the bytes spliced.
+async fn tcp_direction(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    mut buf: Vec<u8>,
+    counted_read: Option<&Counter>,
+    counted_write: Option<&Counter>,
+    from_side: Side,
+    pipes: &(dyn Fn() -> io::Result<Pipe> + Sync),
+) -> Result<(u64, u64), DuplexError> {
+    let (copied, ended) = copy(
+        from,
+        to,
+        &mut buf,
+        counted_read,
+        counted_write,
+        from_side,
+        Until::Full,
+    )
+    .await?;
+    if ended == Ended::Eof {
+        return Ok((copied, 0));
+    }
+    let spliced = match pipes() {
+        // The buffer is not needed while splicing: a long-lived bulk connection that
+        // goes idle holds a pipe (no pages while it is empty), not 4 KiB more.
+        Ok(pipe) => {
+            let parked = std::mem::take(&mut buf);
+            let spliced = splice_to_eof(
+                from.as_ref(),
+                to.as_ref(),
+                &pipe,
+                counted_read,
+                counted_write,
+                from_side,
+            )
+            .await;
+            buf = parked;
+            match spliced {
+                Ok(spliced) => {
+                    drop(pipe);
+                    shutdown(to, from_side.other()).await?;
+                    return Ok((copied + spliced, spliced));
+                }
+                Err(SpliceError::Failed(error)) => return Err(error),
+                Err(SpliceError::Unsupported(error)) => {
+                    debug!(%error, "splice refused, copying instead");
+                    0
+                }
+            }
+        }
+        Err(error) => {
+            debug!(%error, "no pipe for splice, copying instead");
+            0
+        }
+    };
+    let (rest, _) = copy(
+        from,
+        to,
+        &mut buf,
+        counted_read,
+        counted_write,
+        from_side,
+        Until::Eof,
+    )
+    .await?;
+    Ok((copied + spliced + rest, spliced))
+}
+
+/// When [`copy`] stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Until {
+    /// At EOF only.
+    Eof,
+    /// At EOF, or after writing a read that filled the buffer (bulk data: splice it).
+    Full,
+}
+
+/// Why [`copy`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// `from` ended and `to` was shut down for writing.
+    Eof,
+    /// A read filled the buffer ([`Until::Full`]); everything read was written.
+    Full,
+}
+
+/// Copies `from` to `to` until EOF, then shuts down `to`'s write side (half-close);
+/// with [`Until::Full`], stops earlier after a read that filled the buffer.
 /// `counted_read` is added to after each read, `counted_write` after each write.
-/// `from_side` names the side `from` reads; `to` is the other one.
+/// `from_side` names the side `from` reads; `to` is the other one. Returns the bytes
+/// copied and why it stopped.
 async fn copy<R, W>(
     from: &mut R,
     to: &mut W,
@@ -123,15 +302,13 @@ async fn copy<R, W>(
     counted_read: Option<&Counter>,
     counted_write: Option<&Counter>,
     from_side: Side,
-) -> Result<u64, DuplexError>
+    until: Until,
+) -> Result<(u64, Ended), DuplexError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let to_side = match from_side {
-        Side::Client => Side::Target,
-        Side::Target => Side::Client,
-    };
+    let to_side = from_side.other();
     let mut total = 0;
     loop {
         let n = from
@@ -142,11 +319,8 @@ where
                 source,
             })?;
         if n == 0 {
-            to.shutdown().await.map_err(|source| DuplexError {
-                side: to_side,
-                source,
-            })?;
-            return Ok(total);
+            shutdown(to, to_side).await?;
+            return Ok((total, Ended::Eof));
         }
         if let Some(counter) = counted_read {
             counter.inc_by(n as u64);
@@ -156,10 +330,25 @@ where
             counter.inc_by(n as u64);
         }
         total += n as u64;
-        if n == buf.len() && buf.len() < MAX_BUF {
-            buf.resize(buf.len() * 2, 0);
+        if n == buf.len() {
+            if until == Until::Full {
+                return Ok((total, Ended::Full));
+            }
+            if buf.len() < MAX_BUF {
+                buf.resize(buf.len() * 2, 0);
+            }
         }
     }
+}
+
+/// Shuts down `to`'s write side: the FIN that propagates a half-close.
+async fn shutdown<W>(to: &mut W, side: Side) -> Result<(), DuplexError>
+where
+    W: AsyncWrite + Unpin,
+{
+    to.shutdown()
+        .await
+        .map_err(|source| DuplexError { side, source })
 }
 
 async fn write<W>(to: &mut W, bytes: &[u8], side: Side) -> Result<(), DuplexError>

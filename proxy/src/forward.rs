@@ -24,7 +24,7 @@ use tracing::{debug, info};
 
 use crate::config::{Config, PortSet};
 use crate::detect::{detect, Detected, Protocol};
-use crate::duplex::duplex;
+use crate::duplex::{duplex, duplex_tcp, DuplexError, Totals};
 use crate::identity::IdentityError;
 use crate::mesh_peers::MeshPeersError;
 use crate::metrics::{errno_name, ConnMetrics, Direction, Metrics, Refused};
@@ -306,7 +306,9 @@ impl Forwarder {
                 return;
             }
         };
-        copy(client, target_stream, classified.prefix, &mut conn, target).await;
+        // Both ends are plain TCP sockets: bulk bytes can be spliced.
+        let copied = duplex_tcp(client, target_stream, classified.prefix, conn.counters()).await;
+        record(copied, &mut conn, target);
     }
 }
 
@@ -316,13 +318,20 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    match duplex(client, target, prefix, conn.counters()).await {
+    let copied = duplex(client, target, prefix, conn.counters()).await;
+    record(copied, conn, to);
+}
+
+/// Records how a connection ended: its errno label, and a debug line.
+fn record(copied: Result<Totals, DuplexError>, conn: &mut ConnMetrics, to: SocketAddr) {
+    match copied {
         Ok(totals) => {
             conn.set_errno(None);
             debug!(
                 target = %to,
                 sent = totals.client_to_target,
                 received = totals.target_to_client,
+                spliced = totals.spliced,
                 "connection closed"
             );
         }

@@ -14,7 +14,8 @@
 //!   opaque TCP; a plain async function over any reader, no sockets.
 //! - `forward`: one connection from detection to close: connect to the destination,
 //!   replay the detected bytes, copy, count.
-//! - `duplex`: the copy loop in both directions with half-close and byte counters.
+//! - `duplex`: the copy loop in both directions with half-close and byte counters, and
+//!   `splice(2)` for bulk bytes between two TCP sockets.
 //! - `metrics`: the Prometheus registry and the per-connection counters, with the
 //!   connection label sets capped and idle ones dropped (`--metrics-retain-idle`).
 //! - `admin`: the tiny HTTP/1 server for `/metrics`, `/ready` and `/live`; encodes off
@@ -59,7 +60,7 @@ mod transport_header;
 pub use crate::await_ready::{await_ready, AwaitError};
 pub use crate::config::{Config, ConfigError, LogFormat, PortSet, ProxyArgs};
 pub use crate::detect::{detect, ClientHello, Detected, Detection, Protocol, MAX_PREFIX};
-pub use crate::duplex::{duplex, Counters, DuplexError, Side, Totals};
+pub use crate::duplex::{duplex, duplex_tcp, Counters, DuplexError, Side, Totals};
 pub use crate::forward::{connect, Forwarder, ForwarderError};
 pub use crate::identity::{
     check_name as check_identity_name, issue, new_ca, new_ca_replacing, DevCaError, Identity,

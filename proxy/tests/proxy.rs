@@ -261,6 +261,31 @@ async fn server_speaks_first_is_delayed_by_detection_but_not_on_opaque_ports() {
     proxy.stop().await;
 }
 
+/// A client whose first bytes cannot begin any detected protocol (64 bytes of one
+/// letter: no HTTP method is that long) is forwarded at once, not after the detect
+/// timeout, though it waits for an answer before sending more.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_is_no_protocol_is_forwarded_without_waiting() {
+    let target = echo_server(b"").await;
+    let proxy = start(args(|a| a.detect_timeout = Some("10s".into())), target).await;
+    let started = Instant::now();
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client.write_all(&[b'a'; 64]).await.unwrap();
+    let mut echoed = [0; 64];
+    client.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, [b'a'; 64]);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    let (_, m) = get(proxy.addrs.admin, "/metrics").await;
+    assert_eq!(
+        sample(&m, "detect_results_total{result=\"opaque\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    drop(client);
+    proxy.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn silent_clients_beyond_the_detection_cap_are_closed_at_once() {
     let target = echo_server(b"").await;

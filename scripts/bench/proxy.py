@@ -229,6 +229,26 @@ class Bench:
         self.add(("conn", path), float(out.split()[2]))
 
 
+def profile_connrate(bench, pid, seconds):
+    """`perf record -e cpu-clock -g` of meshproxy during one connection-rate run on path B;
+    returns the top frames by self time (software clock: works without hardware counters,
+    as in most VMs) and the connections/s of that run."""
+    bench.rules.set(MESH_PORT)
+    subprocess.run(in_ns(POD, "conntrack", "-F"), capture_output=True)
+    data = os.path.join(tmpdir, "perf.data")
+    rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid),
+                            "-o", data, "--", "sleep", str(seconds)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = sh(*in_ns(POD, "prlimit", NOFILE, bench.connrate_bin, "--connect", f"{PEER4}:{OPAQUE_PORT}",
+                    "--seconds", str(seconds)), timeout=seconds + 60)
+    rec.wait()
+    top = sh("perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "sym", "-g", "none",
+             "--percent-limit", "0.7")
+    lines = [l for l in top.splitlines() if l.strip() and not l.startswith("#")]
+    samples = next((l for l in top.splitlines() if l.startswith("# Samples")), "")
+    return float(out.split()[2]), samples, lines[:30]
+
+
 def verify_paths(rules, netbench):
     """Each path really goes where it should: hold one connection, look for it on the proxy port."""
     for path, (label, port, dport) in PATHS.items():
@@ -384,6 +404,9 @@ def main():
     ap.add_argument("--connections", type=int, default=None, help="idle connections for the memory test")
     ap.add_argument("--ipv6-8-streams", action="store_true", help="also iperf3 -P 8 over IPv6 (A and B)")
     ap.add_argument("--out", help="also write the Markdown here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile meshproxy (perf record -e cpu-clock -g) during a connection-rate run")
+    ap.add_argument("--profile-only", action="store_true", help="only the profile: no rounds, no memory test")
     a = ap.parse_args()
     a.rounds = a.rounds or (1 if a.quick else 4)
     a.connections = a.connections or (1000 if a.quick else 10000)
@@ -435,6 +458,16 @@ def main():
         log("paths verified")
         bench = Bench(a, rules, netbench, connrate,
                       {MESH_PORT: mp.pid, HAP_SPLICE_PORT: hap.pid, HAP_PLAIN_PORT: hap.pid})
+        profile = None
+        if a.profile or a.profile_only:
+            ensure_packages({"perf": "linux-perf"})
+            profile = profile_connrate(bench, mp.pid, max(a.conn_seconds, 5))
+            log(f"profiled: {profile[0]:,.0f} conn/s under perf")
+        if a.profile_only:
+            print(f"meshproxy during {max(a.conn_seconds, 5)} s of connrate on path B "
+                  f"({profile[0]:,.0f} conn/s under perf; {profile[1].lstrip('# ')}), self time by symbol:\n")
+            print("```\n" + "\n".join(profile[2]) + "\n```")
+            return
         for i in range(a.rounds):
             t = time.time()
             for streams in (1, 8):
@@ -460,6 +493,10 @@ def main():
             mem = None
         meta["load_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
         text = report(a, bench, mem, meta)
+        if profile:
+            text += (f"\nmeshproxy profile during {max(a.conn_seconds, 5)} s of connrate on path B "
+                     f"({profile[0]:,.0f} conn/s under perf; {profile[1].lstrip('# ')}), self time by symbol:\n\n```\n"
+                     + "\n".join(profile[2]) + "\n```\n")
         raw = {f"{m}/{p}": v for (m, p), v in bench.results.items()}
         text += "\n<details><summary>raw values per round</summary>\n\n```json\n" + json.dumps(
             {"results": raw, "proxy_cpu_percent": {f"{m}/{p}": v for (m, p), v in bench.cpu.items()},

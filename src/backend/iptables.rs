@@ -12,7 +12,7 @@
 
 use meshinit_rules::{iptables, Family, Installed, Jumps, Ruleset};
 
-use super::{run, Backend, BackendError};
+use super::{run, Applied, Backend, BackendError};
 
 /// Which iptables implementation writes the rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +113,12 @@ impl Iptables {
     /// are nf_tables tables of family `ip` / `ip6`; when `nft` cannot tell, we
     /// assume they may exist.
     fn may_have_tables(&self) -> Tables {
+        self.may_have_tables_given(None)
+    }
+
+    /// [`Iptables::may_have_tables`], taking `nft list tables` (lines `table FAMILY
+    /// NAME`) from `nf_tables` when this run already has it instead of running `nft`.
+    fn may_have_tables_given(&self, nf_tables: Option<&str>) -> Tables {
         match self.flavor {
             Flavor::Legacy => {
                 let names = |path| std::fs::read_to_string(path).unwrap_or_default();
@@ -126,7 +132,10 @@ impl Iptables {
                     nat: [nat(&v4), nat(&v6)],
                 }
             }
-            Flavor::Nft => match run("nft", &["list", "tables"], None, super::nft::HINT) {
+            Flavor::Nft => match nf_tables.map_or_else(
+                || run("nft", &["list", "tables"], None, super::nft::HINT),
+                |listing| Ok(listing.to_string()),
+            ) {
                 Ok(tables) => {
                     let has = |prefix: &str| tables.lines().any(|l| l.trim().starts_with(prefix));
                     let (v4, v6) = (has("table ip "), has("table ip6 "));
@@ -180,7 +189,7 @@ impl Backend for Iptables {
         out
     }
 
-    fn apply(&self, ruleset: &Ruleset) -> Result<(), BackendError> {
+    fn apply(&self, ruleset: &Ruleset) -> Result<Applied, BackendError> {
         // Read every family first: the states to roll back to.
         let mut steps = Vec::new();
         for &family in Self::families(ruleset.ipv6) {
@@ -208,7 +217,7 @@ impl Backend for Iptables {
                 return Err(err);
             }
         }
-        Ok(())
+        Ok(Applied::default())
     }
 
     fn cleanup(&self) -> Result<(), BackendError> {
@@ -246,7 +255,11 @@ impl Backend for Iptables {
     }
 
     fn has_ours(&self) -> Result<bool, BackendError> {
-        let tables = self.may_have_tables();
+        self.has_ours_after(&Applied::default())
+    }
+
+    fn has_ours_after(&self, applied: &Applied) -> Result<bool, BackendError> {
+        let tables = self.may_have_tables_given(applied.nf_tables.as_deref());
         for family in [Family::V4, Family::V6] {
             if tables.has_nat(family) && !self.installed(family)?.is_empty() {
                 return Ok(true);

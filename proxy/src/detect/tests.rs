@@ -238,11 +238,60 @@ async fn close_after_an_ambiguous_prefix_is_opaque() {
 
 #[tokio::test(start_paused = true)]
 async fn a_full_buffer_without_a_verdict_is_opaque() {
-    // One endless "method" token: could still become a request line, until the buffer
+    // One endless request-target: could still become a request line, until the buffer
     // is full.
-    let (d, _) = detect_chunks(vec![vec![b'A'; MAX_PREFIX + 100]], false).await;
+    let mut data = b"GET /".to_vec();
+    data.resize(MAX_PREFIX + 100, b'a');
+    let (d, _) = detect_chunks(vec![data], false).await;
     assert_eq!(d.detected, Detected::Opaque);
     assert_eq!(d.prefix.len(), MAX_PREFIX);
+}
+
+/// A client that sends 64 bytes of one letter and waits for an answer: no method is
+/// that long, so it is opaque at once, not after the detect timeout.
+#[tokio::test(start_paused = true)]
+async fn a_token_longer_than_any_method_is_opaque_at_once() {
+    let (d, elapsed) = detect_chunks(vec![vec![b'a'; 64]], false).await;
+    assert_eq!(d.detected, Detected::Opaque);
+    assert_eq!(d.prefix, vec![b'a'; 64]);
+    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+
+    // Byte by byte, detection stops at the first byte no method can have.
+    let (d, elapsed) = detect_chunks(bytewise(&[b'Z'; 64]), false).await;
+    assert_eq!(d.detected, Detected::Opaque);
+    assert_eq!(d.prefix.len(), MAX_METHOD + 1);
+    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+}
+
+#[test]
+fn the_longest_registered_method_is_still_http1() {
+    assert_eq!(
+        classify(b"UPDATEREDIRECTREF /r HTTP/1.1\r\n", false),
+        Some(Detected::Http1)
+    );
+    assert_eq!(classify(b"UPDATEREDIRECTREF", false), None, "may go on");
+    assert_eq!(
+        classify(b"UPDATEREDIRECTREFS", false),
+        Some(Detected::Opaque)
+    );
+}
+
+/// First bytes that begin neither a request line, a TLS record nor the HTTP/2 preface
+/// are decisive on their own, whatever may follow.
+#[test]
+fn bytes_that_start_no_protocol_are_decisive_at_once() {
+    for first in [
+        &b"\x00"[..],
+        b"\x16\x02",                 // a handshake record of SSL 2 or older
+        b"\x16\x03\x05",             // TLS with a minor version that does not exist
+        b"\x16\x03\x01\x00\x02",     // a record too short for a handshake header
+        b"\x16\x03\x01\x00\x40\x02", // a handshake that is not a ClientHello
+        b"PRI * HTTP/2.1",           // neither the preface nor a request line
+        b"GET\r",
+        b" GET",
+    ] {
+        assert_eq!(classify(first, false), Some(Detected::Opaque), "{first:?}");
+    }
 }
 
 #[test]

@@ -38,12 +38,19 @@ pub(super) fn classify(buf: &[u8], full: bool) -> Verdict {
     if header_ok.contains(&Some(false)) {
         return Verdict::No;
     }
+    // The record length is decisive as soon as it is there: a record too short for a
+    // handshake header, or longer than TLS allows, is no ClientHello.
+    if let (Some(&high), Some(&low)) = (buf.get(3), buf.get(4)) {
+        if !(4..=MAX_RECORD).contains(&usize::from(u16::from_be_bytes([high, low]))) {
+            return Verdict::No;
+        }
+    }
     if buf.len() < 6 {
         return Verdict::NeedMore;
     }
     // From here `buf.len() >= 6`: indexes 3 to 5, and `5..` below, are in bounds.
     let record_len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-    if !(4..=MAX_RECORD).contains(&record_len) || buf[5] != CLIENT_HELLO {
+    if buf[5] != CLIENT_HELLO {
         return Verdict::No;
     }
     let record_end = 5 + record_len;

@@ -65,7 +65,8 @@ async fn client_half_close_reaches_the_target_and_the_answer_still_flows_back() 
         totals,
         Totals {
             client_to_target: 8,
-            target_to_client: 8
+            target_to_client: 8,
+            spliced: 0,
         }
     );
     assert_eq!(counters.read.get(), 8, "prefix + body read from the client");
@@ -190,4 +191,203 @@ async fn a_reset_target_ends_the_copy_with_its_error() {
     let mut rest = Vec::new();
     let _ = client.read_to_end(&mut rest).await;
     assert!(rest.is_empty());
+}
+
+// --- Between two TCP sockets, with splice(2) ---
+
+/// Like [`proxied`], through [`duplex_tcp_with`] and the given pipe factory.
+async fn spliced(
+    pipes: &'static (dyn Fn() -> io::Result<Pipe> + Sync),
+) -> (
+    TcpStream,
+    TcpStream,
+    Counters,
+    tokio::task::JoinHandle<Result<Totals, DuplexError>>,
+) {
+    let (client_app, proxy_client_side) = socket_pair().await;
+    let (proxy_target_side, target_app) = socket_pair().await;
+    let counters = Counters::default();
+    let task_counters = counters.clone();
+    let copy = tokio::spawn(async move {
+        duplex_tcp_with(
+            proxy_client_side,
+            proxy_target_side,
+            Vec::new(),
+            &task_counters,
+            pipes,
+        )
+        .await
+    });
+    (client_app, target_app, counters, copy)
+}
+
+/// Sends `up` bytes client -> target and `down` bytes target -> client at once, checks
+/// both arrive intact, and returns the copy's totals after checking them and the
+/// counters against what was sent.
+async fn transfer_both_ways(
+    pipes: &'static (dyn Fn() -> io::Result<Pipe> + Sync),
+    up: usize,
+    down: usize,
+) -> Totals {
+    let (client, target, counters, copy) = spliced(pipes).await;
+    let (client_r, client_w) = client.into_split();
+    let (target_r, target_w) = target.into_split();
+    let (sent_up, (got_up, len_up), sent_down, (got_down, len_down)) = within("transfers", async {
+        tokio::join!(
+            send(client_w, 3, up),
+            receive(target_r),
+            send(target_w, 4, down),
+            receive(client_r),
+        )
+    })
+    .await;
+    assert_eq!((len_up, got_up), (up, sent_up), "client -> target");
+    assert_eq!((len_down, got_down), (down, sent_down), "target -> client");
+    let totals = copy.await.unwrap().unwrap();
+    assert_eq!(totals.client_to_target, up as u64);
+    assert_eq!(totals.target_to_client, down as u64);
+    assert_eq!(counters.read.get(), up as u64, "bytes read from the client");
+    assert_eq!(counters.written.get(), down as u64, "bytes written to it");
+    totals
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_bytes_are_spliced_and_counted_exactly() {
+    const UP: usize = 24 << 20;
+    const DOWN: usize = 16 << 20 | 12345;
+    let totals = transfer_both_ways(&Pipe::new, UP, DOWN).await;
+    // Only the reads before the first one that filled a 4 KiB buffer are copied.
+    assert!(
+        totals.spliced >= (UP + DOWN - 2 * 64 * 1024) as u64,
+        "{totals:?}"
+    );
+}
+
+#[tokio::test]
+async fn small_exchanges_are_copied_without_a_pipe() {
+    fn no_pipe() -> io::Result<Pipe> {
+        panic!("a pipe was made for a small exchange")
+    }
+    let (mut client, mut target, counters, copy) = spliced(&no_pipe).await;
+    client.write_all(b"ping").await.unwrap();
+    let mut ping = [0; 4];
+    target.read_exact(&mut ping).await.unwrap();
+    target.write_all(b"pong").await.unwrap();
+    let mut pong = [0; 4];
+    client.read_exact(&mut pong).await.unwrap();
+    drop((client, target));
+    let totals = within("copy ends", copy).await.unwrap().unwrap();
+    assert_eq!((totals.spliced, counters.read.get()), (0, 4));
+}
+
+/// Out of descriptors for a pipe: the direction goes on copying, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_pipe_bulk_bytes_are_copied() {
+    fn emfile() -> io::Result<Pipe> {
+        Err(io::Error::from_raw_os_error(nix::libc::EMFILE))
+    }
+    let totals = transfer_both_ways(&emfile, 3 << 20, 2 << 20 | 77).await;
+    assert_eq!(totals.spliced, 0);
+}
+
+/// The kernel refuses the splice (here: neither descriptor is a pipe, `EINVAL`): the
+/// direction goes on copying, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_splice_falls_back_to_copying() {
+    fn not_a_pipe() -> io::Result<Pipe> {
+        let null = || std::fs::File::options().write(true).open("/dev/null");
+        Ok(Pipe::from_fds(null()?.into(), null()?.into()))
+    }
+    let totals = transfer_both_ways(&not_a_pipe, 3 << 20, 2 << 20 | 77).await;
+    assert_eq!(totals.spliced, 0);
+}
+
+#[tokio::test]
+async fn spliced_client_half_close_reaches_the_target_and_the_answer_still_flows_back() {
+    let (client, target, counters, copy) = spliced(&Pipe::new).await;
+    let (client_r, client_w) = client.into_split();
+    let (target_r, target_w) = target.into_split();
+    // The client sends its whole request, then FIN...
+    let (sent, (got, len)) = within("request", async {
+        tokio::join!(send(client_w, 5, 1 << 20), receive(target_r))
+    })
+    .await;
+    assert_eq!(
+        (got, len),
+        (sent, 1 << 20),
+        "the target saw the request and EOF"
+    );
+    // ...and the target answers after it has seen the EOF.
+    let (sent, (got, len)) = within("response", async {
+        tokio::join!(send(target_w, 6, 1 << 20), receive(client_r))
+    })
+    .await;
+    assert_eq!(
+        (got, len),
+        (sent, 1 << 20),
+        "the client got the answer and EOF"
+    );
+    let totals = copy.await.unwrap().unwrap();
+    assert!(totals.spliced > 1 << 20, "{totals:?}");
+    assert_eq!(counters.read.get(), 1 << 20);
+    assert_eq!(counters.written.get(), 1 << 20);
+}
+
+#[tokio::test]
+async fn spliced_target_half_close_does_not_cut_the_client_upload() {
+    let (client, target, counters, copy) = spliced(&Pipe::new).await;
+    let (client_r, client_w) = client.into_split();
+    let (target_r, target_w) = target.into_split();
+    // The target sends everything and half-closes first...
+    let (sent, (got, len)) = within("download", async {
+        tokio::join!(send(target_w, 7, 1 << 20), receive(client_r))
+    })
+    .await;
+    assert_eq!((got, len), (sent, 1 << 20));
+    // ...and the client's upload after that still arrives whole.
+    let (sent, (got, len)) = within("upload", async {
+        tokio::join!(send(client_w, 8, 1 << 20), receive(target_r))
+    })
+    .await;
+    assert_eq!((got, len), (sent, 1 << 20));
+    let totals = copy.await.unwrap().unwrap();
+    assert!(totals.spliced > 1 << 20, "{totals:?}");
+    assert_eq!(counters.read.get(), 1 << 20);
+    assert_eq!(counters.written.get(), 1 << 20);
+}
+
+/// A client that resets while the target's bytes are being spliced to it: the copy
+/// ends with the client's errno, as the copy loop's does, and the bytes already moved
+/// stay counted.
+#[tokio::test]
+async fn a_reset_mid_splice_ends_the_copy_with_its_errno() {
+    static PIPES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    fn counted() -> io::Result<Pipe> {
+        PIPES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Pipe::new()
+    }
+    let (mut client, mut target, counters, copy) = spliced(&counted).await;
+    // The target streams far more than the sockets and the pipe hold.
+    let streaming = tokio::spawn(async move {
+        let chunk = vec![9; 64 * 1024];
+        while target.write_all(&chunk).await.is_ok() {}
+    });
+    let mut got = vec![0; 256 * 1024];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(
+        PIPES.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "splicing"
+    );
+    socket2::SockRef::from(&client)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop(client);
+    let err = within("copy ends", copy).await.unwrap().expect_err("reset");
+    assert_eq!(err.side, Side::Client);
+    let errno = crate::metrics::errno_name(&err.source);
+    assert!(["ECONNRESET", "EPIPE"].contains(&errno.as_str()), "{err}");
+    assert!(counters.written.get() >= got.len() as u64);
+    assert!(counters.read.get() == 0);
+    streaming.abort();
 }

@@ -1,0 +1,140 @@
+//! Moving one direction's bytes with `splice(2)`: socket to pipe, pipe to socket, so the
+//! payload never crosses into user space (no copy in, no copy out, no buffer of ours).
+//!
+//! The pipe is the kernel-side buffer between the two splices. We only fill it when it
+//! is empty and then drain it completely before reading again, so an `EAGAIN` from the
+//! reading splice always means "the socket has nothing now" (never "the pipe is full"),
+//! and an `EAGAIN` from the writing splice "the socket's send buffer is full" (never
+//! "the pipe is empty"). That keeps readiness exactly tokio's socket readiness, and no
+//! byte is ever left in the pipe when a direction ends normally.
+//!
+//! Byte counters are added to from splice's return values, read side and write side
+//! separately, exactly where the copy loop adds after `read` and after `write`.
+//!
+//! nix's `pipe2` and `splice` are safe wrappers, so this module needs no `unsafe`.
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use nix::errno::Errno;
+use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::{DuplexError, Side};
+
+/// The most one splice moves into the pipe: the default pipe capacity (16 pages). A
+/// longer request would only be cut there by the kernel.
+const CHUNK: usize = 64 * 1024;
+
+/// One direction's pipe. Both ends are non-blocking and close-on-exec; dropping it
+/// closes them (with whatever a failed direction left inside).
+#[derive(Debug)]
+pub(crate) struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    /// A fresh pipe (two descriptors). Fails like `pipe2(2)`: `EMFILE`/`ENFILE` when out
+    /// of descriptors, which the caller answers by copying instead.
+    pub(crate) fn new() -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        Ok(Pipe { read, write })
+    }
+
+    /// A "pipe" of any two descriptors, for tests that need splice to refuse.
+    #[cfg(test)]
+    pub(crate) fn from_fds(read: OwnedFd, write: OwnedFd) -> Pipe {
+        Pipe { read, write }
+    }
+}
+
+/// Why a direction could not be spliced to its end.
+#[derive(Debug)]
+pub(super) enum SpliceError {
+    /// The kernel refused the very first splice (`EINVAL`, `ENOSYS`, `EOPNOTSUPP`,
+    /// `EPERM` under a seccomp filter): nothing was moved, the copy loop takes over.
+    Unsupported(io::Error),
+    /// A socket failed, as in the copy loop; bytes moved before are already counted.
+    Failed(DuplexError),
+}
+
+/// Splices `from` to `to` through `pipe` until `from` reaches EOF, and returns the bytes
+/// moved. Does not shut `to` down: the caller does, as after the copy loop.
+pub(super) async fn splice_to_eof(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    counted_read: Option<&Counter>,
+    counted_write: Option<&Counter>,
+    from_side: Side,
+) -> Result<u64, SpliceError> {
+    let to_side = from_side.other();
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut total = 0u64;
+    loop {
+        let filled = from
+            .async_io(Interest::READABLE, || {
+                Ok(splice(from, None, &pipe.write, None, CHUNK, flags)?)
+            })
+            .await;
+        let n = match filled {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(source) if total == 0 && unsupported(&source) => {
+                return Err(SpliceError::Unsupported(source))
+            }
+            Err(source) => {
+                return Err(SpliceError::Failed(DuplexError {
+                    side: from_side,
+                    source,
+                }))
+            }
+        };
+        if let Some(counter) = counted_read {
+            counter.inc_by(n as u64);
+        }
+        let mut left = n;
+        while left > 0 {
+            let drained = to
+                .async_io(Interest::WRITABLE, || {
+                    Ok(splice(&pipe.read, None, to, None, left, flags)?)
+                })
+                .await
+                .and_then(|m| match m {
+                    // Only an empty pipe gives 0, and ours holds `left` bytes: never
+                    // spin on it.
+                    0 => Err(io::Error::from(io::ErrorKind::WriteZero)),
+                    m => Ok(m),
+                })
+                .map_err(|source| {
+                    SpliceError::Failed(DuplexError {
+                        side: to_side,
+                        source,
+                    })
+                })?;
+            if let Some(counter) = counted_write {
+                counter.inc_by(drained as u64);
+            }
+            left -= drained;
+        }
+        total += n as u64;
+    }
+}
+
+/// Errors that mean "this pair of descriptors cannot be spliced", not "the connection
+/// failed".
+fn unsupported(error: &io::Error) -> bool {
+    error.raw_os_error().is_some_and(|code| {
+        [
+            Errno::EINVAL,
+            Errno::ENOSYS,
+            Errno::EOPNOTSUPP,
+            Errno::EPERM,
+        ]
+        .iter()
+        .any(|&errno| errno as i32 == code)
+    })
+}
