@@ -218,8 +218,9 @@ disown -a # they are stopped with their namespace, without job notices
 # is its identity, and a list of the meshed peers it may expect.
 "$BIN/meshproxy" identity new-ca "$WORK/ca" >/dev/null
 for pod in a b; do
-  "$BIN/meshproxy" identity issue --ca "$WORK/ca" "$pod.demo.mesh.local" --out "$WORK/id-$pod" >/dev/null
-  chown -R 2102:2102 "$WORK/id-$pod"
+  # The key is mode 0600: --owner gives it to the proxy's uid.
+  "$BIN/meshproxy" identity issue --ca "$WORK/ca" "$pod.demo.mesh.local" --out "$WORK/id-$pod" \
+    --owner 2102:2102 >/dev/null
 done
 printf '[[peer]]\nnet = "%s/32"\nidentity = "b.demo.mesh.local"\n[[peer]]\nnet = "%s/128"\nidentity = "b.demo.mesh.local"\n' "$B" "$B6" >"$WORK/peers-a.toml"
 printf '[[peer]]\nnet = "%s/32"\nidentity = "a.demo.mesh.local"\n[[peer]]\nnet = "%s/128"\nidentity = "a.demo.mesh.local"\n' "$A" "$A6" >"$WORK/peers-b.toml"

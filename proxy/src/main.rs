@@ -67,6 +67,10 @@ enum IdentityCommand {
         /// Where to write NAME.crt and NAME.key [default: the CA directory].
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Give both files to this numeric owner (needs root): the key is mode 0600,
+        /// so the proxy reads it only as its owner, e.g. `--owner 2102:2102`.
+        #[arg(long, value_name = "UID[:GID]")]
+        owner: Option<meshproxy::Owner>,
     },
 }
 
@@ -122,9 +126,14 @@ fn identity(command: IdentityCommand) -> ExitCode {
                 println!("{}", dir.join("ca.key").display());
             })
         }
-        IdentityCommand::Issue { ca, name, out } => {
+        IdentityCommand::Issue {
+            ca,
+            name,
+            out,
+            owner,
+        } => {
             let out = out.unwrap_or_else(|| ca.clone());
-            meshproxy::issue(&ca, &name, &out).map(|issued| {
+            meshproxy::issue_owned(&ca, &name, &out, owner).map(|issued| {
                 println!("{}", issued.cert.display());
                 println!("{}", issued.key.display());
             })
