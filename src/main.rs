@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
@@ -12,6 +11,7 @@ use meshinit::cli::{Cli, Command};
 use meshinit::commands::Failure;
 use meshinit::config::{Config, LogFormat};
 use meshinit::{cni, commands};
+use meshinit_settings::{Program, Report};
 
 fn main() -> ExitCode {
     // Run as `meshinit-cni` (the name a conflist's "type" gives, usually a
@@ -60,12 +60,12 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(Failure::BadInput(err)) => {
-            tracing::error!("{err:#}");
+            tracing::error!("{}", Report(err.as_ref()));
             tracing::error!("nothing was changed");
             ExitCode::from(2)
         }
         Err(Failure::Apply(err)) => {
-            tracing::error!("{err:#}");
+            tracing::error!("{}", Report(err.as_ref()));
             ExitCode::from(1)
         }
     }
@@ -107,15 +107,9 @@ fn load(cli: &Cli, env: &HashMap<String, String>) -> Result<Config, Failure> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHINIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Plain => builder.without_time().init(),
-    }
+    let format = match format {
+        LogFormat::Json => meshinit_settings::LogFormat::Json,
+        LogFormat::Plain => meshinit_settings::LogFormat::Plain,
+    };
+    meshinit_settings::init_logging(Program::Meshinit, format);
 }

@@ -4,12 +4,12 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
+use meshinit_settings::{Program, Report};
 use meshproxy::{Config, LogFormat, ProxyArgs};
 
 /// Sidecar proxy for meshinit: forwards redirected TCP connections to their original
@@ -97,7 +97,7 @@ fn main() -> ExitCode {
     let config = match load_config(&args, &env) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("meshproxy: {error:#}");
+            eprintln!("meshproxy: {}", Report(error.as_ref()));
             // Bad input: like meshinit, exit 2 and start nothing.
             return ExitCode::from(2);
         }
@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
+            tracing::error!("{}", Report(error.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -165,17 +165,11 @@ fn load_config(args: &ProxyArgs, env: &HashMap<String, String>) -> anyhow::Resul
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Plain => builder.init(),
-        // One JSON object per line, fields at the top level, for log collectors.
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let format = match format {
+        LogFormat::Plain => meshinit_settings::LogFormat::Plain,
+        LogFormat::Json => meshinit_settings::LogFormat::Json,
+    };
+    meshinit_settings::init_logging(Program::Meshproxy, format);
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit, and warns when even that cannot

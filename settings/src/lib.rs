@@ -1,0 +1,14 @@
+//! What `meshinit` and `meshproxy` share at their edges, so both binaries behave alike:
+//!
+//! - `report`: an error and its causes on one line, each cause printed once;
+//! - `logging`: one logging set-up (`MESHINIT_LOG` / `MESHPROXY_LOG`, `RUST_LOG` as the
+//!   fallback, plain or JSON lines on stderr).
+
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+mod logging;
+mod report;
+
+pub use crate::logging::{init_logging, LogFormat, Program};
+pub use crate::report::Report;
