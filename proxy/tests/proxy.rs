@@ -98,7 +98,7 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
 /// GET `path` from the admin server: (status line, body).
 async fn get(admin: SocketAddr, path: &str) -> (String, String) {
     let mut stream = TcpStream::connect(admin).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
