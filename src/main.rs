@@ -22,7 +22,12 @@ fn main() -> ExitCode {
     if cni::invoked_as_plugin(std::env::args_os().next().as_deref()) {
         return run_cni();
     }
-    let cli = Cli::parse();
+    // `--ipv6 false` (a space, like every other flag) as well as `--ipv6=false`.
+    let args = meshinit_settings::join_bool_values(
+        std::env::args_os(),
+        &["--ipv6", "--dry-run", "--simulate", "--allow-host-netns"],
+    );
+    let cli = Cli::parse_from(args);
     match cli.command {
         Some(Command::Completions { shell }) => {
             let mut command = Cli::command();

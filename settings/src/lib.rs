@@ -1,5 +1,7 @@
 //! What `meshinit` and `meshproxy` share at their edges, so both binaries behave alike:
 //!
+//! - `sources`: each setting declared once ([`settings!`]), read from flag > env >
+//!   `--config` TOML file, with errors that name the source of a bad value;
 //! - `report`: an error and its causes on one line, each cause printed once;
 //! - `logging`: one logging set-up (`MESHINIT_LOG` / `MESHPROXY_LOG`, `RUST_LOG` as the
 //!   fallback, plain or JSON lines on stderr).
@@ -9,6 +11,10 @@
 
 mod logging;
 mod report;
+mod sources;
 
 pub use crate::logging::{init_logging, LogFormat, Program};
 pub use crate::report::Report;
+pub use crate::sources::{
+    document_value, join_bool_values, File, FileError, Origin, Setting, SettingError, Sources,
+};
