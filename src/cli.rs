@@ -83,6 +83,7 @@ pub struct ValidateArgs {
 }
 
 meshinit_settings::settings! {
+    #[config(value_name = "FILE", global = true, help_heading = "Execution")]
     /// The settings, each readable from flag, env var or config file, declared once
     /// here: the flag `--KEY-WITH-DASHES`, the env var `MESHINIT_KEY_IN_CAPS`, the TOML
     /// key `key` (and the CNI network configuration's key) all come from the name.

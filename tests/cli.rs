@@ -142,10 +142,7 @@ fn bad_input_exits_2_naming_the_value() {
             &["--config", "/nonexistent/meshinit.toml"],
             "/nonexistent/meshinit.toml",
         ),
-        (
-            &["--netns", ""],
-            "--netns: \"\" is empty",
-        ),
+        (&["--netns", ""], "--netns: \"\" is empty"),
         (&["apply", "--lock-timeout", "0s"], "\"0s\""),
         (
             &["validate", "--validate-timeout", "500000000000years"],
@@ -173,8 +170,7 @@ fn a_bad_duration_in_the_environment_names_the_variable() {
         .expect("run meshinit");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out)
-            .contains("MESHINIT_VALIDATE_TIMEOUT: \"500000000000years\" is out of range"),
+        stderr(&out).contains("MESHINIT_VALIDATE_TIMEOUT: \"500000000000years\" is out of range"),
         "{}",
         stderr(&out)
     );
@@ -275,7 +271,11 @@ fn ipv6_false_with_a_space_leaves_ipv6_out() {
     ] {
         let out = meshinit(args);
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
-        assert!(!stdout(&out).contains("ip6tables"), "{args:?}: {}", stdout(&out));
+        assert!(
+            !stdout(&out).contains("ip6tables"),
+            "{args:?}: {}",
+            stdout(&out)
+        );
     }
     let out = meshinit(&["--ipv6", "show", "--backend", "iptables-nft"]);
     assert!(out.status.success(), "{}", stderr(&out));

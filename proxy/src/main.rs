@@ -160,8 +160,8 @@ fn load_config(args: &ProxyArgs, env: &HashMap<String, String>) -> anyhow::Resul
     };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    Config::from_sources(args, env, Some(&text))
-        .with_context(|| format!("with config file {}", path.display()))
+    // The error names the file and the key itself.
+    Ok(Config::from_sources(args, env, Some(&text))?)
 }
 
 fn init_tracing(format: LogFormat) {

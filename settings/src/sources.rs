@@ -332,11 +332,13 @@ pub fn document_value<'de, D: Deserializer<'de>>(
 /// so the environment and the file can fill the gaps; values are parsed in one
 /// place, by the program, with [`Sources::get`].
 ///
-/// Each setting is its doc comment (the `--help` text), `#[setting(...)]` (clap `arg`
-/// attributes besides `long`), and its key:
+/// `#[config(...)]` gives the clap `arg` attributes of `--config` besides `long`. Each
+/// setting is its doc comment (the `--help` text), `#[setting(...)]` (clap `arg`
+/// attributes besides `long`), and its key. Adding a setting is one entry:
 ///
 /// ```text
 /// meshinit_settings::settings! {
+///     #[config(value_name = "FILE", help_heading = "Configuration")]
 ///     pub struct Settings {
 ///         /// Outbound ports that are reached directly [default: none]
 ///         #[setting(value_name = "PORTS", help_heading = "Exemptions")]
@@ -347,6 +349,7 @@ pub fn document_value<'de, D: Deserializer<'de>>(
 #[macro_export]
 macro_rules! settings {
     (
+        #[config($($config_arg:tt)*)]
         $(#[$struct_attr:meta])*
         $vis:vis struct $name:ident {
             $(
@@ -366,8 +369,9 @@ macro_rules! settings {
                 #[serde(default, deserialize_with = "meshinit_settings::document_value")]
                 pub $key: Option<String>,
             )*
-            /// TOML file with settings (keys are the flag names in snake_case)
-            #[arg(long, value_name = "FILE", global = true, help_heading = "Configuration")]
+            /// TOML file with the same settings as the flags, keys in snake_case
+            /// (`outbound_ports_to_ignore = "5555"`; lists may be TOML arrays)
+            #[arg(long, $($config_arg)*)]
             #[serde(skip)]
             pub config: Option<std::path::PathBuf>,
         }
