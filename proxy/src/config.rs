@@ -9,10 +9,8 @@
 //! value gets the same error whichever source it came from, naming that source.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use meshinit_settings::{File, FileError, SettingError, Sources};
@@ -244,13 +242,13 @@ impl Config {
         // Each list is resolved with its own precedence; a direction-specific list, from
         // any source, then overrides the shared one for its direction.
         let opaque_ports = s
-            .get("opaque_ports", PortSet::parse)?
-            .unwrap_or_else(|| default(PortSet::parse, DEFAULT_OPAQUE_PORTS));
+            .get("opaque_ports", parse_ports)?
+            .unwrap_or_else(|| default(parse_ports, DEFAULT_OPAQUE_PORTS));
         let inbound_opaque_ports = s
-            .get("inbound_opaque_ports", PortSet::parse)?
+            .get("inbound_opaque_ports", parse_ports)?
             .unwrap_or_else(|| opaque_ports.clone());
         let outbound_opaque_ports = s
-            .get("outbound_opaque_ports", PortSet::parse)?
+            .get("outbound_opaque_ports", parse_ports)?
             .unwrap_or(opaque_ports);
 
         let detect_timeout = s
@@ -280,7 +278,7 @@ impl Config {
         let trust_anchors = path("trust_anchors")?;
         let mesh_peers = path("mesh_peers")?;
         let require_identity_ports = s
-            .get("require_identity_ports", PortSet::parse)?
+            .get("require_identity_ports", parse_ports)?
             .unwrap_or_default();
         let peer_inbound_port = s
             .get("peer_inbound_port", parse_port)?
@@ -434,73 +432,13 @@ fn parse_log_format(input: &str) -> Result<LogFormat, String> {
     }
 }
 
-/// A set of TCP ports, written `N` or `LO-HI`, comma-separated. Empty is allowed: it
-/// means no port is opaque.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PortSet {
-    /// Inclusive ranges, sorted and merged.
-    ranges: Vec<(u16, u16)>,
-}
+/// A set of ports (`25,587,9000-9010`): meshinit's own type, so both binaries take a
+/// port list the same way (an empty item such as `80,,81` is refused as a likely typo).
+pub use meshinit_rules::PortSet;
 
-impl PortSet {
-    /// Whether `port` is in the set.
-    pub fn contains(&self, port: u16) -> bool {
-        self.ranges
-            .iter()
-            .any(|&(lo, hi)| (lo..=hi).contains(&port))
-    }
-
-    fn parse(input: &str) -> Result<PortSet, String> {
-        let mut ranges = Vec::new();
-        for item in input.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let bad = || format!("{item:?} is not a port (1-65535) or a range LO-HI");
-            let port = |s: &str| match s.trim().parse::<u16>() {
-                Ok(p) if p != 0 => Ok(p),
-                _ => Err(bad()),
-            };
-            let range = match item.split_once('-') {
-                Some((lo, hi)) => (port(lo)?, port(hi)?),
-                None => (port(item)?, port(item)?),
-            };
-            if range.0 > range.1 {
-                return Err(format!("range {item:?} has LO greater than HI"));
-            }
-            ranges.push(range);
-        }
-        ranges.sort_unstable();
-        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
-        for (lo, hi) in ranges {
-            match merged.last_mut() {
-                Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
-                _ => merged.push((lo, hi)),
-            }
-        }
-        Ok(PortSet { ranges: merged })
-    }
-}
-
-impl FromStr for PortSet {
-    type Err = String;
-
-    fn from_str(input: &str) -> Result<PortSet, String> {
-        PortSet::parse(input)
-    }
-}
-
-impl fmt::Display for PortSet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, &(lo, hi)) in self.ranges.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            if lo == hi {
-                write!(f, "{lo}")?;
-            } else {
-                write!(f, "{lo}-{hi}")?;
-            }
-        }
-        Ok(())
-    }
+/// A port list for [`Sources::get`]; the error quotes the bad item.
+fn parse_ports(input: &str) -> Result<PortSet, String> {
+    input.parse().map_err(|error: meshinit_rules::SpecError| error.to_string())
 }
 
 #[cfg(test)]
