@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use nix::errno::Errno;
-use nix::sys::socket::{getsockopt, sockopt, SockaddrIn, SockaddrIn6};
 use nix::unistd::{Gid, Uid};
 use thiserror::Error;
 
@@ -243,12 +242,5 @@ fn accept(listeners: &[(TcpListener, bool)], deadline: Instant) -> Option<(TcpSt
 }
 
 fn original_dst(stream: &TcpStream, v6: bool) -> io::Result<SocketAddr> {
-    let addr = if v6 {
-        let raw = getsockopt(stream, sockopt::Ip6tOriginalDst)?;
-        SocketAddr::V6(SockaddrIn6::from(raw).into())
-    } else {
-        let raw = getsockopt(stream, sockopt::OriginalDst)?;
-        SocketAddr::V4(SockaddrIn::from(raw).into())
-    };
-    Ok(addr)
+    meshinit_settings::original_dst(stream, v6)
 }

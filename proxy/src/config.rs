@@ -438,7 +438,9 @@ pub use meshinit_rules::PortSet;
 
 /// A port list for [`Sources::get`]; the error quotes the bad item.
 fn parse_ports(input: &str) -> Result<PortSet, String> {
-    input.parse().map_err(|error: meshinit_rules::SpecError| error.to_string())
+    input
+        .parse()
+        .map_err(|error: meshinit_rules::SpecError| error.to_string())
 }
 
 #[cfg(test)]

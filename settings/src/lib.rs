@@ -3,6 +3,7 @@
 //! - `sources`: each setting declared once ([`settings!`]), read from flag > env >
 //!   `--config` TOML file, with errors that name the source of a bad value;
 //! - `report`: an error and its causes on one line, each cause printed once;
+//! - `orig_dst`: the one `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` reader;
 //! - `logging`: one logging set-up (`MESHINIT_LOG` / `MESHPROXY_LOG`, `RUST_LOG` as the
 //!   fallback, plain or JSON lines on stderr).
 
@@ -10,10 +11,12 @@
 #![forbid(unsafe_code)]
 
 mod logging;
+mod orig_dst;
 mod report;
 mod sources;
 
 pub use crate::logging::{init_logging, LogFormat, Program};
+pub use crate::orig_dst::original_dst;
 pub use crate::report::Report;
 pub use crate::sources::{
     document_value, join_bool_values, File, FileError, Origin, Setting, SettingError, Sources,

@@ -313,14 +313,21 @@ fn errors_name_the_file_path_and_every_setting_reads_its_variable() {
         let var = setting.env_var(ENV_PREFIX);
         let err = Config::from_sources(
             &ProxyArgs::default(),
-            &[(var.clone(), "\u{1}bad".to_string())].into_iter().collect(),
+            &[(var.clone(), "\u{1}bad".to_string())]
+                .into_iter()
+                .collect(),
             None,
         );
         match err {
             // Paths accept any text, but one alone is an incomplete identity: read.
             Err(ConfigError::Inconsistent { .. }) => assert!(
-                ["identity_cert", "identity_key", "trust_anchors", "mesh_peers"]
-                    .contains(&setting.key),
+                [
+                    "identity_cert",
+                    "identity_key",
+                    "trust_anchors",
+                    "mesh_peers"
+                ]
+                .contains(&setting.key),
                 "{var}"
             ),
             Err(err) => assert!(err.to_string().starts_with(&format!("{var}: ")), "{err}"),
