@@ -5,7 +5,7 @@
 //! file can fill the gaps (see `config`). Parsing into ports and CIDRs happens
 //! in one place, `config::Config::resolve`.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,7 +45,7 @@ pub enum Command {
     /// connect to a test address as an unprivileged user, and require the
     /// connection to come back with that address as its original destination.
     /// Exit 0 on success, 95 on failure.
-    Validate(ValidateArgs),
+    Validate,
     /// Run as a chained CNI plugin (spec 1.0.0): CNI_COMMAND and the other CNI_*
     /// variables, the network config on stdin, the result or error JSON on stdout.
     /// Also what the binary does when invoked as `meshinit-cni`.
@@ -57,29 +57,6 @@ pub enum Command {
     },
     /// Print the man page (roff) generated from these flags.
     Man,
-}
-
-/// Flags of `meshinit validate` (also `MESHINIT_VALIDATE_*` variables).
-#[derive(Debug, Clone, PartialEq, Eq, Args)]
-pub struct ValidateArgs {
-    /// Test destination: connected to, never reached when redirection works. Must be
-    /// routable in the namespace (connect() fails with "network unreachable" otherwise).
-    #[arg(
-        long,
-        value_name = "ADDR",
-        env = "MESHINIT_VALIDATE_ADDR",
-        default_value = "198.18.255.254:1404"
-    )]
-    pub validate_addr: std::net::SocketAddr,
-    /// The unprivileged UID (and GID) the test connects as when started as root; must
-    /// not be the proxy's, whose traffic is exempt
-    #[arg(
-        long,
-        value_name = "UID",
-        env = "MESHINIT_VALIDATE_UID",
-        default_value_t = 65534
-    )]
-    pub validate_uid: u32,
 }
 
 meshinit_settings::settings! {
@@ -149,6 +126,14 @@ meshinit_settings::settings! {
         /// 1 day [default: 5s]
         #[setting(value_name = "DURATION", global = true, help_heading = "Validate")]
         validate_timeout,
+        /// validate: test destination, connected to and never reached when redirection
+        /// works; must be routable in the namespace [default: 198.18.255.254:1404]
+        #[setting(value_name = "ADDR", global = true, help_heading = "Validate")]
+        validate_addr,
+        /// validate: the unprivileged UID (and GID) the test connects as when started as
+        /// root; must not be the proxy's, whose traffic is exempt [default: 65534]
+        #[setting(value_name = "UID", global = true, help_heading = "Validate")]
+        validate_uid,
         /// Log format: plain or json (one JSON object per line) [default: plain]
         #[setting(value_name = "FORMAT", global = true, help_heading = "Execution")]
         log_format,

@@ -6,6 +6,7 @@
 //! input exits 2 with nothing changed.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -55,6 +56,12 @@ pub struct Config {
     pub lock_timeout: Duration,
     /// How long `validate` waits for the redirected connection; 5s by default.
     pub validate_timeout: Duration,
+    /// Where `validate` connects: an address in the benchmarking range that no host
+    /// answers for; 198.18.255.254:1404 by default.
+    pub validate_addr: SocketAddr,
+    /// The unprivileged uid `validate` connects as when started as root; 65534
+    /// (nobody) by default.
+    pub validate_uid: u32,
 }
 
 /// The longest any duration setting may be (unless its flag says otherwise): beyond
@@ -163,6 +170,14 @@ impl Config {
             validate_timeout: s
                 .get("validate_timeout", duration)?
                 .unwrap_or(Duration::from_secs(5)),
+            validate_addr: s
+                .get("validate_addr", |text| {
+                    text.trim()
+                        .parse()
+                        .map_err(|_| "expected IP:PORT, e.g. 198.18.255.254:1404".to_string())
+                })?
+                .unwrap_or(SocketAddr::from(([198, 18, 255, 254], 1404))),
+            validate_uid: s.get("validate_uid", id)?.unwrap_or(65534),
         })
     }
 }
