@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     // `--ipv6 false` (a space, like every other flag) as well as `--ipv6=false`.
     let args = meshinit_settings::join_bool_values(
         std::env::args_os(),
-        &["--ipv6", "--dry-run", "--simulate", "--allow-host-netns"],
+        &meshinit_settings::bool_flags(&Cli::command()),
     );
     let cli = Cli::parse_from(args);
     match cli.command {

@@ -75,7 +75,12 @@ enum IdentityCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A boolean setting takes `true`/`false` after a space too, as in meshinit.
+    let args = meshinit_settings::join_bool_values(
+        std::env::args_os(),
+        &meshinit_settings::bool_flags(&Cli::command()),
+    );
+    let cli = Cli::parse_from(args);
     let args = match cli.command {
         Some(Command::Run(args)) => args,
         Some(Command::Identity(command)) => return identity(command),

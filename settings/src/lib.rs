@@ -19,5 +19,6 @@ pub use crate::logging::{init_logging, LogFormat, Program};
 pub use crate::orig_dst::original_dst;
 pub use crate::report::Report;
 pub use crate::sources::{
-    document_value, join_bool_values, File, FileError, Origin, Setting, SettingError, Sources,
+    bool_flags, document_value, join_bool_values, File, FileError, Origin, Setting, SettingError,
+    Sources,
 };

@@ -510,7 +510,7 @@ mod tests {
 /// is told that their value must follow an `=`: otherwise `meshinit --dry-run apply`
 /// would read `apply` as the value. Only a word that is a boolean is joined, so that
 /// case still works.
-pub fn join_bool_values<I, T>(args: I, flags: &[&str]) -> Vec<std::ffi::OsString>
+pub fn join_bool_values<I, T>(args: I, flags: &[String]) -> Vec<std::ffi::OsString>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString>,
@@ -533,10 +533,35 @@ where
         }
         // After `--`, everything is an argument.
         rest |= text == Some("--");
-        joinable = !rest && text.is_some_and(|t| flags.contains(&t));
+        joinable = !rest && text.is_some_and(|t| flags.iter().any(|f| f == t));
         out.push(arg);
     }
     out
+}
+
+/// The flags of `command` (and its subcommands) that stand alone as `true` and take a
+/// value only after `=`: the booleans [`join_bool_values`] joins. Read from the clap
+/// definition, so a boolean setting declared like the others needs nothing more.
+pub fn bool_flags(command: &clap::Command) -> Vec<String> {
+    let mut flags = Vec::new();
+    let mut todo = vec![command];
+    while let Some(command) = todo.pop() {
+        for arg in command.get_arguments() {
+            let optional_value = arg.get_num_args().is_some_and(|n| n.min_values() == 0);
+            if arg.is_require_equals_set() && optional_value {
+                let long = arg.get_long_and_visible_aliases().unwrap_or_default();
+                let hidden = arg.get_all_aliases().unwrap_or_default();
+                for name in long.into_iter().chain(hidden) {
+                    let flag = format!("--{name}");
+                    if !flags.contains(&flag) {
+                        flags.push(flag);
+                    }
+                }
+            }
+        }
+        todo.extend(command.get_subcommands());
+    }
+    flags
 }
 
 #[cfg(test)]
@@ -544,7 +569,7 @@ mod join_tests {
     use super::join_bool_values;
 
     fn join(args: &[&str]) -> Vec<String> {
-        join_bool_values(args.iter().copied(), &["--ipv6", "--dry-run"])
+        join_bool_values(args.iter().copied(), &["--ipv6".into(), "--dry-run".into()])
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect()
@@ -570,5 +595,35 @@ mod join_tests {
             join(&["m", "--", "--ipv6", "false"]),
             ["m", "--", "--ipv6", "false"]
         );
+    }
+}
+
+#[cfg(test)]
+mod bool_flag_tests {
+    use super::bool_flags;
+
+    #[test]
+    fn booleans_are_found_in_the_clap_definition() {
+        let command = clap::Command::new("m")
+            .arg(
+                clap::Arg::new("ipv6")
+                    .long("ipv6")
+                    .num_args(0..=1)
+                    .require_equals(true)
+                    .default_missing_value("true"),
+            )
+            .arg(
+                clap::Arg::new("dry")
+                    .long("dry-run")
+                    .alias("simulate")
+                    .num_args(0..=1)
+                    .require_equals(true)
+                    .default_missing_value("true"),
+            )
+            .arg(clap::Arg::new("netns").long("netns"))
+            .subcommand(clap::Command::new("check").arg(
+                clap::Arg::new("repair").long("repair").action(clap::ArgAction::SetTrue),
+            ));
+        assert_eq!(bool_flags(&command), ["--ipv6", "--dry-run", "--simulate"]);
     }
 }
