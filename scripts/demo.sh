@@ -9,31 +9,39 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: sudo scripts/demo.sh [--keep] [--detect-timeout SECONDS] [--no-build]
+Usage (as root): scripts/demo.sh [--keep] [--detect-timeout SECONDS] [--no-build]
 
-Runs the meshinit story end to end in throwaway network namespaces:
-  1. two pods (mi-demo-a, mi-demo-b) and one unmeshed namespace (mi-demo-ext)
-     on a private bridge: 198.18.1.0/24 and fd00:1::/64, never the host's network
-  2. meshinit installs the redirect rules in each pod; the ruleset is shown
-  3. meshproxy runs in each pod (as uid 2102), beside an HTTP server, Redis
-     (opaque port 6379) and a server-speaks-first "banner" service on port 7000
-  4. an HTTP request and a Redis command cross the mesh
-  5. the banner service stalls for the detect timeout, then answers at once
-     once its port is marked opaque
-  6. a skip port bypasses the proxy entirely
-  7. the /metrics lines that changed
+Runs the meshinit story end to end in throwaway network namespaces, in 8 stages
+(about 15 seconds after the build, 10 of them the detect stall of stage 7 with the
+default --detect-timeout; the first release build takes a few minutes more):
+  1/8 installs what is missing with apt-get
+  2/8 builds meshinit and meshproxy (release), unless --no-build
+  3/8 two pods (mi-demo-a, mi-demo-b) and one unmeshed namespace (mi-demo-ext)
+      on a private bridge: 198.18.1.0/24 and fd00:1::/64, never the host's network
+  4/8 meshinit installs the redirect rules in each pod; the ruleset is shown
+  5/8 meshproxy runs in each pod (as uid 2102, mTLS identities from a dev CA),
+      beside an HTTP server, Redis (opaque port 6379) and a server-speaks-first
+      "banner" service on port 7000
+  6/8 HTTP (IPv4 and IPv6) and Redis cross the mesh over mTLS; the /metrics
+      lines that changed
+  7/8 the banner service stalls for the detect timeout, then answers at once
+      once its port is marked opaque; a skip port bypasses the proxy entirely
+  8/8 what the proxies counted (/metrics)
+Everything is removed on exit, Ctrl-C and failure (unless --keep).
 
 Options:
   --keep                  leave the namespaces and processes up for exploring,
                           and print the commands to enter them; remove them
-                          later with: sudo scripts/demo.sh --cleanup
-  --cleanup               remove what a --keep run left, then exit
+                          later with: scripts/demo.sh --cleanup
+  --cleanup               remove what a --keep run left (namespaces,
+                          processes, its temp folder with the dev CA's key)
   --detect-timeout SECS   meshproxy's detect timeout (default 10, Linkerd's)
   --no-build              use the binaries already built (see --bin-dir)
   --bin-dir DIR           where the binaries are (default target/release)
   -h, --help              this text
 
-Needs root (network namespaces). Installs what is missing with apt-get.
+Run it as root (network namespaces; sudo is not needed and not assumed).
+Installs what is missing with apt-get (Debian/Ubuntu).
 EOF
 }
 
@@ -59,8 +67,10 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 BIN=$(cd "${BIN_DIR:-$ROOT/target/release}" 2>/dev/null && pwd || echo "${BIN_DIR:-$ROOT/target/release}")
 NSES=(mi-demo-a mi-demo-b mi-demo-ext mi-demo-net)
-WORK=$(mktemp -d /tmp/meshinit-demo.XXXXXX)
-chmod 755 "$WORK" # the proxies run as uid 2102 and read their identities from here
+# A --keep run records its temp folder (which holds the dev CA's private key) here, so
+# that --cleanup can remove it.
+KEPT=/run/meshinit-demo.kept
+WORK=
 A=198.18.1.1 B=198.18.1.2 EXT=198.18.1.3
 A6=fd00:1::1 B6=fd00:1::2
 
@@ -87,14 +97,21 @@ cleanup() {
     fi
     } >/dev/null 2>&1
   done
-  [ -n "${DEMO_KEEP_LOGS:-}" ] || rm -rf "$WORK"
+  if [ -z "${DEMO_KEEP_LOGS:-}" ]; then
+    [ -z "$WORK" ] || rm -rf "$WORK"
+    if [ -f "$KEPT" ]; then
+      kept=$(cat "$KEPT")
+      case "$kept" in /tmp/meshinit-demo.*) rm -rf "$kept" ;; esac
+      rm -f "$KEPT"
+    fi
+  fi
   left=$(ip netns list | grep -c '^mi-demo-' || true)
   echo
   echo "cleanup complete: $left demo namespaces left, demo processes stopped"
 }
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "demo.sh: needs root (it creates network namespaces): sudo scripts/demo.sh" >&2
+  echo "demo.sh: run it as root (it creates network namespaces), e.g. from a root shell: scripts/demo.sh" >&2
   exit 1
 fi
 if [ "$CLEANUP_ONLY" = 1 ]; then
@@ -102,6 +119,8 @@ if [ "$CLEANUP_ONLY" = 1 ]; then
   cleanup
   exit 0
 fi
+WORK=$(mktemp -d /tmp/meshinit-demo.XXXXXX)
+chmod 755 "$WORK" # the proxies run as uid 2102 and read their identities from here
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -199,8 +218,9 @@ disown -a # they are stopped with their namespace, without job notices
 # is its identity, and a list of the meshed peers it may expect.
 "$BIN/meshproxy" identity new-ca "$WORK/ca" >/dev/null
 for pod in a b; do
-  "$BIN/meshproxy" identity issue --ca "$WORK/ca" "$pod.demo.mesh.local" --out "$WORK/id-$pod" >/dev/null
-  chown -R 2102:2102 "$WORK/id-$pod"
+  # The key is mode 0600: --owner gives it to the proxy's uid.
+  "$BIN/meshproxy" identity issue --ca "$WORK/ca" "$pod.demo.mesh.local" --out "$WORK/id-$pod" \
+    --owner 2102:2102 >/dev/null
 done
 printf '[[peer]]\nnet = "%s/32"\nidentity = "b.demo.mesh.local"\n[[peer]]\nnet = "%s/128"\nidentity = "b.demo.mesh.local"\n' "$B" "$B6" >"$WORK/peers-a.toml"
 printf '[[peer]]\nnet = "%s/32"\nidentity = "a.demo.mesh.local"\n[[peer]]\nnet = "%s/128"\nidentity = "a.demo.mesh.local"\n' "$A" "$A6" >"$WORK/peers-b.toml"
@@ -323,8 +343,11 @@ say "no series for port 9000: skip ports never reach the proxy"
 
 if [ "$KEEP" = 1 ]; then
   stage "left running (--keep)"
-  say "enter a pod:        sudo ip netns exec mi-demo-a bash"
-  say "see its rules:      sudo ip netns exec mi-demo-b nft list table inet meshinit"
-  say "proxy metrics:      sudo ip netns exec mi-demo-a curl -s 127.0.0.1:4191/metrics"
-  say "remove everything:  sudo scripts/demo.sh --cleanup"
+  echo "$WORK" >"$KEPT"
+  say "as root:"
+  say "enter a pod:        ip netns exec mi-demo-a bash"
+  say "see its rules:      ip netns exec mi-demo-b nft list table inet meshinit"
+  say "proxy metrics:      ip netns exec mi-demo-a curl -s 127.0.0.1:4191/metrics"
+  say "files (dev CA key): $WORK"
+  say "remove everything:  scripts/demo.sh --cleanup"
 fi

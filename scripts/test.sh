@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit, snapshot and property tests, CLI tests,
 # and the netns tests that apply real rules with real nft/iptables in
-# throwaway network namespaces. Needs root (the netns tests fail loudly
-# without it). Installs the system packages it needs with apt-get first.
+# throwaway network namespaces. Run it as root (the netns tests fail loudly
+# without it; sudo is not needed). Installs the system packages it needs with
+# apt-get first (Debian 12 or later). Ends with the totals and the verdict.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "scripts/test.sh: must run as root (the netns tests create network namespaces)" >&2
+  echo "scripts/test.sh: must run as root (the netns tests create network namespaces); from a root shell: scripts/test.sh" >&2
   exit 1
 fi
 
@@ -38,8 +39,20 @@ fi
 echo "==> building"
 cargo build --workspace --bins --locked
 
+# Sums the "test result:" lines of cargo's output, so the run ends with its totals.
+test_log=$(mktemp)
+totals() {
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) g += $(i-1) } }
+       END { printf "%d passed, %d failed, %d ignored\n", p, f, g }' "$test_log"
+}
+
 echo "==> testing"
-cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+if ! cargo test --workspace --locked --no-fail-fast -- --test-threads="${TEST_THREADS:-4}" 2>&1 | tee "$test_log"; then
+  echo "==> tests: $(totals)"
+  echo "scripts/test.sh: FAILED (cargo test)" >&2
+  exit 1
+fi
+echo "==> tests: $(totals)"
 
 echo "==> the image in podman (scripts/image-test.sh)"
 image_started=$(date +%s)
@@ -72,4 +85,5 @@ if [ "$leftover" -ne 0 ]; then
   ip netns list | grep '^nt-' >&2
   exit 1
 fi
-echo "==> all tests passed"
+echo "==> all tests passed: $(totals); the demo's claims hold"
+rm -f "$test_log"

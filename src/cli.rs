@@ -5,12 +5,7 @@
 //! file can fill the gaps (see `config`). Parsing into ports and CIDRs happens
 //! in one place, `config::Config::resolve`.
 
-use std::path::PathBuf;
-
-use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
-
-use crate::config::setting;
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,7 +45,7 @@ pub enum Command {
     /// connect to a test address as an unprivileged user, and require the
     /// connection to come back with that address as its original destination.
     /// Exit 0 on success, 95 on failure.
-    Validate(ValidateArgs),
+    Validate,
     /// Run as a chained CNI plugin (spec 1.0.0): CNI_COMMAND and the other CNI_*
     /// variables, the network config on stdin, the result or error JSON on stdout.
     /// Also what the binary does when invoked as `meshinit-cni`.
@@ -64,152 +59,83 @@ pub enum Command {
     Man,
 }
 
-/// Flags of `meshinit validate` (also `MESHINIT_VALIDATE_*` variables).
-#[derive(Debug, Clone, PartialEq, Eq, Args)]
-pub struct ValidateArgs {
-    /// Test destination: connected to, never reached when redirection works. Must be
-    /// routable in the namespace (connect() fails with "network unreachable" otherwise).
-    #[arg(
-        long,
-        value_name = "ADDR",
-        env = "MESHINIT_VALIDATE_ADDR",
-        default_value = "198.18.255.254:1404"
-    )]
-    pub validate_addr: std::net::SocketAddr,
-    /// The unprivileged UID (and GID) the test connects as when started as root; must
-    /// not be the proxy's, whose traffic is exempt
-    #[arg(
-        long,
-        value_name = "UID",
-        env = "MESHINIT_VALIDATE_UID",
-        default_value_t = 65534
-    )]
-    pub validate_uid: u32,
-}
-
-/// The settings, each readable from flag, env var or config file.
-///
-/// The same struct is deserialised from the TOML file: unknown keys are
-/// refused, because a typo in a skip list would silently redirect traffic the
-/// user meant to exempt.
-#[derive(Debug, Default, Clone, Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// Port of the proxy's inbound listener [default: 4143]
-    #[arg(long, value_name = "PORT", global = true, help_heading = "Proxy")]
-    #[serde(default, deserialize_with = "setting")]
-    pub incoming_proxy_port: Option<String>,
-    /// Port of the proxy's outbound listener [default: 4140]
-    #[arg(long, value_name = "PORT", global = true, help_heading = "Proxy")]
-    #[serde(default, deserialize_with = "setting")]
-    pub outgoing_proxy_port: Option<String>,
-    /// Outbound traffic of this UID (the proxy's) is not redirected [default: 2102]
-    #[arg(long, value_name = "UID", global = true, help_heading = "Proxy")]
-    #[serde(default, deserialize_with = "setting")]
-    pub proxy_uid: Option<String>,
-    /// Outbound traffic of this GID is not redirected [default: none]
-    #[arg(long, value_name = "GID", global = true, help_heading = "Proxy")]
-    #[serde(default, deserialize_with = "setting")]
-    pub proxy_gid: Option<String>,
-
-    /// Inbound ports that reach the application directly: N or LO-HI, comma-separated [default: 4190,4191]
-    #[arg(long, value_name = "PORTS", global = true, help_heading = "Exemptions")]
-    #[serde(default, deserialize_with = "setting")]
-    pub inbound_ports_to_ignore: Option<String>,
-    /// Outbound ports that are reached directly [default: none]
-    #[arg(long, value_name = "PORTS", global = true, help_heading = "Exemptions")]
-    #[serde(default, deserialize_with = "setting")]
-    pub outbound_ports_to_ignore: Option<String>,
-    /// Only these inbound ports are redirected [default: all]
-    #[arg(long, value_name = "PORTS", global = true, help_heading = "Exemptions")]
-    #[serde(default, deserialize_with = "setting")]
-    pub ports_to_redirect: Option<String>,
-    /// CIDRs (v4 or v6) exempt in both directions: inbound by source, outbound by destination
-    #[arg(long, value_name = "CIDRS", global = true, help_heading = "Exemptions")]
-    #[serde(default, deserialize_with = "setting")]
-    pub subnets_to_ignore: Option<String>,
-    /// CIDRs exempt inbound only (by source address)
-    #[arg(long, value_name = "CIDRS", global = true, help_heading = "Exemptions")]
-    #[serde(default, deserialize_with = "setting")]
-    pub inbound_subnets_to_ignore: Option<String>,
-    /// CIDRs exempt outbound only (by destination address)
-    #[arg(long, value_name = "CIDRS", global = true, help_heading = "Exemptions")]
-    #[serde(default, deserialize_with = "setting")]
-    pub outbound_subnets_to_ignore: Option<String>,
-
-    /// Rule backend: nft, iptables-nft, iptables-legacy or auto [default: auto]
-    #[arg(long, value_name = "BACKEND", global = true, help_heading = "Backend")]
-    #[serde(default, deserialize_with = "setting")]
-    pub backend: Option<String>,
-    /// Alias of --backend iptables-legacy / iptables-nft (linkerd2-proxy-init compatibility)
-    #[arg(
-        long,
-        value_name = "legacy|nft",
-        global = true,
-        help_heading = "Backend"
-    )]
-    #[serde(default, deserialize_with = "setting")]
-    pub iptables_mode: Option<String>,
-    /// Also install IPv6 rules; --ipv6=false leaves IPv6 untouched [default: true]
-    #[arg(
-        long,
-        value_name = "BOOL",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "true",
-        global = true,
-        help_heading = "Backend"
-    )]
-    #[serde(default, deserialize_with = "setting")]
-    pub ipv6: Option<String>,
-
-    /// Network namespace file to work in (/var/run/netns/NAME, /proc/PID/ns/net) [default: current]
-    #[arg(long, value_name = "PATH", global = true, help_heading = "Execution")]
-    #[serde(default, deserialize_with = "setting")]
-    pub netns: Option<String>,
-    /// Print what would be applied and change nothing (alias: --simulate)
-    #[arg(long, alias = "simulate", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", global = true, help_heading = "Execution")]
-    #[serde(default, deserialize_with = "setting")]
-    pub dry_run: Option<String>,
-    /// Allow apply, check --repair and CNI ADD in the host's initial network namespace,
-    /// which is refused otherwise (exit 2) [default: false]
-    #[arg(
-        long,
-        value_name = "BOOL",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "true",
-        global = true,
-        help_heading = "Execution"
-    )]
-    #[serde(default, deserialize_with = "setting")]
-    pub allow_host_netns: Option<String>,
-    /// How long to wait for /run/meshinit.lock before giving up (exit 1); more than 0,
-    /// at most 1 day [default: 30s]
-    #[arg(
-        long,
-        value_name = "DURATION",
-        global = true,
-        help_heading = "Execution"
-    )]
-    #[serde(default, deserialize_with = "setting")]
-    pub lock_timeout: Option<String>,
-    /// validate: how long to wait for the redirected connection; more than 0, at most
-    /// 1 day [default: 5s]
-    #[arg(
-        long,
-        value_name = "DURATION",
-        global = true,
-        help_heading = "Validate"
-    )]
-    #[serde(default, deserialize_with = "setting")]
-    pub validate_timeout: Option<String>,
-    /// TOML file with settings (keys are the flag names in snake_case)
-    #[arg(long, value_name = "FILE", global = true, help_heading = "Execution")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Log format: plain or json (one JSON object per line) [default: plain]
-    #[arg(long, value_name = "FORMAT", global = true, help_heading = "Execution")]
-    #[serde(default, deserialize_with = "setting")]
-    pub log_format: Option<String>,
+meshinit_settings::settings! {
+    #[config(value_name = "FILE", global = true, help_heading = "Execution")]
+    /// The settings, each readable from flag, env var or config file, declared once
+    /// here: the flag `--KEY-WITH-DASHES`, the env var `MESHINIT_KEY_IN_CAPS`, the TOML
+    /// key `key` (and the CNI network configuration's key) all come from the name.
+    ///
+    /// Unknown keys are refused, because a typo in a skip list would silently redirect
+    /// traffic the user meant to exempt. Adding a setting: one entry below, then parse
+    /// it in `config::Config::resolve` with `sources.get("key", parser)`.
+    pub struct Settings {
+        /// Port of the proxy's inbound listener [default: 4143]
+        #[setting(value_name = "PORT", global = true, help_heading = "Proxy")]
+        incoming_proxy_port,
+        /// Port of the proxy's outbound listener [default: 4140]
+        #[setting(value_name = "PORT", global = true, help_heading = "Proxy")]
+        outgoing_proxy_port,
+        /// Outbound traffic of this UID (the proxy's) is not redirected [default: 2102]
+        #[setting(value_name = "UID", global = true, help_heading = "Proxy")]
+        proxy_uid,
+        /// Outbound traffic of this GID is not redirected [default: none]
+        #[setting(value_name = "GID", global = true, help_heading = "Proxy")]
+        proxy_gid,
+        /// Inbound ports that reach the application directly: N or LO-HI, comma-separated [default: 4190,4191]
+        #[setting(value_name = "PORTS", global = true, help_heading = "Exemptions")]
+        inbound_ports_to_ignore,
+        /// Outbound ports that are reached directly [default: none]
+        #[setting(value_name = "PORTS", global = true, help_heading = "Exemptions")]
+        outbound_ports_to_ignore,
+        /// Only these inbound ports are redirected [default: all]
+        #[setting(value_name = "PORTS", global = true, help_heading = "Exemptions")]
+        ports_to_redirect,
+        /// CIDRs (v4 or v6) exempt in both directions: inbound by source, outbound by destination
+        #[setting(value_name = "CIDRS", global = true, help_heading = "Exemptions")]
+        subnets_to_ignore,
+        /// CIDRs exempt inbound only (by source address)
+        #[setting(value_name = "CIDRS", global = true, help_heading = "Exemptions")]
+        inbound_subnets_to_ignore,
+        /// CIDRs exempt outbound only (by destination address)
+        #[setting(value_name = "CIDRS", global = true, help_heading = "Exemptions")]
+        outbound_subnets_to_ignore,
+        /// Rule backend: nft, iptables-nft, iptables-legacy or auto [default: auto]
+        #[setting(value_name = "BACKEND", global = true, help_heading = "Backend")]
+        backend,
+        /// Alias of --backend iptables-legacy / iptables-nft (linkerd2-proxy-init compatibility)
+        #[setting(value_name = "legacy|nft", global = true, help_heading = "Backend")]
+        iptables_mode,
+        /// Also install IPv6 rules; --ipv6=false leaves IPv6 untouched [default: true]
+        #[setting(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", global = true, help_heading = "Backend")]
+        ipv6,
+        /// Network namespace file to work in (/var/run/netns/NAME, /proc/PID/ns/net) [default: current]
+        #[setting(value_name = "PATH", global = true, help_heading = "Execution")]
+        netns,
+        /// Print what would be applied and change nothing (alias: --simulate)
+        #[setting(alias = "simulate", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", global = true, help_heading = "Execution")]
+        dry_run,
+        /// Allow apply, check --repair and CNI ADD in the host's initial network namespace,
+        /// which is refused otherwise (exit 2) [default: false]
+        #[setting(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", global = true, help_heading = "Execution")]
+        allow_host_netns,
+        /// How long to wait for /run/meshinit.lock before giving up (exit 1); more than 0,
+        /// at most 1 day [default: 30s]
+        #[setting(value_name = "DURATION", global = true, help_heading = "Execution")]
+        lock_timeout,
+        /// validate: how long to wait for the redirected connection; more than 0, at most
+        /// 1 day [default: 5s]
+        #[setting(value_name = "DURATION", global = true, help_heading = "Validate")]
+        validate_timeout,
+        /// validate: test destination, connected to and never reached when redirection
+        /// works; must be routable in the namespace [default: 198.18.255.254:1404]
+        #[setting(value_name = "ADDR", global = true, help_heading = "Validate")]
+        validate_addr,
+        /// validate: the unprivileged UID (and GID) the test connects as when started as
+        /// root; must not be the proxy's, whose traffic is exempt [default: 65534]
+        #[setting(value_name = "UID", global = true, help_heading = "Validate")]
+        validate_uid,
+        /// Log format: plain or json (one JSON object per line) [default: plain]
+        #[setting(value_name = "FORMAT", global = true, help_heading = "Execution")]
+        log_format,
+    }
 }

@@ -57,7 +57,7 @@ pub fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
     match command {
         Command::Cleanup => cleanup(config),
         Command::Check { repair } => check(config, &ruleset, repair),
-        Command::Validate(args) => crate::validate::run(config, &args),
+        Command::Validate => crate::validate::run(config),
         // Show returned above; completions, man pages and cni are handled in main.
         _ => apply(config, &ruleset),
     }

@@ -6,11 +6,12 @@
 //! input exits 2 with nothing changed.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use meshinit_rules::{PortSet, Spec, SpecError, SubnetList};
-use serde::{Deserialize, Deserializer};
+use meshinit_settings::{File, FileError, SettingError, Sources};
 use thiserror::Error;
 
 use crate::cli::Settings;
@@ -55,172 +56,48 @@ pub struct Config {
     pub lock_timeout: Duration,
     /// How long `validate` waits for the redirected connection; 5s by default.
     pub validate_timeout: Duration,
+    /// Where `validate` connects: an address in the benchmarking range that no host
+    /// answers for; 198.18.255.254:1404 by default.
+    pub validate_addr: SocketAddr,
+    /// The unprivileged uid `validate` connects as when started as root; 65534
+    /// (nobody) by default.
+    pub validate_uid: u32,
 }
 
 /// The longest any duration setting may be (unless its flag says otherwise): beyond
 /// a day a wait is a hang, and a bound keeps deadline arithmetic from overflowing.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Where a setting's value came from, so that an error can say where to fix it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    Flag,
-    Env,
-    File(PathBuf),
-    /// The CNI plugin's network configuration (stdin).
-    Cni,
-    Default,
-}
+/// The prefix of meshinit's environment variables: `MESHINIT_OUTBOUND_PORTS_TO_IGNORE`.
+pub const ENV_PREFIX: &str = "MESHINIT";
 
-impl Source {
-    /// "flag --lock-timeout", "env MESHINIT_LOCK_TIMEOUT", "lock_timeout in config file F".
-    pub fn describe(&self, flag: &str) -> String {
-        let key = flag.replace('-', "_");
-        match self {
-            Source::Flag => format!("flag --{flag}"),
-            Source::Env => format!("env MESHINIT_{}", key.to_uppercase()),
-            Source::File(path) => format!("{key} in config file {}", path.display()),
-            Source::Cni => format!("{key} in the CNI network configuration"),
-            Source::Default => "the default".to_string(),
-        }
-    }
-}
+/// What the CNI plugin's settings are called in error messages.
+const CNI_CONFIG: &str = "the CNI network configuration";
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("--{flag}: {error}")]
-    Spec {
-        flag: &'static str,
-        error: SpecError,
-    },
-    #[error("--{flag}: invalid value {input:?}: expected {expected}")]
-    BadValue {
-        flag: &'static str,
-        input: String,
-        expected: &'static str,
-    },
+    /// A value that does not parse, naming it and its source.
+    #[error(transparent)]
+    Setting(#[from] SettingError),
     #[error("{0}")]
     SameProxyPort(SpecError),
-    #[error("config file {path}: {message}")]
-    File { path: PathBuf, message: String },
-    #[error("--{flag}: {input:?} (from {origin}) {problem}")]
-    FromSource {
-        flag: &'static str,
-        input: String,
-        /// [`Source::describe`] of where the value came from.
-        origin: String,
-        problem: String,
-    },
+    /// The `--config` file as a whole: not TOML, or an unknown key.
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
 impl Settings {
-    /// Each setting with its flag name, for generic merging.
-    fn fields_mut(&mut self) -> [(&'static str, &mut Option<String>); 18] {
-        [
-            ("incoming-proxy-port", &mut self.incoming_proxy_port),
-            ("outgoing-proxy-port", &mut self.outgoing_proxy_port),
-            ("proxy-uid", &mut self.proxy_uid),
-            ("proxy-gid", &mut self.proxy_gid),
-            ("inbound-ports-to-ignore", &mut self.inbound_ports_to_ignore),
-            (
-                "outbound-ports-to-ignore",
-                &mut self.outbound_ports_to_ignore,
-            ),
-            ("ports-to-redirect", &mut self.ports_to_redirect),
-            ("subnets-to-ignore", &mut self.subnets_to_ignore),
-            (
-                "inbound-subnets-to-ignore",
-                &mut self.inbound_subnets_to_ignore,
-            ),
-            (
-                "outbound-subnets-to-ignore",
-                &mut self.outbound_subnets_to_ignore,
-            ),
-            ("backend", &mut self.backend),
-            ("iptables-mode", &mut self.iptables_mode),
-            ("ipv6", &mut self.ipv6),
-            ("netns", &mut self.netns),
-            ("dry-run", &mut self.dry_run),
-            ("allow-host-netns", &mut self.allow_host_netns),
-            ("lock-timeout", &mut self.lock_timeout),
-            ("validate-timeout", &mut self.validate_timeout),
-        ]
-    }
-
-    /// The flag names of the settings this source gives.
-    fn given(&self) -> Vec<&'static str> {
-        self.clone()
-            .fields_mut()
-            .into_iter()
-            .filter(|(_, value)| value.is_some())
-            .map(|(flag, _)| flag)
-            .collect()
-    }
-
     /// The keys of the TOML file (and of the CNI network config): the flag names
     /// in snake_case.
     pub fn keys() -> Vec<String> {
-        let mut keys: Vec<String> = Settings::default()
-            .fields_mut()
-            .iter()
-            .map(|(flag, _)| flag.replace('-', "_"))
-            .collect();
-        keys.push("log_format".to_string());
-        keys
-    }
-
-    /// Settings from `MESHINIT_<FLAG_IN_CAPS>` variables.
-    pub fn from_env(env: &HashMap<String, String>) -> Settings {
-        let mut settings = Settings::default();
-        for (flag, slot) in settings.fields_mut() {
-            let key = format!("MESHINIT_{}", flag.replace('-', "_").to_uppercase());
-            *slot = env.get(&key).cloned();
-        }
-        settings.log_format = env.get("MESHINIT_LOG_FORMAT").cloned();
-        settings.config = env.get("MESHINIT_CONFIG").map(PathBuf::from);
-        settings
-    }
-
-    /// Fills every setting still unset from `lower` (a lower-precedence source).
-    pub fn or(mut self, mut lower: Settings) -> Settings {
-        for ((_, mine), (_, theirs)) in self.fields_mut().into_iter().zip(lower.fields_mut()) {
-            if mine.is_none() {
-                *mine = theirs.take();
-            }
-        }
-        self.log_format = self.log_format.or(lower.log_format);
-        self.config = self.config.or(lower.config);
-        self
+        Settings::ALL.iter().map(|s| s.key.to_string()).collect()
     }
 }
 
 /// Deserialises a TOML value that may be a string, a number, a boolean, or an
 /// array of strings and numbers (`[5555, "9000-9010"]`) into the same string
 /// form a flag takes.
-pub fn setting<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Item {
-        Text(String),
-        Number(i64),
-        Bool(bool),
-    }
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Value {
-        One(Item),
-        List(Vec<Item>),
-    }
-    let text = |item: Item| match item {
-        Item::Text(text) => text,
-        Item::Number(number) => number.to_string(),
-        Item::Bool(flag) => flag.to_string(),
-    };
-    Ok(Some(match Value::deserialize(deserializer)? {
-        Value::One(item) => text(item),
-        Value::List(items) => items.into_iter().map(text).collect::<Vec<_>>().join(","),
-    }))
-}
+pub use meshinit_settings::document_value as setting;
 
 impl Config {
     /// Merges the three sources and validates the result.
@@ -232,220 +109,160 @@ impl Config {
         env: &HashMap<String, String>,
         file: Option<(PathBuf, String)>,
     ) -> Result<Config, ConfigError> {
-        let from_env = Settings::from_env(env);
-        let from_file = match file {
-            Some((path, contents)) => {
-                let settings: Settings =
-                    toml::from_str(&contents).map_err(|err| ConfigError::File {
-                        path: path.clone(),
-                        message: err.message().to_string(),
-                    })?;
-                Some((path, settings))
-            }
+        let file = match file {
+            Some((path, contents)) => Some(File::parse(
+                &path.display().to_string(),
+                &contents,
+                Settings::ALL,
+            )?),
             None => None,
         };
-        // Recorded before the merge, which forgets where each value came from.
-        let (in_flags, in_env) = (flags.given(), from_env.given());
-        let in_file = from_file
-            .as_ref()
-            .map(|(path, settings)| (path.clone(), settings.given()));
-        let origin = |flag: &'static str| {
-            if in_flags.contains(&flag) {
-                Source::Flag
-            } else if in_env.contains(&flag) {
-                Source::Env
-            } else {
-                match &in_file {
-                    Some((path, given)) if given.contains(&flag) => Source::File(path.clone()),
-                    _ => Source::Default,
-                }
-            }
-        };
-        let mut settings = flags.or(from_env);
-        if let Some((_, from_file)) = from_file {
-            settings = settings.or(from_file);
-        }
-        Config::resolve(settings, &origin)
+        Config::resolve(&Sources::new(ENV_PREFIX, flags.values(), env, file))
     }
 
     /// Validates the settings of a CNI network configuration (no env, no file).
     pub fn from_cni(settings: Settings) -> Result<Config, ConfigError> {
-        Config::resolve(settings, &|_| Source::Cni)
+        Config::resolve(&Sources::document(CNI_CONFIG, settings.values()))
     }
 
-    fn resolve(
-        s: Settings,
-        origin: &dyn Fn(&'static str) -> Source,
-    ) -> Result<Config, ConfigError> {
+    fn resolve(s: &Sources<'_>) -> Result<Config, ConfigError> {
         let defaults = Spec::default();
+        let subnets = |key| {
+            s.get(key, spec(str::parse::<SubnetList>))
+                .map(Option::unwrap_or_default)
+        };
         let spec = Spec {
-            incoming_proxy_port: port(&s.incoming_proxy_port, "incoming-proxy-port")?
+            incoming_proxy_port: s
+                .get("incoming_proxy_port", port)?
                 .unwrap_or(defaults.incoming_proxy_port),
-            outgoing_proxy_port: port(&s.outgoing_proxy_port, "outgoing-proxy-port")?
+            outgoing_proxy_port: s
+                .get("outgoing_proxy_port", port)?
                 .unwrap_or(defaults.outgoing_proxy_port),
-            proxy_uid: id(&s.proxy_uid, "proxy-uid")?.or(defaults.proxy_uid),
-            proxy_gid: id(&s.proxy_gid, "proxy-gid")?,
-            inbound_ports_to_ignore: ports(&s.inbound_ports_to_ignore, "inbound-ports-to-ignore")?
+            proxy_uid: s.get("proxy_uid", id)?.or(defaults.proxy_uid),
+            proxy_gid: s.get("proxy_gid", id)?,
+            inbound_ports_to_ignore: s
+                .get("inbound_ports_to_ignore", spec(str::parse::<PortSet>))?
                 .unwrap_or(defaults.inbound_ports_to_ignore),
-            outbound_ports_to_ignore: ports(
-                &s.outbound_ports_to_ignore,
-                "outbound-ports-to-ignore",
-            )?
-            .unwrap_or_default(),
-            ports_to_redirect: ports(&s.ports_to_redirect, "ports-to-redirect")?
+            outbound_ports_to_ignore: s
+                .get("outbound_ports_to_ignore", spec(str::parse::<PortSet>))?
                 .unwrap_or_default(),
-            inbound_subnets_to_ignore: subnets(&s.subnets_to_ignore, "subnets-to-ignore")?.union(
-                &subnets(&s.inbound_subnets_to_ignore, "inbound-subnets-to-ignore")?,
-            ),
-            outbound_subnets_to_ignore: subnets(&s.subnets_to_ignore, "subnets-to-ignore")?.union(
-                &subnets(&s.outbound_subnets_to_ignore, "outbound-subnets-to-ignore")?,
-            ),
-            ipv6: boolean(&s.ipv6, "ipv6")?.unwrap_or(true),
+            ports_to_redirect: s
+                .get("ports_to_redirect", spec(str::parse::<PortSet>))?
+                .unwrap_or_default(),
+            inbound_subnets_to_ignore: subnets("subnets_to_ignore")?
+                .union(&subnets("inbound_subnets_to_ignore")?),
+            outbound_subnets_to_ignore: subnets("subnets_to_ignore")?
+                .union(&subnets("outbound_subnets_to_ignore")?),
+            ipv6: s.get("ipv6", boolean)?.unwrap_or(true),
         }
         .validate()
         .map_err(ConfigError::SameProxyPort)?;
         Ok(Config {
             spec,
-            backend: backend(&s.backend, &s.iptables_mode)?,
-            netns: netns(&s.netns, origin)?,
-            dry_run: boolean(&s.dry_run, "dry-run")?.unwrap_or(false),
-            log_format: match s.log_format.as_deref() {
-                None | Some("plain") => LogFormat::Plain,
-                Some("json") => LogFormat::Json,
-                Some(other) => return Err(bad("log-format", other, "plain or json")),
-            },
-            allow_host_netns: boolean(&s.allow_host_netns, "allow-host-netns")?.unwrap_or(false),
-            lock_timeout: duration(&s.lock_timeout, "lock-timeout", origin)?
+            backend: backend(s)?,
+            netns: s.get("netns", netns)?,
+            dry_run: s.get("dry_run", boolean)?.unwrap_or(false),
+            log_format: s.get("log_format", log_format)?.unwrap_or(LogFormat::Plain),
+            allow_host_netns: s.get("allow_host_netns", boolean)?.unwrap_or(false),
+            lock_timeout: s
+                .get("lock_timeout", duration)?
                 .unwrap_or(Duration::from_secs(30)),
-            validate_timeout: duration(&s.validate_timeout, "validate-timeout", origin)?
+            validate_timeout: s
+                .get("validate_timeout", duration)?
                 .unwrap_or(Duration::from_secs(5)),
+            validate_addr: s
+                .get("validate_addr", |text| {
+                    text.trim()
+                        .parse()
+                        .map_err(|_| "expected IP:PORT, e.g. 198.18.255.254:1404".to_string())
+                })?
+                .unwrap_or(SocketAddr::from(([198, 18, 255, 254], 1404))),
+            validate_uid: s.get("validate_uid", id)?.unwrap_or(65534),
         })
     }
 }
 
-fn bad(flag: &'static str, input: &str, expected: &'static str) -> ConfigError {
-    ConfigError::BadValue {
-        flag,
-        input: input.to_string(),
-        expected,
-    }
+/// A parser from the rules crate, whose errors already quote the input.
+fn spec<T>(parse: fn(&str) -> Result<T, SpecError>) -> impl Fn(&str) -> Result<T, String> {
+    move |text| parse(text).map_err(|error| error.to_string())
 }
 
 /// `--netns PATH`. An empty path is refused rather than read as "the current
 /// namespace": an unset template variable (`--netns "$NS"`) must not turn a run meant
 /// for a pod into one on whatever namespace meshinit happens to be in.
-fn netns(
-    value: &Option<String>,
-    origin: &dyn Fn(&'static str) -> Source,
-) -> Result<Option<PathBuf>, ConfigError> {
-    match value {
-        None => Ok(None),
-        Some(text) if text.trim().is_empty() => Err(ConfigError::FromSource {
-            flag: "netns",
-            input: text.clone(),
-            origin: origin("netns").describe("netns"),
-            problem: "is empty: expected a namespace file (/var/run/netns/NAME or /proc/PID/ns/net); leave the setting out to use the current namespace".to_string(),
-        }),
-        Some(text) => Ok(Some(PathBuf::from(text))),
+fn netns(text: &str) -> Result<PathBuf, String> {
+    if text.trim().is_empty() {
+        return Err(format!(
+            "{text:?} is empty: expected a namespace file (/var/run/netns/NAME or \
+             /proc/PID/ns/net); leave the setting out to use the current namespace"
+        ));
     }
+    Ok(PathBuf::from(text))
 }
 
 /// A duration such as `30s`, `500ms` or `2m`: more than 0 and at most
 /// [`MAX_DURATION`]. Zero would make every wait fail at once, and a huge value would
 /// overflow the deadline it is added to.
-fn duration(
-    value: &Option<String>,
-    flag: &'static str,
-    origin: &dyn Fn(&'static str) -> Source,
-) -> Result<Option<Duration>, ConfigError> {
-    let Some(text) = value else { return Ok(None) };
-    let error = |problem: String| ConfigError::FromSource {
-        flag,
-        input: text.clone(),
-        origin: origin(flag).describe(flag),
-        problem,
-    };
+fn duration(text: &str) -> Result<Duration, String> {
     let parsed = humantime::parse_duration(text.trim()).map_err(|err| {
-        error(format!(
-            "is not a duration ({err}): expected e.g. 30s, 500ms or 2m"
-        ))
+        format!("{text:?} is not a duration ({err}): expected e.g. 30s, 500ms or 2m")
     })?;
     if parsed.is_zero() || parsed > MAX_DURATION {
-        return Err(error(
-            "is out of range: expected more than 0 and at most 1day".to_string(),
+        return Err(format!(
+            "{text:?} is out of range: expected more than 0 and at most 1day"
         ));
     }
-    Ok(Some(parsed))
+    Ok(parsed)
 }
 
-fn port(value: &Option<String>, flag: &'static str) -> Result<Option<u16>, ConfigError> {
-    let Some(text) = value else { return Ok(None) };
+fn port(text: &str) -> Result<u16, String> {
     match text.trim().parse::<meshinit_rules::PortRange>() {
-        Ok(range) if range.is_single() => Ok(Some(range.lo)),
-        Ok(_) => Err(bad(flag, text, "a single port from 1 to 65535")),
-        Err(error) => Err(ConfigError::Spec { flag, error }),
+        Ok(range) if range.is_single() => Ok(range.lo),
+        Ok(_) => Err("expected a single port from 1 to 65535".to_string()),
+        Err(error) => Err(error.to_string()),
     }
 }
 
-fn id(value: &Option<String>, flag: &'static str) -> Result<Option<u32>, ConfigError> {
-    let Some(text) = value else { return Ok(None) };
+fn id(text: &str) -> Result<u32, String> {
     text.trim()
         .parse::<u32>()
-        .map(Some)
-        .map_err(|_| bad(flag, text, "a numeric id from 0 to 4294967295"))
+        .map_err(|_| "expected a numeric id from 0 to 4294967295".to_string())
 }
 
-fn ports(value: &Option<String>, flag: &'static str) -> Result<Option<PortSet>, ConfigError> {
-    value
-        .as_deref()
-        .map(|text| {
-            text.parse()
-                .map_err(|error| ConfigError::Spec { flag, error })
-        })
-        .transpose()
-}
-
-fn subnets(value: &Option<String>, flag: &'static str) -> Result<SubnetList, ConfigError> {
-    value
-        .as_deref()
-        .map(|text| {
-            text.parse()
-                .map_err(|error| ConfigError::Spec { flag, error })
-        })
-        .transpose()
-        .map(Option::unwrap_or_default)
-}
-
-fn boolean(value: &Option<String>, flag: &'static str) -> Result<Option<bool>, ConfigError> {
-    let Some(text) = value else { return Ok(None) };
+fn boolean(text: &str) -> Result<bool, String> {
     match text.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" => Ok(Some(true)),
-        "false" | "0" | "no" => Ok(Some(false)),
-        _ => Err(bad(flag, text, "true or false")),
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err("expected true or false".to_string()),
+    }
+}
+
+fn log_format(text: &str) -> Result<LogFormat, String> {
+    match text {
+        "plain" => Ok(LogFormat::Plain),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected plain or json".to_string()),
     }
 }
 
 /// `--backend` wins over its alias `--iptables-mode`; both unset means auto.
-fn backend(backend: &Option<String>, mode: &Option<String>) -> Result<BackendChoice, ConfigError> {
-    if let Some(name) = backend {
-        return match name.trim() {
-            "auto" => Ok(BackendChoice::Auto),
-            "nft" => Ok(BackendChoice::Nft),
-            "iptables-nft" => Ok(BackendChoice::IptablesNft),
-            "iptables-legacy" => Ok(BackendChoice::IptablesLegacy),
-            _ => Err(bad(
-                "backend",
-                name,
-                "nft, iptables-nft, iptables-legacy or auto",
-            )),
-        };
+fn backend(s: &Sources<'_>) -> Result<BackendChoice, SettingError> {
+    let backend = s.get("backend", |name| match name.trim() {
+        "auto" => Ok(BackendChoice::Auto),
+        "nft" => Ok(BackendChoice::Nft),
+        "iptables-nft" => Ok(BackendChoice::IptablesNft),
+        "iptables-legacy" => Ok(BackendChoice::IptablesLegacy),
+        _ => Err("expected nft, iptables-nft, iptables-legacy or auto".to_string()),
+    })?;
+    if let Some(backend) = backend {
+        return Ok(backend);
     }
-    match mode.as_deref().map(str::trim) {
-        None => Ok(BackendChoice::Auto),
-        Some("nft") => Ok(BackendChoice::IptablesNft),
-        Some("legacy") => Ok(BackendChoice::IptablesLegacy),
-        Some(other) => Err(bad("iptables-mode", other, "legacy or nft")),
-    }
+    let mode = s.get("iptables_mode", |mode| match mode.trim() {
+        "nft" => Ok(BackendChoice::IptablesNft),
+        "legacy" => Ok(BackendChoice::IptablesLegacy),
+        _ => Err("expected legacy or nft".to_string()),
+    })?;
+    Ok(mode.unwrap_or(BackendChoice::Auto))
 }
 
 #[cfg(test)]

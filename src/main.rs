@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
@@ -12,6 +11,7 @@ use meshinit::cli::{Cli, Command};
 use meshinit::commands::Failure;
 use meshinit::config::{Config, LogFormat};
 use meshinit::{cni, commands};
+use meshinit_settings::{Program, Report};
 
 fn main() -> ExitCode {
     // Run as `meshinit-cni` (the name a conflist's "type" gives, usually a
@@ -22,7 +22,12 @@ fn main() -> ExitCode {
     if cni::invoked_as_plugin(std::env::args_os().next().as_deref()) {
         return run_cni();
     }
-    let cli = Cli::parse();
+    // `--ipv6 false` (a space, like every other flag) as well as `--ipv6=false`.
+    let args = meshinit_settings::join_bool_values(
+        std::env::args_os(),
+        &meshinit_settings::bool_flags(&Cli::command()),
+    );
+    let cli = Cli::parse_from(args);
     match cli.command {
         Some(Command::Completions { shell }) => {
             let mut command = Cli::command();
@@ -60,12 +65,12 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(Failure::BadInput(err)) => {
-            tracing::error!("{err:#}");
+            tracing::error!("{}", Report(err.as_ref()));
             tracing::error!("nothing was changed");
             ExitCode::from(2)
         }
         Err(Failure::Apply(err)) => {
-            tracing::error!("{err:#}");
+            tracing::error!("{}", Report(err.as_ref()));
             ExitCode::from(1)
         }
     }
@@ -107,15 +112,9 @@ fn load(cli: &Cli, env: &HashMap<String, String>) -> Result<Config, Failure> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHINIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Plain => builder.without_time().init(),
-    }
+    let format = match format {
+        LogFormat::Json => meshinit_settings::LogFormat::Json,
+        LogFormat::Plain => meshinit_settings::LogFormat::Plain,
+    };
+    meshinit_settings::init_logging(Program::Meshinit, format);
 }

@@ -27,11 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use nix::errno::Errno;
-use nix::sys::socket::{getsockopt, sockopt, SockaddrIn, SockaddrIn6};
 use nix::unistd::{Gid, Uid};
 use thiserror::Error;
 
-use crate::cli::ValidateArgs;
 use crate::commands::Failure;
 use crate::config::Config;
 
@@ -77,8 +75,8 @@ fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> ValidateError {
 }
 
 /// Runs the validation in the current namespace (already entered with `--netns`).
-pub fn run(config: &Config, args: &ValidateArgs) -> Result<ExitCode, Failure> {
-    let uid = args.validate_uid;
+pub fn run(config: &Config) -> Result<ExitCode, Failure> {
+    let uid = config.validate_uid;
     if Some(uid) == config.spec.proxy_uid || Some(uid) == config.spec.proxy_gid {
         return Err(Failure::BadInput(anyhow!(
             "--validate-uid {uid}: the proxy's UID/GID is exempt from redirection, so a test as {uid} proves nothing; use another (default 65534)"
@@ -92,11 +90,11 @@ pub fn run(config: &Config, args: &ValidateArgs) -> Result<ExitCode, Failure> {
     }
     let port = config.spec.outgoing_proxy_port;
     let timeout = config.validate_timeout;
-    match validate(args.validate_addr, port, uid, timeout) {
+    match validate(config.validate_addr, port, uid, timeout) {
         Ok(()) => {
             println!(
                 "ok: a connection to {} was redirected to port {port} with the right original destination",
-                args.validate_addr
+                config.validate_addr
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -243,12 +241,5 @@ fn accept(listeners: &[(TcpListener, bool)], deadline: Instant) -> Option<(TcpSt
 }
 
 fn original_dst(stream: &TcpStream, v6: bool) -> io::Result<SocketAddr> {
-    let addr = if v6 {
-        let raw = getsockopt(stream, sockopt::Ip6tOriginalDst)?;
-        SocketAddr::V6(SockaddrIn6::from(raw).into())
-    } else {
-        let raw = getsockopt(stream, sockopt::OriginalDst)?;
-        SocketAddr::V4(SockaddrIn::from(raw).into())
-    };
-    Ok(addr)
+    meshinit_settings::original_dst(stream, v6)
 }

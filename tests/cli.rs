@@ -142,14 +142,11 @@ fn bad_input_exits_2_naming_the_value() {
             &["--config", "/nonexistent/meshinit.toml"],
             "/nonexistent/meshinit.toml",
         ),
-        (
-            &["--netns", ""],
-            "--netns: \"\" (from flag --netns) is empty",
-        ),
+        (&["--netns", ""], "--netns: \"\" is empty"),
         (&["apply", "--lock-timeout", "0s"], "\"0s\""),
         (
             &["validate", "--validate-timeout", "500000000000years"],
-            "\"500000000000years\" (from flag --validate-timeout) is out of range",
+            "--validate-timeout: \"500000000000years\" is out of range",
         ),
         (&["cleanup", "--lock-timeout=2days"], "\"2days\""),
     ];
@@ -173,7 +170,7 @@ fn a_bad_duration_in_the_environment_names_the_variable() {
         .expect("run meshinit");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("(from env MESHINIT_VALIDATE_TIMEOUT) is out of range"),
+        stderr(&out).contains("MESHINIT_VALIDATE_TIMEOUT: \"500000000000years\" is out of range"),
         "{}",
         stderr(&out)
     );
@@ -261,4 +258,45 @@ fn completions_and_man_page_come_from_the_flags() {
     let page = stdout(&out);
     assert!(page.contains(".TH meshinit 1"), "{page}");
     assert!(page.contains("subnets\\-to\\-ignore"), "{page}");
+}
+
+/// A boolean flag takes its value after a space like every other flag (`--ipv6 false`),
+/// as well as after `=`; standing alone it still means true, also before a subcommand.
+#[test]
+fn ipv6_false_with_a_space_leaves_ipv6_out() {
+    for args in [
+        &["show", "--ipv6", "false", "--backend", "iptables-nft"][..],
+        &["show", "--ipv6=false", "--backend", "iptables-nft"],
+        &["--ipv6", "false", "show", "--backend", "iptables-nft"],
+    ] {
+        let out = meshinit(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert!(
+            !stdout(&out).contains("ip6tables"),
+            "{args:?}: {}",
+            stdout(&out)
+        );
+    }
+    let out = meshinit(&["--ipv6", "show", "--backend", "iptables-nft"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("ip6tables"), "{}", stdout(&out));
+    let out = meshinit(&["--dry-run", "show"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A bad value in the environment or the file names the variable or the file's key,
+/// not the flag.
+#[test]
+fn a_bad_port_list_names_the_variable_or_the_file_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshinit"))
+        .args(["show"])
+        .env("MESHINIT_OUTBOUND_PORTS_TO_IGNORE", "70000")
+        .output()
+        .expect("run meshinit");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("MESHINIT_OUTBOUND_PORTS_TO_IGNORE: invalid port \"70000\""),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -131,7 +131,10 @@ impl MeshProxy<'_> {
         let response = self.ns.run(|| -> io::Result<String> {
             let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(stream, "GET {path} HTTP/1.1\r\nHost: meshproxy\r\n\r\n")?;
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: meshproxy\r\nConnection: close\r\n\r\n"
+            )?;
             let mut response = String::new();
             stream.read_to_string(&mut response)?;
             Ok(response)

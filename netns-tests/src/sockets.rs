@@ -1,16 +1,14 @@
 //! Real TCP sockets inside a namespace, and the original destination a redirect leaves.
 
 use std::io;
-use std::net::{
-    Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
-};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
-    bind, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
-    SockType, SockaddrIn, SockaddrIn6,
+    bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    SockaddrIn, SockaddrIn6,
 };
 
 use crate::bins::netns_probe_bin;
@@ -177,23 +175,7 @@ fn landed_within<'a>(listeners: &[&'a Listener], timeout: Duration) -> Option<(&
 /// The original destination of a redirected (or merely conntracked) connection:
 /// `SO_ORIGINAL_DST` for IPv4, `IP6T_SO_ORIGINAL_DST` for IPv6.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
-    if stream.local_addr()?.is_ipv4() {
-        let sa = getsockopt(stream, sockopt::OriginalDst)?;
-        let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
-        Ok(SocketAddr::V4(SocketAddrV4::new(
-            ip,
-            u16::from_be(sa.sin_port),
-        )))
-    } else {
-        let sa = getsockopt(stream, sockopt::Ip6tOriginalDst)?;
-        let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
-        Ok(SocketAddr::V6(SocketAddrV6::new(
-            ip,
-            u16::from_be(sa.sin6_port),
-            sa.sin6_flowinfo,
-            sa.sin6_scope_id,
-        )))
-    }
+    meshinit_settings::original_dst(stream, stream.local_addr()?.is_ipv6())
 }
 
 /// Binds `addr`, retrying for a moment while it is in use. A listener that a test just

@@ -9,104 +9,98 @@
 //! value gets the same error whichever source it came from, naming that source.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
-use serde::Deserialize;
+use meshinit_settings::{File, FileError, SettingError, Sources};
 
 use crate::identity::IdentityFiles;
 
-/// The command-line flags of the proxy, as given (not yet merged or parsed).
-///
-/// Every value is kept as the raw string so that [`Config::from_sources`] can tell "not
-/// given" from "given" and apply the precedence itself. Defaults are listed in the help.
-#[derive(clap::Args, Clone, Debug, Default)]
-pub struct ProxyArgs {
-    /// TOML file with the same settings as the flags, keys in snake_case.
-    #[arg(long, value_name = "PATH", help_heading = "Configuration")]
-    pub config: Option<PathBuf>,
-
-    /// Inbound listeners, comma-separated [default: 0.0.0.0:4143,[::]:4143].
-    #[arg(long, value_name = "ADDRS", help_heading = "Listeners")]
-    pub inbound_addr: Option<String>,
-    /// Outbound listeners, comma-separated [default: 127.0.0.1:4140,[::1]:4140].
-    #[arg(long, value_name = "ADDRS", help_heading = "Listeners")]
-    pub outbound_addr: Option<String>,
-    /// Admin listener for /metrics, /ready and /live [default: 0.0.0.0:4191].
-    #[arg(long, value_name = "ADDR", help_heading = "Listeners")]
-    pub admin_addr: Option<String>,
-
-    /// Ports forwarded without protocol detection, `N` or `LO-HI`, comma-separated
-    /// [default: 25,587,3306,4444,5432,6379,9300,11211].
-    #[arg(long, value_name = "PORTS", help_heading = "Protocol detection")]
-    pub opaque_ports: Option<String>,
-    /// Opaque ports for inbound connections only; overrides --opaque-ports.
-    #[arg(long, value_name = "PORTS", help_heading = "Protocol detection")]
-    pub inbound_opaque_ports: Option<String>,
-    /// Opaque ports for outbound connections only; overrides --opaque-ports.
-    #[arg(long, value_name = "PORTS", help_heading = "Protocol detection")]
-    pub outbound_opaque_ports: Option<String>,
-    /// How long to wait for the client's first bytes before forwarding as opaque TCP
-    /// [default: 10s].
-    #[arg(long, value_name = "DURATION", help_heading = "Protocol detection")]
-    pub detect_timeout: Option<String>,
-
-    /// Most connections open at once, per direction (inbound and outbound each have
-    /// this many); more are closed at accept [default: 16384].
-    #[arg(long, value_name = "N", help_heading = "Limits")]
-    pub max_connections: Option<String>,
-    /// Most connections still in protocol detection (or, on the inbound port, still
-    /// without a TLS ClientHello), per direction; more are closed [default: 4096].
-    #[arg(long, value_name = "N", help_heading = "Limits")]
-    pub max_detecting: Option<String>,
-    /// How long a direct mTLS client of the inbound port may take to send its
-    /// ClientHello, and an mTLS handshake with its transport header to complete
-    /// [default: 10s].
-    #[arg(long, value_name = "DURATION", help_heading = "Limits")]
-    pub handshake_timeout: Option<String>,
-
-    /// On SIGTERM/SIGINT, how long open connections may drain [default: 30s].
-    #[arg(long, value_name = "DURATION", help_heading = "Lifecycle")]
-    pub shutdown_grace: Option<String>,
-
-    /// The UID meshproxy is meant to run as, meshinit's --proxy-uid, whose traffic is
-    /// not redirected; a warning is logged at start-up when the effective UID differs
-    /// [default: 2102].
-    #[arg(long, value_name = "UID", help_heading = "Lifecycle")]
-    pub proxy_uid: Option<String>,
-    /// Metric label sets with no open connection for this long are dropped
-    /// [default: 10m].
-    #[arg(long, value_name = "DURATION", help_heading = "Metrics")]
-    pub metrics_retain_idle: Option<String>,
-
-    /// `plain` or `json` (one object per line) [default: plain].
-    #[arg(long, value_name = "FORMAT", help_heading = "Logging")]
-    pub log_format: Option<String>,
-
-    /// Our certificate (PEM, leaf first); its DNS SAN is our identity. With
-    /// --identity-key and --trust-anchors, enables mTLS [default: none, no mTLS].
-    #[arg(long, value_name = "PATH", help_heading = "Identity (mTLS)")]
-    pub identity_cert: Option<String>,
-    /// The private key of --identity-cert (PEM).
-    #[arg(long, value_name = "PATH", help_heading = "Identity (mTLS)")]
-    pub identity_key: Option<String>,
-    /// CA certificates (PEM) that peers' certificates must chain to.
-    #[arg(long, value_name = "PATH", help_heading = "Identity (mTLS)")]
-    pub trust_anchors: Option<String>,
-    /// TOML file of meshed destinations: `[[peer]]` tables with `net` (CIDR or
-    /// address) and `identity` [default: none, every destination is plaintext].
-    #[arg(long, value_name = "PATH", help_heading = "Identity (mTLS)")]
-    pub mesh_peers: Option<String>,
-    /// Inbound ports that refuse clients without a mesh identity, `N` or `LO-HI`,
-    /// comma-separated [default: empty].
-    #[arg(long, value_name = "PORTS", help_heading = "Identity (mTLS)")]
-    pub require_identity_ports: Option<String>,
-    /// The port meshed peers accept mTLS on, the peers' inbound port [default: 4143].
-    #[arg(long, value_name = "PORT", help_heading = "Identity (mTLS)")]
-    pub peer_inbound_port: Option<String>,
+meshinit_settings::settings! {
+    #[config(value_name = "PATH", help_heading = "Configuration")]
+    /// The command-line flags of the proxy, as given (not yet merged or parsed), each
+    /// setting declared once: its flag `--KEY-WITH-DASHES`, env var `MESHPROXY_KEY` and
+    /// TOML key `key` come from the name.
+    ///
+    /// Every value is kept as the raw string so that [`Config::from_sources`] can tell "not
+    /// given" from "given" and apply the precedence itself. Defaults are listed in the help.
+    /// Adding a setting: one entry here, then parse it in `Config::from_sources` with
+    /// `sources.get("key", parser)`.
+    pub struct ProxyArgs {
+        /// Inbound listeners, comma-separated [default: 0.0.0.0:4143,[::]:4143].
+        #[setting(value_name = "ADDRS", help_heading = "Listeners")]
+        inbound_addr,
+        /// Outbound listeners, comma-separated [default: 127.0.0.1:4140,[::1]:4140].
+        #[setting(value_name = "ADDRS", help_heading = "Listeners")]
+        outbound_addr,
+        /// Admin listener for /metrics, /ready and /live [default: 0.0.0.0:4191].
+        #[setting(value_name = "ADDR", help_heading = "Listeners")]
+        admin_addr,
+        /// Ports forwarded without protocol detection, `N` or `LO-HI`, comma-separated
+        /// [default: 25,587,3306,4444,5432,6379,9300,11211].
+        #[setting(value_name = "PORTS", help_heading = "Protocol detection")]
+        opaque_ports,
+        /// Opaque ports for inbound connections only; overrides --opaque-ports.
+        #[setting(value_name = "PORTS", help_heading = "Protocol detection")]
+        inbound_opaque_ports,
+        /// Opaque ports for outbound connections only; overrides --opaque-ports.
+        #[setting(value_name = "PORTS", help_heading = "Protocol detection")]
+        outbound_opaque_ports,
+        /// How long to wait for the client's first bytes before forwarding as opaque TCP
+        /// [default: 10s].
+        #[setting(value_name = "DURATION", help_heading = "Protocol detection")]
+        detect_timeout,
+        /// Most connections open at once, per direction (inbound and outbound each have
+        /// this many); more are closed at accept [default: 16384].
+        #[setting(value_name = "N", help_heading = "Limits")]
+        max_connections,
+        /// Most connections still in protocol detection (or, on the inbound port, still
+        /// without a TLS ClientHello), per direction; more are closed [default: 4096].
+        #[setting(value_name = "N", help_heading = "Limits")]
+        max_detecting,
+        /// How long a direct mTLS client of the inbound port may take to send its
+        /// ClientHello, and an mTLS handshake with its transport header to complete
+        /// [default: 10s].
+        #[setting(value_name = "DURATION", help_heading = "Limits")]
+        handshake_timeout,
+        /// On SIGTERM/SIGINT, how long open connections may drain [default: 30s].
+        #[setting(value_name = "DURATION", help_heading = "Lifecycle")]
+        shutdown_grace,
+        /// The UID meshproxy is meant to run as, meshinit's --proxy-uid, whose traffic is
+        /// not redirected; a warning is logged at start-up when the effective UID differs
+        /// [default: 2102].
+        #[setting(value_name = "UID", help_heading = "Lifecycle")]
+        proxy_uid,
+        /// Metric label sets with no open connection for this long are dropped
+        /// [default: 10m].
+        #[setting(value_name = "DURATION", help_heading = "Metrics")]
+        metrics_retain_idle,
+        /// `plain` or `json` (one object per line) [default: plain].
+        #[setting(value_name = "FORMAT", help_heading = "Logging")]
+        log_format,
+        /// Our certificate (PEM, leaf first); its DNS SAN is our identity. With
+        /// --identity-key and --trust-anchors, enables mTLS [default: none, no mTLS].
+        #[setting(value_name = "PATH", help_heading = "Identity (mTLS)")]
+        identity_cert,
+        /// The private key of --identity-cert (PEM).
+        #[setting(value_name = "PATH", help_heading = "Identity (mTLS)")]
+        identity_key,
+        /// CA certificates (PEM) that peers' certificates must chain to.
+        #[setting(value_name = "PATH", help_heading = "Identity (mTLS)")]
+        trust_anchors,
+        /// TOML file of meshed destinations: `[[peer]]` tables with `net` (CIDR or
+        /// address) and `identity` [default: none, every destination is plaintext].
+        #[setting(value_name = "PATH", help_heading = "Identity (mTLS)")]
+        mesh_peers,
+        /// Inbound ports that refuse clients without a mesh identity, `N` or `LO-HI`,
+        /// comma-separated [default: empty].
+        #[setting(value_name = "PORTS", help_heading = "Identity (mTLS)")]
+        require_identity_ports,
+        /// The port meshed peers accept mTLS on, the peers' inbound port [default: 4143].
+        #[setting(value_name = "PORT", help_heading = "Identity (mTLS)")]
+        peer_inbound_port,
+    }
 }
 
 /// The merged, validated configuration of the proxy.
@@ -206,137 +200,16 @@ pub enum LogFormat {
 /// source it came from, and what would be valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("invalid value {input:?} for {origin}: {expected}")]
-    Invalid {
-        origin: Origin,
-        input: String,
-        expected: String,
-    },
-    #[error("invalid config file: {message}")]
-    Toml { message: String },
+    #[error(transparent)]
+    Setting(#[from] SettingError),
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{message}")]
     Inconsistent { message: String },
 }
 
-/// Where a setting's value came from, for error messages.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Origin {
-    Flag(&'static str),
-    Env(&'static str),
-    File(&'static str),
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::Flag(flag) => write!(f, "--{flag}"),
-            Origin::Env(flag) => write!(f, "env {}", env_var(flag)),
-            Origin::File(flag) => write!(f, "config file key {}", toml_key(flag)),
-        }
-    }
-}
-
-/// The env var of a flag: `detect-timeout` -> `MESHPROXY_DETECT_TIMEOUT`.
-fn env_var(flag: &str) -> String {
-    format!("MESHPROXY_{}", flag.to_uppercase().replace('-', "_"))
-}
-
-/// The TOML key of a flag: `detect-timeout` -> `detect_timeout`.
-fn toml_key(flag: &str) -> String {
-    flag.replace('-', "_")
-}
-
-/// The TOML file. Unknown keys are an error: a typo in an opaque-port list would
-/// otherwise silently fall back to the default.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    inbound_addr: Option<FileValue>,
-    outbound_addr: Option<FileValue>,
-    admin_addr: Option<FileValue>,
-    opaque_ports: Option<FileValue>,
-    inbound_opaque_ports: Option<FileValue>,
-    outbound_opaque_ports: Option<FileValue>,
-    detect_timeout: Option<FileValue>,
-    max_connections: Option<FileValue>,
-    max_detecting: Option<FileValue>,
-    handshake_timeout: Option<FileValue>,
-    shutdown_grace: Option<FileValue>,
-    proxy_uid: Option<FileValue>,
-    metrics_retain_idle: Option<FileValue>,
-    log_format: Option<FileValue>,
-    identity_cert: Option<FileValue>,
-    identity_key: Option<FileValue>,
-    trust_anchors: Option<FileValue>,
-    mesh_peers: Option<FileValue>,
-    require_identity_ports: Option<FileValue>,
-    peer_inbound_port: Option<FileValue>,
-}
-
-/// A TOML value: a string, an integer, or (for lists) an array of either.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum FileValue {
-    Scalar(FileScalar),
-    List(Vec<FileScalar>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum FileScalar {
-    Int(i64),
-    Str(String),
-}
-
-impl FileValue {
-    /// The value as the flag would have spelled it (arrays join with commas).
-    fn to_flag_string(&self) -> String {
-        fn scalar(s: &FileScalar) -> String {
-            match s {
-                FileScalar::Int(n) => n.to_string(),
-                FileScalar::Str(s) => s.clone(),
-            }
-        }
-        match self {
-            FileValue::Scalar(s) => scalar(s),
-            FileValue::List(items) => items.iter().map(scalar).collect::<Vec<_>>().join(","),
-        }
-    }
-}
-
-/// The three sources of one configuration, looked up setting by setting.
-struct Sources<'a> {
-    env: &'a HashMap<String, String>,
-    file: FileConfig,
-}
-
-impl Sources<'_> {
-    /// The value of one setting by precedence, parsed; `None` when no source sets it.
-    fn resolve<T>(
-        &self,
-        flag: &'static str,
-        from_flag: Option<&String>,
-        from_file: Option<&FileValue>,
-        parse: fn(&str) -> Result<T, String>,
-    ) -> Result<Option<T>, ConfigError> {
-        let (origin, input) = if let Some(v) = from_flag {
-            (Origin::Flag(flag), v.clone())
-        } else if let Some(v) = self.env.get(&env_var(flag)) {
-            (Origin::Env(flag), v.clone())
-        } else if let Some(v) = from_file {
-            (Origin::File(flag), v.to_flag_string())
-        } else {
-            return Ok(None);
-        };
-        parse(&input)
-            .map(Some)
-            .map_err(|expected| ConfigError::Invalid {
-                origin,
-                input,
-                expected,
-            })
-    }
-}
+/// The prefix of meshproxy's environment variables: `MESHPROXY_DETECT_TIMEOUT`.
+pub const ENV_PREFIX: &str = "MESHPROXY";
 
 impl Config {
     /// Merges the three sources: `args` (flags), `env` (the process environment, as a
@@ -346,165 +219,69 @@ impl Config {
         env: &HashMap<String, String>,
         toml: Option<&str>,
     ) -> Result<Config, ConfigError> {
+        // The file's name in messages: the path when known, as `main` reads it.
+        let path = Config::file_path(args, env)
+            .map(|path| path.display().to_string())
+            .unwrap_or_else(|| "config file".to_string());
         let file = match toml {
-            Some(text) => toml::from_str(text).map_err(|e| ConfigError::Toml {
-                message: e.to_string(),
-            })?,
-            None => FileConfig::default(),
+            Some(text) => Some(File::parse(&path, text, ProxyArgs::ALL)?),
+            None => None,
         };
-        let s = Sources { env, file };
-        let f = &s.file;
-        let a = args;
+        let s = Sources::new(ENV_PREFIX, args.values(), env, file);
 
         let inbound_addrs = s
-            .resolve(
-                "inbound-addr",
-                a.inbound_addr.as_ref(),
-                f.inbound_addr.as_ref(),
-                parse_addrs,
-            )?
+            .get("inbound_addr", parse_addrs)?
             .unwrap_or_else(|| default(parse_addrs, DEFAULT_INBOUND_ADDRS));
         let outbound_addrs = s
-            .resolve(
-                "outbound-addr",
-                a.outbound_addr.as_ref(),
-                f.outbound_addr.as_ref(),
-                parse_addrs,
-            )?
+            .get("outbound_addr", parse_addrs)?
             .unwrap_or_else(|| default(parse_addrs, DEFAULT_OUTBOUND_ADDRS));
         let admin_addr = s
-            .resolve(
-                "admin-addr",
-                a.admin_addr.as_ref(),
-                f.admin_addr.as_ref(),
-                parse_addr,
-            )?
+            .get("admin_addr", parse_addr)?
             .unwrap_or_else(|| default(parse_addr, DEFAULT_ADMIN_ADDR));
 
         // Each list is resolved with its own precedence; a direction-specific list, from
         // any source, then overrides the shared one for its direction.
         let opaque_ports = s
-            .resolve(
-                "opaque-ports",
-                a.opaque_ports.as_ref(),
-                f.opaque_ports.as_ref(),
-                PortSet::parse,
-            )?
-            .unwrap_or_else(|| default(PortSet::parse, DEFAULT_OPAQUE_PORTS));
+            .get("opaque_ports", parse_ports)?
+            .unwrap_or_else(|| default(parse_ports, DEFAULT_OPAQUE_PORTS));
         let inbound_opaque_ports = s
-            .resolve(
-                "inbound-opaque-ports",
-                a.inbound_opaque_ports.as_ref(),
-                f.inbound_opaque_ports.as_ref(),
-                PortSet::parse,
-            )?
+            .get("inbound_opaque_ports", parse_ports)?
             .unwrap_or_else(|| opaque_ports.clone());
         let outbound_opaque_ports = s
-            .resolve(
-                "outbound-opaque-ports",
-                a.outbound_opaque_ports.as_ref(),
-                f.outbound_opaque_ports.as_ref(),
-                PortSet::parse,
-            )?
+            .get("outbound_opaque_ports", parse_ports)?
             .unwrap_or(opaque_ports);
 
         let detect_timeout = s
-            .resolve(
-                "detect-timeout",
-                a.detect_timeout.as_ref(),
-                f.detect_timeout.as_ref(),
-                parse_duration,
-            )?
+            .get("detect_timeout", parse_duration)?
             .unwrap_or(DEFAULT_DETECT_TIMEOUT);
         let shutdown_grace = s
-            .resolve(
-                "shutdown-grace",
-                a.shutdown_grace.as_ref(),
-                f.shutdown_grace.as_ref(),
-                parse_duration,
-            )?
+            .get("shutdown_grace", parse_duration)?
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
         let max_connections = s
-            .resolve(
-                "max-connections",
-                a.max_connections.as_ref(),
-                f.max_connections.as_ref(),
-                parse_cap,
-            )?
+            .get("max_connections", parse_cap)?
             .unwrap_or(DEFAULT_MAX_CONNECTIONS);
         let max_detecting = s
-            .resolve(
-                "max-detecting",
-                a.max_detecting.as_ref(),
-                f.max_detecting.as_ref(),
-                parse_cap,
-            )?
+            .get("max_detecting", parse_cap)?
             .unwrap_or(DEFAULT_MAX_DETECTING);
         let handshake_timeout = s
-            .resolve(
-                "handshake-timeout",
-                a.handshake_timeout.as_ref(),
-                f.handshake_timeout.as_ref(),
-                parse_duration,
-            )?
+            .get("handshake_timeout", parse_duration)?
             .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
-        let proxy_uid = s
-            .resolve(
-                "proxy-uid",
-                a.proxy_uid.as_ref(),
-                f.proxy_uid.as_ref(),
-                parse_uid,
-            )?
-            .unwrap_or(DEFAULT_PROXY_UID);
+        let proxy_uid = s.get("proxy_uid", parse_uid)?.unwrap_or(DEFAULT_PROXY_UID);
         let metrics_retain_idle = s
-            .resolve(
-                "metrics-retain-idle",
-                a.metrics_retain_idle.as_ref(),
-                f.metrics_retain_idle.as_ref(),
-                parse_duration,
-            )?
+            .get("metrics_retain_idle", parse_duration)?
             .unwrap_or(DEFAULT_METRICS_RETAIN_IDLE);
-        let log_format = s
-            .resolve(
-                "log-format",
-                a.log_format.as_ref(),
-                f.log_format.as_ref(),
-                parse_log_format,
-            )?
-            .unwrap_or_default();
+        let log_format = s.get("log_format", parse_log_format)?.unwrap_or_default();
 
-        let path = |flag, from_flag, from_file| s.resolve(flag, from_flag, from_file, parse_path);
-        let identity_cert = path(
-            "identity-cert",
-            a.identity_cert.as_ref(),
-            f.identity_cert.as_ref(),
-        )?;
-        let identity_key = path(
-            "identity-key",
-            a.identity_key.as_ref(),
-            f.identity_key.as_ref(),
-        )?;
-        let trust_anchors = path(
-            "trust-anchors",
-            a.trust_anchors.as_ref(),
-            f.trust_anchors.as_ref(),
-        )?;
-        let mesh_peers = path("mesh-peers", a.mesh_peers.as_ref(), f.mesh_peers.as_ref())?;
+        let path = |key| s.get(key, parse_path);
+        let identity_cert = path("identity_cert")?;
+        let identity_key = path("identity_key")?;
+        let trust_anchors = path("trust_anchors")?;
+        let mesh_peers = path("mesh_peers")?;
         let require_identity_ports = s
-            .resolve(
-                "require-identity-ports",
-                a.require_identity_ports.as_ref(),
-                f.require_identity_ports.as_ref(),
-                PortSet::parse,
-            )?
+            .get("require_identity_ports", parse_ports)?
             .unwrap_or_default();
         let peer_inbound_port = s
-            .resolve(
-                "peer-inbound-port",
-                a.peer_inbound_port.as_ref(),
-                f.peer_inbound_port.as_ref(),
-                parse_port,
-            )?
+            .get("peer_inbound_port", parse_port)?
             .unwrap_or(DEFAULT_PEER_INBOUND_PORT);
 
         // mTLS needs all three files; half an identity is a mistake, not "no mTLS".
@@ -568,7 +345,7 @@ impl Config {
     pub fn file_path(args: &ProxyArgs, env: &HashMap<String, String>) -> Option<PathBuf> {
         args.config
             .clone()
-            .or_else(|| env.get(&env_var("config")).map(PathBuf::from))
+            .or_else(|| env.get(&format!("{ENV_PREFIX}_CONFIG")).map(PathBuf::from))
     }
 }
 
@@ -655,73 +432,15 @@ fn parse_log_format(input: &str) -> Result<LogFormat, String> {
     }
 }
 
-/// A set of TCP ports, written `N` or `LO-HI`, comma-separated. Empty is allowed: it
-/// means no port is opaque.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PortSet {
-    /// Inclusive ranges, sorted and merged.
-    ranges: Vec<(u16, u16)>,
-}
+/// A set of ports (`25,587,9000-9010`): meshinit's own type, so both binaries take a
+/// port list the same way (an empty item such as `80,,81` is refused as a likely typo).
+pub use meshinit_rules::PortSet;
 
-impl PortSet {
-    /// Whether `port` is in the set.
-    pub fn contains(&self, port: u16) -> bool {
-        self.ranges
-            .iter()
-            .any(|&(lo, hi)| (lo..=hi).contains(&port))
-    }
-
-    fn parse(input: &str) -> Result<PortSet, String> {
-        let mut ranges = Vec::new();
-        for item in input.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let bad = || format!("{item:?} is not a port (1-65535) or a range LO-HI");
-            let port = |s: &str| match s.trim().parse::<u16>() {
-                Ok(p) if p != 0 => Ok(p),
-                _ => Err(bad()),
-            };
-            let range = match item.split_once('-') {
-                Some((lo, hi)) => (port(lo)?, port(hi)?),
-                None => (port(item)?, port(item)?),
-            };
-            if range.0 > range.1 {
-                return Err(format!("range {item:?} has LO greater than HI"));
-            }
-            ranges.push(range);
-        }
-        ranges.sort_unstable();
-        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
-        for (lo, hi) in ranges {
-            match merged.last_mut() {
-                Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
-                _ => merged.push((lo, hi)),
-            }
-        }
-        Ok(PortSet { ranges: merged })
-    }
-}
-
-impl FromStr for PortSet {
-    type Err = String;
-
-    fn from_str(input: &str) -> Result<PortSet, String> {
-        PortSet::parse(input)
-    }
-}
-
-impl fmt::Display for PortSet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, &(lo, hi)) in self.ranges.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            if lo == hi {
-                write!(f, "{lo}")?;
-            } else {
-                write!(f, "{lo}-{hi}")?;
-            }
-        }
-        Ok(())
-    }
+/// A port list for [`Sources::get`]; the error quotes the bad item.
+fn parse_ports(input: &str) -> Result<PortSet, String> {
+    input
+        .parse()
+        .map_err(|error: meshinit_rules::SpecError| error.to_string())
 }
 
 #[cfg(test)]

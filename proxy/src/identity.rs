@@ -27,7 +27,9 @@ use rustls::{ClientConfig, ServerConfig};
 use crate::reload::Watched;
 use crate::tls::{self, TlsError};
 
-pub use self::dev_ca::{issue, new_ca, new_ca_replacing, DevCaError, Issued};
+pub use self::dev_ca::{
+    issue, issue_owned, new_ca, new_ca_replacing, BadOwner, DevCaError, Issued, Owner,
+};
 pub(crate) use self::name::same as same_name;
 pub use self::name::{check as check_name, InvalidName};
 

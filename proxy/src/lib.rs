@@ -63,8 +63,8 @@ pub use crate::detect::{detect, ClientHello, Detected, Detection, Protocol, MAX_
 pub use crate::duplex::{duplex, duplex_tcp, Counters, DuplexError, Side, Totals};
 pub use crate::forward::{connect, Forwarder, ForwarderError};
 pub use crate::identity::{
-    check_name as check_identity_name, issue, new_ca, new_ca_replacing, DevCaError, Identity,
-    IdentityError, IdentityFiles, IdentityWatch, InvalidName, Issued,
+    check_name as check_identity_name, issue, issue_owned, new_ca, new_ca_replacing, BadOwner,
+    DevCaError, Identity, IdentityError, IdentityFiles, IdentityWatch, InvalidName, Issued, Owner,
 };
 pub use crate::mesh_peers::{MeshPeers, MeshPeersError};
 pub use crate::metrics::{Direction, Metrics};

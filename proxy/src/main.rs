@@ -4,12 +4,12 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
+use meshinit_settings::{Program, Report};
 use meshproxy::{Config, LogFormat, ProxyArgs};
 
 /// Sidecar proxy for meshinit: forwards redirected TCP connections to their original
@@ -82,11 +82,20 @@ enum IdentityCommand {
         /// Where to write NAME.crt and NAME.key [default: the CA directory].
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Give both files to this numeric owner (needs root): the key is mode 0600,
+        /// so the proxy reads it only as its owner, e.g. `--owner 2102:2102`.
+        #[arg(long, value_name = "UID[:GID]")]
+        owner: Option<meshproxy::Owner>,
     },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A boolean setting takes `true`/`false` after a space too, as in meshinit.
+    let args = meshinit_settings::join_bool_values(
+        std::env::args_os(),
+        &meshinit_settings::bool_flags(&Cli::command()),
+    );
+    let cli = Cli::parse_from(args);
     let args = match cli.command {
         Some(Command::Run(args)) => args,
         Some(Command::Identity(command)) => return identity(command),
@@ -113,7 +122,7 @@ fn main() -> ExitCode {
     let config = match load_config(&args, &env) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("meshproxy: {error:#}");
+            eprintln!("meshproxy: {}", Report(error.as_ref()));
             // Bad input: like meshinit, exit 2 and start nothing.
             return ExitCode::from(2);
         }
@@ -123,7 +132,7 @@ fn main() -> ExitCode {
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
+            tracing::error!("{}", Report(error.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -163,9 +172,14 @@ fn identity(command: IdentityCommand) -> ExitCode {
                 println!("{}", dir.join("ca.key").display());
             })
         }
-        IdentityCommand::Issue { ca, name, out } => {
+        IdentityCommand::Issue {
+            ca,
+            name,
+            out,
+            owner,
+        } => {
             let out = out.unwrap_or_else(|| ca.clone());
-            meshproxy::issue(&ca, &name, &out).map(|issued| {
+            meshproxy::issue_owned(&ca, &name, &out, owner).map(|issued| {
                 println!("{}", issued.cert.display());
                 println!("{}", issued.key.display());
             })
@@ -192,22 +206,16 @@ fn load_config(args: &ProxyArgs, env: &HashMap<String, String>) -> anyhow::Resul
     };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    Config::from_sources(args, env, Some(&text))
-        .with_context(|| format!("with config file {}", path.display()))
+    // The error names the file and the key itself.
+    Ok(Config::from_sources(args, env, Some(&text))?)
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Plain => builder.init(),
-        // One JSON object per line, fields at the top level, for log collectors.
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let format = match format {
+        LogFormat::Plain => meshinit_settings::LogFormat::Plain,
+        LogFormat::Json => meshinit_settings::LogFormat::Json,
+    };
+    meshinit_settings::init_logging(Program::Meshproxy, format);
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit, and warns when even that cannot

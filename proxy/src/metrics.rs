@@ -42,6 +42,9 @@
 //! original destination that is not an address of the pod) and `self_loop` (an original
 //! destination that is one of the proxy's own listeners).
 //!
+//! The standard process metrics (`process_cpu_seconds_total`, `process_open_fds`, ...):
+//! see `metrics/process`.
+//!
 //! `tls_handshake_failures_total{direction,reason}` counts failed mTLS handshakes:
 //! `reason` is `no_client_cert`, `untrusted` (no chain to the trust anchors),
 //! `wrong_identity` (a trusted certificate for another identity), `bad_alpn`,
@@ -64,6 +67,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
+
+mod process;
 
 use crate::detect::{Detected, Protocol};
 use crate::duplex::Counters;
@@ -328,6 +333,7 @@ impl Metrics {
         // `tcp_open`, `tcp_close`, `tcp_open_connections`, `tcp_read_bytes`,
         // `tcp_write_bytes`: see `ConnFamilies`.
         registry.register_collector(Box::new(ConnFamilies(conns.clone())));
+        registry.register_collector(Box::new(process::ProcessCollector));
         // prometheus-client appends `_total` to counters: `tcp_refused` is exposed as
         // `tcp_refused_total`.
         registry.register(

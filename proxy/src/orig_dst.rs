@@ -3,16 +3,15 @@
 //! When meshinit's nat rules redirect a connection to the proxy, the kernel rewrites
 //! its destination to our listener but keeps the original in the conntrack entry. We
 //! read it back with `getsockopt(SOL_IP, SO_ORIGINAL_DST)` for IPv4 and
-//! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` for IPv6 (both optname 80). nix wraps
-//! both calls, so this module needs no `unsafe`.
+//! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` for IPv6, through the project's one
+//! reader (`meshinit_settings::original_dst`, shared with meshinit's `validate`).
 //!
 //! It also answers whether an address is one of the namespace's own ([`is_local`]),
 //! which `route` asks of every inbound original destination.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr};
 
-use nix::sys::socket::{getsockopt, sockopt};
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpStream;
 
@@ -46,36 +45,18 @@ pub enum OrigDstError {
 pub fn original_dst(stream: &TcpStream) -> Result<SocketAddr, OrigDstError> {
     let local = stream.local_addr().map_err(OrigDstError::Addrs)?;
     let peer = stream.peer_addr().map_err(OrigDstError::Addrs)?;
-    let lookup = |source: nix::Error| OrigDstError::Lookup {
-        local,
-        peer,
-        source: io::Error::from(source),
-    };
     // Our IPv6 listeners are IPV6_V6ONLY, so the family of the local address says which
-    // table (iptables or ip6tables/nft ip6) holds the NAT record.
-    let original = match local {
-        SocketAddr::V4(_) => {
-            let sa = getsockopt(stream, sockopt::OriginalDst).map_err(lookup)?;
-            SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-                u16::from_be(sa.sin_port),
-            ))
+    // table (iptables or ip6tables/nft ip6) holds the NAT record. The flow label is
+    // dropped: with `net.ipv6.flowlabel_reflect=1` it is the client's, never 0, so a
+    // whole-`sockaddr_in6` comparison with our own address never matched and a
+    // connection to `[pod]:4143` was forwarded to the proxy itself, forever.
+    let original = meshinit_settings::original_dst(stream, local.is_ipv6()).map_err(|source| {
+        OrigDstError::Lookup {
+            local,
+            peer,
+            source,
         }
-        SocketAddr::V6(_) => {
-            let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(lookup)?;
-            // The kernel fills `sin6_flowinfo` with the accepted socket's flow label,
-            // which is not part of where the client meant to go: with
-            // `net.ipv6.flowlabel_reflect=1` it is the client's label, never 0, so a
-            // whole-`sockaddr_in6` comparison with our own address never matched and a
-            // connection to `[pod]:4143` was forwarded to the proxy itself, forever.
-            SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(sa.sin6_addr.s6_addr),
-                u16::from_be(sa.sin6_port),
-                0,
-                sa.sin6_scope_id,
-            ))
-        }
-    };
+    })?;
     if same_endpoint(original, local) {
         return Err(OrigDstError::NotRedirected { local, peer });
     }
@@ -133,6 +114,7 @@ pub fn nonlocal_bind_enabled() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddrV6;
     use tokio::net::TcpListener;
 
     /// Without redirect rules, loopback connections are either untracked (ENOENT) or

@@ -21,6 +21,14 @@
 //! opaque traffic, so an HTTP/1 header is `1A 02 0A 00` after the port and an opaque one
 //! ends after the port.
 //!
+//! Field 1000, `tls`, is meshproxy's own: a varint 1 when the outbound proxy detected a
+//! TLS ClientHello from its client (the application speaks TLS inside our mTLS). Linkerd's
+//! `SessionProtocol` has no TLS case, and the inbound proxy does not detect again, so
+//! without it the two proxies of one connection would label it `protocol="tls"` and
+//! `protocol="opaque"`. A field number far above Linkerd's keeps it apart from any field
+//! Linkerd may add; a Linkerd proxy skips it as an unknown field, and a header without it
+//! (Linkerd's) means "not detected as TLS", as before.
+//!
 //! Decoding is defensive: the length is bounded ([`MAX_MESSAGE_LEN`]) before anything is
 //! allocated, a short read is an error, unknown fields are skipped (protobuf's forward
 //! compatibility), and the port must be a real TCP port.
@@ -50,6 +58,7 @@ const I32: u8 = 5;
 const FIELD_PORT: u32 = 1;
 const FIELD_NAME: u32 = 2;
 const FIELD_PROTOCOL: u32 = 3;
+const FIELD_TLS: u32 = 1000;
 const PROTOCOL_HTTP1: u32 = 1;
 const PROTOCOL_HTTP2: u32 = 2;
 
@@ -63,6 +72,8 @@ pub struct TransportHeader {
     pub name: Option<String>,
     /// The session protocol the outbound proxy detected, when it detected HTTP.
     pub protocol: Option<SessionProtocol>,
+    /// The outbound proxy detected TLS from its client (field 1000, ours).
+    pub tls: bool,
 }
 
 /// Field 3: what the outbound side found the session to speak.
@@ -98,6 +109,15 @@ impl TransportHeader {
             port,
             name: None,
             protocol,
+            tls: false,
+        }
+    }
+
+    /// A header for a client whose bytes the outbound proxy detected as TLS.
+    pub fn tls(port: u16) -> TransportHeader {
+        TransportHeader {
+            tls: true,
+            ..TransportHeader::new(port, None)
         }
     }
 
@@ -134,6 +154,10 @@ impl TransportHeader {
             put_key(&mut m, FIELD_PROTOCOL, LEN);
             put_varint(&mut m, inner.len() as u64);
             m.extend_from_slice(&inner);
+        }
+        if self.tls {
+            put_key(&mut m, FIELD_TLS, VARINT);
+            put_varint(&mut m, 1);
         }
         m
     }
@@ -175,9 +199,11 @@ impl TransportHeader {
         let mut port = None;
         let mut name = None;
         let mut protocol = None;
+        let mut tls = false;
         while !m.is_empty() {
             let (field, wire_type) = take_key(&mut m)?;
             match (field, wire_type) {
+                (FIELD_TLS, VARINT) => tls = take_varint(&mut m)? == 1,
                 (FIELD_PORT, VARINT) => {
                     // int32: negative values are sign-extended to 64 bits on the wire.
                     let value = take_varint(&mut m)? as i64 as i32;
@@ -191,7 +217,7 @@ impl TransportHeader {
                     name = (!s.is_empty()).then(|| s.to_string());
                 }
                 (FIELD_PROTOCOL, LEN) => protocol = decode_protocol(take_len(&mut m)?)?,
-                (FIELD_PORT | FIELD_NAME | FIELD_PROTOCOL, _) => {
+                (FIELD_PORT | FIELD_NAME | FIELD_PROTOCOL | FIELD_TLS, _) => {
                     return Err(HeaderError::Malformed {
                         reason: "a known field has the wrong wire type",
                     })
@@ -209,6 +235,7 @@ impl TransportHeader {
             port,
             name,
             protocol,
+            tls,
         })
     }
 

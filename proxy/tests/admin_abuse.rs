@@ -69,7 +69,7 @@ async fn echo_server() -> SocketAddr {
 /// GET `path`: the whole response, or `None` if the server closed without one.
 async fn try_get(admin: SocketAddr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(admin).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
@@ -226,5 +226,137 @@ async fn concurrent_scrapes_of_a_large_output_do_not_stall_forwarding() {
         "a round trip took {loaded:?} while scrapes ran (one encode: {encode:?})"
     );
     drop(client);
+    proxy.stop().await;
+}
+
+/// Reads one response with a `Content-Length` body from a kept-alive connection:
+/// (head, body).
+async fn read_response(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed mid-head");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .expect("a Content-Length")
+        .parse()
+        .unwrap();
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (head, body)
+}
+
+/// Scrapes reuse one connection (through the mesh each new one would cost an mTLS
+/// handshake), `Accept-Encoding: gzip` gets the same text gzipped, and a client asking
+/// to close, or an HTTP/1.0 one, is closed after its response.
+#[tokio::test]
+async fn scrapes_keep_the_connection_alive_and_get_gzip_when_they_ask() {
+    let proxy = start(echo_server().await).await;
+    for n in 0..200u32 {
+        let target = SocketAddr::from(([198, 18, 7, n as u8], 10_000));
+        drop(
+            proxy
+                .metrics
+                .open(Direction::Inbound, target, Protocol::Http1, None),
+        );
+    }
+    let admin = proxy.addrs.admin;
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, plain) = read_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("Connection: keep-alive"), "{head}");
+    assert!(!head.contains("Content-Encoding"), "{head}");
+    let plain = String::from_utf8(plain).unwrap();
+    assert!(plain.contains("# TYPE tcp_open_total counter"));
+
+    // The same connection, with Prometheus' Accept-Encoding, pipelined with /ready.
+    stream
+        .write_all(
+            b"GET /metrics HTTP/1.1\r\nHost: admin\r\nAccept-Encoding: gzip\r\n\r\n\
+              GET /live HTTP/1.1\r\nHost: admin\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (head, gzipped) = read_response(&mut stream).await;
+    assert!(head.contains("Content-Encoding: gzip"), "{head}");
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(gzipped.as_slice()),
+        &mut text,
+    )
+    .unwrap();
+    assert!(text.contains("# TYPE tcp_open_total counter"), "{text}");
+    assert!(text.contains("198.18.7.199:10000"));
+    assert!(
+        gzipped.len() * 4 < plain.len(),
+        "gzip {} of {} bytes",
+        gzipped.len(),
+        plain.len()
+    );
+    let (head, body) = read_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert_eq!(body, b"live\n");
+
+    // After an idle while, still the same connection.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stream
+        .write_all(b"GET /live HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut stream).await;
+    assert!(head.contains("Connection: close"), "{head}");
+    assert!(closed_within(&mut stream, Duration::from_secs(1)).await);
+
+    let mut old = TcpStream::connect(admin).await.unwrap();
+    old.write_all(b"GET /live HTTP/1.0\r\n\r\n").await.unwrap();
+    let (head, _) = read_response(&mut old).await;
+    assert!(head.contains("Connection: close"), "{head}");
+    assert!(closed_within(&mut old, Duration::from_secs(1)).await);
+    proxy.stop().await;
+}
+
+/// Kept-alive connections waiting for their next request hold no active slot: 200 of
+/// them (past both caps) do not keep a scrape out, and those past the idle cap are told
+/// `Connection: close` and closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_kept_alive_connections_cannot_lock_out_a_scrape() {
+    let proxy = start(echo_server().await).await;
+    let admin = proxy.addrs.admin;
+    let mut idle = Vec::new();
+    let mut closed = 0;
+    for _ in 0..200 {
+        let Ok(mut stream) = TcpStream::connect(admin).await else {
+            continue;
+        };
+        if stream
+            .write_all(b"GET /live HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let mut head = [0u8; 512];
+        let n = stream.read(&mut head).await.unwrap_or(0);
+        let head = String::from_utf8_lossy(&head[..n]).into_owned();
+        if head.contains("Connection: close") {
+            closed += 1;
+        }
+        idle.push(stream);
+    }
+    assert!(closed >= 200 - 64, "only {closed} closed past the idle cap");
+    let started = Instant::now();
+    let scrape = try_get(admin, "/metrics")
+        .await
+        .expect("a scrape got through");
+    assert!(scrape.contains("# TYPE tcp_open_total counter"));
+    assert!(started.elapsed() < Duration::from_secs(1));
     proxy.stop().await;
 }

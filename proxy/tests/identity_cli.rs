@@ -212,3 +212,79 @@ fn help_lists_the_metrics_and_identity_flags() {
     let run = meshproxy(&["identity", "new-ca", "--help"]);
     assert!(run.stdout.contains("--force"), "{}", run.stdout);
 }
+
+/// `--owner UID[:GID]` gives both files to the proxy's uid (the key is 0600, so the
+/// proxy can read it only as its owner); a bad owner is exit 2, naming it, nothing
+/// written. Needs root (chown); fails loudly without it.
+#[test]
+fn issue_owner_gives_the_files_to_that_uid_and_gid() {
+    use std::os::unix::fs::MetadataExt;
+    let root = TempDir::new("owner");
+    let ca = root.0.join("ca");
+    assert_eq!(meshproxy(&["identity", "new-ca", s(&ca)]).code, Some(0));
+
+    let out = root.0.join("uid-gid");
+    let issued = meshproxy(&[
+        "identity",
+        "issue",
+        "--ca",
+        s(&ca),
+        "--owner",
+        "2102:2103",
+        "b.mesh.local",
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(issued.code, Some(0), "stderr: {}", issued.stderr);
+    for file in ["b.mesh.local.crt", "b.mesh.local.key"] {
+        let meta = std::fs::metadata(out.join(file)).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (2102, 2103), "{file}");
+    }
+    let key = std::fs::metadata(out.join("b.mesh.local.key")).unwrap();
+    assert_eq!(key.mode() & 0o777, 0o600);
+
+    // UID alone keeps the group of whoever ran it.
+    let out = root.0.join("uid");
+    let issued = meshproxy(&[
+        "identity",
+        "issue",
+        "--ca",
+        s(&ca),
+        "--owner",
+        "2102",
+        "b.mesh.local",
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(issued.code, Some(0), "stderr: {}", issued.stderr);
+    let meta = std::fs::metadata(out.join("b.mesh.local.key")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (2102, nix::unistd::getegid().as_raw())
+    );
+
+    for bad in [
+        "proxy",
+        "2102:",
+        ":2102",
+        "-1",
+        "2102:2102:1",
+        "99999999999",
+    ] {
+        let out = root.0.join("bad");
+        let owner = format!("--owner={bad}");
+        let refused = meshproxy(&[
+            "identity",
+            "issue",
+            "--ca",
+            s(&ca),
+            &owner,
+            "b.mesh.local",
+            "--out",
+            s(&out),
+        ]);
+        assert_eq!(refused.code, Some(2), "{bad}: {}", refused.stderr);
+        assert!(refused.stderr.contains(bad), "{bad}: {}", refused.stderr);
+        assert!(!out.exists(), "{bad}: wrote {}", out.display());
+    }
+}

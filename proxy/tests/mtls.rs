@@ -217,7 +217,7 @@ impl Tap {
 async fn get_metrics(admin: SocketAddr) -> String {
     let mut stream = TcpStream::connect(admin).await.unwrap();
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut response = String::new();
@@ -628,5 +628,53 @@ async fn a_silent_direct_client_is_closed_after_the_handshake_timeout() {
     wait_for_sample(b.addrs.admin, timeout, 1.0).await;
     let refused = "tcp_refused_total{direction=\"inbound\",reason=\"max_detecting\"}";
     wait_for_sample(b.addrs.admin, refused, 1.0).await;
+    b.stop().await;
+}
+
+/// A client that speaks TLS itself (inside our mTLS) is `protocol="tls"` on both
+/// proxies: the outbound one detected it, and tells the inbound one in the transport
+/// header (field 1000), which does not detect again.
+#[tokio::test]
+async fn both_proxies_label_a_tls_client_tls() {
+    let pki = Pki::new("tls-label");
+    let app = echo_server().await;
+    let (a, b, _) = mesh(&pki, app, false).await;
+
+    // A real ClientHello, from rustls.
+    let config = client_config(&pki.anchors(), None, &[]);
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(config, ServerName::try_from("app.example").unwrap())
+        .unwrap()
+        .write_tls(&mut hello)
+        .unwrap();
+    let echoed = exchange(a.addrs.outbound[0], &hello).await;
+    assert_eq!(echoed, hello);
+
+    for (admin, direction, peer) in [
+        (a.addrs.admin, "outbound", format!("server_id=\"{B}\"")),
+        (b.addrs.admin, "inbound", format!("client_id=\"{A}\"")),
+    ] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let metrics = get_metrics(admin).await;
+            let opened: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("tcp_open_total{") && l.contains(&peer))
+                .collect();
+            if !opened.is_empty() {
+                assert_eq!(opened.len(), 1, "{metrics}");
+                let line = opened[0];
+                assert!(
+                    line.contains(&format!("direction=\"{direction}\"")),
+                    "{line}"
+                );
+                assert!(line.contains("protocol=\"tls\",tls=\"true\""), "{line}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{metrics}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    a.stop().await;
     b.stop().await;
 }

@@ -24,7 +24,7 @@ const FIRST_PORT: u16 = 10_001;
 async fn get_metrics(admin: SocketAddr) -> String {
     let mut stream = TcpStream::connect(admin).await.unwrap();
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut response = String::new();

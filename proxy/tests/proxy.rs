@@ -98,7 +98,7 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
 /// GET `path` from the admin server: (status line, body).
 async fn get(admin: SocketAddr, path: &str) -> (String, String) {
     let mut stream = TcpStream::connect(admin).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
@@ -478,6 +478,44 @@ async fn promtool_accepts_the_metrics() {
     exchange(proxy.inbound(), b"\x16\x03\x01\x00\x01\x02").await;
     let l = labels("outbound", target, "http1").replace("}", ",errno=\"\"}");
     let m = wait_for_sample(proxy.addrs.admin, &format!("tcp_close_total{l}"), 1.0).await;
+    promtool_check(&m).unwrap();
+    proxy.stop().await;
+}
+
+/// The standard process metrics, with values that describe this process (the proxy
+/// runs inside the test process here).
+#[tokio::test]
+async fn process_metrics_describe_the_process() {
+    let target = echo_server(b"").await;
+    let proxy = start(args(|_| {}), target).await;
+    let (_, m) = get(proxy.addrs.admin, "/metrics").await;
+    let value = |name: &str| sample(&m, name).unwrap_or_else(|| panic!("{name} missing:\n{m}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = value("process_start_time_seconds");
+    assert!(
+        started <= now + 1.0 && started > now - 600.0,
+        "{started} vs {now}"
+    );
+    // May still be 0 (counted in 10 ms ticks) this early in a test process.
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+    let rss = value("process_resident_memory_bytes");
+    assert!(
+        rss > 1e6 && rss <= value("process_virtual_memory_bytes"),
+        "{rss}"
+    );
+    // The listeners alone are open descriptors.
+    let fds = value("process_open_fds");
+    let max = value("process_max_fds");
+    assert!(fds >= 3.0 && fds < max, "{fds} / {max}");
+    for kind in [
+        "# TYPE process_cpu_seconds_total counter",
+        "# TYPE process_open_fds gauge",
+    ] {
+        assert!(m.contains(kind), "{kind} missing:\n{m}");
+    }
     promtool_check(&m).unwrap();
     proxy.stop().await;
 }

@@ -59,7 +59,7 @@ fn retain_idle_comes_from_the_flag_the_env_or_the_file() {
 async fn get_metrics(admin: SocketAddr) -> String {
     let mut stream = TcpStream::connect(admin).await.unwrap();
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut response = String::new();

@@ -100,7 +100,7 @@ async fn peer(
 async fn get_metrics(admin: SocketAddr) -> String {
     let mut stream = TcpStream::connect(admin).await.unwrap();
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut response = String::new();

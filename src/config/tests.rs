@@ -265,22 +265,19 @@ fn durations_out_of_range_are_refused_naming_value_and_source() {
             },
             &[],
             None,
-            &[&format!("{bad:?}"), "flag --validate-timeout"],
+            &[&format!("{bad:?}"), "--validate-timeout: "],
         );
         refused(
             Settings::default(),
             &[("MESHINIT_LOCK_TIMEOUT", bad)],
             None,
-            &[&format!("{bad:?}"), "env MESHINIT_LOCK_TIMEOUT"],
+            &[&format!("{bad:?}"), "MESHINIT_LOCK_TIMEOUT: "],
         );
         refused(
             Settings::default(),
             &[],
             Some(&format!("lock_timeout = {bad:?}")),
-            &[
-                &format!("{bad:?}"),
-                "lock_timeout in config file meshinit.toml",
-            ],
+            &[&format!("{bad:?}"), "meshinit.toml: lock_timeout: "],
         );
     }
     // The flag wins, so the flag is named even when env and file are set too.
@@ -291,7 +288,7 @@ fn durations_out_of_range_are_refused_naming_value_and_source() {
         },
         &[("MESHINIT_LOCK_TIMEOUT", "1s")],
         Some("lock_timeout = \"2s\""),
-        &["\"0s\"", "flag --lock-timeout"],
+        &["\"0s\"", "--lock-timeout: "],
     );
     let err = Config::from_cni(Settings {
         lock_timeout: Some("0s".into()),
@@ -299,7 +296,10 @@ fn durations_out_of_range_are_refused_naming_value_and_source() {
     })
     .unwrap_err()
     .to_string();
-    assert!(err.contains("in the CNI network configuration"), "{err}");
+    assert!(
+        err.contains("the CNI network configuration: lock_timeout: "),
+        "{err}"
+    );
 }
 
 #[test]
@@ -311,19 +311,19 @@ fn an_empty_netns_is_bad_input_not_the_current_namespace() {
         },
         &[],
         None,
-        &["--netns", "\"\"", "flag --netns", "is empty"],
+        &["--netns: \"\" is empty"],
     );
     refused(
         Settings::default(),
         &[("MESHINIT_NETNS", " ")],
         None,
-        &["env MESHINIT_NETNS"],
+        &["MESHINIT_NETNS: \" \" is empty"],
     );
     refused(
         Settings::default(),
         &[],
         Some("netns = \"\""),
-        &["netns in config file"],
+        &["meshinit.toml: netns: \"\" is empty"],
     );
     let config = Config::load(Settings::default(), &env(&[]), None).unwrap();
     assert_eq!(config.netns, None);
@@ -365,7 +365,58 @@ fn allow_host_netns_comes_from_flag_env_or_file() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("allow-host-netns") && err.contains("maybe"),
+        err.contains("MESHINIT_ALLOW_HOST_NETNS: invalid value \"maybe\""),
         "{err}"
     );
+}
+
+/// Every error names where the bad value came from: the flag, the variable or the
+/// file's key, for every kind of setting (a port list, a CIDR list, a number, a
+/// backend), not only the ones that used to know.
+#[test]
+fn every_bad_value_names_its_source() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "outbound_ports_to_ignore",
+            "70000",
+            "invalid port \"70000\"",
+        ),
+        ("subnets_to_ignore", "10.0.0/8x", "\"10.0.0/8x\""),
+        ("proxy_uid", "-1", "invalid value \"-1\""),
+        ("backend", "ipchains", "invalid value \"ipchains\""),
+        ("ipv6", "maybe", "invalid value \"maybe\""),
+        ("log_format", "xml", "invalid value \"xml\""),
+    ];
+    for (key, bad, problem) in cases {
+        let var = format!("MESHINIT_{}", key.to_uppercase());
+        let err = Config::load(Settings::default(), &env(&[(&var, bad)]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(&format!("{var}: ")), "{err}");
+        assert!(err.contains(problem), "{err}");
+        let err = Config::load(
+            Settings::default(),
+            &env(&[]),
+            file(&format!("{key} = {bad:?}")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with(&format!("meshinit.toml: {key}: ")), "{err}");
+        assert!(err.contains(problem), "{err}");
+    }
+}
+
+/// Every declared setting is read from its environment variable: none can be
+/// forgotten, because the variables come from the one list of settings.
+#[test]
+fn every_setting_reads_its_environment_variable() {
+    for setting in Settings::ALL {
+        let var = setting.env_var("MESHINIT");
+        let err = Config::load(Settings::default(), &env(&[(&var, "\u{1}bad")]), None);
+        match err {
+            Err(err) => assert!(err.to_string().starts_with(&format!("{var}: ")), "{err}"),
+            // Settings whose every value is valid (a namespace path) accept it.
+            Ok(_) => assert_eq!(setting.key, "netns", "{var} was ignored"),
+        }
+    }
 }

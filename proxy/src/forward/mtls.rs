@@ -126,7 +126,13 @@ pub(super) async fn outbound(
             Protocol::Http2 => Some(SessionProtocol::Http2),
             Protocol::Opaque | Protocol::Tls => None,
         };
-        let header = TransportHeader::new(target.port(), session).encode();
+        // TLS has no `SessionProtocol`: our field 1000 tells the inbound proxy, so both
+        // label the connection `protocol="tls"`.
+        let header = match protocol {
+            Protocol::Tls => TransportHeader::tls(target.port()),
+            _ => TransportHeader::new(target.port(), session),
+        }
+        .encode();
         // The header is ours, not the client's, so it is written here rather than
         // replayed by `duplex` (which counts its prefix as bytes read from the client).
         tls.write_all(&header)
@@ -274,6 +280,7 @@ pub(super) async fn inbound(
             let protocol = match header.protocol {
                 Some(SessionProtocol::Http1) => Protocol::Http1,
                 Some(SessionProtocol::Http2) => Protocol::Http2,
+                None if header.tls => Protocol::Tls,
                 None => Protocol::Opaque,
             };
             (SocketAddr::new(target.ip(), header.port), protocol)

@@ -58,6 +58,47 @@ pub enum DevCaError {
     Rcgen(#[from] rcgen::Error),
 }
 
+/// Who owns the files `issue` writes (`--owner UID[:GID]`): the key is mode 0600, so
+/// the proxy can read it only when it runs as its owner (uid 2102 by default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: Option<u32>,
+}
+
+/// An `--owner` that is not `UID` or `UID:GID` (numbers: no user-name lookup).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid owner {input:?}: expected UID or UID:GID, numbers such as 2102 or 2102:2102")]
+pub struct BadOwner {
+    pub input: String,
+}
+
+impl std::str::FromStr for Owner {
+    type Err = BadOwner;
+
+    fn from_str(input: &str) -> Result<Owner, BadOwner> {
+        let bad = || BadOwner {
+            input: input.to_string(),
+        };
+        let number = |s: &str| -> Result<u32, BadOwner> {
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            s.parse().map_err(|_| bad())
+        };
+        match input.split_once(':') {
+            None => Ok(Owner {
+                uid: number(input)?,
+                gid: None,
+            }),
+            Some((uid, gid)) => Ok(Owner {
+                uid: number(uid)?,
+                gid: Some(number(gid)?),
+            }),
+        }
+    }
+}
+
 /// The files `issue` wrote.
 #[derive(Clone, Debug)]
 pub struct Issued {
@@ -114,14 +155,33 @@ fn make_ca(dir: &Path, existing: Existing) -> Result<PathBuf, DevCaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = ca_params().self_signed(&key)?;
     // The key first: a CA certificate without its key on disk would be useless.
-    write(&key_path, key.serialize_pem().as_bytes(), 0o600, existing)?;
-    write(&cert_path, cert.pem().as_bytes(), 0o644, existing)?;
+    let file = |path, contents, mode| File {
+        path,
+        contents,
+        mode,
+        existing,
+        owner: None,
+    };
+    let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+    write(file(&key_path, key_pem.as_bytes(), 0o600))?;
+    write(file(&cert_path, cert_pem.as_bytes(), 0o644))?;
     Ok(cert_path)
 }
 
 /// Issues `out/NAME.crt` and `out/NAME.key` for identity `name`, signed by the dev CA
-/// in `ca_dir`.
+/// in `ca_dir`, owned by whoever runs this.
 pub fn issue(ca_dir: &Path, name: &str, out: &Path) -> Result<Issued, DevCaError> {
+    issue_owned(ca_dir, name, out, None)
+}
+
+/// [`issue`], with both files given to `owner` (which needs root or CAP_CHOWN) before
+/// they appear under their names, so the proxy's uid can read the 0600 key.
+pub fn issue_owned(
+    ca_dir: &Path,
+    name: &str,
+    out: &Path,
+    owner: Option<Owner>,
+) -> Result<Issued, DevCaError> {
     name::check(name)?;
     let file = |ext: &str| -> Result<PathBuf, DevCaError> {
         let file_name = format!("{name}.{ext}");
@@ -164,18 +224,16 @@ pub fn issue(ca_dir: &Path, name: &str, out: &Path) -> Result<Issued, DevCaError
 
     create_dir(out)?;
     // Re-issuing replaces the files: that is how an identity is rotated.
-    write(
-        &issued.cert,
-        cert.pem().as_bytes(),
-        0o644,
-        Existing::Replace,
-    )?;
-    write(
-        &issued.key,
-        key.serialize_pem().as_bytes(),
-        0o600,
-        Existing::Replace,
-    )?;
+    let file = |path, contents, mode| File {
+        path,
+        contents,
+        mode,
+        existing: Existing::Replace,
+        owner,
+    };
+    let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+    write(file(&issued.cert, cert_pem.as_bytes(), 0o644))?;
+    write(file(&issued.key, key_pem.as_bytes(), 0o600))?;
     Ok(issued)
 }
 
@@ -203,13 +261,31 @@ fn create_dir(dir: &Path) -> Result<(), DevCaError> {
     })
 }
 
+/// A file to write: where, what, with which mode and owner.
+struct File<'a> {
+    path: &'a Path,
+    contents: &'a [u8],
+    mode: u32,
+    existing: Existing,
+    owner: Option<Owner>,
+}
+
 /// Writes a file whole. It goes to a temporary name first and is then renamed (or,
 /// when an existing file must not be replaced, hard-linked, which fails if the name
 /// exists), so a proxy watching the file never reads half of it.
 ///
 /// The temporary file is created with `O_EXCL` after removing any stale one, so a
 /// symlink planted at its name is replaced, never followed out of the directory.
-fn write(path: &Path, contents: &[u8], mode: u32, existing: Existing) -> Result<(), DevCaError> {
+/// An owner is set on the temporary file, so the file never appears under its name
+/// with the wrong owner.
+fn write(file: File<'_>) -> Result<(), DevCaError> {
+    let File {
+        path,
+        contents,
+        mode,
+        existing,
+        owner,
+    } = file;
     let error = |source| DevCaError::Write {
         path: path.to_path_buf(),
         source,
@@ -228,6 +304,9 @@ fn write(path: &Path, contents: &[u8], mode: u32, existing: Existing) -> Result<
         .open(&tmp)
         .map_err(error)?;
     file.write_all(contents).map_err(error)?;
+    if let Some(owner) = owner {
+        std::os::unix::fs::fchown(&file, Some(owner.uid), owner.gid).map_err(error)?;
+    }
     file.sync_all().map_err(error)?;
     match existing {
         Existing::Replace => std::fs::rename(&tmp, path).map_err(error),

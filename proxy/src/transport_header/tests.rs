@@ -129,6 +129,18 @@ async fn read_takes_one_header_off_a_stream() {
     assert!(matches!(err, HeaderError::TooLong { .. }), "{err}");
 }
 
+/// Field 1000 (ours) after Linkerd's fields: `C0 3E 01`; a header without it, as
+/// Linkerd sends, is not TLS.
+#[test]
+fn the_tls_extension_is_field_1000_and_absent_means_not_tls() {
+    let wire = TransportHeader::tls(6379).encode();
+    let message = &wire[PREAMBLE.len() + 4..];
+    assert_eq!(message, [0x08, 0xEB, 0x31, 0xC0, 0x3E, 0x01]);
+    assert!(TransportHeader::decode(&wire).unwrap().0.tls);
+    let linkerd = TransportHeader::new(6379, None).encode();
+    assert!(!TransportHeader::decode(&linkerd).unwrap().0.tls);
+}
+
 proptest! {
     #[test]
     fn round_trip(
@@ -138,8 +150,9 @@ proptest! {
             Just(SessionProtocol::Http1),
             Just(SessionProtocol::Http2),
         ]),
+        tls in any::<bool>(),
     ) {
-        let header = TransportHeader { port, name, protocol };
+        let header = TransportHeader { port, name, protocol, tls };
         let bytes = header.encode();
         prop_assert_eq!(TransportHeader::decode(&bytes).unwrap(), (header, bytes.len()));
     }

@@ -326,7 +326,8 @@ fn describe(object: &NfListObject<'_>) -> String {
     match object {
         NfListObject::Set(set) => {
             let count = set.elem.as_ref().map_or(0, |e| e.len());
-            format!("set {} ({count} elements)", set.name)
+            let noun = if count == 1 { "element" } else { "elements" };
+            format!("set {} ({count} {noun})", set.name)
         }
         NfListObject::Chain(chain) => format!("chain {}", chain.name),
         NfListObject::Rule(rule) => format!(

@@ -121,7 +121,7 @@ fn installed_listing_equal_to_expected_has_no_diff() {
     assert!(
         differences
             .iter()
-            .any(|d| d.contains("set outbound_ports_to_ignore") && d.contains("missing")),
+            .any(|d| d == "set outbound_ports_to_ignore (1 element): missing"),
         "{differences:?}"
     );
 }
