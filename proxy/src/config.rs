@@ -107,6 +107,10 @@ pub struct ProxyArgs {
     /// The port meshed peers accept mTLS on, the peers' inbound port [default: 4143].
     #[arg(long, value_name = "PORT", help_heading = "Identity (mTLS)")]
     pub peer_inbound_port: Option<String>,
+    /// TOML file of services (`[[service]]` with addrs, backends, weights and
+    /// endpoints), re-read when it changes [default: none, no balancing].
+    #[arg(long, value_name = "PATH", help_heading = "Services")]
+    pub discovery: Option<String>,
 }
 
 /// The merged, validated configuration of the proxy.
@@ -166,6 +170,9 @@ pub struct Config {
     /// The port peers accept mTLS on. Default 4143, meshinit's
     /// `--incoming-proxy-port`, which every meshed pod uses.
     pub peer_inbound_port: u16,
+    /// The discovery file: services whose addresses are balanced over their endpoints.
+    /// Default none: every connection goes where it was dialled.
+    pub discovery: Option<PathBuf>,
 }
 
 /// Ports whose protocols are server-speaks-first (SMTP, MySQL, PostgreSQL, Redis,
@@ -271,6 +278,7 @@ struct FileConfig {
     mesh_peers: Option<FileValue>,
     require_identity_ports: Option<FileValue>,
     peer_inbound_port: Option<FileValue>,
+    discovery: Option<FileValue>,
 }
 
 /// A TOML value: a string, an integer, or (for lists) an array of either.
@@ -490,6 +498,7 @@ impl Config {
             f.trust_anchors.as_ref(),
         )?;
         let mesh_peers = path("mesh-peers", a.mesh_peers.as_ref(), f.mesh_peers.as_ref())?;
+        let discovery = path("discovery", a.discovery.as_ref(), f.discovery.as_ref())?;
         let require_identity_ports = s
             .resolve(
                 "require-identity-ports",
@@ -553,6 +562,7 @@ impl Config {
             mesh_peers,
             require_identity_ports,
             peer_inbound_port,
+            discovery,
         })
     }
 

@@ -32,12 +32,19 @@
 //! - `transport_header`: the header that tells the peer proxy the application port.
 //! - `prefixed`: replays the bytes detection read, for a TLS session we terminate.
 //! - `reload`: values rebuilt when their files change on disk.
+//!
+//! Services (`--discovery`) add a `Route::Balanced` and these:
+//!
+//! - `balance`: the discovery file (`balance/discovery`), reloaded on change, and the
+//!   pickers: a backend by weight, an endpoint by power-of-two-choices, failing
+//!   endpoints set aside; `forward/balanced` connects and copies.
 
 #![deny(rust_2018_idioms)]
 // No module needs `unsafe`: nix wraps the one raw getsockopt we make (orig_dst).
 #![forbid(unsafe_code)]
 
 mod admin;
+mod balance;
 mod config;
 mod detect;
 mod duplex;
@@ -53,6 +60,9 @@ mod server;
 mod tls;
 mod transport_header;
 
+pub use crate::balance::{
+    Balancer, BalancerError, Discovery, DiscoveryError, Rng, ServiceProtocol,
+};
 pub use crate::config::{Config, ConfigError, LogFormat, PortSet, ProxyArgs};
 pub use crate::detect::{detect, ClientHello, Detected, Detection, Protocol, MAX_PREFIX};
 pub use crate::duplex::{duplex, Counters, DuplexError, Side, Totals};
