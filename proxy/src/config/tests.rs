@@ -295,3 +295,26 @@ proptest::proptest! {
         proptest::prop_assert_eq!(PortSet::parse(&set.to_string()).unwrap(), set);
     }
 }
+
+#[test]
+fn discovery_comes_from_every_source() {
+    assert_eq!(config(ProxyArgs::default(), &[], None).discovery, None);
+    let args = ProxyArgs {
+        discovery: Some("/flag.toml".into()),
+        ..ProxyArgs::default()
+    };
+    let c = config(args, &[("MESHPROXY_DISCOVERY", "/env.toml")], None);
+    assert_eq!(c.discovery, Some(PathBuf::from("/flag.toml")));
+    let c = config(
+        ProxyArgs::default(),
+        &[("MESHPROXY_DISCOVERY", "/env.toml")],
+        Some("discovery = \"/file.toml\""),
+    );
+    assert_eq!(c.discovery, Some(PathBuf::from("/env.toml")));
+    let c = config(
+        ProxyArgs::default(),
+        &[],
+        Some("discovery = \"/file.toml\""),
+    );
+    assert_eq!(c.discovery, Some(PathBuf::from("/file.toml")));
+}
