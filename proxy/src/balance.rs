@@ -434,24 +434,25 @@ pub struct Rng(u64);
 impl Rng {
     /// A generator with a fixed seed (tests).
     pub fn seeded(seed: u64) -> Rng {
-        Rng(seed | 1)
+        // splitmix64 of the seed: nearby seeds (a counter) give unrelated states, and
+        // the state is never zero, where xorshift would stay.
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Rng((z ^ (z >> 31)) | 1)
     }
 
-    /// A generator for one pick, seeded from the calling thread's sequence
-    /// (splitmix64 over a per-thread random start).
+    /// A generator for one connection, seeded from the calling thread's counter
+    /// (which starts at a per-thread random value).
     pub fn thread() -> Rng {
         thread_local! {
             static SEQUENCE: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()));
         }
-        let seed = SEQUENCE.with(|s| {
-            let next = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        Rng::seeded(SEQUENCE.with(|s| {
+            let next = s.get().wrapping_add(1);
             s.set(next);
             next
-        });
-        let mut z = seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng::seeded(z ^ (z >> 31))
+        }))
     }
 
     fn next(&mut self) -> u64 {

@@ -278,8 +278,9 @@ fn an_identity_without_mtls_is_an_error_naming_the_endpoint() {
 }
 
 proptest! {
-    /// Over many picks each backend's share is its weight's share, within 2
-    /// percentage points (10,000 picks: the standard deviation is at most 0.5 points).
+    /// Over many picks each backend's share is its weight's share, within 3
+    /// percentage points (10,000 picks: the standard deviation is at most 0.5 points,
+    /// so this is six of them: a correct picker fails it about once in 10^9 checks).
     #[test]
     fn weights_are_honoured(weights in prop::collection::vec(0u32..1000, 1..6), seed: u64) {
         let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
@@ -296,7 +297,7 @@ proptest! {
             for (w, c) in weights.iter().zip(&counts) {
                 let expected = *w as f64 / total as f64;
                 let got = *c as f64 / PICKS as f64;
-                prop_assert!((expected - got).abs() < 0.02, "weight {} of {}: {} vs {}", w, total, got, expected);
+                prop_assert!((expected - got).abs() < 0.03, "weight {} of {}: {} vs {}", w, total, got, expected);
                 if *w == 0 { prop_assert_eq!(*c, 0); }
             }
         }
