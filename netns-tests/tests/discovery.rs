@@ -280,7 +280,10 @@ fn a_weight_shift_takes_effect_within_1s_without_a_failed_connection() {
     });
     let failures: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
     assert!(failures.is_empty(), "{failures:?}\n{}", proxy.report());
-    let name = |r: &io::Result<String>| r.as_ref().map(String::clone).unwrap_or_default();
+    let name = |r: &io::Result<String>| match r {
+        Ok(name) => name.clone(),
+        Err(_) => String::new(),
+    };
     for (started, result) in &results {
         if *started < shifted_at {
             assert_eq!(name(result), "a", "before the shift");
