@@ -22,6 +22,8 @@ Runs the meshinit story end to end in throwaway network namespaces:
      once its port is marked opaque
   6. a skip port bypasses the proxy entirely
   7. the /metrics lines that changed
+  +. live traffic shifting (linkerd-tcp's story): redis-benchmark through a
+     service address of --discovery while its weights go 100/0 -> 50/50 -> 0/100
 
 Options:
   --keep                  leave the namespaces and processes up for exploring,
@@ -206,15 +208,16 @@ printf '[[peer]]\nnet = "%s/32"\nidentity = "b.demo.mesh.local"\n[[peer]]\nnet =
 printf '[[peer]]\nnet = "%s/32"\nidentity = "a.demo.mesh.local"\n[[peer]]\nnet = "%s/128"\nidentity = "a.demo.mesh.local"\n' "$A" "$A6" >"$WORK/peers-b.toml"
 
 OPAQUE_DEFAULT=25,587,3306,4444,5432,6379,9300,11211
-start_proxy() { # start_proxy POD OPAQUE_PORTS
+start_proxy() { # start_proxy POD OPAQUE_PORTS [EXTRA ARGS...]
+  local pod=$1 opaque=$2; shift 2
   # Started directly (not through a shell function) so that $! is the proxy itself.
-  ip netns exec "mi-demo-$1" setpriv --reuid=2102 --regid=2102 --clear-groups \
-    "$BIN/meshproxy" --opaque-ports "$2" --detect-timeout "${DETECT}s" \
+  ip netns exec "mi-demo-$pod" setpriv --reuid=2102 --regid=2102 --clear-groups \
+    "$BIN/meshproxy" --opaque-ports "$opaque" --detect-timeout "${DETECT}s" "$@" \
     --admin-addr 0.0.0.0:4191 --trust-anchors "$WORK/ca/ca.crt" \
-    --identity-cert "$WORK/id-$1/$1.demo.mesh.local.crt" \
-    --identity-key "$WORK/id-$1/$1.demo.mesh.local.key" \
-    --mesh-peers "$WORK/peers-$1.toml" >>"$WORK/proxy-$1.log" 2>&1 &
-  echo $! >"$WORK/proxy-$1.pid"
+    --identity-cert "$WORK/id-$pod/$pod.demo.mesh.local.crt" \
+    --identity-key "$WORK/id-$pod/$pod.demo.mesh.local.key" \
+    --mesh-peers "$WORK/peers-$pod.toml" >>"$WORK/proxy-$pod.log" 2>&1 &
+  echo $! >"$WORK/proxy-$pod.pid"
   disown
 }
 stop_proxy() { # SIGTERM, then wait until it is gone (it drains its connections first)
@@ -320,6 +323,73 @@ if grep -q 'target_addr="[^"]*:9000"' "$WORK/metrics-a.after" "$WORK/metrics-b.a
   exit 1
 fi
 say "no series for port 9000: skip ports never reach the proxy"
+
+stage "+ live traffic shifting (--discovery): linkerd-tcp's Redis story"
+# Two Redis "clusters" in pod B (redis-a on :6379, redis-b on :6380), each answering
+# with its own name, behind one service address that exists nowhere: pod A only has a
+# route towards B for it, and its proxy balances the connections.
+SVC=198.18.100.10
+in_ns b redis-server --port 6380 --bind 0.0.0.0 --protected-mode no --save '' --appendonly no >/dev/null 2>&1 &
+disown -a
+wait_port 6380
+in_ns b redis-cli -p 6379 set backend redis-a >/dev/null
+in_ns b redis-cli -p 6380 set backend redis-b >/dev/null
+ip -n mi-demo-a route add 198.18.100.0/24 via "$B"
+discovery() { # discovery WEIGHT_A WEIGHT_B: write the file as an agent would (rename over)
+  cat >"$WORK/discovery.new" <<TOML
+[[service]]
+name = "redis"
+addrs = ["$SVC:6379"]
+protocol = "opaque"
+[[service.backend]]
+name = "redis-a"
+weight = $1
+endpoints = [ { addr = "$B:6379", identity = "b.demo.mesh.local" } ]
+[[service.backend]]
+name = "redis-b"
+weight = $2
+endpoints = [ { addr = "$B:6380", identity = "b.demo.mesh.local" } ]
+TOML
+  mv "$WORK/discovery.new" "$WORK/discovery.toml"
+}
+discovery 100 0
+"$BIN/meshproxy" discovery check "$WORK/discovery.toml" | show
+stop_proxy a
+start_proxy a "$OPAQUE_DEFAULT,7000" --discovery "$WORK/discovery.toml"
+wait_ready a
+say "pod A's proxy now reads $WORK/discovery.toml: service redis at $SVC:6379,"
+say "backends redis-a ($B:6379) and redis-b ($B:6380), both reached over mTLS"
+say "redis-cli -h $SVC get backend  ->  $(in_ns a redis-cli -h "$SVC" get backend)"
+per_backend() { # connections per backend so far, from pod A's /metrics
+  metrics a | awk '/^tcp_open_total\{.*dst_service="redis"/ {
+      match($0, /dst_backend="[^"]*"/); b = substr($0, RSTART + 13, RLENGTH - 14); n[b] += $NF }
+    END { printf "redis-a=%d redis-b=%d", n["redis-a"], n["redis-b"] }'
+}
+say "redis-benchmark from pod A, a new connection per request (-k 0), while the"
+say "weights change every 2 s by rewriting the file; nothing is restarted:"
+in_ns a redis-benchmark -h "$SVC" -p 6379 -c 8 -n 100000000 -k 0 -t get -q \
+  >"$WORK/benchmark.out" 2>&1 &
+bench=$!
+disown
+for weights in "100 0" "50 50" "0 100"; do
+  # shellcheck disable=SC2086 # two words on purpose
+  discovery $weights
+  before=$(per_backend)
+  sleep 2
+  say "weights ${weights/ //}: connections so far $before -> $(per_backend)"
+done
+kill "$bench" 2>/dev/null || true # TERM: a background job of a script ignores INT
+while kill -0 "$bench" 2>/dev/null; do sleep 0.05; done
+say "redis-cli -h $SVC get backend  ->  $(in_ns a redis-cli -h "$SVC" get backend)"
+errors=$(grep -ciE 'error|could not' "$WORK/benchmark.out" || true)
+failed=$(metrics a | awk '/^tcp_close_total\{.*dst_service="redis"/ && !/errno=""/ { n += $NF } END { print n + 0 }')
+say "balancer_endpoints and discovery_updates_total on pod A:"
+metrics a | grep -E '^(balancer_endpoints|discovery_updates_total)' | show
+say "traffic shift: $errors client errors, $failed connections closed with an error"
+if [ "$errors" != 0 ] || [ "$failed" != 0 ]; then
+  cat "$WORK/benchmark.out"
+  exit 1
+fi
 
 if [ "$KEEP" = 1 ]; then
   stage "left running (--keep)"
