@@ -60,9 +60,7 @@ mod server;
 mod tls;
 mod transport_header;
 
-pub use crate::balance::{
-    Balancer, BalancerError, Discovery, DiscoveryError, Rng, ServiceProtocol,
-};
+pub use crate::balance::{Balancer, BalancerError, Discovery, DiscoveryError, ServiceProtocol};
 pub use crate::config::{Config, ConfigError, LogFormat, PortSet, ProxyArgs};
 pub use crate::detect::{detect, ClientHello, Detected, Detection, Protocol, MAX_PREFIX};
 pub use crate::duplex::{duplex, Counters, DuplexError, Side, Totals};
