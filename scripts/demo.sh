@@ -11,22 +11,25 @@ usage() {
   cat <<'EOF'
 Usage (as root): scripts/demo.sh [--keep] [--detect-timeout SECONDS] [--no-build]
 
-Runs the meshinit story end to end in throwaway network namespaces, in 8 stages
-(about 15 seconds after the build, 10 of them the detect stall of stage 7 with the
+Runs the meshinit story end to end in throwaway network namespaces, in 9 stages
+(about 25 seconds after the build, 10 of them the detect stall of stage 7 with the
 default --detect-timeout; the first release build takes a few minutes more):
-  1/8 installs what is missing with apt-get
-  2/8 builds meshinit and meshproxy (release), unless --no-build
-  3/8 two pods (mi-demo-a, mi-demo-b) and one unmeshed namespace (mi-demo-ext)
+  1/9 installs what is missing with apt-get
+  2/9 builds meshinit and meshproxy (release), unless --no-build
+  3/9 two pods (mi-demo-a, mi-demo-b) and one unmeshed namespace (mi-demo-ext)
       on a private bridge: 198.18.1.0/24 and fd00:1::/64, never the host's network
-  4/8 meshinit installs the redirect rules in each pod; the ruleset is shown
-  5/8 meshproxy runs in each pod (as uid 2102, mTLS identities from a dev CA),
+  4/9 meshinit installs the redirect rules in each pod; the ruleset is shown
+  5/9 meshproxy runs in each pod (as uid 2102, mTLS identities from a dev CA),
       beside an HTTP server, Redis (opaque port 6379) and a server-speaks-first
       "banner" service on port 7000
-  6/8 HTTP (IPv4 and IPv6) and Redis cross the mesh over mTLS; the /metrics
+  6/9 HTTP (IPv4 and IPv6) and Redis cross the mesh over mTLS; the /metrics
       lines that changed
-  7/8 the banner service stalls for the detect timeout, then answers at once
+  7/9 the banner service stalls for the detect timeout, then answers at once
       once its port is marked opaque; a skip port bypasses the proxy entirely
-  8/8 what the proxies counted (/metrics)
+  8/9 what the proxies counted (/metrics)
+  9/9 live traffic shifting (linkerd-tcp's story): redis-benchmark through a
+      service address of --discovery while its weights go 100/0 -> 50/50 -> 0/100
+      (the file is rewritten, the proxy not restarted), with no client error
 Everything is removed on exit, Ctrl-C and failure (unless --keep).
 
 Options:
@@ -134,7 +137,7 @@ spin() { # spin PID MESSAGE: a spinner while a long stage runs
   wait "$pid"
 }
 
-stage "1/8 installing what is missing"
+stage "1/9 installing what is missing"
 need=(nftables iproute2 redis-server redis-tools curl python3 util-linux)
 missing=()
 for p in "${need[@]}"; do
@@ -149,15 +152,15 @@ else
 fi
 
 if [ "$BUILD" = 1 ]; then
-  stage "2/8 building meshinit and meshproxy (release)"
+  stage "2/9 building meshinit and meshproxy (release)"
   (cargo build --release --locked -q -p meshinit -p meshproxy >"$WORK/build.log" 2>&1) &
   spin $! "cargo build --release" || { cat "$WORK/build.log"; exit 1; }
   say "built $BIN/meshinit and $BIN/meshproxy"
 else
-  stage "2/8 using the binaries in $BIN"
+  stage "2/9 using the binaries in $BIN"
 fi
 
-stage "3/8 building two pods and an unmeshed namespace"
+stage "3/9 building two pods and an unmeshed namespace"
 for ns in "${NSES[@]}"; do
   ip netns del "$ns" 2>/dev/null || true
   ip netns add "$ns"
@@ -181,7 +184,7 @@ say "linked by a bridge in mi-demo-net; nothing touches the host's network"
 
 in_ns() { local ns=$1; shift; ip netns exec "mi-demo-$ns" "$@"; }
 
-stage "4/8 meshinit: redirect rules in each pod"
+stage "4/9 meshinit: redirect rules in each pod"
 for pod in a b; do
   "$BIN/meshinit" --netns "/var/run/netns/mi-demo-$pod" --outbound-ports-to-ignore 9000 \
     --inbound-ports-to-ignore 4190,4191,9000 2>"$WORK/meshinit-$pod.log"
@@ -194,7 +197,7 @@ say "the proxy's uid 2102 and loopback are exempt. 'meshinit check' confirms:"
 "$BIN/meshinit" check --netns /var/run/netns/mi-demo-b --outbound-ports-to-ignore 9000 \
   --inbound-ports-to-ignore 4190,4191,9000 2>/dev/null | show
 
-stage "5/8 servers and proxies"
+stage "5/9 servers and proxies"
 # Servers in pod B. The banner service speaks first, like SMTP or MySQL.
 cat >"$WORK/banner.py" <<'PY'
 import socket, sys
@@ -226,15 +229,16 @@ printf '[[peer]]\nnet = "%s/32"\nidentity = "b.demo.mesh.local"\n[[peer]]\nnet =
 printf '[[peer]]\nnet = "%s/32"\nidentity = "a.demo.mesh.local"\n[[peer]]\nnet = "%s/128"\nidentity = "a.demo.mesh.local"\n' "$A" "$A6" >"$WORK/peers-b.toml"
 
 OPAQUE_DEFAULT=25,587,3306,4444,5432,6379,9300,11211
-start_proxy() { # start_proxy POD OPAQUE_PORTS
+start_proxy() { # start_proxy POD OPAQUE_PORTS [EXTRA ARGS...]
+  local pod=$1 opaque=$2; shift 2
   # Started directly (not through a shell function) so that $! is the proxy itself.
-  ip netns exec "mi-demo-$1" setpriv --reuid=2102 --regid=2102 --clear-groups \
-    "$BIN/meshproxy" --opaque-ports "$2" --detect-timeout "${DETECT}s" \
+  ip netns exec "mi-demo-$pod" setpriv --reuid=2102 --regid=2102 --clear-groups \
+    "$BIN/meshproxy" --opaque-ports "$opaque" --detect-timeout "${DETECT}s" "$@" \
     --admin-addr 0.0.0.0:4191 --trust-anchors "$WORK/ca/ca.crt" \
-    --identity-cert "$WORK/id-$1/$1.demo.mesh.local.crt" \
-    --identity-key "$WORK/id-$1/$1.demo.mesh.local.key" \
-    --mesh-peers "$WORK/peers-$1.toml" >>"$WORK/proxy-$1.log" 2>&1 &
-  echo $! >"$WORK/proxy-$1.pid"
+    --identity-cert "$WORK/id-$pod/$pod.demo.mesh.local.crt" \
+    --identity-key "$WORK/id-$pod/$pod.demo.mesh.local.key" \
+    --mesh-peers "$WORK/peers-$pod.toml" >>"$WORK/proxy-$pod.log" 2>&1 &
+  echo $! >"$WORK/proxy-$pod.pid"
   disown
 }
 stop_proxy() { # SIGTERM, then wait until it is gone (it drains its connections first)
@@ -267,7 +271,7 @@ say "pod A -> pod B is wrapped in mutual TLS (peer port 4143, ALPN transport.l5d
 metrics() { in_ns "$1" curl -s "http://127.0.0.1:4191/metrics"; }
 metrics a >"$WORK/metrics-a.before"; metrics b >"$WORK/metrics-b.before"
 
-stage "6/8 traffic across the mesh"
+stage "6/9 traffic across the mesh"
 say "pod A: curl http://$B:8080/"
 in_ns a curl -s --max-time 20 "http://$B:8080/" | show
 say "pod A: curl http://[$B6]:8080/  (IPv6, same path)"
@@ -308,7 +312,7 @@ print(f"{(time.monotonic() - t) * 1000:.0f} {data.decode().strip()}")
 PY
 }
 
-stage "7/8 server-speaks-first: the detect stall, and opaque ports"
+stage "7/9 server-speaks-first: the detect stall, and opaque ports"
 say "pod A connects to the banner on $B:7000 and waits for its greeting."
 say "Pod A's outbound proxy waits for the client's first bytes to detect the protocol,"
 say "but the client is waiting for the server: nothing moves until the detect timeout."
@@ -328,7 +332,7 @@ t = time.monotonic(); s = socket.create_connection(('$B', 9000), timeout=10); d 
 print(f'{(time.monotonic() - t) * 1000:.0f} {d.decode().strip()}')")
 say "greeting \"$text\" after ${ms} ms on :9000"
 
-stage "8/8 what the proxies counted after the restart (/metrics)"
+stage "8/9 what the proxies counted after the restart (/metrics)"
 metrics a >"$WORK/metrics-a.after"; metrics b >"$WORK/metrics-b.after"
 : >"$WORK/empty"
 say "pod A outbound, since the restart (7000 now opaque: no detect_results for it):"
@@ -340,6 +344,73 @@ if grep -q 'target_addr="[^"]*:9000"' "$WORK/metrics-a.after" "$WORK/metrics-b.a
   exit 1
 fi
 say "no series for port 9000: skip ports never reach the proxy"
+
+stage "9/9 live traffic shifting (--discovery): linkerd-tcp's Redis story"
+# Two Redis "clusters" in pod B (redis-a on :6379, redis-b on :6380), each answering
+# with its own name, behind one service address that exists nowhere: pod A only has a
+# route towards B for it, and its proxy balances the connections.
+SVC=198.18.100.10
+in_ns b redis-server --port 6380 --bind 0.0.0.0 --protected-mode no --save '' --appendonly no >/dev/null 2>&1 &
+disown -a
+wait_port 6380
+in_ns b redis-cli -p 6379 set backend redis-a >/dev/null
+in_ns b redis-cli -p 6380 set backend redis-b >/dev/null
+ip -n mi-demo-a route add 198.18.100.0/24 via "$B"
+discovery() { # discovery WEIGHT_A WEIGHT_B: write the file as an agent would (rename over)
+  cat >"$WORK/discovery.new" <<TOML
+[[service]]
+name = "redis"
+addrs = ["$SVC:6379"]
+protocol = "opaque"
+[[service.backend]]
+name = "redis-a"
+weight = $1
+endpoints = [ { addr = "$B:6379", identity = "b.demo.mesh.local" } ]
+[[service.backend]]
+name = "redis-b"
+weight = $2
+endpoints = [ { addr = "$B:6380", identity = "b.demo.mesh.local" } ]
+TOML
+  mv "$WORK/discovery.new" "$WORK/discovery.toml"
+}
+discovery 100 0
+"$BIN/meshproxy" discovery check "$WORK/discovery.toml" | show
+stop_proxy a
+start_proxy a "$OPAQUE_DEFAULT,7000" --discovery "$WORK/discovery.toml"
+wait_ready a
+say "pod A's proxy now reads $WORK/discovery.toml: service redis at $SVC:6379,"
+say "backends redis-a ($B:6379) and redis-b ($B:6380), both reached over mTLS"
+say "redis-cli -h $SVC get backend  ->  $(in_ns a redis-cli -h "$SVC" get backend)"
+per_backend() { # connections per backend so far, from pod A's /metrics
+  metrics a | awk '/^tcp_open_total\{.*dst_service="redis"/ {
+      match($0, /dst_backend="[^"]*"/); b = substr($0, RSTART + 13, RLENGTH - 14); n[b] += $NF }
+    END { printf "redis-a=%d redis-b=%d", n["redis-a"], n["redis-b"] }'
+}
+say "redis-benchmark from pod A, a new connection per request (-k 0), while the"
+say "weights change every 2 s by rewriting the file; nothing is restarted:"
+in_ns a redis-benchmark -h "$SVC" -p 6379 -c 8 -n 100000000 -k 0 -t get -q \
+  >"$WORK/benchmark.out" 2>&1 &
+bench=$!
+disown
+for weights in "100 0" "50 50" "0 100"; do
+  # shellcheck disable=SC2086 # two words on purpose
+  discovery $weights
+  before=$(per_backend)
+  sleep 2
+  say "weights ${weights/ //}: connections so far $before -> $(per_backend)"
+done
+kill "$bench" 2>/dev/null || true # TERM: a background job of a script ignores INT
+while kill -0 "$bench" 2>/dev/null; do sleep 0.05; done
+say "redis-cli -h $SVC get backend  ->  $(in_ns a redis-cli -h "$SVC" get backend)"
+errors=$(grep -ciE 'error|could not' "$WORK/benchmark.out" || true)
+failed=$(metrics a | awk '/^tcp_close_total\{.*dst_service="redis"/ && !/errno=""/ { n += $NF } END { print n + 0 }')
+say "balancer_endpoints and discovery_updates_total on pod A:"
+metrics a | grep -E '^(balancer_endpoints|discovery_updates_total)' | show
+say "traffic shift: $errors client errors, $failed connections closed with an error"
+if [ "$errors" != 0 ] || [ "$failed" != 0 ]; then
+  cat "$WORK/benchmark.out"
+  exit 1
+fi
 
 if [ "$KEEP" = 1 ]; then
   stage "left running (--keep)"

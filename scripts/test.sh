@@ -70,11 +70,14 @@ stall=$(sed -n 's/.*stall measured: \([0-9]*\) ms.*/\1/p' "$demo_out")
 [ -n "$stall" ] && [ "$stall" -ge 2000 ] || demo_fail "stall ${stall:-?} ms < detect timeout 2000 ms"
 opaque=$(sed -n 's/.*opaque answer: \([0-9]*\) ms.*/\1/p' "$demo_out")
 [ -n "$opaque" ] && [ "$opaque" -lt 1000 ] || demo_fail "opaque answer ${opaque:-?} ms >= 1 s"
+grep -q 'traffic shift: 0 client errors, 0 connections closed with an error' "$demo_out" \
+  || demo_fail "the weight shift cost clients errors"
+grep -q 'get backend  ->  redis-b' "$demo_out" || demo_fail "the weight shift did not move to redis-b"
 grep -q 'cleanup complete: 0 demo namespaces left' "$demo_out" || demo_fail "cleanup incomplete"
 if ip netns list | grep -q '^mi-demo-' || pgrep -f 'meshinit-demo\.' >/dev/null; then
   demo_fail "a demo namespace or process survived"
 fi
-echo "    demo: mTLS hop seen, stall ${stall} ms >= 2000 ms, opaque answer ${opaque} ms, cleanup complete"
+echo "    demo: mTLS hop seen, stall ${stall} ms >= 2000 ms, opaque answer ${opaque} ms, traffic shifted to redis-b without errors, cleanup complete"
 rm -f "$demo_out"
 
 # Test namespaces are named nt-<test>-<pid>-<n> (benches and the demo use mi-*);

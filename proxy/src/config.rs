@@ -100,6 +100,10 @@ meshinit_settings::settings! {
         /// The port meshed peers accept mTLS on, the peers' inbound port [default: 4143].
         #[setting(value_name = "PORT", help_heading = "Identity (mTLS)")]
         peer_inbound_port,
+        /// TOML file of services (`[[service]]` with addrs, backends, weights and
+        /// endpoints), re-read when it changes [default: none, no balancing].
+        #[setting(value_name = "PATH", help_heading = "Services")]
+        discovery,
     }
 }
 
@@ -160,6 +164,9 @@ pub struct Config {
     /// The port peers accept mTLS on. Default 4143, meshinit's
     /// `--incoming-proxy-port`, which every meshed pod uses.
     pub peer_inbound_port: u16,
+    /// The discovery file: services whose addresses are balanced over their endpoints.
+    /// Default none: every connection goes where it was dialled.
+    pub discovery: Option<PathBuf>,
 }
 
 /// Ports whose protocols are server-speaks-first (SMTP, MySQL, PostgreSQL, Redis,
@@ -277,6 +284,7 @@ impl Config {
         let identity_key = path("identity_key")?;
         let trust_anchors = path("trust_anchors")?;
         let mesh_peers = path("mesh_peers")?;
+        let discovery = path("discovery")?;
         let require_identity_ports = s
             .get("require_identity_ports", parse_ports)?
             .unwrap_or_default();
@@ -330,6 +338,7 @@ impl Config {
             mesh_peers,
             require_identity_ports,
             peer_inbound_port,
+            discovery,
         })
     }
 

@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::balance::{Balancer, BalancerError, Table};
 use crate::config::{Config, PortSet};
 use crate::detect::{detect, Detected, Protocol};
 use crate::duplex::{duplex, duplex_tcp, DuplexError, Totals};
@@ -31,6 +32,7 @@ use crate::metrics::{errno_name, ConnMetrics, Direction, Metrics, Refused};
 use crate::prefixed::Prefixed;
 use crate::route::Route;
 
+mod balanced;
 mod mtls;
 
 use self::mtls::Mesh;
@@ -51,6 +53,8 @@ pub struct Forwarder {
     mesh: Option<Mesh>,
     /// Our listeners, which a transport header must not name (see `mtls::inbound`).
     listeners: Listeners,
+    /// The services of `--discovery`, when configured (see `balanced`).
+    balancer: Option<Arc<Balancer>>,
 }
 
 /// The addresses the proxy listens on, by direction.
@@ -109,6 +113,8 @@ pub enum ForwarderError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     MeshPeers(#[from] MeshPeersError),
+    #[error(transparent)]
+    Discovery(#[from] BalancerError),
 }
 
 /// What a connection's first bytes were, or that they were not looked at.
@@ -129,6 +135,11 @@ impl Forwarder {
     /// Builds the forwarder of `config`, loading the identity and mesh peers files
     /// when they are configured.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Forwarder, ForwarderError> {
+        let mesh = Mesh::new(config)?;
+        let balancer = match &config.discovery {
+            Some(path) => Some(Balancer::new(path, mesh.is_some(), metrics.clone())?),
+            None => None,
+        };
         Ok(Forwarder {
             metrics,
             detect_timeout: config.detect_timeout,
@@ -136,14 +147,20 @@ impl Forwarder {
             inbound_opaque_ports: config.inbound_opaque_ports.clone(),
             outbound_opaque_ports: config.outbound_opaque_ports.clone(),
             detecting: PerDirection::new(|| Arc::new(Semaphore::new(config.max_detecting))),
-            mesh: Mesh::new(config)?,
+            mesh,
             listeners: Listeners::default(),
+            balancer,
         })
     }
 
     /// Tells the forwarder where the proxy listens, once bound.
     pub(crate) fn set_listeners(&mut self, listeners: Listeners) {
         self.listeners = listeners;
+    }
+
+    /// The services of `--discovery` for a new connection, reloaded if the file changed.
+    pub(crate) fn services(&self) -> Option<Arc<Table>> {
+        self.balancer.as_ref().map(|b| b.table())
     }
 
     /// Whether the inbound listener takes direct (not redirected) connections: with
@@ -172,6 +189,9 @@ impl Forwarder {
             }
             // `route` only decides `Direct` when `accepts_direct()`, i.e. with a mesh.
             (Route::Direct(_), None) => return,
+            (Route::Balanced(original, service), _) => {
+                return balanced::forward(self, client, original, &service).await;
+            }
         };
 
         // On a port that requires an identity we must see whether the client starts a

@@ -35,6 +35,12 @@
 //! - `reload`: values rebuilt when their files change on disk.
 //! - `await_ready`: `meshproxy await`, which waits for a proxy's `/ready` (the
 //!   classic-sidecar pod's guard against the application starting first).
+//!
+//! Services (`--discovery`) add a `Route::Balanced` and these:
+//!
+//! - `balance`: the discovery file (`balance/discovery`), reloaded on change, and the
+//!   pickers: a backend by weight, an endpoint by power-of-two-choices, failing
+//!   endpoints set aside; `forward/balanced` connects and copies.
 
 #![deny(rust_2018_idioms)]
 // No module needs `unsafe`: nix wraps the one raw getsockopt we make (orig_dst).
@@ -42,6 +48,7 @@
 
 mod admin;
 mod await_ready;
+mod balance;
 mod config;
 mod detect;
 mod duplex;
@@ -58,6 +65,7 @@ mod tls;
 mod transport_header;
 
 pub use crate::await_ready::{await_ready, AwaitError};
+pub use crate::balance::{Balancer, BalancerError, Discovery, DiscoveryError, ServiceProtocol};
 pub use crate::config::{Config, ConfigError, LogFormat, PortSet, ProxyArgs};
 pub use crate::detect::{detect, ClientHello, Detected, Detection, Protocol, MAX_PREFIX};
 pub use crate::duplex::{duplex, duplex_tcp, Counters, DuplexError, Side, Totals};

@@ -36,6 +36,9 @@ enum Command {
     /// Make a throwaway CA and identities for demos and tests (not for production).
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Work with the --discovery file.
+    #[command(subcommand)]
+    Discovery(DiscoveryCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -57,6 +60,18 @@ enum Command {
         /// The command to run once the proxy is ready.
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiscoveryCommand {
+    /// Validate FILE as `--discovery` would: exit 0 and print its services when it is
+    /// valid, exit 2 with the problem and where it is otherwise. Endpoints with an
+    /// identity are accepted (the proxy that reads the file needs an identity of its
+    /// own for them).
+    Check {
+        /// The discovery file (TOML).
+        file: PathBuf,
     },
 }
 
@@ -99,6 +114,9 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Run(args)) => args,
         Some(Command::Identity(command)) => return identity(command),
+        Some(Command::Discovery(DiscoveryCommand::Check { file })) => {
+            return discovery_check(&file)
+        }
         Some(Command::Completions { shell }) => {
             let mut command = Cli::command();
             clap_complete::generate(shell, &mut command, "meshproxy", &mut std::io::stdout());
@@ -127,6 +145,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // An invalid discovery file is bad input like a bad flag: exit 2, start nothing.
+    if let Some(path) = &config.discovery {
+        if let Err(error) = meshproxy::Balancer::check(path, config.identity.is_some()) {
+            eprintln!("meshproxy: {error}");
+            return ExitCode::from(2);
+        }
+    }
     init_tracing(config.log_format);
     raise_nofile_limit(config.descriptors_needed());
     match run(config) {
@@ -157,6 +182,29 @@ fn await_then_exec(
     let error = std::process::Command::new(program).args(args).exec();
     eprintln!("meshproxy await: cannot run {program:?}: {error}");
     ExitCode::from(127)
+}
+
+/// `meshproxy discovery check FILE`.
+fn discovery_check(file: &std::path::Path) -> ExitCode {
+    match meshproxy::Balancer::check(file, true) {
+        Ok(discovery) => {
+            for service in &discovery.services {
+                let endpoints: usize = service.backends.iter().map(|b| b.endpoints.len()).sum();
+                println!(
+                    "service {:?}: {} address(es), {} backend(s), {} endpoint(s)",
+                    service.name,
+                    service.addrs.len(),
+                    service.backends.len(),
+                    endpoints
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("meshproxy: {error}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn identity(command: IdentityCommand) -> ExitCode {

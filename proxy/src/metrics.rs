@@ -52,7 +52,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -101,6 +101,9 @@ struct ConnLabels {
     tls: &'static str,
     /// On mTLS hops, the peer's identity: `client_id` inbound, `server_id` outbound.
     peer_id: Option<(&'static str, String)>,
+    /// On balanced connections (`--discovery`), the service and the backend chosen:
+    /// `dst_service` and `dst_backend`. As bounded as the discovery file.
+    dst: Option<(Arc<str>, Arc<str>)>,
 }
 
 impl ConnLabels {
@@ -113,6 +116,10 @@ impl ConnLabels {
         // so plaintext series keep exactly the labels they had before mTLS existed.
         if let Some((key, id)) = &self.peer_id {
             (*key, id.as_str()).encode(encoder.encode_label())?;
+        }
+        if let Some((service, backend)) = &self.dst {
+            ("dst_service", &**service).encode(encoder.encode_label())?;
+            ("dst_backend", &**backend).encode(encoder.encode_label())?;
         }
         Ok(())
     }
@@ -133,6 +140,7 @@ impl ConnLabels {
             protocol: self.protocol,
             tls: self.tls,
             peer_id: None,
+            dst: None,
         }
     }
 }
@@ -188,6 +196,8 @@ pub enum Refused {
     ForeignDestination,
     /// an original destination that is one of the proxy's own listeners.
     SelfLoop,
+    /// A service of `--discovery` whose backends all have weight zero.
+    NoBackend,
 }
 
 impl Refused {
@@ -202,6 +212,7 @@ impl Refused {
             Refused::MulticastDestination => "multicast_destination",
             Refused::ForeignDestination => "foreign_destination",
             Refused::SelfLoop => "self_loop",
+            Refused::NoBackend => "no_backend",
         }
     }
 }
@@ -244,6 +255,57 @@ pub struct Metrics {
     detect_duration: Histogram,
     refused: Family<RefusedLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
+    /// `discovery_updates_total{result="ok"|"invalid"}`.
+    discovery_updates: Family<ResultLabels, Counter>,
+    /// Where `balancer_endpoints` comes from, once a balancer exists.
+    balancer_endpoints: Arc<OnceLock<EndpointGauges>>,
+}
+
+/// Computes `balancer_endpoints` at each scrape.
+pub type EndpointGauges = Box<dyn Fn() -> Vec<EndpointGauge> + Send + Sync>;
+
+/// One sample of `balancer_endpoints{service,backend,state}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointGauge {
+    pub service: Arc<str>,
+    pub backend: Arc<str>,
+    /// `ready` or `failed` (set aside after failing to connect).
+    pub state: &'static str,
+    pub count: i64,
+}
+
+/// `balancer_endpoints`, computed when scraped, so an endpoint whose penalty ran out
+/// shows as ready again without waiting for a connection.
+struct BalancerCollector(Arc<OnceLock<EndpointGauges>>);
+
+impl fmt::Debug for BalancerCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BalancerCollector")
+    }
+}
+
+impl Collector for BalancerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let Some(gauges) = self.0.get() else {
+            return Ok(());
+        };
+        let gauges = gauges();
+        let mut family = encoder.encode_descriptor(
+            "balancer_endpoints",
+            "Endpoints of each service backend, ready or set aside after failing.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for gauge in &gauges {
+            let labels = [
+                ("service", &*gauge.service),
+                ("backend", &*gauge.backend),
+                ("state", gauge.state),
+            ];
+            ConstGauge::new(gauge.count).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The connection metrics: their label sets, handles and the bookkeeping that bounds
@@ -330,6 +392,14 @@ impl Metrics {
         let detect_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let refused = Family::default();
         let handshake_failures = Family::default();
+        let discovery_updates = Family::default();
+        let balancer_endpoints = Arc::new(OnceLock::new());
+        registry.register(
+            "discovery_updates",
+            "Loads of the discovery file, valid or not",
+            discovery_updates.clone(),
+        );
+        registry.register_collector(Box::new(BalancerCollector(balancer_endpoints.clone())));
         // `tcp_open`, `tcp_close`, `tcp_open_connections`, `tcp_read_bytes`,
         // `tcp_write_bytes`: see `ConnFamilies`.
         registry.register_collector(Box::new(ConnFamilies(conns.clone())));
@@ -363,6 +433,8 @@ impl Metrics {
             detect_duration,
             refused,
             handshake_failures,
+            discovery_updates,
+            balancer_endpoints,
         }
     }
 
@@ -418,6 +490,20 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a load of the discovery file: `ok` or `invalid`.
+    pub fn discovery_update(&self, ok: bool) {
+        let result = if ok { "ok" } else { "invalid" };
+        self.discovery_updates
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Sets where `balancer_endpoints` comes from; only the first call counts (one
+    /// balancer per proxy).
+    pub fn set_balancer_endpoints(&self, gauges: EndpointGauges) {
+        let _ = self.balancer_endpoints.set(gauges);
+    }
+
     /// Counts a connection as open and returns its counters. Dropping the result counts
     /// it as closed. `peer_id` is the peer's identity when the hop is our mTLS: the
     /// client's for inbound connections, the server's for outbound ones.
@@ -431,6 +517,19 @@ impl Metrics {
         protocol: Protocol,
         peer_id: Option<&str>,
     ) -> ConnMetrics {
+        self.open_balanced(direction, target, protocol, peer_id, None)
+    }
+
+    /// [`Metrics::open`] for a connection to a service of `--discovery`: `dst` is the
+    /// service and the backend chosen (`dst_service`, `dst_backend`).
+    pub fn open_balanced(
+        &self,
+        direction: Direction,
+        target: std::net::SocketAddr,
+        protocol: Protocol,
+        peer_id: Option<&str>,
+        dst: Option<(Arc<str>, Arc<str>)>,
+    ) -> ConnMetrics {
         let labels = ConnLabels {
             direction: direction.as_str(),
             target_addr: target.to_string(),
@@ -443,6 +542,7 @@ impl Metrics {
                 };
                 (key, id.to_string())
             }),
+            dst,
         };
         let (labels, counters) = self.conns.open(labels, Instant::now());
         ConnMetrics {

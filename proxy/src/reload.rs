@@ -29,9 +29,9 @@ use std::time::SystemTime;
 use tracing::{info, warn};
 
 /// What identifies one version of a file; `None` when the file cannot be read.
-type Stamp = Option<(SystemTime, (i64, i64), u64, u64, u64)>;
+pub(crate) type Stamp = Option<(SystemTime, (i64, i64), u64, u64, u64)>;
 
-fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
+pub(crate) fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
     paths
         .iter()
         .map(|path| {

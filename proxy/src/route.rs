@@ -27,18 +27,24 @@
 //! anything, and the proxy only sees what the application could have reached directly.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
+use crate::balance::{Service, Table};
 use crate::metrics::{Direction, Refused};
 use crate::orig_dst::OrigDstError;
 
 /// What to do with a connection that is not refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
     /// Forward to this original destination (detection, plaintext or mTLS out).
     Forward(SocketAddr),
     /// A peer proxy's direct mTLS connection to our inbound listener at this address:
     /// terminate it and forward to the port its transport header names.
     Direct(SocketAddr),
+    /// An outbound connection to an address of a `--discovery` service: connect to one
+    /// of its endpoints instead of the address dialled (a virtual one, like a
+    /// Kubernetes ClusterIP).
+    Balanced(SocketAddr, Arc<Service>),
 }
 
 /// Why a connection is refused. Each names the address it was refused for.
@@ -89,6 +95,8 @@ pub struct Context<'a> {
     /// it (`Proxy::serve_with` in tests): the inbound address checks are skipped, the
     /// self-loop check is not.
     pub is_local: Option<&'a dyn Fn(IpAddr) -> bool>,
+    /// The services of `--discovery`, when configured.
+    pub services: Option<&'a Table>,
 }
 
 /// Decides what to do with a connection accepted by the `direction` listener whose
@@ -135,7 +143,14 @@ pub fn route(
         // connection, which we terminate.
         Some((Direction::Inbound, _)) if direct_ok => Ok(Route::Direct(original)),
         Some((_, listener)) => Err(Refusal::SelfLoop { original, listener }),
-        None => Ok(Route::Forward(original)),
+        // Only the pod's own outbound connections are balanced: inbound ones were
+        // already balanced by whoever sent them to this pod.
+        None => match cx.services.and_then(|table| table.service(original)) {
+            Some(service) if direction == Direction::Outbound => {
+                Ok(Route::Balanced(original, service.clone()))
+            }
+            _ => Ok(Route::Forward(original)),
+        },
     }
 }
 

@@ -354,11 +354,13 @@ async fn accept_loop<F>(
             continue;
         };
         let is_local = shared.is_local.as_ref().map(|f| f as &dyn Fn(_) -> bool);
+        let services = shared.forwarder.services();
         let cx = Context {
             accepts_direct: shared.accepts_direct,
             inbound: &shared.listeners.inbound,
             outbound: &shared.listeners.outbound,
             is_local,
+            services: services.as_deref(),
         };
         let route = match route::route(direction, (shared.destination)(&stream), &cx) {
             Ok(route) => route,

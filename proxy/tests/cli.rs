@@ -39,6 +39,7 @@ fn help_is_grouped_and_lists_the_contract_flags() {
         "--shutdown-grace",
         "--handshake-timeout",
         "--proxy-uid",
+        "--discovery",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }
@@ -108,4 +109,97 @@ fn meshproxy_log_sets_the_filter_over_rust_log() {
     assert!(!run(&[("MESHPROXY_LOG", "off")]).contains("ERROR"));
     assert!(!run(&[("MESHPROXY_LOG", "off"), ("RUST_LOG", "info")]).contains("ERROR"));
     assert!(!run(&[("RUST_LOG", "off")]).contains("ERROR"));
+}
+
+/// `meshproxy discovery check FILE`: 0 for a valid file, 2 naming the problem and
+/// where it is for an invalid one (and for a file that cannot be read).
+#[test]
+fn discovery_check_validates_a_file() {
+    let dir = std::env::temp_dir().join(format!("meshproxy-cli-discovery-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("discovery.toml");
+    let good = r#"
+[[service]]
+name = "redis"
+addrs = ["198.18.100.10:6379", "[fd00:100::10]:6379"]
+protocol = "opaque"
+[[service.backend]]
+name = "redis-a"
+weight = 100
+endpoints = [ { addr = "198.18.1.2:6379", identity = "redis-a.shop.mesh.local" } ]
+[[service.backend]]
+name = "redis-b"
+weight = 0
+endpoints = [ { addr = "198.18.2.2:6379" } ]
+"#;
+    let check = |text: &str| {
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_meshproxy"))
+            .args(["discovery", "check"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, text) = check(good);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("\"redis\""), "{text}");
+    for (bad, needle) in [
+        (good.replace("weight = 0", "weight = -1"), "weight -1"),
+        (good.replace("weight = 0", "wieght = 0"), "wieght"),
+        (good.replace("198.18.2.2:6379", "198.18.2.2"), "198.18.2.2"),
+        (
+            good.replace("redis-a.shop.mesh.local", "redis_a!"),
+            "redis_a!",
+        ),
+        (
+            format!("{good}[[service]]\nname = \"x\"\naddrs = [\"[fd00:100::10]:6379\"]\n"),
+            "fd00:100::10",
+        ),
+    ] {
+        let (code, text) = check(&bad);
+        assert_eq!(code, Some(2), "{text}");
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshproxy"))
+        .args(["discovery", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// The proxy refuses to start (exit 2, before binding anything) with an invalid
+/// discovery file, or with endpoints that need mTLS when it has no identity.
+#[test]
+fn an_invalid_discovery_file_stops_the_proxy_with_exit_2() {
+    let dir = std::env::temp_dir().join(format!("meshproxy-cli-start-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("discovery.toml");
+    let service = "[[service]]\nname = \"s\"\naddrs = [\"198.18.100.10:80\"]\n[[service.backend]]\nname = \"b\"\nweight = 1\n";
+    for (text, needle) in [
+        (format!("{service}endpoints = [ {{ addr = \"198.18.1.2:80\" }} ]\nweight2 = 1\n"), "weight2"),
+        (
+            format!("{service}endpoints = [ {{ addr = \"198.18.1.2:80\", identity = \"b.mesh.local\" }} ]\n"),
+            "--identity-cert",
+        ),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_meshproxy"))
+            .arg("--discovery")
+            .arg(&file)
+            // Unusable if it ever got that far: the check must come first.
+            .args(["--admin-addr", "127.0.0.1:1", "--outbound-addr", "127.0.0.1:1"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(needle) && stderr.contains("discovery"), "{stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -331,7 +331,35 @@ fn errors_name_the_file_path_and_every_setting_reads_its_variable() {
                 "{var}"
             ),
             Err(err) => assert!(err.to_string().starts_with(&format!("{var}: ")), "{err}"),
+            // The discovery file needs no identity (until it names one), so any path is
+            // a valid configuration: read if it is the one the variable gave.
+            Ok(c) if setting.key == "discovery" => {
+                assert_eq!(c.discovery, Some(PathBuf::from("\u{1}bad")), "{var}")
+            }
             Ok(_) => panic!("{var} was ignored"),
         }
     }
+}
+
+#[test]
+fn discovery_comes_from_every_source() {
+    assert_eq!(config(ProxyArgs::default(), &[], None).discovery, None);
+    let args = ProxyArgs {
+        discovery: Some("/flag.toml".into()),
+        ..ProxyArgs::default()
+    };
+    let c = config(args, &[("MESHPROXY_DISCOVERY", "/env.toml")], None);
+    assert_eq!(c.discovery, Some(PathBuf::from("/flag.toml")));
+    let c = config(
+        ProxyArgs::default(),
+        &[("MESHPROXY_DISCOVERY", "/env.toml")],
+        Some("discovery = \"/file.toml\""),
+    );
+    assert_eq!(c.discovery, Some(PathBuf::from("/env.toml")));
+    let c = config(
+        ProxyArgs::default(),
+        &[],
+        Some("discovery = \"/file.toml\""),
+    );
+    assert_eq!(c.discovery, Some(PathBuf::from("/file.toml")));
 }

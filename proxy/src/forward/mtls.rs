@@ -35,7 +35,7 @@ use crate::config::{Config, PortSet};
 use crate::detect::{detect, Detected, Protocol};
 use crate::identity::IdentityWatch;
 use crate::mesh_peers::MeshPeersWatch;
-use crate::metrics::{errno_name, Direction, Refused};
+use crate::metrics::{errno_name, ConnMetrics, Direction, Refused};
 use crate::prefixed::Prefixed;
 use crate::route::{own_listener, Context};
 use crate::tls::{self, HandshakeFailure};
@@ -45,7 +45,7 @@ use crate::transport_header::{self, SessionProtocol, TransportHeader};
 pub(super) struct Mesh {
     pub(super) identity: IdentityWatch,
     peers: Option<MeshPeersWatch>,
-    peer_inbound_port: u16,
+    pub(super) peer_inbound_port: u16,
     pub(super) require_identity_ports: PortSet,
 }
 
@@ -94,15 +94,6 @@ pub(super) async fn outbound(
         .metrics
         .open(Direction::Outbound, target, protocol, Some(&peer_id));
     let peer = SocketAddr::new(target.ip(), mesh.peer_inbound_port);
-    let failed = |reason: HandshakeFailure| {
-        fwd.metrics.handshake_failed(Direction::Outbound, reason);
-        info!(%target, %peer, %peer_id, reason = reason.as_str(), "mTLS to the peer proxy failed");
-    };
-    let Ok(server_name) = ServerName::try_from(peer_id.clone()) else {
-        // Checked when the peers file was parsed; kept as a guard, not a panic.
-        failed(HandshakeFailure::Other);
-        return;
-    };
     let tcp = match connect(peer).await {
         Ok(stream) => stream,
         Err(error) => {
@@ -110,6 +101,35 @@ pub(super) async fn outbound(
             conn.set_errno(Some(errno_name(&error)));
             return;
         }
+    };
+    outbound_over(fwd, mesh, client, tcp, target, classified, &peer_id, conn).await;
+}
+
+/// The mTLS hop of [`outbound`] over `tcp`, a connection already open to the peer
+/// proxy of `target` (also how a balanced endpoint with an identity is reached):
+/// handshake, transport header naming `target`'s port, copy.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn outbound_over(
+    fwd: &Forwarder,
+    mesh: &Mesh,
+    client: TcpStream,
+    tcp: TcpStream,
+    target: SocketAddr,
+    classified: Classified,
+    peer_id: &str,
+    mut conn: ConnMetrics,
+) {
+    let protocol = classified.protocol();
+    let peer = tcp.peer_addr().ok();
+    let failed = |reason: HandshakeFailure| {
+        fwd.metrics.handshake_failed(Direction::Outbound, reason);
+        info!(%target, ?peer, %peer_id, reason = reason.as_str(), "mTLS to the peer proxy failed");
+    };
+    let Ok(server_name) = ServerName::try_from(peer_id.to_string()) else {
+        // Checked when the peers file was parsed; kept as a guard, not a panic.
+        failed(HandshakeFailure::Other);
+        conn.set_errno(Some(ERRNO_HANDSHAKE.to_string()));
+        return;
     };
     let connector = TlsConnector::from(mesh.identity.current().client_config());
     let handshake = tokio::time::timeout(fwd.handshake_timeout, async {
@@ -154,7 +174,7 @@ pub(super) async fn outbound(
             return;
         }
     };
-    debug!(%target, %peer, %peer_id, "mTLS established");
+    debug!(%target, ?peer, %peer_id, "mTLS established");
     copy(client, tls, classified.prefix, &mut conn, target).await;
 }
 
@@ -269,6 +289,7 @@ pub(super) async fn inbound(
                 inbound: &fwd.listeners.inbound,
                 outbound: &fwd.listeners.outbound,
                 is_local: Some(&crate::orig_dst::is_local),
+                services: None,
             };
             if (direct && header.port == listener_port) || own_listener(destination, &cx).is_some()
             {

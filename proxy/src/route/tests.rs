@@ -32,6 +32,7 @@ fn decide(direction: Direction, original: &str, accepts_direct: bool) -> Result<
         inbound: &inbound,
         outbound: &outbound,
         is_local: Some(is_local),
+        services: None,
     };
     route(direction, Ok(addr(original)), &cx).map_err(|refusal| refusal.reason())
 }
@@ -98,6 +99,7 @@ fn no_original_destination_is_refused_or_direct_mtls_inbound() {
             inbound: &inbound,
             outbound: &outbound,
             is_local: None,
+            services: None,
         };
         let got = route(Direction::Inbound, not_redirected(), &cx);
         match (accepts_direct, got) {
@@ -140,6 +142,7 @@ fn every_own_listener_is_a_self_loop_in_both_directions_and_families() {
         inbound: &inbound,
         outbound: &outbound,
         is_local: Some(is_local),
+        services: None,
     };
     for original in ["198.18.0.1:4140", "[fd00:18::1]:4140"] {
         let got = route(Direction::Inbound, Ok(addr(original)), &cx);
@@ -202,9 +205,55 @@ fn a_caller_chosen_destination_skips_the_address_checks_but_not_the_self_loop_ch
         inbound: &inbound,
         outbound: &outbound,
         is_local: None,
+        services: None,
     };
     let got = route(Direction::Inbound, Ok(addr("127.0.0.1:8080")), &cx);
     assert_eq!(got.unwrap(), Route::Forward(addr("127.0.0.1:8080")));
     let got = route(Direction::Inbound, Ok(addr("127.0.0.1:4140")), &cx);
     assert!(matches!(got, Err(Refusal::SelfLoop { .. })), "{got:?}");
+}
+
+#[test]
+fn outbound_to_a_service_address_is_balanced_inbound_and_other_addresses_are_not() {
+    let (inbound, outbound) = listeners();
+    let table = crate::balance::Table::parse(
+        r#"
+        [[service]]
+        name = "redis"
+        addrs = ["198.18.100.10:6379"]
+        [[service.backend]]
+        name = "a"
+        weight = 1
+        endpoints = [ { addr = "198.18.1.2:6379" } ]
+        "#,
+    );
+    let cx = Context {
+        accepts_direct: false,
+        inbound: &inbound,
+        outbound: &outbound,
+        is_local: None,
+        services: Some(&table),
+    };
+    let service = addr("198.18.100.10:6379");
+    match route(Direction::Outbound, Ok(service), &cx) {
+        Ok(Route::Balanced(original, s)) => {
+            assert_eq!(original, service);
+            assert_eq!(&*s.name, "redis");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mapped = addr("[::ffff:198.18.100.10]:6379");
+    assert!(matches!(
+        route(Direction::Outbound, Ok(mapped), &cx),
+        Ok(Route::Balanced(..))
+    ));
+    assert_eq!(
+        route(Direction::Inbound, Ok(service), &cx).unwrap(),
+        Route::Forward(service)
+    );
+    let other = addr("198.18.100.10:6380");
+    assert_eq!(
+        route(Direction::Outbound, Ok(other), &cx).unwrap(),
+        Route::Forward(other)
+    );
 }

@@ -5,6 +5,7 @@
 //! threads), so a redirect to a local port can be measured in one namespace.
 //!
 //! Usage: connrate [--listen ADDR] --connect ADDR [--seconds N] [--threads N]
+//!        connrate --listen ADDR            (only the echoing server, until killed)
 //! Prints: `<connections> <seconds> <per-second>`.
 
 use std::io::{Read, Write};
@@ -22,7 +23,7 @@ fn main() {
     };
     let seconds: f64 = value("--seconds").map_or(3.0, |s| s.parse().unwrap());
     let threads: usize = value("--threads").map_or(1, |s| s.parse().unwrap());
-    let connect = value("--connect").expect("--connect ADDR");
+    let connect = value("--connect");
 
     if let Some(listen) = value("--listen") {
         let listener = TcpListener::bind(&listen).expect("bind");
@@ -39,6 +40,12 @@ fn main() {
             });
         }
     }
+    let Some(connect) = connect else {
+        // Server only: the echo threads run until the process is killed.
+        loop {
+            std::thread::park();
+        }
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));

@@ -1,0 +1,128 @@
+//! An outbound connection to a `--discovery` service address (`Route::Balanced`):
+//! detect unless the service is opaque, pick a backend by weight and an endpoint by
+//! power-of-two-choices, connect (retrying a refused or timed-out connect on another
+//! endpoint of the same backend: nothing was sent yet, so it is always safe), then copy
+//! in plaintext (spliced, as for any plain destination) or, for an endpoint with an
+//! identity, over mTLS to its proxy exactly as to a mesh peer.
+//!
+//! The connection metrics keep the address the client dialled as `target_addr` (the
+//! service address, as bounded as the file) and add `dst_service` and `dst_backend`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::{connect, mtls, record, Forwarder};
+use crate::balance::{Rng, Service, ServiceProtocol};
+use crate::duplex::duplex_tcp;
+use crate::metrics::{errno_name, Direction, Refused};
+
+/// How many endpoints one connection tries before giving up.
+pub(crate) const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// How long one connect attempt may take before the next endpoint is tried (Linkerd's
+/// outbound connect timeout). Without it an endpoint that drops SYNs would hold the
+/// client for the kernel's two minutes of SYN retries.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(super) async fn forward(
+    fwd: &Forwarder,
+    mut client: TcpStream,
+    original: SocketAddr,
+    service: &Arc<Service>,
+) {
+    // The discovery file says what the service speaks: `opaque` connects at once, so a
+    // server-speaks-first service needs no opaque port on the client side.
+    let detect = service.protocol != ServiceProtocol::Opaque
+        && !fwd.outbound_opaque_ports.contains(original.port());
+    let Some(classified) = fwd
+        .classify(&mut client, original, Direction::Outbound, detect)
+        .await
+    else {
+        return;
+    };
+    let mut rng = Rng::thread();
+    let Some(backend) = service.pick_backend(&mut rng) else {
+        fwd.metrics.refused(Direction::Outbound, Refused::NoBackend);
+        info!(%original, service = &*service.name, "every backend has weight 0, refusing the connection");
+        return;
+    };
+    let dst = Some((service.name.clone(), backend.name.clone()));
+    let mut tried = Vec::with_capacity(MAX_CONNECT_ATTEMPTS);
+    let mut last_error = None;
+    while tried.len() < MAX_CONNECT_ATTEMPTS {
+        let Some(endpoint) = backend.pick_endpoint(&tried, Instant::now(), &mut rng) else {
+            break;
+        };
+        tried.push(endpoint.addr);
+        let open = endpoint.state.opened();
+        // An endpoint with an identity is reached through its proxy's inbound port.
+        let (dial, mesh) = match (&endpoint.identity, fwd.mesh.as_ref()) {
+            (Some(_), Some(mesh)) => (
+                SocketAddr::new(endpoint.addr.ip(), mesh.peer_inbound_port),
+                Some(mesh),
+            ),
+            _ => (endpoint.addr, None),
+        };
+        let error = match tokio::time::timeout(CONNECT_TIMEOUT, connect(dial)).await {
+            Ok(Ok(tcp)) => {
+                endpoint.state.succeeded();
+                let peer_id = endpoint.identity.as_deref().filter(|_| mesh.is_some());
+                let protocol = classified.protocol();
+                let mut conn = fwd.metrics.open_balanced(
+                    Direction::Outbound,
+                    original,
+                    protocol,
+                    peer_id,
+                    dst,
+                );
+                debug!(%original, endpoint = %endpoint.addr, backend = &*backend.name, "balanced");
+                match (mesh, peer_id) {
+                    (Some(mesh), Some(peer_id)) => {
+                        mtls::outbound_over(
+                            fwd,
+                            mesh,
+                            client,
+                            tcp,
+                            endpoint.addr,
+                            classified,
+                            peer_id,
+                            conn,
+                        )
+                        .await
+                    }
+                    // Both ends are plain TCP sockets: bulk bytes can be spliced.
+                    _ => {
+                        let copied =
+                            duplex_tcp(client, tcp, classified.prefix, conn.counters()).await;
+                        record(copied, &mut conn, endpoint.addr);
+                    }
+                }
+                drop(open);
+                return;
+            }
+            Ok(Err(error)) => errno_name(&error),
+            Err(_elapsed) => "ETIMEDOUT".to_string(),
+        };
+        let set_aside = endpoint.state.failed(Instant::now());
+        info!(%original, endpoint = %dial, error, set_aside, "cannot connect to an endpoint, trying another");
+        last_error = Some(error);
+    }
+    // Every attempt failed (or the backend has no endpoint): counted as a connection
+    // that closed with the last error, like an unreachable plain destination.
+    let mut conn = fwd.metrics.open_balanced(
+        Direction::Outbound,
+        original,
+        classified.protocol(),
+        None,
+        dst,
+    );
+    info!(%original, service = &*service.name, backend = &*backend.name, ?last_error, "no endpoint could be reached");
+    conn.set_errno(Some(
+        last_error.unwrap_or_else(|| "EHOSTUNREACH".to_string()),
+    ));
+}
