@@ -163,6 +163,49 @@ pub struct Settings {
     #[serde(default, deserialize_with = "setting")]
     pub ipv6: Option<String>,
 
+    /// Inbound interception: redirect (nat REDIRECT; the application sees the pod's own
+    /// address) or tproxy (mangle TPROXY plus policy routing; the application sees the
+    /// client's address, and meshproxy needs --inbound-transparent and CAP_NET_ADMIN)
+    /// [default: redirect]
+    #[arg(
+        long,
+        value_name = "MODE",
+        global = true,
+        help_heading = "Transparent mode"
+    )]
+    #[serde(default, deserialize_with = "setting")]
+    pub mode: Option<String>,
+    /// tproxy mode: packet mark of intercepted connections (decimal or 0x hex, not 0)
+    /// [default: 0x4d49]
+    #[arg(
+        long,
+        value_name = "MARK",
+        global = true,
+        help_heading = "Transparent mode"
+    )]
+    #[serde(default, deserialize_with = "setting")]
+    pub tproxy_mark: Option<String>,
+    /// tproxy mode: routing table of the `local default dev lo` route (not 0, 253-255)
+    /// [default: 4143]
+    #[arg(
+        long,
+        value_name = "TABLE",
+        global = true,
+        help_heading = "Transparent mode"
+    )]
+    #[serde(default, deserialize_with = "setting")]
+    pub tproxy_table: Option<String>,
+    /// tproxy mode: priority of the `ip rule` sending marked packets to that table
+    /// (1-32765) [default: 4143]
+    #[arg(
+        long,
+        value_name = "PRIORITY",
+        global = true,
+        help_heading = "Transparent mode"
+    )]
+    #[serde(default, deserialize_with = "setting")]
+    pub tproxy_rule_priority: Option<String>,
+
     /// Network namespace file to work in (/var/run/netns/NAME, /proc/PID/ns/net) [default: current]
     #[arg(long, value_name = "PATH", global = true, help_heading = "Execution")]
     #[serde(default, deserialize_with = "setting")]

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use meshinit_rules::{PortSet, Spec, SpecError, SubnetList};
+use meshinit_rules::{Mode, PortSet, Spec, SpecError, SubnetList, Tproxy};
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
@@ -115,7 +115,7 @@ pub enum ConfigError {
 
 impl Settings {
     /// Each setting with its flag name, for generic merging.
-    fn fields_mut(&mut self) -> [(&'static str, &mut Option<String>); 18] {
+    fn fields_mut(&mut self) -> [(&'static str, &mut Option<String>); 22] {
         [
             ("incoming-proxy-port", &mut self.incoming_proxy_port),
             ("outgoing-proxy-port", &mut self.outgoing_proxy_port),
@@ -144,6 +144,10 @@ impl Settings {
             ("allow-host-netns", &mut self.allow_host_netns),
             ("lock-timeout", &mut self.lock_timeout),
             ("validate-timeout", &mut self.validate_timeout),
+            ("mode", &mut self.mode),
+            ("tproxy-mark", &mut self.tproxy_mark),
+            ("tproxy-table", &mut self.tproxy_table),
+            ("tproxy-rule-priority", &mut self.tproxy_rule_priority),
         ]
     }
 
@@ -301,9 +305,22 @@ impl Config {
                 &subnets(&s.outbound_subnets_to_ignore, "outbound-subnets-to-ignore")?,
             ),
             ipv6: boolean(&s.ipv6, "ipv6")?.unwrap_or(true),
+            mode: mode(&s, origin)?,
         }
         .validate()
-        .map_err(ConfigError::SameProxyPort)?;
+        .map_err(|error| match error {
+            SpecError::SameProxyPort { .. } => ConfigError::SameProxyPort(error),
+            SpecError::ZeroMark => from_source("tproxy-mark", &s.tproxy_mark, origin, error),
+            SpecError::ReservedTable { .. } => {
+                from_source("tproxy-table", &s.tproxy_table, origin, error)
+            }
+            _ => from_source(
+                "tproxy-rule-priority",
+                &s.tproxy_rule_priority,
+                origin,
+                error,
+            ),
+        })?;
         Ok(Config {
             spec,
             backend: backend(&s.backend, &s.iptables_mode)?,
@@ -320,6 +337,79 @@ impl Config {
             validate_timeout: duration(&s.validate_timeout, "validate-timeout", origin)?
                 .unwrap_or(Duration::from_secs(5)),
         })
+    }
+}
+
+fn from_source(
+    flag: &'static str,
+    value: &Option<String>,
+    origin: &dyn Fn(&'static str) -> Source,
+    error: SpecError,
+) -> ConfigError {
+    ConfigError::FromSource {
+        flag,
+        input: value.clone().unwrap_or_default(),
+        origin: origin(flag).describe(flag),
+        problem: format!("is refused: {error}"),
+    }
+}
+
+/// `--mode redirect|tproxy`, and in tproxy mode its mark, table and rule
+/// priority. The three tproxy settings given in redirect mode are refused: they
+/// would do nothing, which is not what whoever wrote them expects.
+fn mode(s: &Settings, origin: &dyn Fn(&'static str) -> Source) -> Result<Mode, ConfigError> {
+    let number = |value: &Option<String>, flag: &'static str| -> Result<Option<u32>, ConfigError> {
+        let Some(text) = value else { return Ok(None) };
+        let text = text.trim();
+        let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+            Some(hex) => u32::from_str_radix(hex, 16),
+            None => text.parse(),
+        };
+        parsed.map(Some).map_err(|_| ConfigError::FromSource {
+            flag,
+            input: text.to_string(),
+            origin: origin(flag).describe(flag),
+            problem: "is not a number: expected 0 to 4294967295, decimal or 0x hex".to_string(),
+        })
+    };
+    let mark = number(&s.tproxy_mark, "tproxy-mark")?;
+    let table = number(&s.tproxy_table, "tproxy-table")?;
+    let priority = number(&s.tproxy_rule_priority, "tproxy-rule-priority")?;
+    match s.mode.as_deref().map(str::trim) {
+        None | Some("redirect") => {
+            for (flag, given) in [
+                ("tproxy-mark", mark.is_some()),
+                ("tproxy-table", table.is_some()),
+                ("tproxy-rule-priority", priority.is_some()),
+            ] {
+                if given {
+                    return Err(ConfigError::FromSource {
+                        flag,
+                        input: match flag {
+                            "tproxy-mark" => s.tproxy_mark.clone(),
+                            "tproxy-table" => s.tproxy_table.clone(),
+                            _ => s.tproxy_rule_priority.clone(),
+                        }
+                        .unwrap_or_default(),
+                        origin: origin(flag).describe(flag),
+                        problem: "only applies with --mode tproxy (the mode is redirect)"
+                            .to_string(),
+                    });
+                }
+            }
+            Ok(Mode::Redirect)
+        }
+        Some("tproxy") => Ok(Mode::Tproxy(Tproxy {
+            mark: mark.unwrap_or(Tproxy::DEFAULT.mark),
+            table: table.unwrap_or(Tproxy::DEFAULT.table),
+            rule_priority: priority.unwrap_or(Tproxy::DEFAULT.rule_priority),
+        })),
+        Some(other) => Err(ConfigError::FromSource {
+            flag: "mode",
+            input: other.to_string(),
+            origin: origin("mode").describe("mode"),
+            problem: "is not a mode: expected redirect or tproxy".to_string(),
+        }),
     }
 }
 

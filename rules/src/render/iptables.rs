@@ -6,14 +6,20 @@
 //! and appends the jumps only when the caller says they are missing: a restore
 //! cannot test for a rule, and a second jump would run our chain twice.
 //! One `COMMIT` makes the document one transaction.
+//!
+//! In `tproxy` mode the inbound chain and `MESHINIT_REPLIES` (from OUTPUT)
+//! live in table mangle instead, written as a `*mangle` section before the
+//! `*nat` one ([`restore_text`]); the iptables backends do not apply that
+//! mode yet, so only `show` and `--dry-run` print it.
 
 use std::fmt::Write;
 
 use crate::ports::PortRange;
-use crate::ruleset::{Action, Direction, Family, Match, Rule, Ruleset, Side};
+use crate::ruleset::{Action, ChainKind, Direction, Family, Match, Rule, Ruleset, Side};
 
 pub const INBOUND_CHAIN: &str = "MESHINIT_INBOUND";
 pub const OUTBOUND_CHAIN: &str = "MESHINIT_OUTPUT";
+pub const REPLIES_CHAIN: &str = "MESHINIT_REPLIES";
 
 /// The most ports one `-m multiport` match takes; a range counts as two.
 pub const MULTIPORT_MAX: usize = 15;
@@ -40,6 +46,7 @@ pub fn chain_name(direction: Direction) -> &'static str {
     match direction {
         Direction::Inbound => INBOUND_CHAIN,
         Direction::Outbound => OUTBOUND_CHAIN,
+        Direction::Replies => REPLIES_CHAIN,
     }
 }
 
@@ -47,7 +54,7 @@ pub fn chain_name(direction: Direction) -> &'static str {
 pub fn parent_chain(direction: Direction) -> &'static str {
     match direction {
         Direction::Inbound => "PREROUTING",
-        Direction::Outbound => "OUTPUT",
+        Direction::Outbound | Direction::Replies => "OUTPUT",
     }
 }
 
@@ -58,6 +65,7 @@ pub fn jump_rule(direction: Direction) -> String {
         match direction {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
+            Direction::Replies => "transparent reply",
         },
         chain_name(direction)
     )
@@ -65,16 +73,11 @@ pub fn jump_rule(direction: Direction) -> String {
 
 /// The `-A MESHINIT_*` lines for `ruleset` in one family, in order.
 pub fn chain_rules(ruleset: &Ruleset, family: Family) -> Vec<String> {
-    let mut lines = Vec::new();
-    for chain in ruleset.chains() {
-        let name = chain_name(chain.direction);
-        for rule in &chain.rules {
-            for line in rule_lines(rule, family) {
-                lines.push(format!("-A {name} {line}"));
-            }
-        }
-    }
-    lines
+    ruleset
+        .chains()
+        .into_iter()
+        .flat_map(|chain| chain_lines(chain, family))
+        .collect()
 }
 
 /// The restore document installing `ruleset` for one family.
@@ -82,18 +85,52 @@ pub fn chain_rules(ruleset: &Ruleset, family: Family) -> Vec<String> {
 /// Declaring a chain under `--noflush` creates it, or empties it when it
 /// exists, so a re-run never fails with "chain already exists".
 pub fn restore_text(ruleset: &Ruleset, family: Family, jumps: Jumps) -> String {
-    let mut out = String::from("*nat\n");
-    for chain in ruleset.chains() {
+    let mut out = String::new();
+    // The mangle section (`tproxy` mode) always jumps: it is only rendered.
+    let mangle: Vec<_> = ruleset
+        .chains()
+        .into_iter()
+        .filter(|chain| chain.kind == ChainKind::Mangle)
+        .collect();
+    if !mangle.is_empty() {
+        out.push_str("*mangle\n");
+        for chain in &mangle {
+            let _ = writeln!(out, ":{} - [0:0]", chain_name(chain.direction));
+        }
+        for chain in &mangle {
+            for line in chain_lines(chain, family) {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        for chain in &mangle {
+            let _ = writeln!(
+                out,
+                "-A {} {}",
+                parent_chain(chain.direction),
+                jump_rule(chain.direction)
+            );
+        }
+        out.push_str("COMMIT\n");
+    }
+    out.push_str("*nat\n");
+    let nat: Vec<_> = ruleset
+        .chains()
+        .into_iter()
+        .filter(|chain| chain.kind == ChainKind::Nat)
+        .collect();
+    for chain in &nat {
         let _ = writeln!(out, ":{} - [0:0]", chain_name(chain.direction));
     }
-    for line in chain_rules(ruleset, family) {
-        let _ = writeln!(out, "{line}");
+    for chain in &nat {
+        for line in chain_lines(chain, family) {
+            let _ = writeln!(out, "{line}");
+        }
     }
     for (direction, wanted) in [
         (Direction::Inbound, jumps.prerouting),
         (Direction::Outbound, jumps.output),
     ] {
-        if wanted {
+        if wanted && nat.iter().any(|chain| chain.direction == direction) {
             let _ = writeln!(
                 out,
                 "-A {} {}",
@@ -104,6 +141,17 @@ pub fn restore_text(ruleset: &Ruleset, family: Family, jumps: Jumps) -> String {
     }
     out.push_str("COMMIT\n");
     out
+}
+
+/// The `-A` lines of one chain in one family.
+fn chain_lines(chain: &crate::Chain, family: Family) -> Vec<String> {
+    let name = chain_name(chain.direction);
+    chain
+        .rules
+        .iter()
+        .flat_map(|rule| rule_lines(rule, family))
+        .map(|line| format!("-A {name} {line}"))
+        .collect()
 }
 
 /// What of ours an `iptables-save -t nat` listing holds.
@@ -350,6 +398,11 @@ fn rule_lines(rule: &Rule, family: Family) -> Vec<String> {
     let target = match rule.action {
         Action::Return => "-j RETURN".to_string(),
         Action::Redirect(port) => format!("-j REDIRECT --to-ports {port}"),
+        Action::Tproxy { port, mark } => {
+            format!("-j TPROXY --on-port {port} --tproxy-mark {mark:#x}/0xffffffff")
+        }
+        Action::SetCtMark(mark) => format!("-j CONNMARK --set-xmark {mark:#x}/0xffffffff"),
+        Action::RestoreMark => "-j CONNMARK --restore-mark".to_string(),
     };
     let comment = format!("-m comment --comment \"{}\"", rule.comment);
     let line = |matches: String| format!("{matches} {comment} {target}");
@@ -386,6 +439,9 @@ fn rule_lines(rule: &Rule, family: Family) -> Vec<String> {
             vec![line(format!("-d {}", super::loopback_net(family)))]
         }
         Match::DstLoopback(_) => vec![],
+        Match::InLoopback => vec![line("-i lo".into())],
+        Match::TransparentHop => vec![line("-i lo -m addrtype ! --src-type LOCAL".into())],
+        Match::CtMark(mark) => vec![line(format!("-m connmark --mark {mark:#x}"))],
     }
 }
 

@@ -59,6 +59,15 @@ fn configurations() -> Vec<(&'static str, Spec)> {
                 ..d()
             },
         ),
+        (
+            "tproxy",
+            Spec {
+                mode: crate::Mode::Tproxy(crate::Tproxy::DEFAULT),
+                inbound_subnets_to_ignore: "198.18.0.0/24,fd00:18::/64".parse().unwrap(),
+                ports_to_redirect: "8080,9000-9010".parse().unwrap(),
+                ..d()
+            },
+        ),
     ]
 }
 
@@ -293,6 +302,28 @@ fn real_listings_after_apply_have_no_diff() {
         );
         assert!(installed.rules[0].contains("-m addrtype ! --dst-type LOCAL"));
     }
+    // `tproxy` mode (the `tproxy` configuration above): the mark, `ct mark`,
+    // `tproxy to` and `fib saddr` forms nft prints read back as ours.
+    let tproxy = configurations()
+        .into_iter()
+        .find(|(name, _)| *name == "tproxy")
+        .unwrap()
+        .1;
+    let listing = include_str!("../../../fuzz/corpus/nft_listing/tproxy.json");
+    assert_eq!(
+        nft_json::diff(&Ruleset::from(&tproxy), listing).unwrap(),
+        Vec::<String>::new()
+    );
+    // ... and are drift for the same flags in redirect mode.
+    let redirect = Spec {
+        mode: crate::Mode::Redirect,
+        ..tproxy
+    };
+    let differences = nft_json::diff(&Ruleset::from(&redirect), listing).unwrap();
+    assert!(
+        differences.iter().any(|d| d.contains("chain replies")),
+        "{differences:?}"
+    );
     // Without the local-only rules the same listings are drift.
     let mut old = defaults.clone();
     old.inbound
