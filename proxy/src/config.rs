@@ -107,6 +107,20 @@ pub struct ProxyArgs {
     /// The port meshed peers accept mTLS on, the peers' inbound port [default: 4143].
     #[arg(long, value_name = "PORT", help_heading = "Identity (mTLS)")]
     pub peer_inbound_port: Option<String>,
+
+    /// For `meshinit --mode tproxy`: the inbound listeners are IP_TRANSPARENT, the
+    /// original destination is the accepted socket's own address, and the connection to
+    /// the application comes from the client's address. Needs CAP_NET_ADMIN
+    /// [default: false].
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        help_heading = "Listeners"
+    )]
+    pub inbound_transparent: Option<String>,
 }
 
 /// The merged, validated configuration of the proxy.
@@ -166,6 +180,11 @@ pub struct Config {
     /// The port peers accept mTLS on. Default 4143, meshinit's
     /// `--incoming-proxy-port`, which every meshed pod uses.
     pub peer_inbound_port: u16,
+    /// Whether inbound connections arrive by TPROXY (`meshinit --mode tproxy`) and
+    /// the application is connected to from the client's address, so that it sees who
+    /// the client is. Needs CAP_NET_ADMIN (IP_TRANSPARENT); off by default, which keeps
+    /// the proxy free of capabilities.
+    pub inbound_transparent: bool,
 }
 
 /// Ports whose protocols are server-speaks-first (SMTP, MySQL, PostgreSQL, Redis,
@@ -271,6 +290,7 @@ struct FileConfig {
     mesh_peers: Option<FileValue>,
     require_identity_ports: Option<FileValue>,
     peer_inbound_port: Option<FileValue>,
+    inbound_transparent: Option<FileValue>,
 }
 
 /// A TOML value: a string, an integer, or (for lists) an array of either.
@@ -285,6 +305,7 @@ enum FileValue {
 #[serde(untagged)]
 enum FileScalar {
     Int(i64),
+    Bool(bool),
     Str(String),
 }
 
@@ -294,6 +315,7 @@ impl FileValue {
         fn scalar(s: &FileScalar) -> String {
             match s {
                 FileScalar::Int(n) => n.to_string(),
+                FileScalar::Bool(b) => b.to_string(),
                 FileScalar::Str(s) => s.clone(),
             }
         }
@@ -506,6 +528,14 @@ impl Config {
                 parse_port,
             )?
             .unwrap_or(DEFAULT_PEER_INBOUND_PORT);
+        let inbound_transparent = s
+            .resolve(
+                "inbound-transparent",
+                a.inbound_transparent.as_ref(),
+                f.inbound_transparent.as_ref(),
+                parse_bool,
+            )?
+            .unwrap_or(false);
 
         // mTLS needs all three files; half an identity is a mistake, not "no mTLS".
         let identity = match (identity_cert, identity_key, trust_anchors) {
@@ -553,6 +583,7 @@ impl Config {
             mesh_peers,
             require_identity_ports,
             peer_inbound_port,
+            inbound_transparent,
         })
     }
 
@@ -644,6 +675,14 @@ fn parse_cap(input: &str) -> Result<usize, String> {
     match input.trim().parse::<usize>() {
         Ok(n) if (1..=MAX_CAP).contains(&n) => Ok(n),
         _ => Err(format!("expected a whole number from 1 to {MAX_CAP}")),
+    }
+}
+
+fn parse_bool(input: &str) -> Result<bool, String> {
+    match input.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err("expected true or false".to_string()),
     }
 }
 
