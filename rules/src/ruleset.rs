@@ -95,18 +95,22 @@ pub enum Action {
     Return,
     /// Redirect to this local port (the proxy).
     Redirect(u16),
-    /// Hand the packet to the socket listening on this local port without
-    /// changing its destination, and mark it (TPROXY).
+    /// Hand a new connection to the socket listening on this local port without
+    /// changing its destination, and mark it (TPROXY). Later packets of the
+    /// connection reach the proxy's socket by its address.
     Tproxy { port: u16, mark: u32 },
     /// Set the connection's conntrack mark, and go on with the next rule.
     SetCtMark(u32),
     /// Copy the connection's conntrack mark to the packet (which re-routes it),
     /// and go on with the next rule.
     RestoreMark,
+    /// Refuse a new connection with a TCP reset; other packets go on.
+    Reject,
 }
 
 impl Action {
-    /// True when the packet leaves the chain at this rule.
+    /// True when the packet leaves the chain at this rule (a TPROXY that found
+    /// the proxy's socket accepts the packet).
     pub fn is_final(self) -> bool {
         !matches!(self, Action::SetCtMark(_) | Action::RestoreMark)
     }
@@ -330,20 +334,33 @@ fn inbound(spec: &Spec) -> Chain {
             mark: tproxy.mark,
         },
     };
-    if spec.ports_to_redirect.is_empty() {
-        rules.push(rule(
-            Match::Tcp,
-            redirect,
-            "meshinit: all other inbound TCP goes to the proxy",
-        ));
+    let intercepted = if spec.ports_to_redirect.is_empty() {
+        Match::Tcp
     } else {
+        Match::DstPort {
+            set: "ports_to_redirect",
+            ports: spec.ports_to_redirect.clone(),
+        }
+    };
+    rules.push(rule(
+        intercepted.clone(),
+        redirect,
+        if spec.ports_to_redirect.is_empty() {
+            "meshinit: all other inbound TCP goes to the proxy"
+        } else {
+            "meshinit: inbound TCP to the ports to redirect goes to the proxy"
+        },
+    ));
+    // nft's TPROXY does nothing when no transparent socket listens on the port
+    // (the proxy is not running yet, or crashed), and the packet would go on to
+    // the application around the proxy: no mTLS, no required identity. Redirect
+    // mode refuses such connections (nothing listens on the port it rewrites
+    // to), and so does this rule. (iptables' TPROXY target drops them itself.)
+    if matches!(spec.mode, Mode::Tproxy(_)) {
         rules.push(rule(
-            Match::DstPort {
-                set: "ports_to_redirect",
-                ports: spec.ports_to_redirect.clone(),
-            },
-            redirect,
-            "meshinit: inbound TCP to the ports to redirect goes to the proxy",
+            intercepted,
+            Action::Reject,
+            "meshinit: inbound TCP is refused while the proxy is not listening",
         ));
     }
     Chain {

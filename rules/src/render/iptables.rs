@@ -398,11 +398,16 @@ fn rule_lines(rule: &Rule, family: Family) -> Vec<String> {
     let target = match rule.action {
         Action::Return => "-j RETURN".to_string(),
         Action::Redirect(port) => format!("-j REDIRECT --to-ports {port}"),
-        Action::Tproxy { port, mark } => {
-            format!("-j TPROXY --on-port {port} --tproxy-mark {mark:#x}/0xffffffff")
-        }
+        // New connections only: iptables' TPROXY drops packets of sockets that are not
+        // transparent, such as the replies to the pod's own connections.
+        Action::Tproxy { port, mark } => format!(
+            "-m conntrack --ctstate NEW -j TPROXY --on-port {port} --tproxy-mark {mark:#x}/0xffffffff"
+        ),
         Action::SetCtMark(mark) => format!("-j CONNMARK --set-xmark {mark:#x}/0xffffffff"),
         Action::RestoreMark => "-j CONNMARK --restore-mark".to_string(),
+        // The TPROXY target drops what finds no socket itself, and REJECT is not
+        // valid in PREROUTING.
+        Action::Reject => return vec![],
     };
     let comment = format!("-m comment --comment \"{}\"", rule.comment);
     let line = |matches: String| format!("{matches} {comment} {target}");

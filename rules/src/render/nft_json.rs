@@ -18,7 +18,9 @@ use nftables::schema::{
     Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue,
     Table,
 };
-use nftables::stmt::{Mangle, Match as NftMatch, Operator, Return, Statement, TProxy, NAT};
+use nftables::stmt::{
+    Mangle, Match as NftMatch, Operator, Reject, RejectType, Return, Statement, TProxy, NAT,
+};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::{loopback_net, nft_address, nft_chain};
@@ -103,6 +105,15 @@ pub fn objects(ruleset: &Ruleset) -> Vec<NfListObject<'static>> {
     sets.into_iter().chain(chains).chain(rules).collect()
 }
 
+/// `ct state new`, in the form nft lists it.
+fn ct_state_new() -> Statement<'static> {
+    Statement::Match(NftMatch {
+        left: ct("state"),
+        right: Expression::String("new".into()),
+        op: Operator::IN,
+    })
+}
+
 fn mangle(key: Expression<'static>, value: Expression<'static>) -> Statement<'static> {
     Statement::Mangle(Mangle { key, value })
 }
@@ -125,14 +136,24 @@ fn action(action: Action) -> Vec<Statement<'static>> {
             port: Some(Expression::Number(port.into())),
             flags: None,
         }))],
-        // The mark first: TPROXY ends the rule's work on the packet.
+        // New connections only: the rest of an intercepted connection reaches the
+        // proxy's socket by its address, and replies to the pod's own connections
+        // must not be touched. The mark and `accept` once the socket was found (when
+        // it was not, nft skips the rest of the rule and the next one refuses the
+        // connection).
         Action::Tproxy { port, mark } => vec![
-            mangle(meta(MetaKey::Mark), Expression::Number(mark)),
+            ct_state_new(),
             Statement::TProxy(TProxy {
                 family: None,
                 port,
                 addr: None,
             }),
+            mangle(meta(MetaKey::Mark), Expression::Number(mark)),
+            Statement::Accept(None),
+        ],
+        Action::Reject => vec![
+            ct_state_new(),
+            Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
         ],
         Action::SetCtMark(mark) => vec![mangle(ct("mark"), Expression::Number(mark))],
         Action::RestoreMark => vec![mangle(meta(MetaKey::Mark), ct("mark"))],

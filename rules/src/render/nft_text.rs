@@ -45,8 +45,9 @@ pub fn render(ruleset: &Ruleset) -> String {
                 Action::Return => "return".to_string(),
                 Action::Redirect(port) => format!("redirect to :{port}"),
                 Action::Tproxy { port, mark } => {
-                    format!("meta mark set {mark:#x} tproxy to :{port}")
+                    format!("ct state new tproxy to :{port} meta mark set {mark:#x} accept")
                 }
+                Action::Reject => "ct state new reject with tcp reset".to_string(),
                 Action::SetCtMark(mark) => format!("ct mark set {mark:#x}"),
                 Action::RestoreMark => "meta mark set ct mark".to_string(),
             };

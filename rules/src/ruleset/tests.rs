@@ -60,6 +60,7 @@ fn verdict(chain: &Chain, packet: &Packet) -> Option<u16> {
             match rule.action {
                 Action::Return => return None,
                 Action::Redirect(port) | Action::Tproxy { port, .. } => return Some(port),
+                Action::Reject => return Some(0),
                 Action::SetCtMark(_) | Action::RestoreMark => {}
             }
         }
@@ -251,9 +252,13 @@ fn tproxy_mode_marks_and_intercepts_in_mangle_and_leaves_outbound_as_it_was() {
     let rules = Ruleset::from(&tproxy(Spec::default()));
     assert_eq!(rules.inbound.kind, ChainKind::Mangle);
     assert_eq!(rules.outbound, redirect.outbound);
-    let last = rules.inbound.rules.last().unwrap();
+    let [.., tproxy_rule, reject] = rules.inbound.rules.as_slice() else {
+        panic!("too few rules");
+    };
+    assert_eq!(reject.action, Action::Reject);
+    assert_eq!(reject.when, tproxy_rule.when);
     assert_eq!(
-        last.action,
+        tproxy_rule.action,
         Action::Tproxy {
             port: 4143,
             mark: 0x4d49
