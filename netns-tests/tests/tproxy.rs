@@ -291,13 +291,14 @@ fn the_trust_boundary_holds_in_transparent_mode() {
         2.0,
         Duration::from_secs(5),
     );
-    // Someone else's rule intercepting traffic for an address that is not the pod's.
+    // Someone else's rule intercepting traffic for an address that is not the pod's
+    // (with our mark, so our policy routing delivers it locally).
     pods.pod
         .exec(&[
             "nft",
             "add table inet other; add chain inet other pre { type filter hook prerouting priority -300; }; \
-             add rule inet other pre ip daddr 198.51.100.7 meta l4proto tcp tproxy ip to :4143 accept; \
-             add rule inet other pre ip6 daddr fd00:99::7 meta l4proto tcp tproxy ip6 to :4143 accept",
+             add rule inet other pre ip daddr 198.51.100.7 meta l4proto tcp tproxy ip to :4143 meta mark set 0x4d49 accept; \
+             add rule inet other pre ip6 daddr fd00:99::7 meta l4proto tcp tproxy ip6 to :4143 meta mark set 0x4d49 accept",
         ])
         .expect_ok();
     pods.pod
