@@ -13,8 +13,9 @@ fi
 
 # Debian packages the tests use: the rule tools, ip, a real Redis and HTTP
 # server for traffic, promtool (package prometheus) to lint /metrics, and
-# HAProxy / stunnel / iperf3 for the benchmark peers.
-packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl tcpdump openssl containernetworking-plugins)
+# HAProxy / stunnel / iperf3 for the benchmark peers; PostgreSQL for the tproxy
+# test that reads inet_client_addr().
+packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl tcpdump openssl containernetworking-plugins postgresql)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -572,10 +572,10 @@ mod tests {
 
     #[tokio::test]
     async fn ipv4_and_ipv6_wildcards_share_a_port() {
-        let v4 = bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let v4 = bind("0.0.0.0:0".parse().unwrap(), false).unwrap();
         let port = v4.local_addr().unwrap().port();
         // Without IPV6_V6ONLY this bind would fail with EADDRINUSE.
-        let v6 = bind(SocketAddr::from(([0u16; 8], port))).unwrap();
+        let v6 = bind(SocketAddr::from(([0u16; 8], port)), false).unwrap();
         assert_eq!(v6.local_addr().unwrap().port(), port);
     }
 
@@ -583,14 +583,14 @@ mod tests {
     async fn an_ipv6_address_the_host_lacks_is_skipped_if_another_binds() {
         // fd00::dead is not assigned to any interface here: EADDRNOTAVAIL.
         let missing: SocketAddr = "[fd00::dead]:0".parse().unwrap();
-        let listeners = bind_all(&["127.0.0.1:0".parse().unwrap(), missing]).unwrap();
+        let listeners = bind_all(&["127.0.0.1:0".parse().unwrap(), missing], false).unwrap();
         assert_eq!(listeners.len(), 1);
         // Alone, it is an error: a direction without any listener is useless.
-        let err = bind_all(&[missing]).unwrap_err();
+        let err = bind_all(&[missing], false).unwrap_err();
         assert!(err.to_string().contains("[fd00::dead]:0"), "{err}");
         // Any other bind failure is fatal.
-        let taken = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let taken = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = taken.local_addr().unwrap();
-        assert!(bind_all(&[addr, missing]).is_err());
+        assert!(bind_all(&[addr, missing], false).is_err());
     }
 }
