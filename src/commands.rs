@@ -180,18 +180,6 @@ fn routing_note(spec: &Spec) -> String {
     out
 }
 
-/// `--mode tproxy` needs a backend that can apply it: refused before anything
-/// is changed when the chosen one cannot.
-fn supports_mode(backend: &dyn Backend, spec: &Spec) -> Result<(), Failure> {
-    if matches!(spec.mode, Mode::Tproxy(_)) && backend.name() != "nft" {
-        return Err(Failure::BadInput(anyhow!(
-            "--mode tproxy: the {} backend cannot apply it (only the native nft backend installs TPROXY rules); use --backend nft, or --mode redirect",
-            backend.name()
-        )));
-    }
-    Ok(())
-}
-
 /// Replaces our rules with `ruleset` in the current namespace (one transaction),
 /// with the policy routing of `tproxy` mode (or without ours in `redirect`
 /// mode), then removes ours from any other backend. Prints nothing on stdout.
@@ -203,7 +191,6 @@ pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
     let _lock = take_lock(config)?;
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
     require_for(backend.as_ref(), "applying rules")?;
-    supports_mode(backend.as_ref(), &config.spec)?;
     let (tproxy, families) = routing_wanted(&config.spec);
     let undo = match routing::apply(&tproxy, &families) {
         Ok(undo) => undo,
@@ -324,7 +311,6 @@ pub fn drift(config: &Config, ruleset: &Ruleset) -> Result<(&'static str, Vec<St
     require(&[Cap::NetAdmin], "reading rules")?;
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
     require_for(backend.as_ref(), "reading rules")?;
-    supports_mode(backend.as_ref(), &config.spec)?;
     let mut differences = backend
         .diff(ruleset)
         .map_err(|err| apply_failure(err, "check failed"))?;

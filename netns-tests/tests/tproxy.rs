@@ -1,8 +1,7 @@
 //! `meshinit --mode tproxy` with `meshproxy --inbound-transparent`: inbound connections
 //! are handed to the proxy by TPROXY, and the proxy connects to the application from the
-//! client's address, so the application sees the real client. The native nft backend is
-//! the one that applies this mode (the iptables backends refuse it: `bad_input`). Every
-//! traffic case runs for IPv4 and IPv6.
+//! client's address, so the application sees the real client. Every backend applies the
+//! mode (`for_each_backend!`), and every traffic case runs for IPv4 and IPv6.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -14,8 +13,8 @@ use netns_tests::fault::{self, FaultyTools};
 use netns_tests::mesh::{Mesh, Scratch};
 use netns_tests::transfer::{receive, send, Exchange};
 use netns_tests::{
-    meshproxy_bin, Accepted, Backend, Family, Listener, MeshProxy, Netns, Pods, Run, Spawned,
-    ACCEPT_TIMEOUT, PROXY_UID,
+    for_each_backend, meshproxy_bin, Accepted, Backend, Family, Listener, MeshProxy, Netns, Pods,
+    Run, Spawned, ACCEPT_TIMEOUT, PROXY_UID,
 };
 
 const MIB: u64 = 1 << 20;
@@ -25,11 +24,11 @@ const BULK: u64 = 100 * MIB;
 const APP_PORT: u16 = 8080;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Applies `--mode tproxy` (plus `flags`) with the nft backend in the pod and starts the
+/// Applies `--mode tproxy` (plus `flags`) with `backend` in the pod and starts the
 /// transparent proxy there.
-fn transparent<'a>(pods: &'a Pods, flags: &[&str]) -> MeshProxy<'a> {
+fn transparent<'a>(pods: &'a Pods, backend: Backend, flags: &[&str]) -> MeshProxy<'a> {
     let args = [&["apply", "--mode", "tproxy"], flags].concat();
-    pods.pod.meshinit_on(Backend::Nft, &args).expect_ok();
+    pods.pod.meshinit_on(backend, &args).expect_ok();
     pods.pod.start_meshproxy_transparent(&[])
 }
 
@@ -128,10 +127,9 @@ fn routing(ns: &Netns) -> String {
     out
 }
 
-#[test]
-fn the_application_sees_the_clients_address_through_the_transparent_proxy() {
-    let pods = Pods::new("tproxy_client_address");
-    let proxy = transparent(&pods, &[]);
+fn the_application_sees_the_clients_address_through_the_transparent_proxy(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("tproxy_client_address"));
+    let proxy = transparent(&pods, backend, &[]);
     for family in Family::ALL {
         let server = pods.pod.listen("pod app", family.any_port(APP_PORT));
         let to = SocketAddr::new(family.pod(), APP_PORT);
@@ -161,10 +159,9 @@ fn the_application_sees_the_clients_address_through_the_transparent_proxy() {
     }
 }
 
-#[test]
-fn transparent_100_mib_each_way_arrive_intact() {
-    let pods = Pods::new("tproxy_bulk");
-    let _proxy = transparent(&pods, &[]);
+fn transparent_100_mib_each_way_arrive_intact(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("tproxy_bulk"));
+    let _proxy = transparent(&pods, backend, &[]);
     for family in Family::ALL {
         let server = pods.pod.listen("pod app", family.any_port(APP_PORT));
         let to = SocketAddr::new(family.pod(), APP_PORT);
@@ -178,22 +175,35 @@ fn transparent_100_mib_each_way_arrive_intact() {
     }
 }
 
-/// Whether a connection from `client_ns` to `to` is refused (RST), not accepted by anyone.
+/// A connection from `client_ns` to `to` fails and `app` never sees it: refused with a
+/// reset by nft's rule, dropped by iptables' TPROXY target (the connect times out).
 #[track_caller]
-fn assert_refused(client_ns: &Netns, to: SocketAddr, context: &str) {
+fn assert_refused(
+    client_ns: &Netns,
+    to: SocketAddr,
+    app: &Listener,
+    backend: Backend,
+    context: &str,
+) {
     match client_ns.connect(to) {
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        Err(_) if backend.is_iptables() => {}
         other => panic!("{context}: {to} must be refused, got {other:?}"),
     }
+    assert!(
+        app.try_accept().is_none(),
+        "{context}: {to} reached the application around the proxy"
+    );
 }
 
 /// Without a proxy listening, every intercepted connection is refused (TPROXY found no
 /// socket), so whatever reaches the application did so around the proxy: the skip ports,
 /// the skip subnets and the ports outside `--ports-to-redirect`, exactly as in redirect
 /// mode.
-#[test]
-fn exemptions_bypass_the_proxy_and_intercepted_ports_are_refused_while_it_is_down() {
-    let pods = Pods::new("tproxy_exemptions");
+fn exemptions_bypass_the_proxy_and_intercepted_ports_are_refused_while_it_is_down(
+    backend: Backend,
+) {
+    let pods = Pods::new(&backend.test_name("tproxy_exemptions"));
     let cases: [(&[&str], &[u16], &[u16]); 3] = [
         (&[], &[4190, 4191], &[8080, 4189, 4192]),
         (
@@ -209,7 +219,7 @@ fn exemptions_bypass_the_proxy_and_intercepted_ports_are_refused_while_it_is_dow
     ];
     for (flags, bypass, intercepted) in cases {
         let args = [&["apply", "--mode", "tproxy"], flags].concat();
-        pods.pod.meshinit_on(Backend::Nft, &args).expect_ok();
+        pods.pod.meshinit_on(backend, &args).expect_ok();
         for family in Family::ALL {
             for &port in bypass {
                 let app = pods.pod.listen("pod app", family.any_port(port));
@@ -218,12 +228,9 @@ fn exemptions_bypass_the_proxy_and_intercepted_ports_are_refused_while_it_is_dow
                 assert_eq!(saw.ip(), family.peer(), "{flags:?}: {to}");
             }
             for &port in intercepted {
-                let _app = pods.pod.listen("pod app", family.any_port(port));
-                assert_refused(
-                    &pods.peer,
-                    SocketAddr::new(family.pod(), port),
-                    &format!("{flags:?}"),
-                );
+                let app = pods.pod.listen("pod app", family.any_port(port));
+                let to = SocketAddr::new(family.pod(), port);
+                assert_refused(&pods.peer, to, &app, backend, &format!("{flags:?}"));
             }
         }
     }
@@ -234,7 +241,7 @@ fn exemptions_bypass_the_proxy_and_intercepted_ports_are_refused_while_it_is_dow
         Family::V6.subnet()
     );
     pods.pod
-        .meshinit_on(Backend::Nft, &["apply", "--mode", "tproxy", &subnets])
+        .meshinit_on(backend, &["apply", "--mode", "tproxy", &subnets])
         .expect_ok();
     for family in Family::ALL {
         let app = pods.pod.listen("pod app", family.any_port(8080));
@@ -244,10 +251,9 @@ fn exemptions_bypass_the_proxy_and_intercepted_ports_are_refused_while_it_is_dow
 
 /// The pod's own connections (over lo) are never intercepted, as in redirect mode, and
 /// outbound redirection works unchanged.
-#[test]
-fn local_and_outbound_traffic_are_as_in_redirect_mode() {
-    let pods = Pods::new("tproxy_local_outbound");
-    let proxy = transparent(&pods, &[]);
+fn local_and_outbound_traffic_are_as_in_redirect_mode(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("tproxy_local_outbound"));
+    let proxy = transparent(&pods, backend, &[]);
     for family in Family::ALL {
         let app = pods.pod.listen("pod app", family.any_port(APP_PORT));
         let to = SocketAddr::new(family.pod(), APP_PORT);
@@ -281,7 +287,7 @@ fn local_and_outbound_traffic_are_as_in_redirect_mode() {
 #[test]
 fn the_trust_boundary_holds_in_transparent_mode() {
     let pods = Pods::new("tproxy_trust");
-    let proxy = transparent(&pods, &[]);
+    let proxy = transparent(&pods, Backend::Nft, &[]);
     for family in Family::ALL {
         assert_closed(&pods.peer, SocketAddr::new(family.pod(), 4143));
     }
@@ -414,7 +420,7 @@ fn postgresql_sees_the_clients_address_in_tproxy_mode() {
     let pods = Pods::new("tproxy_postgres");
     let scratch = Scratch::new("tproxy_postgres");
     let _postgres = start_postgres(&pods.pod, &scratch.join("pg"));
-    let proxy = transparent(&pods, &[]);
+    let proxy = transparent(&pods, Backend::Nft, &[]);
     for family in Family::ALL {
         assert_eq!(
             inet_client_addr(&pods.peer, family.pod()),
@@ -430,13 +436,12 @@ fn postgresql_sees_the_clients_address_in_tproxy_mode() {
     );
 }
 
-#[test]
-fn through_the_mtls_pair_the_application_sees_the_client_pods_address() {
-    let pods = Pods::new("tproxy_mtls");
-    let mesh = Mesh::new("tproxy_mtls", &pods);
+fn through_the_mtls_pair_the_application_sees_the_client_pods_address(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("tproxy_mtls"));
+    let mesh = Mesh::new(&backend.test_name("tproxy_mtls"), &pods);
     // B (the peer namespace) in tproxy mode, A (the pod) in the default redirect mode.
     pods.peer
-        .meshinit_on(Backend::Nft, &["apply", "--mode", "tproxy"])
+        .meshinit_on(backend, &["apply", "--mode", "tproxy"])
         .expect_ok();
     let _a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
     let b = mesh.start_b_transparent(&pods, &[]);
@@ -459,9 +464,10 @@ fn through_the_mtls_pair_the_application_sees_the_client_pods_address() {
     );
 }
 
-#[test]
-fn check_detects_a_deleted_ip_rule_repair_restores_it_and_cleanup_restores_routing() {
-    let pods = Pods::new("tproxy_check_repair");
+fn check_detects_a_deleted_ip_rule_repair_restores_it_and_cleanup_restores_routing(
+    backend: Backend,
+) {
+    let pods = Pods::new(&backend.test_name("tproxy_check_repair"));
     // Rules and routes that are not ours, next to ours: never touched.
     pods.pod
         .ip(&[
@@ -475,10 +481,7 @@ fn check_detects_a_deleted_ip_rule_repair_restores_it_and_cleanup_restores_routi
         .expect_ok();
     let before = routing(&pods.pod);
     let tproxy = ["--mode", "tproxy"];
-    let meshinit = |args: &[&str]| {
-        pods.pod
-            .meshinit_on(Backend::Nft, &[args, &tproxy].concat())
-    };
+    let meshinit = |args: &[&str]| pods.pod.meshinit_on(backend, &[args, &tproxy].concat());
     meshinit(&["apply"]).expect_ok();
     let applied = routing(&pods.pod);
     for needle in [
@@ -532,7 +535,7 @@ fn check_detects_a_deleted_ip_rule_repair_restores_it_and_cleanup_restores_routi
     meshinit(&["check", "--repair"]).expect_ok();
     assert_eq!(routing(&pods.pod), applied);
 
-    pods.pod.meshinit_on(Backend::Nft, &["cleanup"]).expect_ok();
+    pods.pod.meshinit_on(backend, &["cleanup"]).expect_ok();
     assert_eq!(
         routing(&pods.pod),
         before,
@@ -546,34 +549,29 @@ fn check_detects_a_deleted_ip_rule_repair_restores_it_and_cleanup_restores_routi
         .contains("meshinit"));
 }
 
-#[test]
-fn switching_back_to_redirect_mode_removes_the_policy_routing() {
-    let pods = Pods::new("tproxy_switch_back");
+fn switching_back_to_redirect_mode_removes_the_policy_routing(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("tproxy_switch_back"));
     let before = routing(&pods.pod);
     pods.pod
-        .meshinit_on(Backend::Nft, &["apply", "--mode", "tproxy"])
+        .meshinit_on(backend, &["apply", "--mode", "tproxy"])
         .expect_ok();
     assert_ne!(routing(&pods.pod), before);
-    let drift = pods
-        .pod
-        .meshinit_on(Backend::Nft, &["check"])
-        .expect_code(1);
+    let drift = pods.pod.meshinit_on(backend, &["check"]).expect_code(1);
     assert!(
         drift.stdout.contains("ip rule (IPv4)") && drift.stdout.contains("not expected"),
         "{drift}"
     );
-    pods.pod.meshinit_on(Backend::Nft, &["apply"]).expect_ok();
+    pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
     assert_eq!(routing(&pods.pod), before);
-    pods.pod.meshinit_on(Backend::Nft, &["check"]).expect_ok();
+    pods.pod.meshinit_on(backend, &["check"]).expect_ok();
 }
 
-#[test]
-fn a_failure_after_the_routes_are_added_leaves_nothing_behind() {
-    let pods = Pods::new("tproxy_fault");
+fn a_failure_after_the_routes_are_added_leaves_nothing_behind(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("tproxy_fault"));
     // Once with nothing installed, once over redirect-mode rules that must survive.
     for earlier in [None, Some(["apply"])] {
         if let Some(args) = earlier {
-            pods.pod.meshinit_on(Backend::Nft, &args).expect_ok();
+            pods.pod.meshinit_on(backend, &args).expect_ok();
         }
         let before = (routing(&pods.pod), pods.pod.firewall());
         let faulty = FaultyTools::new("tproxy_fault", &["nft"], fault::FAILS);
@@ -591,24 +589,34 @@ fn a_failure_after_the_routes_are_added_leaves_nothing_behind() {
     }
 }
 
-#[test]
-fn backends_that_cannot_do_tproxy_refuse_it_with_nothing_changed() {
-    let pods = Pods::new("tproxy_refused");
+/// Settings that cannot work are bad input: exit 2, naming the value, nothing changed.
+fn bad_tproxy_settings_change_nothing(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("tproxy_bad_input"));
+    pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
     let before = (routing(&pods.pod), pods.pod.firewall());
-    for backend in [Backend::IptablesNft, Backend::IptablesLegacy] {
+    for (flag, value) in [
+        ("--tproxy-table", "254"),
+        ("--tproxy-rule-priority", "0"),
+        ("--tproxy-mark", "0"),
+        ("--mode", "transparent"),
+    ] {
+        let mode: &[&str] = if flag == "--mode" {
+            &[]
+        } else {
+            &["--mode", "tproxy"]
+        };
         let run = pods
             .pod
-            .meshinit_on(backend, &["apply", "--mode", "tproxy"])
+            .meshinit_on(backend, &[&["apply", flag, value], mode].concat())
             .expect_code(2);
         assert!(
-            run.stderr.contains("--mode tproxy") && run.stderr.contains(backend.name()),
+            run.stderr.contains(flag) && run.stderr.contains(value),
             "{run}"
         );
         assert_eq!(
             (routing(&pods.pod), pods.pod.firewall()),
             before,
-            "{}",
-            backend.name()
+            "{flag} {value}"
         );
     }
 }
@@ -629,3 +637,15 @@ fn the_transparent_proxy_without_cap_net_admin_fails_at_start_naming_it() {
     assert!(!run.success(), "{run}");
     assert!(run.stderr.contains("CAP_NET_ADMIN"), "{run}");
 }
+
+for_each_backend!(
+    the_application_sees_the_clients_address_through_the_transparent_proxy,
+    transparent_100_mib_each_way_arrive_intact,
+    exemptions_bypass_the_proxy_and_intercepted_ports_are_refused_while_it_is_down,
+    local_and_outbound_traffic_are_as_in_redirect_mode,
+    through_the_mtls_pair_the_application_sees_the_client_pods_address,
+    check_detects_a_deleted_ip_rule_repair_restores_it_and_cleanup_restores_routing,
+    switching_back_to_redirect_mode_removes_the_policy_routing,
+    a_failure_after_the_routes_are_added_leaves_nothing_behind,
+    bad_tproxy_settings_change_nothing,
+);
