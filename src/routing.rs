@@ -287,18 +287,32 @@ async fn loopback(handle: &Handle) -> Result<u32, RoutingError> {
         .ok_or(RoutingError::NoLoopback)
 }
 
+/// Whether a netlink error says the kernel has no such address family (a kernel
+/// built without IPv6): then there is nothing of ours in it.
+fn no_family(err: &rtnetlink::Error) -> bool {
+    matches!(err, rtnetlink::Error::NetlinkError(message)
+        if -message.raw_code() == nix::libc::EAFNOSUPPORT)
+}
+
 async fn ours(handle: &Handle, tproxy: &Tproxy, family: Family) -> Result<Ours, RoutingError> {
     let version = match family {
         Family::V4 => IpVersion::V4,
         Family::V6 => IpVersion::V6,
     };
-    let rules: Vec<RuleMessage> = handle
-        .rule()
-        .get(version)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(netlink(format!("listing {} rules", family_name(family))))?;
+    let rules: Vec<RuleMessage> = match handle.rule().get(version).execute().try_collect().await {
+        Ok(rules) => rules,
+        Err(err) if family == Family::V6 && no_family(&err) => {
+            return Ok(Ours {
+                rules: vec![],
+                routes: vec![],
+            })
+        }
+        Err(err) => {
+            return Err(netlink(format!("listing {} rules", family_name(family)))(
+                err,
+            ))
+        }
+    };
     let rules = rules
         .into_iter()
         .filter(|rule| {

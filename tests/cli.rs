@@ -289,7 +289,7 @@ fn show_in_tproxy_mode_prints_the_tproxy_chains_and_the_policy_routing() {
         "{text}"
     );
     assert!(
-        text.contains("-j TPROXY --on-port 4143 --tproxy-mark 0x4d49/0xffffffff"),
+        text.contains("-j TPROXY --on-port 4143 --on-ip 0.0.0.0 --tproxy-mark 0x4d49/0xffffffff"),
         "{text}"
     );
 }
