@@ -383,7 +383,12 @@ pub async fn connect_from(target: SocketAddr, from: Option<SocketAddr>) -> io::R
     let stream = match from {
         None => TcpStream::connect(target).await?,
         Some(from) => {
-            let source = SocketAddr::new(from.ip(), 0);
+            // Port 0: the kernel's choice; a link-local client keeps its scope.
+            let mut source = from;
+            source.set_port(0);
+            if let SocketAddr::V6(v6) = &mut source {
+                v6.set_flowinfo(0);
+            }
             let mut socket = transparent_socket(source)?;
             if socket.local_addr()?.port() == from.port() {
                 socket = transparent_socket(source)?;
