@@ -621,9 +621,13 @@ mod bool_flag_tests {
                     .default_missing_value("true"),
             )
             .arg(clap::Arg::new("netns").long("netns"))
-            .subcommand(clap::Command::new("check").arg(
-                clap::Arg::new("repair").long("repair").action(clap::ArgAction::SetTrue),
-            ));
+            .subcommand(
+                clap::Command::new("check").arg(
+                    clap::Arg::new("repair")
+                        .long("repair")
+                        .action(clap::ArgAction::SetTrue),
+                ),
+            );
         assert_eq!(bool_flags(&command), ["--ipv6", "--dry-run", "--simulate"]);
     }
 }
