@@ -234,8 +234,16 @@ impl Backend for Iptables {
     }
 
     fn apply(&self, ruleset: &Ruleset) -> Result<Applied, BackendError> {
+        // Which tables may hold ours (mangle too, for the other mode's chains). For
+        // iptables-nft that is one `nft list tables`, handed on in `Applied` so the
+        // leftover checks after the apply run no second one: the restore below
+        // changes only `ip`/`ip6` tables, and no other backend's check reads those.
+        let nf_tables = match self.flavor {
+            Flavor::Nft => run("nft", &["list", "tables"], None, super::nft::HINT).ok(),
+            Flavor::Legacy => None,
+        };
+        let tables = self.may_have_tables_given(nf_tables.as_deref());
         // Read every family first: the states to roll back to.
-        let tables = self.may_have_tables();
         let mut steps = Vec::new();
         for &family in Self::families(ruleset.ipv6) {
             let mut before = Vec::new();
@@ -285,7 +293,7 @@ impl Backend for Iptables {
                 return Err(err);
             }
         }
-        Ok(Applied::default())
+        Ok(Applied { nf_tables })
     }
 
     fn cleanup(&self) -> Result<(), BackendError> {
