@@ -574,7 +574,9 @@ fn a_failure_after_the_routes_are_added_leaves_nothing_behind(backend: Backend) 
             pods.pod.meshinit_on(backend, &args).expect_ok();
         }
         let before = (routing(&pods.pod), pods.pod.firewall());
-        let faulty = FaultyTools::new("tproxy_fault", &["nft"], fault::FAILS);
+        // Named per backend: the three variants run at once in one process, and a
+        // shared directory is removed by whichever finishes first.
+        let faulty = FaultyTools::new(&backend.test_name("tproxy_fault"), &["nft"], fault::FAILS);
         let run = faulty.meshinit(
             &pods.pod,
             &["apply", "--mode", "tproxy", "--backend", "nft"],
