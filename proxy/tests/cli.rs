@@ -39,6 +39,7 @@ fn help_is_grouped_and_lists_the_contract_flags() {
         "--shutdown-grace",
         "--handshake-timeout",
         "--proxy-uid",
+        "--inbound-transparent",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }
