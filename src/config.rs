@@ -238,11 +238,11 @@ fn mode(s: &Sources<'_>) -> Result<Mode, SettingError> {
     match s.get("mode", parse_mode)?.unwrap_or(Mode::Redirect) {
         Mode::Redirect => {
             if let Some((origin, input)) = TPROXY_KEYS.into_iter().find_map(|key| s.raw(key)) {
-                return Err(SettingError::new(
-                    origin,
-                    &input,
-                    "only applies with --mode tproxy (the mode is redirect)",
-                ));
+                // Quoting the input keeps "invalid value" out: the value is fine,
+                // only useless in this mode.
+                let problem =
+                    format!("{input:?} only applies with --mode tproxy (the mode is redirect)");
+                return Err(SettingError::new(origin, &input, &problem));
             }
             Ok(Mode::Redirect)
         }
