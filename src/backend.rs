@@ -66,7 +66,9 @@ pub trait Backend {
 #[derive(Debug, Default)]
 pub struct Applied {
     /// The nf_tables tables (lines `table FAMILY NAME`, as `nft list tables` prints
-    /// them) that the nft backend's transaction saw; `None` from other backends.
+    /// them) that the nft backend's transaction saw, or that the iptables-nft backend
+    /// listed before its restore (which changes only `ip`/`ip6` tables, read by no
+    /// other backend's check); `None` from iptables-legacy.
     pub nf_tables: Option<String>,
 }
 

@@ -108,6 +108,24 @@ meshinit_settings::settings! {
         /// Also install IPv6 rules; --ipv6=false leaves IPv6 untouched [default: true]
         #[setting(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", global = true, help_heading = "Backend")]
         ipv6,
+        /// Inbound interception: redirect (nat REDIRECT; the application sees the pod's own
+        /// address) or tproxy (mangle TPROXY plus policy routing; the application sees the
+        /// client's address, and meshproxy needs --inbound-transparent and CAP_NET_ADMIN)
+        /// [default: redirect]
+        #[setting(value_name = "MODE", global = true, help_heading = "Transparent mode")]
+        mode,
+        /// tproxy mode: packet mark of intercepted connections (decimal or 0x hex, not 0)
+        /// [default: 0x4d49]
+        #[setting(value_name = "MARK", global = true, help_heading = "Transparent mode")]
+        tproxy_mark,
+        /// tproxy mode: routing table of the `local default dev lo` route (not 0, 253-255)
+        /// [default: 4143]
+        #[setting(value_name = "TABLE", global = true, help_heading = "Transparent mode")]
+        tproxy_table,
+        /// tproxy mode: priority of the `ip rule` sending marked packets to that table
+        /// (1-32765) [default: 4143]
+        #[setting(value_name = "PRIORITY", global = true, help_heading = "Transparent mode")]
+        tproxy_rule_priority,
         /// Network namespace file to work in (/var/run/netns/NAME, /proc/PID/ns/net) [default: current]
         #[setting(value_name = "PATH", global = true, help_heading = "Execution")]
         netns,

@@ -7,13 +7,13 @@
 use std::process::ExitCode;
 
 use anyhow::anyhow;
-use meshinit_rules::Ruleset;
+use meshinit_rules::{Family, Mode, Ruleset, Spec, Tproxy};
 
 use crate::backend::{self, Backend, Nft};
 use crate::caps::{self, Cap};
 use crate::cli::Command;
 use crate::config::{BackendChoice, Config};
-use crate::{lock, netns};
+use crate::{lock, netns, routing};
 
 /// How a command failed, which decides the exit code.
 #[derive(Debug)]
@@ -35,6 +35,7 @@ pub fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
     if command == Command::Show {
         let backend = backend::named(config.backend).unwrap_or_else(|| Box::new(Nft));
         print!("{}", backend.render(&ruleset));
+        print!("{}", routing_note(&config.spec));
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -143,26 +144,91 @@ fn apply(config: &Config, ruleset: &Ruleset) -> Result<ExitCode, Failure> {
             Box::new(Nft)
         });
         print!("{}", backend.render(ruleset));
+        print!("{}", routing_note(&config.spec));
         return Ok(ExitCode::SUCCESS);
     }
     install(config, ruleset)?;
     Ok(ExitCode::SUCCESS)
 }
 
+/// The policy routing `spec` needs: its tproxy numbers (the defaults in
+/// `redirect` mode, to find ours left by an earlier `tproxy` run) and the
+/// families that need it (none in `redirect` mode).
+fn routing_wanted(spec: &Spec) -> (Tproxy, Vec<Family>) {
+    match spec.mode {
+        Mode::Redirect => (Tproxy::DEFAULT, vec![]),
+        Mode::Tproxy(tproxy) if spec.ipv6 => (tproxy, vec![Family::V4, Family::V6]),
+        Mode::Tproxy(tproxy) => (tproxy, vec![Family::V4]),
+    }
+}
+
+/// What `show` and `--dry-run` add in `tproxy` mode: the policy routing,
+/// as comments (valid in nft and iptables-restore input alike).
+fn routing_note(spec: &Spec) -> String {
+    let (tproxy, families) = routing_wanted(spec);
+    let mut out = String::new();
+    for family in families {
+        let flag = match family {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        };
+        out.push_str(&format!(
+            "# policy routing (rtnetlink): ip {flag} rule add fwmark {:#x} lookup {} priority {}\n# policy routing (rtnetlink): ip {flag} route add local default dev lo table {}\n",
+            tproxy.mark, tproxy.table, tproxy.rule_priority, tproxy.table
+        ));
+    }
+    out
+}
+
 /// Replaces our rules with `ruleset` in the current namespace (one transaction),
-/// then removes ours from any other backend. Prints nothing on stdout.
+/// with the policy routing of `tproxy` mode (or without ours in `redirect`
+/// mode), then removes ours from any other backend. Prints nothing on stdout.
+///
+/// All or nothing: the routing is changed first, and taken back when the rules
+/// fail to apply, so a failure leaves the previous rules and routing.
 pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
     require(&[Cap::NetAdmin], "applying rules")?;
     let _lock = take_lock(config)?;
     let backend = choose(config).map_err(|err| apply_failure(err, "no backend"))?;
     require_for(backend.as_ref(), "applying rules")?;
-    let applied = backend
-        .apply(ruleset)
-        .map_err(|err| apply_failure(err, "apply failed; the previous ruleset is intact"))?;
+    let (tproxy, families) = routing_wanted(&config.spec);
+    let undo = match routing::apply(&tproxy, &families) {
+        Ok(undo) => undo,
+        // In redirect mode ours are only looked for; a namespace whose routing
+        // cannot be read (no IPv6 in the kernel) has none to remove.
+        Err(err) if families.is_empty() => {
+            tracing::debug!("policy routing not checked: {err}");
+            routing::Undo::default()
+        }
+        Err(err) => {
+            return Err(Failure::Apply(anyhow!(err).context(
+                "apply failed; the previous rules and routing are intact",
+            )))
+        }
+    };
+    let applied = match backend.apply(ruleset) {
+        Ok(applied) => applied,
+        Err(err) => {
+            if !undo.is_empty() {
+                if let Err(undo_err) = routing::undo(undo) {
+                    tracing::error!("taking back the policy routing failed: {undo_err}");
+                }
+            }
+            return Err(apply_failure(
+                err,
+                "apply failed; the previous ruleset is intact",
+            ));
+        }
+    };
     tracing::info!(
         backend = backend.name(),
         rules = ruleset.rule_count(),
         ipv6 = ruleset.ipv6,
+        mode = if ruleset.tproxy.is_some() {
+            "tproxy"
+        } else {
+            "redirect"
+        },
         "applied redirect rules"
     );
     // Rules of ours left by another backend would keep redirecting (or stop
@@ -224,6 +290,25 @@ pub fn cleanup(config: &Config) -> Result<ExitCode, Failure> {
             .map_err(|err| apply_failure(err, "cleanup failed"))?;
         tracing::info!(backend = backend.name(), "removed meshinit's rules");
     }
+    // The policy routing of `tproxy` mode: ours (our priority looking up our
+    // table, and the routes in our table) go, nothing else is touched.
+    let (tproxy, _) = routing_wanted(&config.spec);
+    let present = routing::drift(&tproxy, &[]).map_err(|err| {
+        Failure::Apply(anyhow!(err).context("cleanup failed reading the policy routing"))
+    })?;
+    if !present.is_empty() {
+        if config.dry_run {
+            println!(
+                "would remove meshinit's policy routing: {}",
+                present.join("; ")
+            );
+        } else {
+            routing::apply(&tproxy, &[]).map_err(|err| {
+                Failure::Apply(anyhow!(err).context("cleanup failed removing the policy routing"))
+            })?;
+            tracing::info!(table = tproxy.table, "removed meshinit's policy routing");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -239,6 +324,16 @@ pub fn drift(config: &Config, ruleset: &Ruleset) -> Result<(&'static str, Vec<St
     for other in backend::all() {
         if other.name() != backend.name() && other.has_ours().unwrap_or(false) {
             differences.push(format!("stale rules of ours in {}", other.name()));
+        }
+    }
+    let (tproxy, families) = routing_wanted(&config.spec);
+    match routing::drift(&tproxy, &families) {
+        Ok(routing) => differences.extend(routing),
+        Err(err) if families.is_empty() => tracing::debug!("policy routing not checked: {err}"),
+        Err(err) => {
+            return Err(Failure::Apply(
+                anyhow!(err).context("check failed reading the policy routing"),
+            ))
         }
     }
     Ok((backend.name(), differences))

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use meshinit_rules::{PortSet, Spec, SpecError, SubnetList};
+use meshinit_rules::{Mode, PortSet, Spec, SpecError, SubnetList, Tproxy};
 use meshinit_settings::{File, FileError, SettingError, Sources};
 use thiserror::Error;
 
@@ -154,9 +154,10 @@ impl Config {
             outbound_subnets_to_ignore: subnets("subnets_to_ignore")?
                 .union(&subnets("outbound_subnets_to_ignore")?),
             ipv6: s.get("ipv6", boolean)?.unwrap_or(true),
+            mode: mode(s)?,
         }
         .validate()
-        .map_err(ConfigError::SameProxyPort)?;
+        .map_err(|error| refused(s, error))?;
         Ok(Config {
             spec,
             backend: backend(s)?,
@@ -185,6 +186,72 @@ impl Config {
 /// A parser from the rules crate, whose errors already quote the input.
 fn spec<T>(parse: fn(&str) -> Result<T, SpecError>) -> impl Fn(&str) -> Result<T, String> {
     move |text| parse(text).map_err(|error| error.to_string())
+}
+
+/// A refusal of [`Spec::validate`]: the proxy ports' clash is about two settings; the
+/// tproxy ones name the setting they are about, so the error says where it came from.
+fn refused(s: &Sources<'_>, error: SpecError) -> ConfigError {
+    let key = match error {
+        SpecError::ZeroMark => "tproxy_mark",
+        SpecError::ReservedTable { .. } => "tproxy_table",
+        SpecError::BadRulePriority { .. } => "tproxy_rule_priority",
+        _ => return ConfigError::SameProxyPort(error),
+    };
+    match s.raw(key) {
+        Some((origin, input)) => {
+            SettingError::new(origin, &input, &format!("{input:?} is refused: {error}")).into()
+        }
+        // A default the rules crate refuses would be a bug in the default.
+        None => ConfigError::SameProxyPort(error),
+    }
+}
+
+/// `--mode redirect|tproxy`.
+fn parse_mode(text: &str) -> Result<Mode, String> {
+    match text.trim() {
+        "redirect" => Ok(Mode::Redirect),
+        "tproxy" => Ok(Mode::Tproxy(Tproxy::DEFAULT)),
+        _ => Err("expected redirect or tproxy".to_string()),
+    }
+}
+
+/// A mark, table or rule priority: decimal or 0x hex.
+fn number(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|_| "not a number: expected 0 to 4294967295, decimal or 0x hex".to_string())
+}
+
+/// The settings only tproxy mode reads.
+const TPROXY_KEYS: [&str; 3] = ["tproxy_mark", "tproxy_table", "tproxy_rule_priority"];
+
+/// `--mode redirect|tproxy`, and in tproxy mode its mark, table and rule
+/// priority. The three tproxy settings given in redirect mode are refused: they
+/// would do nothing, which is not what whoever wrote them expects.
+fn mode(s: &Sources<'_>) -> Result<Mode, SettingError> {
+    let mark = s.get("tproxy_mark", number)?;
+    let table = s.get("tproxy_table", number)?;
+    let priority = s.get("tproxy_rule_priority", number)?;
+    match s.get("mode", parse_mode)?.unwrap_or(Mode::Redirect) {
+        Mode::Redirect => {
+            if let Some((origin, input)) = TPROXY_KEYS.into_iter().find_map(|key| s.raw(key)) {
+                // Quoting the input keeps "invalid value" out: the value is fine,
+                // only useless in this mode.
+                let problem =
+                    format!("{input:?} only applies with --mode tproxy (the mode is redirect)");
+                return Err(SettingError::new(origin, &input, &problem));
+            }
+            Ok(Mode::Redirect)
+        }
+        Mode::Tproxy(defaults) => Ok(Mode::Tproxy(Tproxy {
+            mark: mark.unwrap_or(defaults.mark),
+            table: table.unwrap_or(defaults.table),
+            rule_priority: priority.unwrap_or(defaults.rule_priority),
+        })),
+    }
 }
 
 /// `--netns PATH`. An empty path is refused rather than read as "the current

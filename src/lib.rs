@@ -6,6 +6,7 @@
 //! - `config`: flags > env > TOML file > defaults, validated into a `Config`.
 //! - `netns`: entering the target namespace, and telling whether it is the host's.
 //! - `addrs`: the namespace's IPv6 addresses (rtnetlink), for the `--ipv6=false` warning.
+//! - `routing`: the policy routing of `--mode tproxy` (rtnetlink): apply, drift, undo.
 //! - `backend`: runners that apply a `meshinit_rules::Ruleset` (`backend/nft`).
 //! - `commands`: apply, cleanup, show, check (and `check --repair`).
 //! - `validate`: proving that redirection works (`meshinit validate`).
@@ -24,4 +25,5 @@ pub mod commands;
 pub mod config;
 mod lock;
 mod netns;
+mod routing;
 mod validate;

@@ -300,3 +300,47 @@ fn a_bad_port_list_names_the_variable_or_the_file_key() {
         stderr(&out)
     );
 }
+
+#[test]
+fn show_in_tproxy_mode_prints_the_tproxy_chains_and_the_policy_routing() {
+    let out = meshinit(&["show", "--mode", "tproxy", "--tproxy-table", "77"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for needle in [
+        "type filter hook prerouting priority mangle;",
+        "tproxy to :4143 meta mark set 0x4d49 accept",
+        "type route hook output priority mangle;",
+        "redirect to :4140",
+        "# policy routing (rtnetlink): ip -4 rule add fwmark 0x4d49 lookup 77 priority 4143",
+        "# policy routing (rtnetlink): ip -6 route add local default dev lo table 77",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing:\n{text}");
+    }
+    assert!(!text.contains("redirect to :4143"), "{text}");
+    // Redirect mode prints no policy routing.
+    assert!(!stdout(&meshinit(&["show"])).contains("policy routing"));
+    // The iptables rendering puts the inbound chain in table mangle.
+    let out = meshinit(&["show", "--mode", "tproxy", "--backend", "iptables-nft"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("*mangle\n:MESHINIT_INBOUND - [0:0]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("-j TPROXY --on-port 4143 --on-ip 0.0.0.0 --tproxy-mark 0x4d49/0xffffffff"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_bad_mode_is_bad_input_naming_value_and_source() {
+    let out = meshinit(&["show", "--mode", "transparent"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("\"transparent\"")
+            && err.contains("--mode: ")
+            && err.contains("redirect or tproxy"),
+        "{err}"
+    );
+}

@@ -212,6 +212,14 @@ impl Mesh {
     pub fn start_b<'p>(&self, pods: &'p Pods, extra: &[&str]) -> MeshProxy<'p> {
         start(&pods.peer, &self.b, &self.ca, Some(&self.peers_of_b), extra)
     }
+
+    /// [`Mesh::start_b`] with `--inbound-transparent` and CAP_NET_ADMIN, for B under
+    /// `meshinit --mode tproxy`.
+    pub fn start_b_transparent<'p>(&self, pods: &'p Pods, extra: &[&str]) -> MeshProxy<'p> {
+        let args = identity_args(&self.b, &self.ca, Some(&self.peers_of_b), extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        pods.peer.start_meshproxy_transparent(&args)
+    }
 }
 
 fn start<'p>(
@@ -221,6 +229,13 @@ fn start<'p>(
     peers: Option<&Path>,
     extra: &[&str],
 ) -> MeshProxy<'p> {
+    let args = identity_args(id, ca, peers, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ns.start_meshproxy(&args)
+}
+
+/// meshproxy's identity flags (and `--mesh-peers` when given), then `extra`.
+fn identity_args(id: &Identity, ca: &DevCa, peers: Option<&Path>, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--identity-cert".into(),
         path_str(&id.cert),
@@ -233,8 +248,7 @@ fn start<'p>(
         args.extend(["--mesh-peers".into(), path_str(peers)]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ns.start_meshproxy(&args)
+    args
 }
 
 fn path_str(path: &Path) -> String {

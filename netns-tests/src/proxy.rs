@@ -48,6 +48,32 @@ impl Netns {
     /// `wrapper`, a command that execs its arguments (`prlimit --nofile=256:4096`), run
     /// before the uid changes.
     pub fn start_meshproxy_as(&self, uid: u32, wrapper: &[&str], args: &[&str]) -> MeshProxy<'_> {
+        self.start_meshproxy_with(uid, wrapper, &[], args)
+    }
+
+    /// [`Netns::start_meshproxy`] with `--inbound-transparent` and the one capability it
+    /// needs, CAP_NET_ADMIN, kept across the uid change as an ambient capability (what a
+    /// container's `securityContext.capabilities.add: [NET_ADMIN]` gives a non-root
+    /// process).
+    pub fn start_meshproxy_transparent(&self, args: &[&str]) -> MeshProxy<'_> {
+        let args = [&["--inbound-transparent"], args].concat();
+        self.start_meshproxy_with(
+            PROXY_UID,
+            &[],
+            &["--inh-caps=+net_admin", "--ambient-caps=+net_admin"],
+            &args,
+        )
+    }
+
+    /// The general form: `wrapper`, then `setpriv` with `setpriv_caps` (its capability
+    /// options), then meshproxy.
+    pub fn start_meshproxy_with(
+        &self,
+        uid: u32,
+        wrapper: &[&str],
+        setpriv_caps: &[&str],
+        args: &[&str],
+    ) -> MeshProxy<'_> {
         let log = std::env::temp_dir().join(format!("{}-meshproxy.log", self.name()));
         // The shell (still root) opens the log, then becomes the wrapper, setpriv, then
         // meshproxy: one pid throughout, so the guard kills meshproxy itself.
@@ -61,6 +87,7 @@ impl Netns {
             .arg(format!("--reuid={uid}"))
             .arg(format!("--regid={uid}"))
             .arg("--clear-groups")
+            .args(setpriv_caps)
             .arg(meshproxy_bin())
             .args(args)
             .env("RUST_LOG", "meshproxy=debug");

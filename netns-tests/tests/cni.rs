@@ -320,3 +320,63 @@ fn annotations_from_config_or_file_change_the_skip_ports() {
     node.del(&list, Some(&result), &inv).expect_ok();
     assert_eq!(pod.meshinit_table(), None);
 }
+
+/// The network configuration selects `tproxy` mode: ADD installs the TPROXY chain and
+/// the policy routing (table and priority from the config), CHECK reports a deleted
+/// `ip rule`, DEL removes both and leaves `ip rule` and every table as before ADD.
+#[test]
+fn tproxy_mode_from_the_network_config_adds_checks_and_deletes_the_policy_routing() {
+    let node = CniNode::new("cni_tproxy");
+    let pod = Netns::create(&format!("{}-pod", node.node.name()));
+    let routing = |pod: &Netns| {
+        ["-4", "-6"]
+            .iter()
+            .map(|f| {
+                pod.ip(&[f, "rule"]).expect_ok().stdout
+                    + &pod
+                        .ip(&[f, "route", "show", "table", "all"])
+                        .expect_ok()
+                        .stdout
+            })
+            .collect::<String>()
+    };
+    let before = routing(&pod);
+    let list = node.conflist(json!({
+        "meshinit": {"mode": "tproxy", "tproxy_table": 77, "tproxy_rule_priority": 1077, "backend": "nft"}
+    }));
+    let inv = invocation(&pod, "c-tproxy", K8S_ARGS);
+    let result = node.add(&list, &inv);
+    let rules = pod
+        .exec(&["nft", "list", "table", "inet", "meshinit"])
+        .expect_ok()
+        .stdout;
+    assert!(rules.contains("tproxy to :4143"), "{rules}");
+    let added = pod.ip(&["-6", "rule"]).expect_ok().stdout;
+    assert!(
+        added.contains("1077:\tfrom all fwmark 0x4d49 lookup 77"),
+        "{added}"
+    );
+    node.check(&list, &result, &inv).expect_ok();
+
+    pod.ip(&["-6", "rule", "del", "priority", "1077"])
+        .expect_ok();
+    let check = node.check(&list, &result, &inv);
+    assert_eq!(check.error_code(), 101, "{}", check.run);
+    assert!(
+        check.json()["details"]
+            .as_str()
+            .unwrap()
+            .contains("ip rule (IPv6)"),
+        "{}",
+        check.run
+    );
+
+    node.del(&list, Some(&result), &inv).expect_ok();
+    assert!(pod.meshinit_table().is_none(), "DEL left our table");
+    // The bridge plugin's DEL removed the interface and its routes; ours are gone too.
+    assert_eq!(
+        routing(&pod),
+        before,
+        "DEL leaves ip rule and every table as before ADD"
+    );
+}

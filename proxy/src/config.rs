@@ -37,6 +37,12 @@ meshinit_settings::settings! {
         /// Admin listener for /metrics, /ready and /live [default: 0.0.0.0:4191].
         #[setting(value_name = "ADDR", help_heading = "Listeners")]
         admin_addr,
+        /// For `meshinit --mode tproxy`: the inbound listeners are IP_TRANSPARENT, the
+        /// original destination is the accepted socket's own address, and the connection to
+        /// the application comes from the client's address. Needs CAP_NET_ADMIN
+        /// [default: false].
+        #[setting(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", help_heading = "Listeners")]
+        inbound_transparent,
         /// Ports forwarded without protocol detection, `N` or `LO-HI`, comma-separated
         /// [default: 25,587,3306,4444,5432,6379,9300,11211].
         #[setting(value_name = "PORTS", help_heading = "Protocol detection")]
@@ -167,6 +173,11 @@ pub struct Config {
     /// The discovery file: services whose addresses are balanced over their endpoints.
     /// Default none: every connection goes where it was dialled.
     pub discovery: Option<PathBuf>,
+    /// Whether inbound connections arrive by TPROXY (`meshinit --mode tproxy`) and
+    /// the application is connected to from the client's address, so that it sees who
+    /// the client is. Needs CAP_NET_ADMIN (IP_TRANSPARENT); off by default, which keeps
+    /// the proxy free of capabilities.
+    pub inbound_transparent: bool,
 }
 
 /// Ports whose protocols are server-speaks-first (SMTP, MySQL, PostgreSQL, Redis,
@@ -291,6 +302,7 @@ impl Config {
         let peer_inbound_port = s
             .get("peer_inbound_port", parse_port)?
             .unwrap_or(DEFAULT_PEER_INBOUND_PORT);
+        let inbound_transparent = s.get("inbound_transparent", parse_bool)?.unwrap_or(false);
 
         // mTLS needs all three files; half an identity is a mistake, not "no mTLS".
         let identity = match (identity_cert, identity_key, trust_anchors) {
@@ -339,6 +351,7 @@ impl Config {
             require_identity_ports,
             peer_inbound_port,
             discovery,
+            inbound_transparent,
         })
     }
 
@@ -430,6 +443,14 @@ fn parse_cap(input: &str) -> Result<usize, String> {
     match input.trim().parse::<usize>() {
         Ok(n) if (1..=MAX_CAP).contains(&n) => Ok(n),
         _ => Err(format!("expected a whole number from 1 to {MAX_CAP}")),
+    }
+}
+
+fn parse_bool(input: &str) -> Result<bool, String> {
+    match input.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err("expected true or false".to_string()),
     }
 }
 

@@ -55,6 +55,8 @@ pub struct Forwarder {
     listeners: Listeners,
     /// The services of `--discovery`, when configured (see `balanced`).
     balancer: Option<Arc<Balancer>>,
+    /// `--inbound-transparent`: connect to the application from the client's address.
+    inbound_transparent: bool,
 }
 
 /// The addresses the proxy listens on, by direction.
@@ -150,6 +152,7 @@ impl Forwarder {
             mesh,
             listeners: Listeners::default(),
             balancer,
+            inbound_transparent: config.inbound_transparent,
         })
     }
 
@@ -318,7 +321,8 @@ impl Forwarder {
         let mut conn = self
             .metrics
             .open(direction, target, classified.protocol(), None);
-        let target_stream = match connect(target).await {
+        let from = self.source_for(direction, client_addr);
+        let target_stream = match connect_from(target, from).await {
             Ok(stream) => stream,
             Err(error) => {
                 info!(?client_addr, %target, %error, "cannot connect to the destination");
@@ -329,6 +333,21 @@ impl Forwarder {
         // Both ends are plain TCP sockets: bulk bytes can be spliced.
         let copied = duplex_tcp(client, target_stream, classified.prefix, conn.counters()).await;
         record(copied, &mut conn, target);
+    }
+}
+
+impl Forwarder {
+    /// The address the connection to `target` is made from: the client's, for
+    /// inbound connections with `--inbound-transparent`, so that the application sees
+    /// who the client is; the kernel's choice otherwise.
+    pub(crate) fn source_for(
+        &self,
+        direction: Direction,
+        client: Option<SocketAddr>,
+    ) -> Option<SocketAddr> {
+        (direction == Direction::Inbound && self.inbound_transparent)
+            .then_some(client)
+            .flatten()
     }
 }
 
@@ -376,10 +395,50 @@ fn record(copied: Result<Totals, DuplexError>, conn: &mut ConnMetrics, to: Socke
 ///
 /// The connection gets TCP keepalive (see [`KEEPALIVE_IDLE`]).
 pub async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect(target).await?;
+    connect_from(target, None).await
+}
+
+/// [`connect`], from the address `from` when given: a transparent socket
+/// (IP_TRANSPARENT, which needs CAP_NET_ADMIN) bound to the client's address, so
+/// that the application sees the client, not the pod, as its peer. meshinit's
+/// `tproxy` mode routes the application's replies back to this socket.
+///
+/// The port is the kernel's choice, never the client's own: the client's
+/// connection already holds the 4-tuple (client address and port, application
+/// address and port) in this namespace, and a second connection with the same one
+/// would be taken for it. The rare ephemeral port equal to the client's is
+/// therefore refused and another one taken.
+pub async fn connect_from(target: SocketAddr, from: Option<SocketAddr>) -> io::Result<TcpStream> {
+    let stream = match from {
+        None => TcpStream::connect(target).await?,
+        Some(from) => {
+            // Port 0: the kernel's choice; a link-local client keeps its scope.
+            let mut source = from;
+            source.set_port(0);
+            if let SocketAddr::V6(v6) = &mut source {
+                v6.set_flowinfo(0);
+            }
+            let mut socket = transparent_socket(source)?;
+            if socket.local_addr()?.port() == from.port() {
+                socket = transparent_socket(source)?;
+            }
+            socket.connect(target).await?
+        }
+    };
     stream.set_nodelay(true)?;
     set_keepalive(&stream)?;
     Ok(stream)
+}
+
+/// A TCP socket bound, with IP_TRANSPARENT, to `source` (which need not be ours).
+fn transparent_socket(source: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+    let socket = match source {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    crate::orig_dst::set_transparent(&socket)?;
+    socket.bind(source)?;
+    Ok(socket)
 }
 
 #[cfg(test)]

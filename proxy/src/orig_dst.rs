@@ -10,8 +10,9 @@
 //! which `route` asks of every inbound original destination.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 
+use nix::sys::socket::sockopt;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpStream;
 
@@ -61,6 +62,29 @@ pub fn original_dst(stream: &TcpStream) -> Result<SocketAddr, OrigDstError> {
         return Err(OrigDstError::NotRedirected { local, peer });
     }
     Ok(original)
+}
+
+/// The original destination of a connection handed over by TPROXY (meshinit's
+/// `tproxy` mode): the accepted socket's own local address, which TPROXY leaves
+/// as the client wrote it. `route` then applies the same trust boundary as to a
+/// redirected connection's (a local, non-loopback address; not our own listener).
+pub fn transparent_dst(stream: &TcpStream) -> Result<SocketAddr, OrigDstError> {
+    let local = stream.local_addr().map_err(OrigDstError::Addrs)?;
+    Ok(match local {
+        // IPv6 listeners are IPV6_V6ONLY; a scope id or flow label is not part of
+        // where the client meant to go.
+        SocketAddr::V6(v6) => {
+            SocketAddr::V6(SocketAddrV6::new(*v6.ip(), v6.port(), 0, v6.scope_id()))
+        }
+        v4 => v4,
+    })
+}
+
+/// Sets IP_TRANSPARENT on a socket of either family (Linux applies the SOL_IP
+/// option to IPv6 sockets too): it may then be bound to, and accept connections
+/// for, addresses that are not local. Needs CAP_NET_ADMIN (or CAP_NET_RAW).
+pub fn set_transparent(socket: &impl std::os::fd::AsFd) -> io::Result<()> {
+    nix::sys::socket::setsockopt(socket, sockopt::IpTransparent, &true).map_err(io::Error::from)
 }
 
 /// Whether two socket addresses name the same endpoint: the same IP and port. Flow

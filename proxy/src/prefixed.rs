@@ -19,6 +19,11 @@ pub struct Prefixed<S> {
 }
 
 impl<S> Prefixed<S> {
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
         Prefixed {
             prefix,

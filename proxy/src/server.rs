@@ -39,6 +39,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot read the address of a bound listener: {0}")]
     LocalAddr(io::Error),
+    #[error("cannot make the inbound listener {addr} transparent (--inbound-transparent needs CAP_NET_ADMIN): {source}")]
+    Transparent { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     Mesh(#[from] ForwarderError),
 }
@@ -78,9 +80,9 @@ impl Proxy {
     pub async fn bind(config: Config) -> Result<Proxy, ServerError> {
         let metrics = Arc::new(Metrics::with_retain_idle(config.metrics_retain_idle));
         let mut forwarder = Forwarder::new(&config, metrics.clone())?;
-        let admin = bind(config.admin_addr)?;
-        let inbound = bind_all(&config.inbound_addrs)?;
-        let outbound = bind_all(&config.outbound_addrs)?;
+        let admin = bind(config.admin_addr, false)?;
+        let inbound = bind_all(&config.inbound_addrs, config.inbound_transparent)?;
+        let outbound = bind_all(&config.outbound_addrs, false)?;
         let addrs = BoundAddrs {
             inbound: local_addrs(&inbound)?,
             outbound: local_addrs(&outbound)?,
@@ -120,8 +122,14 @@ impl Proxy {
                  and are forwarded"
             );
         }
-        self.serve_inner(original_dst, Some(orig_dst::is_local), shutdown)
-            .await
+        let transparent = self.config.inbound_transparent;
+        self.serve_inner(
+            original_dst,
+            Some(orig_dst::is_local),
+            transparent,
+            shutdown,
+        )
+        .await
     }
 
     /// Serves connections, each sent where `destination` says. `serve` passes the
@@ -136,13 +144,16 @@ impl Proxy {
     where
         F: Fn(&TcpStream) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
     {
-        self.serve_inner(destination, None, shutdown).await
+        self.serve_inner(destination, None, false, shutdown).await
     }
 
+    /// `transparent`: inbound connections come by TPROXY, and their destination is
+    /// the accepted socket's own address (`orig_dst::transparent_dst`).
     async fn serve_inner<F>(
         self,
         destination: F,
         is_local: Option<fn(std::net::IpAddr) -> bool>,
+        transparent: bool,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError>
     where
@@ -173,6 +184,7 @@ impl Proxy {
             metrics,
             connections: PerDirection::new(|| Arc::new(Semaphore::new(config.max_connections))),
             destination,
+            transparent,
             is_local,
             listeners: Listeners {
                 inbound: addrs.inbound.clone(),
@@ -248,6 +260,9 @@ struct Shared<F> {
     /// One permit per open connection (`--max-connections`), per direction.
     connections: PerDirection<Arc<Semaphore>>,
     destination: F,
+    /// `--inbound-transparent`: inbound destinations are the accepted sockets' own
+    /// addresses (TPROXY), outbound ones still come from `destination`.
+    transparent: bool,
     /// `orig_dst::is_local` for the kernel's destinations; `None` for chosen ones.
     is_local: Option<fn(std::net::IpAddr) -> bool>,
     listeners: Listeners,
@@ -362,7 +377,12 @@ async fn accept_loop<F>(
             is_local,
             services: services.as_deref(),
         };
-        let route = match route::route(direction, (shared.destination)(&stream), &cx) {
+        let original = if shared.transparent && direction == Direction::Inbound {
+            orig_dst::transparent_dst(&stream)
+        } else {
+            (shared.destination)(&stream)
+        };
+        let route = match route::route(direction, original, &cx) {
             Ok(route) => route,
             Err(refusal) => {
                 refuse(&shared, direction, &stream, &refusal);
@@ -415,11 +435,11 @@ async fn accept_failed(error: &io::Error) {
     }
 }
 
-fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, ServerError> {
+fn bind_all(addrs: &[SocketAddr], transparent: bool) -> Result<Vec<TcpListener>, ServerError> {
     let mut listeners = Vec::new();
     let mut skipped = None;
     for &addr in addrs {
-        match bind(addr) {
+        match bind(addr, transparent) {
             Ok(listener) => listeners.push(listener),
             Err(ServerError::Bind { addr, source }) if addr.is_ipv6() && no_ipv6(&source) => {
                 warn!(%addr, error = %source, "IPv6 is not available, not listening on this address");
@@ -450,9 +470,14 @@ fn local_addrs(listeners: &[TcpListener]) -> Result<Vec<SocketAddr>, ServerError
     listeners.iter().map(local_addr).collect()
 }
 
-fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+fn bind(addr: SocketAddr, transparent: bool) -> Result<TcpListener, ServerError> {
     let bind_error = |source| ServerError::Bind { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(bind_error)?;
+    // TPROXY hands connections only to transparent listeners.
+    if transparent {
+        orig_dst::set_transparent(&socket)
+            .map_err(|source| ServerError::Transparent { addr, source })?;
+    }
     // A restarted proxy must be able to bind while its old connections sit in
     // TIME_WAIT.
     socket.set_reuse_address(true).map_err(bind_error)?;
@@ -549,10 +574,10 @@ mod tests {
 
     #[tokio::test]
     async fn ipv4_and_ipv6_wildcards_share_a_port() {
-        let v4 = bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let v4 = bind("0.0.0.0:0".parse().unwrap(), false).unwrap();
         let port = v4.local_addr().unwrap().port();
         // Without IPV6_V6ONLY this bind would fail with EADDRINUSE.
-        let v6 = bind(SocketAddr::from(([0u16; 8], port))).unwrap();
+        let v6 = bind(SocketAddr::from(([0u16; 8], port)), false).unwrap();
         assert_eq!(v6.local_addr().unwrap().port(), port);
     }
 
@@ -560,14 +585,14 @@ mod tests {
     async fn an_ipv6_address_the_host_lacks_is_skipped_if_another_binds() {
         // fd00::dead is not assigned to any interface here: EADDRNOTAVAIL.
         let missing: SocketAddr = "[fd00::dead]:0".parse().unwrap();
-        let listeners = bind_all(&["127.0.0.1:0".parse().unwrap(), missing]).unwrap();
+        let listeners = bind_all(&["127.0.0.1:0".parse().unwrap(), missing], false).unwrap();
         assert_eq!(listeners.len(), 1);
         // Alone, it is an error: a direction without any listener is useless.
-        let err = bind_all(&[missing]).unwrap_err();
+        let err = bind_all(&[missing], false).unwrap_err();
         assert!(err.to_string().contains("[fd00::dead]:0"), "{err}");
         // Any other bind failure is fatal.
-        let taken = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let taken = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = taken.local_addr().unwrap();
-        assert!(bind_all(&[addr, missing]).is_err());
+        assert!(bind_all(&[addr, missing], false).is_err());
     }
 }

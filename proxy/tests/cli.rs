@@ -40,6 +40,7 @@ fn help_is_grouped_and_lists_the_contract_flags() {
         "--handshake-timeout",
         "--proxy-uid",
         "--discovery",
+        "--inbound-transparent",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }

@@ -25,6 +25,6 @@ pub use ports::{PortRange, PortSet};
 pub use render::iptables::{self, Installed, Jumps};
 pub use render::nft_json::{self, TABLE};
 pub use render::nft_text;
-pub use ruleset::{Action, Chain, Direction, Family, Match, Rule, Ruleset, Side};
-pub use spec::{Spec, SpecError};
+pub use ruleset::{Action, Chain, ChainKind, Direction, Family, Match, Rule, Ruleset, Side};
+pub use spec::{Mode, Spec, SpecError, Tproxy};
 pub use subnets::SubnetList;

@@ -11,6 +11,7 @@ pub(crate) fn nft_chain(direction: Direction) -> &'static str {
     match direction {
         Direction::Inbound => "prerouting",
         Direction::Outbound => "output",
+        Direction::Replies => "replies",
     }
 }
 

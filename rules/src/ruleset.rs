@@ -1,21 +1,37 @@
 //! The backend-neutral model of what meshinit installs.
 //!
 //! Two chains, each a short list of rules: exemptions that `return` first,
-//! then one redirect. Lists of ports and subnets are *one* rule each (a set in
+//! then one redirect (or, in `tproxy` mode, one TPROXY, plus a third chain
+//! that routes the application's replies back to the proxy). Lists of ports and subnets are *one* rule each (a set in
 //! nftables), so the number of rules never grows with the size of the lists.
 
 use ipnet::IpNet;
 
 use crate::ports::PortSet;
-use crate::spec::Spec;
+use crate::spec::{Mode, Spec, Tproxy};
 
 /// Whether a chain handles traffic entering the pod or leaving it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
-    /// nat prerouting: connections from outside to the pod.
+    /// prerouting: connections from outside to the pod.
     Inbound,
     /// nat output: connections the pod's processes open.
     Outbound,
+    /// mangle output (`tproxy` mode only): packets the pod's processes send
+    /// on connections the proxy opened transparently, i.e. the application's
+    /// replies to a client address that is not the pod's.
+    Replies,
+}
+
+/// What kind of hook a chain sits in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChainKind {
+    /// Destination NAT (priority dstnat / table nat): `redirect`.
+    Nat,
+    /// Before routing, no NAT (priority mangle / table mangle): TPROXY and
+    /// marks. nft: a `filter` chain in prerouting, a `route` chain in output
+    /// (so that a changed mark re-routes the packet).
+    Mangle,
 }
 
 /// IP family of a subnet match.
@@ -61,6 +77,15 @@ pub enum Match {
     DstNotLocal,
     /// Destination is a loopback address of this family: 127.0.0.0/8 or ::1.
     DstLoopback(Family),
+    /// Arrived through the loopback interface: sent by a process of the pod.
+    InLoopback,
+    /// Arrived through the loopback interface from an address that is not the
+    /// pod's: only a transparent socket (the proxy's hop to the application,
+    /// bound to the client's address) sends such packets. nft `iifname "lo"
+    /// fib saddr type != local`, iptables `-i lo -m addrtype ! --src-type LOCAL`.
+    TransparentHop,
+    /// The connection's conntrack mark equals this value.
+    CtMark(u32),
 }
 
 /// What a matching rule does.
@@ -70,6 +95,25 @@ pub enum Action {
     Return,
     /// Redirect to this local port (the proxy).
     Redirect(u16),
+    /// Hand a new connection to the socket listening on this local port without
+    /// changing its destination, and mark it (TPROXY). Later packets of the
+    /// connection reach the proxy's socket by its address.
+    Tproxy { port: u16, mark: u32 },
+    /// Set the connection's conntrack mark, and go on with the next rule.
+    SetCtMark(u32),
+    /// Copy the connection's conntrack mark to the packet (which re-routes it),
+    /// and go on with the next rule.
+    RestoreMark,
+    /// Refuse a new connection with a TCP reset; other packets go on.
+    Reject,
+}
+
+impl Action {
+    /// True when the packet leaves the chain at this rule (a TPROXY that found
+    /// the proxy's socket accepts the packet).
+    pub fn is_final(self) -> bool {
+        !matches!(self, Action::SetCtMark(_) | Action::RestoreMark)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +127,7 @@ pub struct Rule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chain {
     pub direction: Direction,
+    pub kind: ChainKind,
     pub rules: Vec<Rule>,
 }
 
@@ -93,16 +138,25 @@ pub struct Ruleset {
     pub ipv6: bool,
     pub inbound: Chain,
     pub outbound: Chain,
+    /// `tproxy` mode: the chain that marks the application's replies to the
+    /// proxy's transparent connections, and the policy routing the runner
+    /// installs beside the rules.
+    pub tproxy: Option<(Chain, Tproxy)>,
 }
 
 impl Ruleset {
-    pub fn chains(&self) -> [&Chain; 2] {
-        [&self.inbound, &self.outbound]
+    /// Every chain, in the order renderers write them.
+    pub fn chains(&self) -> Vec<&Chain> {
+        let mut chains = vec![&self.inbound, &self.outbound];
+        if let Some((replies, _)) = &self.tproxy {
+            chains.push(replies);
+        }
+        chains
     }
 
     /// Total number of rules, for reports and benchmarks.
     pub fn rule_count(&self) -> usize {
-        self.inbound.rules.len() + self.outbound.rules.len()
+        self.chains().iter().map(|chain| chain.rules.len()).sum()
     }
 }
 
@@ -112,6 +166,10 @@ impl From<&Spec> for Ruleset {
             ipv6: spec.ipv6,
             inbound: inbound(spec),
             outbound: outbound(spec),
+            tproxy: match spec.mode {
+                Mode::Redirect => None,
+                Mode::Tproxy(tproxy) => Some((replies(tproxy), tproxy)),
+            },
         }
     }
 }
@@ -203,9 +261,50 @@ fn local_only(spec: &Spec, rules: &mut Vec<Rule>) {
     }
 }
 
+/// In `tproxy` mode the inbound chain sits in the mangle hook, which, unlike
+/// nat prerouting, also sees every packet the pod sends itself over `lo`.
+///
+/// Those are never intercepted, as in `redirect` mode (where their NAT is
+/// decided in the output hook): otherwise the proxy's own connection to the
+/// application would be handed back to the proxy. Before leaving, the proxy's
+/// transparent hops (from the client's address, over `lo`) get a conntrack
+/// mark, which the [`replies`] chain copies onto the application's answers so
+/// that policy routing sends them back over `lo` to the proxy instead of out
+/// to the real client.
+fn own_traffic(tproxy: Tproxy, rules: &mut Vec<Rule>) {
+    rules.push(rule(
+        Match::TransparentHop,
+        Action::SetCtMark(tproxy.mark),
+        "meshinit: the proxy's transparent connections to the application are marked, so the replies come back to it",
+    ));
+    rules.push(rule(
+        Match::InLoopback,
+        Action::Return,
+        "meshinit: traffic the pod sends itself (via lo) is not intercepted",
+    ));
+}
+
+/// The application's replies on a marked connection get the mark, and the
+/// `ip rule` for the mark routes them to the `local` table, i.e. over `lo` to
+/// the proxy's transparent socket.
+fn replies(tproxy: Tproxy) -> Chain {
+    Chain {
+        direction: Direction::Replies,
+        kind: ChainKind::Mangle,
+        rules: vec![rule(
+            Match::CtMark(tproxy.mark),
+            Action::RestoreMark,
+            "meshinit: packets of the proxy's transparent connections are routed back to it (policy routing)",
+        )],
+    }
+}
+
 fn inbound(spec: &Spec) -> Chain {
     let mut rules = Vec::new();
     ipv6_off(spec, &mut rules);
+    if let Mode::Tproxy(tproxy) = spec.mode {
+        own_traffic(tproxy, &mut rules);
+    }
     local_only(spec, &mut rules);
     if !spec.inbound_ports_to_ignore.is_empty() {
         rules.push(rule(
@@ -228,25 +327,48 @@ fn inbound(spec: &Spec) -> Chain {
         "meshinit: sources in inbound subnets to ignore reach the application directly",
         &mut rules,
     );
-    let redirect = Action::Redirect(spec.incoming_proxy_port);
-    if spec.ports_to_redirect.is_empty() {
-        rules.push(rule(
-            Match::Tcp,
-            redirect,
-            "meshinit: all other inbound TCP goes to the proxy",
-        ));
+    let redirect = match spec.mode {
+        Mode::Redirect => Action::Redirect(spec.incoming_proxy_port),
+        Mode::Tproxy(tproxy) => Action::Tproxy {
+            port: spec.incoming_proxy_port,
+            mark: tproxy.mark,
+        },
+    };
+    let intercepted = if spec.ports_to_redirect.is_empty() {
+        Match::Tcp
     } else {
+        Match::DstPort {
+            set: "ports_to_redirect",
+            ports: spec.ports_to_redirect.clone(),
+        }
+    };
+    rules.push(rule(
+        intercepted.clone(),
+        redirect,
+        if spec.ports_to_redirect.is_empty() {
+            "meshinit: all other inbound TCP goes to the proxy"
+        } else {
+            "meshinit: inbound TCP to the ports to redirect goes to the proxy"
+        },
+    ));
+    // nft's TPROXY does nothing when no transparent socket listens on the port
+    // (the proxy is not running yet, or crashed), and the packet would go on to
+    // the application around the proxy: no mTLS, no required identity. Redirect
+    // mode refuses such connections (nothing listens on the port it rewrites
+    // to), and so does this rule. (iptables' TPROXY target drops them itself.)
+    if matches!(spec.mode, Mode::Tproxy(_)) {
         rules.push(rule(
-            Match::DstPort {
-                set: "ports_to_redirect",
-                ports: spec.ports_to_redirect.clone(),
-            },
-            redirect,
-            "meshinit: inbound TCP to the ports to redirect goes to the proxy",
+            intercepted,
+            Action::Reject,
+            "meshinit: inbound TCP is refused while the proxy is not listening",
         ));
     }
     Chain {
         direction: Direction::Inbound,
+        kind: match spec.mode {
+            Mode::Redirect => ChainKind::Nat,
+            Mode::Tproxy(_) => ChainKind::Mangle,
+        },
         rules,
     }
 }
@@ -307,6 +429,7 @@ fn outbound(spec: &Spec) -> Chain {
     ));
     Chain {
         direction: Direction::Outbound,
+        kind: ChainKind::Nat,
         rules,
     }
 }

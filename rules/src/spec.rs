@@ -29,6 +29,42 @@ pub struct Spec {
     pub outbound_subnets_to_ignore: SubnetList,
     /// Also redirect IPv6; when false IPv6 traffic is left alone.
     pub ipv6: bool,
+    /// How inbound TCP reaches the proxy; [`Mode::Redirect`] by default.
+    pub mode: Mode,
+}
+
+/// How inbound connections are handed to the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// nat REDIRECT: the proxy needs no privilege, but the application sees
+    /// every connection coming from the pod's own address.
+    Redirect,
+    /// TPROXY in the mangle hook plus policy routing: the proxy (with
+    /// CAP_NET_ADMIN) connects to the application from the client's address.
+    Tproxy(Tproxy),
+}
+
+/// The mark and the policy routing of [`Mode::Tproxy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tproxy {
+    /// Packet mark (whole 32 bits) of intercepted packets and of the replies
+    /// the application sends to the proxy's transparent connections.
+    pub mark: u32,
+    /// Routing table holding the `local default dev lo` route.
+    pub table: u32,
+    /// Priority of the `ip rule` sending marked packets to `table`.
+    pub rule_priority: u32,
+}
+
+impl Tproxy {
+    /// Defaults: mark 0x4d49 ("MI"), table 4143, rule priority 4143 — after the
+    /// `local` rule (0), before `main` (32766), and numbers unlikely to be
+    /// anyone else's.
+    pub const DEFAULT: Tproxy = Tproxy {
+        mark: 0x4d49,
+        table: 4143,
+        rule_priority: 4143,
+    };
 }
 
 impl Default for Spec {
@@ -46,6 +82,7 @@ impl Default for Spec {
             inbound_subnets_to_ignore: SubnetList::default(),
             outbound_subnets_to_ignore: SubnetList::default(),
             ipv6: true,
+            mode: Mode::Redirect,
         }
     }
 }
@@ -61,6 +98,25 @@ impl Spec {
             return Err(SpecError::SameProxyPort {
                 port: self.incoming_proxy_port,
             });
+        }
+        if let Mode::Tproxy(tproxy) = self.mode {
+            if tproxy.mark == 0 {
+                return Err(SpecError::ZeroMark);
+            }
+            // 0 is "unspecified"; 253-255 are the kernel's default, main and
+            // local tables, which are not ours to fill or empty.
+            if matches!(tproxy.table, 0 | 253..=255) {
+                return Err(SpecError::ReservedTable {
+                    table: tproxy.table,
+                });
+            }
+            // Priority 0 is the `local` rule's; 32766 and 32767 are `main` and
+            // `default`. Ours must sit strictly between them to be consulted.
+            if tproxy.rule_priority == 0 || tproxy.rule_priority >= 32766 {
+                return Err(SpecError::BadRulePriority {
+                    priority: tproxy.rule_priority,
+                });
+            }
         }
         Ok(self)
     }
@@ -79,4 +135,10 @@ pub enum SpecError {
     MappedCidrTooWide { input: String },
     #[error("port {port} given as both --incoming-proxy-port and --outgoing-proxy-port: they must differ")]
     SameProxyPort { port: u16 },
+    #[error("--tproxy-mark 0: the mark must not be 0 (unmarked packets carry 0)")]
+    ZeroMark,
+    #[error("--tproxy-table {table}: tables 0, 253 (default), 254 (main) and 255 (local) are reserved; expected 1-252 or 256-4294967295")]
+    ReservedTable { table: u32 },
+    #[error("--tproxy-rule-priority {priority}: expected 1 to 32765 (0 is the local rule's, 32766 main's)")]
+    BadRulePriority { priority: u32 },
 }

@@ -6,10 +6,16 @@
 //! succeeded, restores the IPv4 state it read: a failed apply never leaves
 //! one family on the new rules and the other on the old ones.
 //!
+//! In `tproxy` mode one family's document has two sections, mangle (the
+//! TPROXY chain and the replies chain) then nat (outbound); iptables commits
+//! each table on its own, so a failure in the second section also rolls the
+//! first one back.
+//!
 //! The binaries are called by their explicit names (`iptables-nft-restore`,
 //! `iptables-legacy-restore`, ...) so the host's alternatives setting cannot
 //! silently pick the other flavour, the most common failure of init tools.
 
+use meshinit_rules::iptables::{chains_in, Table};
 use meshinit_rules::{iptables, Family, Installed, Jumps, Ruleset};
 
 use super::{run, Applied, Backend, BackendError};
@@ -33,14 +39,20 @@ struct Tables {
     any: bool,
     /// A nat table, IPv4 and IPv6.
     nat: [bool; 2],
+    /// A mangle table, IPv4 and IPv6.
+    mangle: [bool; 2],
 }
 
 impl Tables {
-    fn has_nat(&self, family: Family) -> bool {
+    fn has(&self, table: Table, family: Family) -> bool {
+        let tables = match table {
+            Table::Nat => &self.nat,
+            Table::Mangle => &self.mangle,
+        };
         // Constant indices into a [bool; 2]: checked at compile time.
         match family {
-            Family::V4 => self.nat[0],
-            Family::V6 => self.nat[1],
+            Family::V4 => tables[0],
+            Family::V6 => tables[1],
         }
     }
 }
@@ -66,8 +78,32 @@ impl Iptables {
 
     /// What of ours the nat table of `family` holds.
     pub fn installed(&self, family: Family) -> Result<Installed, BackendError> {
-        let save = run(&self.binary(family, "save"), &["-t", "nat"], None, HINT)?;
-        Ok(Installed::parse(&save))
+        self.installed_in(family, Table::Nat)
+    }
+
+    /// What of ours `table` of `family` holds.
+    fn installed_in(&self, family: Family, table: Table) -> Result<Installed, BackendError> {
+        let save = run(
+            &self.binary(family, "save"),
+            &["-t", table.name()],
+            None,
+            HINT,
+        )?;
+        Ok(Installed::parse_table(&save, table))
+    }
+
+    /// The tables of `family` to read (and rewrite) for `ruleset`: nat always;
+    /// mangle when the ruleset has chains there or the table may hold ours. A
+    /// mangle table that does not exist is not created by reading it.
+    fn tables_for(&self, ruleset: Option<&Ruleset>, family: Family, tables: &Tables) -> Vec<Table> {
+        Table::ALL
+            .into_iter()
+            .filter(|&table| {
+                table == Table::Nat
+                    || tables.has(table, family)
+                    || ruleset.is_some_and(|r| !chains_in(r, table).is_empty())
+            })
+            .collect()
     }
 
     fn restore(&self, family: Family, document: &str) -> Result<(), BackendError> {
@@ -85,10 +121,15 @@ impl Iptables {
 
     /// Puts one family back to `before`; failures are logged, the caller is
     /// already reporting the error that made the rollback necessary.
-    fn roll_back(&self, family: Family, before: &Installed) {
-        let result = self
-            .installed(family)
-            .and_then(|now| self.restore(family, &before.rollback_text(&now)));
+    fn roll_back(&self, family: Family, before: &[Installed]) {
+        let result = before
+            .iter()
+            .map(|before| {
+                self.installed_in(family, before.table)
+                    .map(|now| before.rollback_text(&now))
+            })
+            .collect::<Result<String, _>>()
+            .and_then(|document| self.restore(family, &document));
         match result {
             Ok(()) => tracing::warn!(family = ?family, "rolled back to the previous rules"),
             Err(err) => tracing::error!(family = ?family, "rolling back failed: {err}"),
@@ -126,10 +167,11 @@ impl Iptables {
                     names("/proc/net/ip_tables_names"),
                     names("/proc/net/ip6_tables_names"),
                 );
-                let nat = |names: &str| names.lines().any(|name| name.trim() == "nat");
+                let has = |names: &str, table: &str| names.lines().any(|name| name.trim() == table);
                 Tables {
                     any: !v4.trim().is_empty() || !v6.trim().is_empty(),
-                    nat: [nat(&v4), nat(&v6)],
+                    nat: [has(&v4, "nat"), has(&v6, "nat")],
+                    mangle: [has(&v4, "mangle"), has(&v6, "mangle")],
                 }
             }
             Flavor::Nft => match nf_tables.map_or_else(
@@ -142,11 +184,13 @@ impl Iptables {
                     Tables {
                         any: v4 || v6,
                         nat: [v4, v6],
+                        mangle: [v4, v6],
                     }
                 }
                 Err(_) => Tables {
                     any: true,
                     nat: [true, true],
+                    mangle: [true, true],
                 },
             },
         }
@@ -190,64 +234,113 @@ impl Backend for Iptables {
     }
 
     fn apply(&self, ruleset: &Ruleset) -> Result<Applied, BackendError> {
+        // Which tables may hold ours (mangle too, for the other mode's chains). For
+        // iptables-nft that is one `nft list tables`, handed on in `Applied` so the
+        // leftover checks after the apply run no second one: the restore below
+        // changes only `ip`/`ip6` tables, and no other backend's check reads those.
+        let nf_tables = match self.flavor {
+            Flavor::Nft => run("nft", &["list", "tables"], None, super::nft::HINT).ok(),
+            Flavor::Legacy => None,
+        };
+        let tables = self.may_have_tables_given(nf_tables.as_deref());
         // Read every family first: the states to roll back to.
         let mut steps = Vec::new();
         for &family in Self::families(ruleset.ipv6) {
-            let before = self.installed(family)?;
-            let document = before.apply_text(ruleset, family);
+            let mut before = Vec::new();
+            let mut document = String::new();
+            for table in self.tables_for(Some(ruleset), family, &tables) {
+                let installed = self.installed_in(family, table)?;
+                // Nothing of ours in a table the ruleset does not use: leave it be.
+                if chains_in(ruleset, table).is_empty() && installed.is_empty() {
+                    continue;
+                }
+                document.push_str(&installed.apply_text(ruleset, family));
+                before.push(installed);
+            }
             steps.push((family, before, document));
         }
         // With --ipv6=false, IPv6 rules of ours left by an earlier run are
         // removed: they would keep redirecting IPv6 against the flags (the nft
         // backend gets the same result by replacing its table). A host without
         // ip6tables has none to remove.
-        if !ruleset.ipv6 && self.may_have_tables().has_nat(Family::V6) {
-            if let Ok(before) = self.installed(Family::V6) {
-                if !before.is_empty() {
-                    let document = before.cleanup_text();
-                    steps.push((Family::V6, before, document));
+        if !ruleset.ipv6 {
+            let mut before = Vec::new();
+            let mut document = String::new();
+            for table in Table::ALL {
+                if !tables.has(table, Family::V6) {
+                    continue;
+                }
+                if let Ok(installed) = self.installed_in(Family::V6, table) {
+                    if !installed.is_empty() {
+                        document.push_str(&installed.cleanup_text());
+                        before.push(installed);
+                    }
                 }
             }
+            if !document.is_empty() {
+                steps.push((Family::V6, before, document));
+            }
         }
-        for (i, (family, _, document)) in steps.iter().enumerate() {
+        for (i, (family, before, document)) in steps.iter().enumerate() {
             if let Err(err) = self.restore(*family, document) {
                 for (done, before, _) in &steps[..i] {
                     self.roll_back(*done, before);
                 }
+                // A document of two tables may have committed the first.
+                if before.len() > 1 {
+                    self.roll_back(*family, before);
+                }
                 return Err(err);
             }
         }
-        Ok(Applied::default())
+        Ok(Applied { nf_tables })
     }
 
     fn cleanup(&self) -> Result<(), BackendError> {
         let tables = self.may_have_tables();
         for family in [Family::V4, Family::V6] {
-            if !tables.has_nat(family) {
-                continue;
+            let mut document = String::new();
+            for table in Table::ALL {
+                if !tables.has(table, family) {
+                    continue;
+                }
+                let installed = self.installed_in(family, table)?;
+                if !installed.is_empty() {
+                    document.push_str(&installed.cleanup_text());
+                }
             }
-            let installed = self.installed(family)?;
-            if !installed.is_empty() {
-                self.restore(family, &installed.cleanup_text())?;
+            if !document.is_empty() {
+                self.restore(family, &document)?;
             }
         }
         Ok(())
     }
 
     fn diff(&self, ruleset: &Ruleset) -> Result<Vec<String>, BackendError> {
+        let tables = self.may_have_tables();
         let mut differences = Vec::new();
         for &family in Self::families(ruleset.ipv6) {
             let name = match family {
                 Family::V4 => "IPv4",
                 Family::V6 => "IPv6",
             };
-            for difference in self.installed(family)?.diff(ruleset, family) {
-                differences.push(format!("{name}: {difference}"));
+            for table in self.tables_for(Some(ruleset), family, &tables) {
+                let prefix = match table {
+                    Table::Nat => name.to_string(),
+                    Table::Mangle => format!("{name} mangle"),
+                };
+                for difference in self.installed_in(family, table)?.diff(ruleset, family) {
+                    differences.push(format!("{prefix}: {difference}"));
+                }
             }
         }
         if !ruleset.ipv6
-            && self.may_have_tables().has_nat(Family::V6)
-            && self.installed(Family::V6).is_ok_and(|v6| !v6.is_empty())
+            && Table::ALL.into_iter().any(|table| {
+                tables.has(table, Family::V6)
+                    && self
+                        .installed_in(Family::V6, table)
+                        .is_ok_and(|v6| !v6.is_empty())
+            })
         {
             differences.push("IPv6: rules of ours are installed although --ipv6=false".to_string());
         }
@@ -261,8 +354,10 @@ impl Backend for Iptables {
     fn has_ours_after(&self, applied: &Applied) -> Result<bool, BackendError> {
         let tables = self.may_have_tables_given(applied.nf_tables.as_deref());
         for family in [Family::V4, Family::V6] {
-            if tables.has_nat(family) && !self.installed(family)?.is_empty() {
-                return Ok(true);
+            for table in Table::ALL {
+                if tables.has(table, family) && !self.installed_in(family, table)?.is_empty() {
+                    return Ok(true);
+                }
             }
         }
         Ok(false)

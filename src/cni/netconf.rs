@@ -428,6 +428,34 @@ mod tests {
     }
 
     #[test]
+    fn the_mode_and_its_settings_are_keys_of_the_network_config() {
+        let c = conf(
+            r#"{"cniVersion":"1.0.0","name":"n","type":"meshinit-cni",
+            "meshinit":{"mode":"tproxy","tproxy_table":77,"tproxy_mark":"0x10"}}"#,
+        )
+        .unwrap();
+        let config = crate::config::Config::from_cni(c.settings).unwrap();
+        assert_eq!(
+            config.spec.mode,
+            meshinit_rules::Mode::Tproxy(meshinit_rules::Tproxy {
+                mark: 0x10,
+                table: 77,
+                rule_priority: meshinit_rules::Tproxy::DEFAULT.rule_priority,
+            })
+        );
+        let c =
+            conf(r#"{"cniVersion":"1.0.0","name":"n","type":"meshinit-cni","mode":"transparent"}"#)
+                .unwrap();
+        let err = crate::config::Config::from_cni(c.settings)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"transparent\"") && err.contains("CNI network configuration"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn errors_have_the_spec_codes() {
         assert_eq!(conf("{").unwrap_err().code(), 6);
         assert_eq!(conf(r#"{"cniVersion":"9.9.9"}"#).unwrap_err().code(), 1);

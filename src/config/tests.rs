@@ -386,6 +386,8 @@ fn every_bad_value_names_its_source() {
         ("backend", "ipchains", "invalid value \"ipchains\""),
         ("ipv6", "maybe", "invalid value \"maybe\""),
         ("log_format", "xml", "invalid value \"xml\""),
+        ("mode", "tproxi", "invalid value \"tproxi\""),
+        ("tproxy_mark", "lots", "invalid value \"lots\""),
     ];
     for (key, bad, problem) in cases {
         let var = format!("MESHINIT_{}", key.to_uppercase());
@@ -419,4 +421,100 @@ fn every_setting_reads_its_environment_variable() {
             Ok(_) => assert_eq!(setting.key, "netns", "{var} was ignored"),
         }
     }
+}
+
+#[test]
+fn mode_comes_from_flag_env_or_file_with_tproxy_settings() {
+    let config = Config::load(Settings::default(), &env(&[]), None).unwrap();
+    assert_eq!(config.spec.mode, Mode::Redirect);
+    let flags = Settings {
+        mode: Some("tproxy".into()),
+        ..Settings::default()
+    };
+    let config = Config::load(flags, &env(&[]), None).unwrap();
+    assert_eq!(config.spec.mode, Mode::Tproxy(Tproxy::DEFAULT));
+    let vars = env(&[
+        ("MESHINIT_MODE", "tproxy"),
+        ("MESHINIT_TPROXY_MARK", "0x10"),
+    ]);
+    let config = Config::load(
+        Settings::default(),
+        &vars,
+        file("tproxy_table = 77\ntproxy_rule_priority = 9"),
+    )
+    .unwrap();
+    assert_eq!(
+        config.spec.mode,
+        Mode::Tproxy(Tproxy {
+            mark: 0x10,
+            table: 77,
+            rule_priority: 9
+        })
+    );
+    let config = Config::load(Settings::default(), &env(&[]), file("mode = \"tproxy\"")).unwrap();
+    assert!(matches!(config.spec.mode, Mode::Tproxy(_)));
+    let flags = Settings {
+        mode: Some("redirect".into()),
+        ..Settings::default()
+    };
+    let config = Config::load(flags, &env(&[("MESHINIT_MODE", "tproxy")]), None).unwrap();
+    assert_eq!(config.spec.mode, Mode::Redirect);
+}
+
+#[test]
+fn bad_modes_and_tproxy_settings_are_refused_naming_value_and_source() {
+    let tproxy = || Settings {
+        mode: Some("tproxy".into()),
+        ..Settings::default()
+    };
+    refused(
+        Settings::default(),
+        &[("MESHINIT_MODE", "tproxi")],
+        None,
+        &["\"tproxi\"", "MESHINIT_MODE: ", "redirect or tproxy"],
+    );
+    refused(
+        tproxy(),
+        &[],
+        Some("tproxy_mark = \"0\""),
+        &["\"0\"", "meshinit.toml: tproxy_mark: ", "must not be 0"],
+    );
+    refused(
+        tproxy(),
+        &[("MESHINIT_TPROXY_MARK", "lots")],
+        None,
+        &["\"lots\"", "MESHINIT_TPROXY_MARK: ", "not a number"],
+    );
+    for table in ["0", "253", "254", "255"] {
+        refused(
+            Settings {
+                tproxy_table: Some(table.into()),
+                ..tproxy()
+            },
+            &[],
+            None,
+            &["--tproxy-table: ", "reserved"],
+        );
+    }
+    for priority in ["0", "32766", "40000"] {
+        refused(
+            Settings {
+                tproxy_rule_priority: Some(priority.into()),
+                ..tproxy()
+            },
+            &[],
+            None,
+            &["--tproxy-rule-priority: ", priority, "1 to 32765"],
+        );
+    }
+    refused(
+        Settings::default(),
+        &[("MESHINIT_TPROXY_TABLE", "77")],
+        None,
+        &[
+            "MESHINIT_TPROXY_TABLE: ",
+            "\"77\"",
+            "only applies with --mode tproxy",
+        ],
+    );
 }

@@ -363,3 +363,41 @@ fn discovery_comes_from_every_source() {
     );
     assert_eq!(c.discovery, Some(PathBuf::from("/file.toml")));
 }
+
+#[test]
+fn inbound_transparent_is_off_by_default_and_comes_from_every_source() {
+    assert!(!Config::default().inbound_transparent);
+    assert!(!config(ProxyArgs::default(), &[], None).inbound_transparent);
+    let flag = ProxyArgs {
+        inbound_transparent: Some("true".into()),
+        ..ProxyArgs::default()
+    };
+    assert!(config(flag, &[("MESHPROXY_INBOUND_TRANSPARENT", "false")], None).inbound_transparent);
+    assert!(
+        config(
+            ProxyArgs::default(),
+            &[("MESHPROXY_INBOUND_TRANSPARENT", "yes")],
+            None
+        )
+        .inbound_transparent
+    );
+    assert!(
+        config(
+            ProxyArgs::default(),
+            &[],
+            Some("inbound_transparent = true")
+        )
+        .inbound_transparent
+    );
+    let err = error(
+        ProxyArgs::default(),
+        &[("MESHPROXY_INBOUND_TRANSPARENT", "maybe")],
+        None,
+    );
+    assert!(
+        err.contains("\"maybe\"")
+            && err.contains("MESHPROXY_INBOUND_TRANSPARENT")
+            && err.contains("true or false"),
+        "{err}"
+    );
+}

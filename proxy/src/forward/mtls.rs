@@ -30,7 +30,7 @@ use tracing::{debug, info};
 /// record-sized buffer per mTLS connection makes it one.
 const TLS_READ_BUF: usize = 16 * 1024;
 
-use super::{connect, copy, Classified, Forwarder, ForwarderError};
+use super::{connect, connect_from, copy, Classified, Forwarder, ForwarderError};
 use crate::config::{Config, PortSet};
 use crate::detect::{detect, Detected, Protocol};
 use crate::identity::IdentityWatch;
@@ -243,6 +243,7 @@ pub(super) async fn inbound(
     let identity = mesh.identity.current();
     let acceptor = TlsAcceptor::from(identity.server_config());
     let listener_port = target.port();
+    let from = fwd.source_for(Direction::Inbound, client.get_ref().peer_addr().ok());
     let accepted = tokio::time::timeout(fwd.handshake_timeout, async {
         let mut tls = acceptor
             .accept(BufReader::with_capacity(TLS_READ_BUF, client))
@@ -311,7 +312,7 @@ pub(super) async fn inbound(
     let mut conn = fwd
         .metrics
         .open(Direction::Inbound, destination, protocol, Some(&client_id));
-    let app = match connect(destination).await {
+    let app = match connect_from(destination, from).await {
         Ok(stream) => stream,
         Err(error) => {
             info!(%destination, %client_id, %error, "cannot connect to the application");

@@ -6,14 +6,19 @@
 //! and appends the jumps only when the caller says they are missing: a restore
 //! cannot test for a rule, and a second jump would run our chain twice.
 //! One `COMMIT` makes the document one transaction.
+//!
+//! In `tproxy` mode the inbound chain and `MESHINIT_REPLIES` (from OUTPUT)
+//! live in table mangle instead, written as a `*mangle` section before the
+//! `*nat` one; [`Installed`] reads and rewrites one table at a time.
 
 use std::fmt::Write;
 
 use crate::ports::PortRange;
-use crate::ruleset::{Action, Direction, Family, Match, Rule, Ruleset, Side};
+use crate::ruleset::{Action, ChainKind, Direction, Family, Match, Rule, Ruleset, Side};
 
 pub const INBOUND_CHAIN: &str = "MESHINIT_INBOUND";
 pub const OUTBOUND_CHAIN: &str = "MESHINIT_OUTPUT";
+pub const REPLIES_CHAIN: &str = "MESHINIT_REPLIES";
 
 /// The most ports one `-m multiport` match takes; a range counts as two.
 pub const MULTIPORT_MAX: usize = 15;
@@ -40,6 +45,7 @@ pub fn chain_name(direction: Direction) -> &'static str {
     match direction {
         Direction::Inbound => INBOUND_CHAIN,
         Direction::Outbound => OUTBOUND_CHAIN,
+        Direction::Replies => REPLIES_CHAIN,
     }
 }
 
@@ -47,7 +53,7 @@ pub fn chain_name(direction: Direction) -> &'static str {
 pub fn parent_chain(direction: Direction) -> &'static str {
     match direction {
         Direction::Inbound => "PREROUTING",
-        Direction::Outbound => "OUTPUT",
+        Direction::Outbound | Direction::Replies => "OUTPUT",
     }
 }
 
@@ -58,6 +64,7 @@ pub fn jump_rule(direction: Direction) -> String {
         match direction {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
+            Direction::Replies => "transparent reply",
         },
         chain_name(direction)
     )
@@ -65,16 +72,11 @@ pub fn jump_rule(direction: Direction) -> String {
 
 /// The `-A MESHINIT_*` lines for `ruleset` in one family, in order.
 pub fn chain_rules(ruleset: &Ruleset, family: Family) -> Vec<String> {
-    let mut lines = Vec::new();
-    for chain in ruleset.chains() {
-        let name = chain_name(chain.direction);
-        for rule in &chain.rules {
-            for line in rule_lines(rule, family) {
-                lines.push(format!("-A {name} {line}"));
-            }
-        }
-    }
-    lines
+    ruleset
+        .chains()
+        .into_iter()
+        .flat_map(|chain| chain_lines(chain, family))
+        .collect()
 }
 
 /// The restore document installing `ruleset` for one family.
@@ -82,18 +84,52 @@ pub fn chain_rules(ruleset: &Ruleset, family: Family) -> Vec<String> {
 /// Declaring a chain under `--noflush` creates it, or empties it when it
 /// exists, so a re-run never fails with "chain already exists".
 pub fn restore_text(ruleset: &Ruleset, family: Family, jumps: Jumps) -> String {
-    let mut out = String::from("*nat\n");
-    for chain in ruleset.chains() {
+    let mut out = String::new();
+    // The mangle section (`tproxy` mode) always jumps: it is only rendered.
+    let mangle: Vec<_> = ruleset
+        .chains()
+        .into_iter()
+        .filter(|chain| chain.kind == ChainKind::Mangle)
+        .collect();
+    if !mangle.is_empty() {
+        out.push_str("*mangle\n");
+        for chain in &mangle {
+            let _ = writeln!(out, ":{} - [0:0]", chain_name(chain.direction));
+        }
+        for chain in &mangle {
+            for line in chain_lines(chain, family) {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        for chain in &mangle {
+            let _ = writeln!(
+                out,
+                "-A {} {}",
+                parent_chain(chain.direction),
+                jump_rule(chain.direction)
+            );
+        }
+        out.push_str("COMMIT\n");
+    }
+    out.push_str("*nat\n");
+    let nat: Vec<_> = ruleset
+        .chains()
+        .into_iter()
+        .filter(|chain| chain.kind == ChainKind::Nat)
+        .collect();
+    for chain in &nat {
         let _ = writeln!(out, ":{} - [0:0]", chain_name(chain.direction));
     }
-    for line in chain_rules(ruleset, family) {
-        let _ = writeln!(out, "{line}");
+    for chain in &nat {
+        for line in chain_lines(chain, family) {
+            let _ = writeln!(out, "{line}");
+        }
     }
     for (direction, wanted) in [
         (Direction::Inbound, jumps.prerouting),
         (Direction::Outbound, jumps.output),
     ] {
-        if wanted {
+        if wanted && nat.iter().any(|chain| chain.direction == direction) {
             let _ = writeln!(
                 out,
                 "-A {} {}",
@@ -106,9 +142,60 @@ pub fn restore_text(ruleset: &Ruleset, family: Family, jumps: Jumps) -> String {
     out
 }
 
-/// What of ours an `iptables-save -t nat` listing holds.
+/// The `-A` lines of one chain in one family.
+fn chain_lines(chain: &crate::Chain, family: Family) -> Vec<String> {
+    let name = chain_name(chain.direction);
+    chain
+        .rules
+        .iter()
+        .flat_map(|rule| rule_lines(rule, family))
+        .map(|line| format!("-A {name} {line}"))
+        .collect()
+}
+
+/// A table our chains live in: nat (`redirect` mode, and outbound in both
+/// modes) or mangle (inbound and the replies chain in `tproxy` mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Table {
+    #[default]
+    Nat,
+    Mangle,
+}
+
+impl Table {
+    /// Both, in the order a document writes them: mangle first, so that in
+    /// `tproxy` mode the TPROXY chain exists before nat stops redirecting.
+    pub const ALL: [Table; 2] = [Table::Mangle, Table::Nat];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Nat => "nat",
+            Table::Mangle => "mangle",
+        }
+    }
+
+    fn of(kind: ChainKind) -> Table {
+        match kind {
+            ChainKind::Nat => Table::Nat,
+            ChainKind::Mangle => Table::Mangle,
+        }
+    }
+}
+
+/// The chains of `ruleset` that live in `table`.
+pub fn chains_in(ruleset: &Ruleset, table: Table) -> Vec<&crate::Chain> {
+    ruleset
+        .chains()
+        .into_iter()
+        .filter(|chain| Table::of(chain.kind) == table)
+        .collect()
+}
+
+/// What of ours one table of an `iptables-save` listing holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Installed {
+    /// The table read.
+    pub table: Table,
     /// Our chains that exist.
     pub chains: Vec<String>,
     /// The `-A` lines of our chains, verbatim.
@@ -117,8 +204,10 @@ pub struct Installed {
     pub jump_lines: Vec<String>,
 }
 
+const OUR_CHAINS: [&str; 3] = [INBOUND_CHAIN, OUTBOUND_CHAIN, REPLIES_CHAIN];
+
 fn is_ours(chain: &str) -> bool {
-    chain == INBOUND_CHAIN || chain == OUTBOUND_CHAIN
+    OUR_CHAINS.contains(&chain)
 }
 
 /// The chain a jump line jumps to, if any.
@@ -132,14 +221,22 @@ fn jump_target(tokens: &[String]) -> Option<&str> {
 impl Installed {
     /// Reads the nat table of an `iptables-save` listing.
     pub fn parse(save: &str) -> Installed {
-        let mut installed = Installed::default();
-        let mut in_nat = false;
+        Installed::parse_table(save, Table::Nat)
+    }
+
+    /// Reads `table` of an `iptables-save` listing.
+    pub fn parse_table(save: &str, table: Table) -> Installed {
+        let mut installed = Installed {
+            table,
+            ..Installed::default()
+        };
+        let mut in_table = false;
         for line in save.lines().map(str::trim) {
-            if let Some(table) = line.strip_prefix('*') {
-                in_nat = table == "nat";
+            if let Some(name) = line.strip_prefix('*') {
+                in_table = name == table.name();
                 continue;
             }
-            if !in_nat {
+            if !in_table {
                 continue;
             }
             if let Some(declaration) = line.strip_prefix(':') {
@@ -177,7 +274,7 @@ impl Installed {
             .count()
     }
 
-    /// Which jumps into our chains exist.
+    /// Which jumps into our nat chains exist.
     pub fn jumps(&self) -> Jumps {
         Jumps {
             prerouting: self.jump_count(Direction::Inbound) > 0,
@@ -188,7 +285,7 @@ impl Installed {
     /// The restore document that removes everything of ours listed here:
     /// every jump into our chains (whatever its comment), then the chains.
     pub fn cleanup_text(&self) -> String {
-        let mut out = String::from("*nat\n");
+        let mut out = format!("*{}\n", self.table.name());
         for line in &self.jump_lines {
             let _ = writeln!(out, "-D{}", &line[2..]);
         }
@@ -199,43 +296,73 @@ impl Installed {
         out
     }
 
-    /// Jump lines beyond the first one into each of our chains: a second
-    /// jump would run our chain twice, so apply deletes them.
-    fn surplus_jumps(&self) -> Vec<&str> {
-        let mut seen = Jumps::NONE;
+    /// Jump lines beyond the first one from the right parent into each chain
+    /// `expected` in this table: a second jump would run our chain twice, a
+    /// jump from elsewhere or into a chain this table should not hold is not
+    /// ours to keep. Apply deletes them.
+    fn surplus_jumps(&self, expected: &[&crate::Chain]) -> Vec<&str> {
+        let mut seen: Vec<&str> = Vec::new();
         let mut surplus = Vec::new();
         for line in &self.jump_lines {
             let t = tokens(line);
-            let first = match (t[1].as_str(), jump_target(&t)) {
-                ("PREROUTING", Some(INBOUND_CHAIN)) => {
-                    !std::mem::replace(&mut seen.prerouting, true)
+            let keep = expected.iter().any(|chain| {
+                let name = chain_name(chain.direction);
+                t[1] == parent_chain(chain.direction)
+                    && jump_target(&t) == Some(name)
+                    && !seen.contains(&name)
+            });
+            if keep {
+                if let Some(target) = OUR_CHAINS.iter().find(|c| jump_target(&t) == Some(**c)) {
+                    seen.push(target);
                 }
-                ("OUTPUT", Some(OUTBOUND_CHAIN)) => !std::mem::replace(&mut seen.output, true),
-                // A jump from elsewhere into our chains is not ours to keep.
-                _ => false,
-            };
-            if !first {
+            } else {
                 surplus.push(line.as_str());
             }
         }
         surplus
     }
 
-    /// The restore document that turns this state into `ruleset`: chains
-    /// refilled, missing jumps added, surplus jumps deleted.
+    /// The restore document that turns this table into what `ruleset` wants
+    /// of it: its chains refilled, missing jumps added, surplus jumps deleted,
+    /// and chains of ours it should not hold (the other mode's) removed.
     pub fn apply_text(&self, ruleset: &Ruleset, family: Family) -> String {
-        let present = self.jumps();
-        let missing = Jumps {
-            prerouting: !present.prerouting,
-            output: !present.output,
-        };
-        let mut out = restore_text(ruleset, family, missing);
-        out.truncate(out.len() - "COMMIT\n".len());
-        for line in self.surplus_jumps() {
+        let expected = chains_in(ruleset, self.table);
+        let mut out = format!("*{}\n", self.table.name());
+        for chain in &expected {
+            let _ = writeln!(out, ":{} - [0:0]", chain_name(chain.direction));
+        }
+        for chain in &expected {
+            for line in chain_lines(chain, family) {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        for chain in &expected {
+            if self.jump_count(chain.direction) == 0 {
+                let _ = writeln!(
+                    out,
+                    "-A {} {}",
+                    parent_chain(chain.direction),
+                    jump_rule(chain.direction)
+                );
+            }
+        }
+        for line in self.surplus_jumps(&expected) {
             let _ = writeln!(out, "-D{}", &line[2..]);
+        }
+        for chain in self.stale(&expected) {
+            let _ = writeln!(out, ":{chain} - [0:0]\n-X {chain}");
         }
         out.push_str("COMMIT\n");
         out
+    }
+
+    /// Our chains in this table that `expected` does not hold.
+    fn stale<'s>(&'s self, expected: &[&crate::Chain]) -> Vec<&'s str> {
+        self.chains
+            .iter()
+            .filter(|name| !expected.iter().any(|c| chain_name(c.direction) == *name))
+            .map(String::as_str)
+            .collect()
     }
 
     /// The restore document that puts this state back, given the state `now`
@@ -243,8 +370,14 @@ impl Installed {
     /// [`cleanup_text`](Self::cleanup_text) (used when a later family fails,
     /// so no family is left half-applied).
     pub fn rollback_text(&self, now: &Installed) -> String {
-        let mut out = String::from("*nat\n");
-        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+        let mut out = format!("*{}\n", self.table.name());
+        let present =
+            |chain: &str, installed: &Installed| installed.chains.iter().any(|c| c == chain);
+        let touched: Vec<&str> = OUR_CHAINS
+            .into_iter()
+            .filter(|chain| present(chain, self) || present(chain, now))
+            .collect();
+        for chain in &touched {
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
         for line in &self.rules {
@@ -258,8 +391,8 @@ impl Installed {
         for line in &self.jump_lines {
             let _ = writeln!(out, "{line}");
         }
-        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-            if !self.chains.iter().any(|c| c == chain) {
+        for chain in &touched {
+            if !present(chain, self) {
                 let _ = writeln!(out, "-X {chain}");
             }
         }
@@ -267,18 +400,29 @@ impl Installed {
         out
     }
 
-    /// Differences from what `ruleset` expects; empty when equal.
+    /// Differences from what `ruleset` expects of this table; empty when equal.
     ///
     /// Lines are compared as argument lists, because iptables-save drops the
     /// quotes around one-word comments.
     pub fn diff(&self, ruleset: &Ruleset, family: Family) -> Vec<String> {
+        let expected_chains = chains_in(ruleset, self.table);
         let mut differences = Vec::new();
-        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-            if !self.chains.iter().any(|c| c == chain) {
-                differences.push(format!("chain {chain} missing"));
+        for chain in &expected_chains {
+            let name = chain_name(chain.direction);
+            if !self.chains.iter().any(|c| c == name) {
+                differences.push(format!("chain {name} missing"));
             }
         }
-        let expected_lines = chain_rules(ruleset, family);
+        for chain in self.stale(&expected_chains) {
+            differences.push(format!(
+                "chain {chain} in table {} not expected",
+                self.table.name()
+            ));
+        }
+        let expected_lines: Vec<String> = expected_chains
+            .iter()
+            .flat_map(|chain| chain_lines(chain, family))
+            .collect();
         let expected: Vec<Vec<String>> = expected_lines.iter().map(|l| tokens(l)).collect();
         let installed: Vec<Vec<String>> = self.rules.iter().map(|l| tokens(l)).collect();
         for (line, t) in expected_lines.iter().zip(&expected) {
@@ -294,13 +438,13 @@ impl Installed {
         if differences.is_empty() && expected != installed {
             differences.push("rules are installed in a different order".to_string());
         }
-        for direction in [Direction::Inbound, Direction::Outbound] {
-            let count = self.jump_count(direction);
+        for chain in &expected_chains {
+            let count = self.jump_count(chain.direction);
             if count != 1 {
                 differences.push(format!(
                     "{count} jumps from {} to {} (expected exactly 1)",
-                    parent_chain(direction),
-                    chain_name(direction)
+                    parent_chain(chain.direction),
+                    chain_name(chain.direction)
                 ));
             }
         }
@@ -350,6 +494,24 @@ fn rule_lines(rule: &Rule, family: Family) -> Vec<String> {
     let target = match rule.action {
         Action::Return => "-j RETURN".to_string(),
         Action::Redirect(port) => format!("-j REDIRECT --to-ports {port}"),
+        // New connections only: iptables' TPROXY drops packets of sockets that are not
+        // transparent, such as the replies to the pod's own connections.
+        // Written the way iptables-save prints it (with the `--on-ip` it adds), so
+        // that `check` compares equal.
+        Action::Tproxy { port, mark } => format!(
+            "-m conntrack --ctstate NEW -j TPROXY --on-port {port} --on-ip {} --tproxy-mark {mark:#x}/0xffffffff",
+            match family {
+                Family::V4 => "0.0.0.0",
+                Family::V6 => "::",
+            }
+        ),
+        Action::SetCtMark(mark) => format!("-j CONNMARK --set-xmark {mark:#x}/0xffffffff"),
+        Action::RestoreMark => {
+            "-j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff".to_string()
+        }
+        // The TPROXY target drops what finds no socket itself, and REJECT is not
+        // valid in PREROUTING.
+        Action::Reject => return vec![],
     };
     let comment = format!("-m comment --comment \"{}\"", rule.comment);
     let line = |matches: String| format!("{matches} {comment} {target}");
@@ -386,6 +548,9 @@ fn rule_lines(rule: &Rule, family: Family) -> Vec<String> {
             vec![line(format!("-d {}", super::loopback_net(family)))]
         }
         Match::DstLoopback(_) => vec![],
+        Match::InLoopback => vec![line("-i lo".into())],
+        Match::TransparentHop => vec![line("-i lo -m addrtype ! --src-type LOCAL".into())],
+        Match::CtMark(mark) => vec![line(format!("-m connmark --mark {mark:#x}"))],
     }
 }
 

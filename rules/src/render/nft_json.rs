@@ -12,25 +12,33 @@ use std::collections::HashSet;
 use ipnet::IpNet;
 use nftables::expr::{
     Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
-    Prefix, Range,
+    Prefix, Range, CT,
 };
 use nftables::schema::{
     Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue,
     Table,
 };
-use nftables::stmt::{Match as NftMatch, Operator, Return, Statement, NAT};
+use nftables::stmt::{
+    Mangle, Match as NftMatch, Operator, Reject, RejectType, Return, Statement, TProxy, NAT,
+};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::{loopback_net, nft_address, nft_chain};
 use crate::ports::PortSet;
-use crate::ruleset::{Action, Direction, Family, Match, Ruleset, Side};
+use crate::ruleset::{
+    Action, Chain as ModelChain, ChainKind, Direction, Family, Match, Ruleset, Side,
+};
 
 /// Our one table, `inet meshinit`: both families in one place.
 pub const TABLE: &str = "meshinit";
 
-/// Priority of both base chains. -100 is `dstnat`, where destination NAT
+/// Priority of the nat base chains. -100 is `dstnat`, where destination NAT
 /// belongs; the output chain uses the same number.
 const PRIORITY: i32 = -100;
+
+/// Priority of the `tproxy` mode's chains: -150 is `mangle`, before
+/// destination NAT and routing, where TPROXY and marks belong.
+const MANGLE_PRIORITY: i32 = -150;
 
 fn table() -> Table<'static> {
     Table {
@@ -76,21 +84,13 @@ pub fn objects(ruleset: &Ruleset) -> Vec<NfListObject<'static>> {
     let mut chains = Vec::new();
     let mut rules = Vec::new();
     for chain in ruleset.chains() {
-        chains.push(NfListObject::Chain(base_chain(chain.direction)));
+        chains.push(NfListObject::Chain(base_chain(chain)));
         for rule in &chain.rules {
             if let Some(set) = named_set(&rule.when) {
                 sets.push(NfListObject::Set(Box::new(set)));
             }
             let mut expr = matches(&rule.when);
-            expr.push(match rule.action {
-                Action::Return => Statement::Return(None::<Return>),
-                Action::Redirect(port) => Statement::Redirect(Some(NAT {
-                    addr: None,
-                    family: None,
-                    port: Some(Expression::Number(port.into())),
-                    flags: None,
-                })),
-            });
+            expr.extend(action(rule.action));
             rules.push(NfListObject::Rule(Rule {
                 family: NfFamily::INet,
                 table: TABLE.into(),
@@ -105,20 +105,82 @@ pub fn objects(ruleset: &Ruleset) -> Vec<NfListObject<'static>> {
     sets.into_iter().chain(chains).chain(rules).collect()
 }
 
-fn base_chain(direction: Direction) -> Chain<'static> {
-    let hook = match direction {
+/// `ct state new`, in the form nft lists it.
+fn ct_state_new() -> Statement<'static> {
+    Statement::Match(NftMatch {
+        left: ct("state"),
+        right: Expression::String("new".into()),
+        op: Operator::IN,
+    })
+}
+
+fn mangle(key: Expression<'static>, value: Expression<'static>) -> Statement<'static> {
+    Statement::Mangle(Mangle { key, value })
+}
+
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
+}
+
+/// The statements of an action, in the order nft lists them.
+fn action(action: Action) -> Vec<Statement<'static>> {
+    match action {
+        Action::Return => vec![Statement::Return(None::<Return>)],
+        Action::Redirect(port) => vec![Statement::Redirect(Some(NAT {
+            addr: None,
+            family: None,
+            port: Some(Expression::Number(port.into())),
+            flags: None,
+        }))],
+        // New connections only: the rest of an intercepted connection reaches the
+        // proxy's socket by its address, and replies to the pod's own connections
+        // must not be touched. The mark and `accept` once the socket was found (when
+        // it was not, nft skips the rest of the rule and the next one refuses the
+        // connection).
+        Action::Tproxy { port, mark } => vec![
+            ct_state_new(),
+            Statement::TProxy(TProxy {
+                family: None,
+                port,
+                addr: None,
+            }),
+            mangle(meta(MetaKey::Mark), Expression::Number(mark)),
+            Statement::Accept(None),
+        ],
+        Action::Reject => vec![
+            ct_state_new(),
+            Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
+        ],
+        Action::SetCtMark(mark) => vec![mangle(ct("mark"), Expression::Number(mark))],
+        Action::RestoreMark => vec![mangle(meta(MetaKey::Mark), ct("mark"))],
+    }
+}
+
+/// A nat chain at dstnat; in `tproxy` mode a filter chain in prerouting and
+/// a route chain in output (so a changed mark re-routes), both at mangle.
+fn base_chain(chain: &ModelChain) -> Chain<'static> {
+    let hook = match chain.direction {
         Direction::Inbound => NfHook::Prerouting,
-        Direction::Outbound => NfHook::Output,
+        Direction::Outbound | Direction::Replies => NfHook::Output,
+    };
+    let (kind, prio) = match (chain.kind, chain.direction) {
+        (ChainKind::Nat, _) => (NfChainType::NAT, PRIORITY),
+        (ChainKind::Mangle, Direction::Inbound) => (NfChainType::Filter, MANGLE_PRIORITY),
+        (ChainKind::Mangle, _) => (NfChainType::Route, MANGLE_PRIORITY),
     };
     Chain {
         family: NfFamily::INet,
         table: TABLE.into(),
-        name: nft_chain(direction).into(),
+        name: nft_chain(chain.direction).into(),
         newname: None,
         handle: None,
-        _type: Some(NfChainType::NAT),
+        _type: Some(kind),
         hook: Some(hook),
-        prio: Some(PRIORITY),
+        prio: Some(prio),
         dev: None,
         policy: Some(NfChainPolicy::Accept),
     }
@@ -210,8 +272,30 @@ fn set_ref(name: &str) -> Expression<'static> {
     Expression::String(Cow::Owned(format!("@{name}")))
 }
 
+fn fib_type(flag: FibFlag) -> Expression<'static> {
+    Expression::Named(NamedExpression::Fib(Fib {
+        result: FibResult::Type,
+        flags: HashSet::from([flag]),
+    }))
+}
+
+fn not_local(flag: FibFlag) -> Statement<'static> {
+    Statement::Match(NftMatch {
+        left: fib_type(flag),
+        right: Expression::String("local".into()),
+        op: Operator::NEQ,
+    })
+}
+
+fn in_loopback() -> Statement<'static> {
+    eq(meta(MetaKey::Iifname), Expression::String("lo".into()))
+}
+
 fn matches(when: &Match) -> Vec<Statement<'static>> {
     let statement = match when {
+        Match::TransparentHop => return vec![in_loopback(), not_local(FibFlag::Saddr)],
+        Match::InLoopback => in_loopback(),
+        Match::CtMark(mark) => eq(ct("mark"), Expression::Number(*mark)),
         Match::Ipv6 => eq(meta(MetaKey::Nfproto), Expression::String("ipv6".into())),
         Match::Tcp => eq(meta(MetaKey::L4proto), Expression::String("tcp".into())),
         Match::DstPort { set, .. } => eq(payload("tcp", "dport"), set_ref(set)),
@@ -224,14 +308,7 @@ fn matches(when: &Match) -> Vec<Statement<'static>> {
         Match::Uid(uid) => eq(meta(MetaKey::Skuid), Expression::Number(*uid)),
         Match::Gid(gid) => eq(meta(MetaKey::Skgid), Expression::Number(*gid)),
         Match::OutLoopback => eq(meta(MetaKey::Oifname), Expression::String("lo".into())),
-        Match::DstNotLocal => Statement::Match(NftMatch {
-            left: Expression::Named(NamedExpression::Fib(Fib {
-                result: FibResult::Type,
-                flags: HashSet::from([FibFlag::Daddr]),
-            })),
-            right: Expression::String("local".into()),
-            op: Operator::NEQ,
-        }),
+        Match::DstNotLocal => not_local(FibFlag::Daddr),
         Match::DstLoopback(family) => {
             let (protocol, field) = nft_address(*family, Side::Destination);
             eq(

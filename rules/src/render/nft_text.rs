@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use super::nft_json::TABLE;
 use super::{loopback_net, nft_address, nft_chain};
-use crate::ruleset::{Action, Direction, Family, Match, Ruleset, Side};
+use crate::ruleset::{Action, ChainKind, Direction, Family, Match, Ruleset, Side};
 
 /// Renders the whole table.
 pub fn render(ruleset: &Ruleset) -> String {
@@ -29,19 +29,27 @@ pub fn render(ruleset: &Ruleset) -> String {
         if i > 0 {
             out.push('\n');
         }
-        let hook = match chain.direction {
-            Direction::Inbound => "prerouting priority dstnat",
-            Direction::Outbound => "output priority -100",
+        let hook = match (chain.kind, chain.direction) {
+            (ChainKind::Nat, Direction::Inbound) => "nat hook prerouting priority dstnat",
+            (ChainKind::Nat, _) => "nat hook output priority -100",
+            (ChainKind::Mangle, Direction::Inbound) => "filter hook prerouting priority mangle",
+            (ChainKind::Mangle, _) => "route hook output priority mangle",
         };
         let _ = write!(
             out,
-            "\tchain {} {{\n\t\ttype nat hook {hook}; policy accept;\n",
+            "\tchain {} {{\n\t\ttype {hook}; policy accept;\n",
             nft_chain(chain.direction)
         );
         for rule in &chain.rules {
             let action = match rule.action {
                 Action::Return => "return".to_string(),
                 Action::Redirect(port) => format!("redirect to :{port}"),
+                Action::Tproxy { port, mark } => {
+                    format!("ct state new tproxy to :{port} meta mark set {mark:#x} accept")
+                }
+                Action::Reject => "ct state new reject with tcp reset".to_string(),
+                Action::SetCtMark(mark) => format!("ct mark set {mark:#x}"),
+                Action::RestoreMark => "meta mark set ct mark".to_string(),
             };
             let _ = writeln!(
                 out,
@@ -99,6 +107,9 @@ fn match_text(when: &Match) -> String {
         Match::Gid(gid) => format!("meta skgid {gid}"),
         Match::OutLoopback => "oifname \"lo\"".to_string(),
         Match::DstNotLocal => "fib daddr type != local".to_string(),
+        Match::InLoopback => "iifname \"lo\"".to_string(),
+        Match::TransparentHop => "iifname \"lo\" fib saddr type != local".to_string(),
+        Match::CtMark(mark) => format!("ct mark {mark:#x}"),
         Match::DstLoopback(family) => {
             let (protocol, field) = nft_address(*family, Side::Destination);
             format!("{protocol} {field} {}", net_text(&loopback_net(*family)))

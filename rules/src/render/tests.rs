@@ -59,6 +59,15 @@ fn configurations() -> Vec<(&'static str, Spec)> {
                 ..d()
             },
         ),
+        (
+            "tproxy",
+            Spec {
+                mode: crate::Mode::Tproxy(crate::Tproxy::DEFAULT),
+                inbound_subnets_to_ignore: "198.18.0.0/24,fd00:18::/64".parse().unwrap(),
+                ports_to_redirect: "8080,9000-9010".parse().unwrap(),
+                ..d()
+            },
+        ),
     ]
 }
 
@@ -293,6 +302,28 @@ fn real_listings_after_apply_have_no_diff() {
         );
         assert!(installed.rules[0].contains("-m addrtype ! --dst-type LOCAL"));
     }
+    // `tproxy` mode (the `tproxy` configuration above): the mark, `ct mark`,
+    // `tproxy to` and `fib saddr` forms nft prints read back as ours.
+    let tproxy = configurations()
+        .into_iter()
+        .find(|(name, _)| *name == "tproxy")
+        .unwrap()
+        .1;
+    let listing = include_str!("../../../fuzz/corpus/nft_listing/tproxy.json");
+    assert_eq!(
+        nft_json::diff(&Ruleset::from(&tproxy), listing).unwrap(),
+        Vec::<String>::new()
+    );
+    // ... and are drift for the same flags in redirect mode.
+    let redirect = Spec {
+        mode: crate::Mode::Redirect,
+        ..tproxy
+    };
+    let differences = nft_json::diff(&Ruleset::from(&redirect), listing).unwrap();
+    assert!(
+        differences.iter().any(|d| d.contains("chain replies")),
+        "{differences:?}"
+    );
     // Without the local-only rules the same listings are drift.
     let mut old = defaults.clone();
     old.inbound
@@ -303,6 +334,85 @@ fn real_listings_after_apply_have_no_diff() {
     assert_eq!(differences.len(), 3, "{differences:?}");
     assert!(
         differences.iter().all(|d| d.ends_with("not expected")),
+        "{differences:?}"
+    );
+}
+
+/// What iptables-nft-save printed after `meshinit apply --mode tproxy` (the `tproxy`
+/// configuration, iptables 1.8.9): both tables of both families read back as ours with no
+/// drift, in the forms iptables-save prints (`--on-ip`, the CONNMARK masks).
+#[test]
+fn real_iptables_listing_in_tproxy_mode_has_no_diff_and_redirect_mode_sees_it_as_drift() {
+    use crate::iptables::Table;
+    let tproxy = configurations()
+        .into_iter()
+        .find(|(name, _)| *name == "tproxy")
+        .unwrap()
+        .1;
+    let rules = Ruleset::from(&tproxy);
+    let saved = include_str!("../../../fuzz/corpus/iptables_save/tproxy");
+    let second = saved.match_indices("*mangle").nth(1).unwrap().0;
+    let (v4, v6) = saved.split_at(second);
+    for (family, save) in [(Family::V4, v4), (Family::V6, v6)] {
+        for table in Table::ALL {
+            let installed = iptables::Installed::parse_table(save, table);
+            assert!(!installed.is_empty(), "{table:?}");
+            assert_eq!(
+                installed.diff(&rules, family),
+                Vec::<String>::new(),
+                "{table:?}\n{save}"
+            );
+        }
+        let mangle = iptables::Installed::parse_table(save, Table::Mangle);
+        assert_eq!(mangle.chains, ["MESHINIT_INBOUND", "MESHINIT_REPLIES"]);
+        // In redirect mode the mangle chains are the other mode's: drift, and apply
+        // removes them with their jumps.
+        let redirect = Ruleset::from(&Spec::default());
+        let differences = mangle.diff(&redirect, family);
+        assert!(
+            differences
+                .iter()
+                .any(|d| d.contains("MESHINIT_REPLIES in table mangle not expected")),
+            "{differences:?}"
+        );
+        let text = mangle.apply_text(&redirect, family);
+        for needle in [
+            "-D PREROUTING -m comment",
+            "-D OUTPUT -m comment",
+            "-X MESHINIT_INBOUND",
+            "-X MESHINIT_REPLIES",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing:\n{text}");
+        }
+        assert!(!text.contains("-A "), "{text}");
+    }
+}
+
+#[test]
+fn in_tproxy_mode_the_nat_inbound_chain_of_redirect_mode_is_removed() {
+    let redirect = Ruleset::from(&Spec::default());
+    let nat =
+        iptables::Installed::parse(&iptables::restore_text(&redirect, Family::V4, Jumps::BOTH));
+    let tproxy = Ruleset::from(&Spec {
+        mode: crate::Mode::Tproxy(crate::Tproxy::DEFAULT),
+        ..Spec::default()
+    });
+    let text = nat.apply_text(&tproxy, Family::V4);
+    assert!(
+        text.starts_with("*nat\n:MESHINIT_OUTPUT - [0:0]\n"),
+        "{text}"
+    );
+    assert!(text.contains("-D PREROUTING -m comment"), "{text}");
+    assert!(
+        text.contains(":MESHINIT_INBOUND - [0:0]\n-X MESHINIT_INBOUND\n"),
+        "{text}"
+    );
+    assert!(!text.contains("-A MESHINIT_INBOUND"), "{text}");
+    let differences = nat.diff(&tproxy, Family::V4);
+    assert!(
+        differences
+            .iter()
+            .any(|d| d.contains("MESHINIT_INBOUND in table nat not expected")),
         "{differences:?}"
     );
 }

@@ -51,12 +51,18 @@ fn verdict(chain: &Chain, packet: &Packet) -> Option<u16> {
                 );
                 same_family && packet.dst.is_loopback()
             }
+            Match::InLoopback => packet.via_lo,
+            Match::TransparentHop => packet.via_lo && !is_local(packet.src),
+            // No connection in this model carries a conntrack mark.
+            Match::CtMark(_) => false,
         };
         if hit {
-            return match rule.action {
-                Action::Return => None,
-                Action::Redirect(port) => Some(port),
-            };
+            match rule.action {
+                Action::Return => return None,
+                Action::Redirect(port) | Action::Tproxy { port, .. } => return Some(port),
+                Action::Reject => return Some(0),
+                Action::SetCtMark(_) | Action::RestoreMark => {}
+            }
         }
     }
     None
@@ -231,6 +237,95 @@ fn v4_subnets() -> impl Strategy<Value = SubnetList> {
             }),
         )
     })
+}
+
+fn tproxy(spec: Spec) -> Spec {
+    Spec {
+        mode: crate::Mode::Tproxy(crate::Tproxy::DEFAULT),
+        ..spec
+    }
+}
+
+#[test]
+fn tproxy_mode_marks_and_intercepts_in_mangle_and_leaves_outbound_as_it_was() {
+    let redirect = Ruleset::from(&Spec::default());
+    let rules = Ruleset::from(&tproxy(Spec::default()));
+    assert_eq!(rules.inbound.kind, ChainKind::Mangle);
+    assert_eq!(rules.outbound, redirect.outbound);
+    let [.., tproxy_rule, reject] = rules.inbound.rules.as_slice() else {
+        panic!("too few rules");
+    };
+    assert_eq!(reject.action, Action::Reject);
+    assert_eq!(reject.when, tproxy_rule.when);
+    assert_eq!(
+        tproxy_rule.action,
+        Action::Tproxy {
+            port: 4143,
+            mark: 0x4d49
+        }
+    );
+    let (replies, routing) = rules.tproxy.as_ref().unwrap();
+    assert_eq!(*routing, crate::Tproxy::DEFAULT);
+    assert_eq!(replies.direction, Direction::Replies);
+    assert_eq!(replies.rules[0].when, Match::CtMark(0x4d49));
+    assert_eq!(replies.rules[0].action, Action::RestoreMark);
+    assert!(redirect.tproxy.is_none());
+    assert_eq!(verdict(&rules.inbound, &app_packet(8080)), Some(4143));
+    assert_eq!(verdict(&rules.inbound, &app_packet(4190)), None);
+}
+
+#[test]
+fn tproxy_mode_never_intercepts_what_the_pod_sends_itself() {
+    let rules = Ruleset::from(&tproxy(Spec::default()));
+    // The proxy's transparent hop to the application: from the client's
+    // address, over lo, to the pod's address.
+    let hop = Packet {
+        via_lo: true,
+        ..app_packet(8080)
+    };
+    assert_eq!(verdict(&rules.inbound, &hop), None);
+    let marks: Vec<_> = rules
+        .inbound
+        .rules
+        .iter()
+        .take_while(|rule| rule.action != Action::Return)
+        .collect();
+    assert_eq!(marks.len(), 1);
+    assert_eq!(marks[0].when, Match::TransparentHop);
+    assert_eq!(marks[0].action, Action::SetCtMark(0x4d49));
+}
+
+proptest! {
+    /// Everything that is not sent over lo is intercepted in `tproxy` mode
+    /// exactly when `redirect` mode intercepts it, to the same port: the skip
+    /// ports, skip subnets, ports to redirect and local-destination rules all
+    /// hold the same way.
+    #[test]
+    fn tproxy_intercepts_exactly_what_redirect_does(
+        ignored in port_set(), redirected in port_set(), nets in v4_subnets(),
+        src in any::<u32>(), dst_pick in 0u8..4, v4 in any::<u32>(), port in 1u16..=65535,
+        ipv6 in any::<bool>(), via_lo in any::<bool>(),
+    ) {
+        let spec = Spec {
+            inbound_ports_to_ignore: ignored,
+            ports_to_redirect: redirected,
+            inbound_subnets_to_ignore: nets,
+            ipv6,
+            ..Spec::default()
+        };
+        let redirect = Ruleset::from(&spec);
+        let transparent = Ruleset::from(&tproxy(spec));
+        let dst = match dst_pick {
+            0 => IpAddr::V4(POD_V4),
+            1 => IpAddr::V6(POD_V6),
+            2 => IpAddr::V4(Ipv4Addr::from(v4)),
+            _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        let packet = Packet { src: IpAddr::V4(Ipv4Addr::from(src)), dst, via_lo, ..app_packet(port) };
+        let want = if via_lo { None } else { verdict(&redirect.inbound, &packet) };
+        prop_assert_eq!(verdict(&transparent.inbound, &packet), want);
+        prop_assert_eq!(&transparent.outbound, &redirect.outbound);
+    }
 }
 
 proptest! {
