@@ -77,7 +77,12 @@ fn get_backend(pods: &Pods, to: SocketAddr) -> io::Result<String> {
     let mut reply = Vec::new();
     let mut buf = [0u8; 64];
     loop {
-        let n = stream.read(&mut buf)?;
+        // A socket read with SO_RCVTIMEO is never restarted after a signal handler ran
+        // (signal(7)); another test's child process exiting (SIGCHLD) can do that.
+        let n = match stream.read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
