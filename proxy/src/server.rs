@@ -369,7 +369,12 @@ async fn accept_loop<F>(
             continue;
         };
         let is_local = shared.is_local.as_ref().map(|f| f as &dyn Fn(_) -> bool);
-        let services = shared.forwarder.services();
+        // Only outbound connections are balanced: inbound ones skip the table (and the
+        // discovery file's change check behind it).
+        let services = match direction {
+            Direction::Outbound => shared.forwarder.services(),
+            Direction::Inbound => None,
+        };
         let cx = Context {
             accepts_direct: shared.accepts_direct,
             inbound: &shared.listeners.inbound,

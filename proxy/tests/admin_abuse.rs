@@ -363,7 +363,10 @@ async fn idle_kept_alive_connections_cannot_lock_out_a_scrape() {
         idle.push(stream);
     }
     // At most 64 (MAX_IDLE) are kept alive; every other answered one is told to close.
-    assert!(kept <= 64, "{kept} connections kept alive past the idle cap");
+    assert!(
+        kept <= 64,
+        "{kept} connections kept alive past the idle cap"
+    );
     assert!(
         kept + closed >= 190,
         "only {kept} kept and {closed} closed of 200"

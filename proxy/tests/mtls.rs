@@ -22,6 +22,10 @@ use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+#[path = "support/admin.rs"]
+mod admin_support;
+use admin_support::get_metrics;
+
 const A: &str = "a.default.mesh.local";
 const B: &str = "b.default.mesh.local";
 
@@ -212,17 +216,6 @@ impl Tap {
         });
         Tap { addr, seen }
     }
-}
-
-async fn get_metrics(admin: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(admin).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
 fn sample(metrics: &str, series: &str) -> Option<f64> {

@@ -16,21 +16,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+#[path = "support/admin.rs"]
+mod admin_support;
+use admin_support::get_metrics;
+
 const SCANNED: u16 = 20_000;
 /// Destination ports 10001..=30000 on loopback: below the ephemeral range, so no test
 /// listener of another process is hit; nothing listens there, so each is refused.
 const FIRST_PORT: u16 = 10_001;
-
-async fn get_metrics(admin: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(admin).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response.split_once("\r\n\r\n").unwrap().1.to_string()
-}
 
 /// The sum of every sample of `name` (all label sets).
 fn total(metrics: &str, name: &str) -> f64 {

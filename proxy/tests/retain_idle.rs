@@ -10,6 +10,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
+#[path = "support/admin.rs"]
+mod admin_support;
+use admin_support::get_metrics;
+
 #[test]
 fn retain_idle_comes_from_the_flag_the_env_or_the_file() {
     let config = |args: ProxyArgs, env: &[(&str, &str)], toml: Option<&str>| {
@@ -54,17 +58,6 @@ fn retain_idle_comes_from_the_flag_the_env_or_the_file() {
         err.contains("soon") && err.contains("MESHPROXY_METRICS_RETAIN_IDLE"),
         "{err}"
     );
-}
-
-async fn get_metrics(admin: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(admin).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
 #[tokio::test]

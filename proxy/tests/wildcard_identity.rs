@@ -22,6 +22,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 
+#[path = "support/admin.rs"]
+mod admin_support;
+use admin_support::get_metrics;
+
 const EXPECTED: &str = "redis-a.shop.mesh.local";
 
 struct Ca {
@@ -95,17 +99,6 @@ async fn peer(
         let _ = tx.send(got);
     });
     (addr, rx)
-}
-
-async fn get_metrics(admin: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(admin).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
 /// Runs an outbound proxy meshed with the peer at `peer_port` (expected to be
