@@ -241,3 +241,120 @@ pub(crate) fn record(
         debug!(direction = direction.as_str(), ?client, %target, "{error}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records `error` for an outbound connection to `198.18.0.9:80` (counted as open
+    /// when `opened`), and returns the scrape.
+    fn recorded(direction: Direction, opened: bool, error: HopError) -> String {
+        let metrics = Metrics::new();
+        let target: SocketAddr = "198.18.0.9:80".parse().unwrap();
+        let conn = opened.then(|| metrics.open(direction, target, "opaque", None));
+        record(&metrics, direction, None, target, conn, Err(error));
+        metrics.encode()
+    }
+
+    fn closed_with(direction: &str, errno: &str) -> String {
+        format!(
+            r#"tcp_close_total{{direction="{direction}",target_addr="198.18.0.9:80",protocol="opaque",tls="false",errno="{errno}"}} 1"#
+        )
+    }
+
+    #[test]
+    fn each_ending_is_counted_where_it_was_before() {
+        use Direction::{Inbound, Outbound};
+        let peer_handshake = |reason| HopError::PeerHandshake {
+            reason,
+            peer: None,
+            peer_id: "api.ns".to_string(),
+        };
+        let text = recorded(Outbound, true, peer_handshake(HandshakeFailure::Timeout));
+        assert!(
+            text.contains(&closed_with("outbound", "ETIMEDOUT")),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"tls_handshake_failures_total{direction="outbound",reason="timeout"} 1"#
+            ),
+            "{text}"
+        );
+        let text = recorded(Outbound, true, peer_handshake(HandshakeFailure::Untrusted));
+        assert!(text.contains(&closed_with("outbound", "EPROTO")), "{text}");
+
+        let refused = io::Error::from_raw_os_error(nix::libc::ECONNREFUSED);
+        let connect = HopError::Connect {
+            what: "destination",
+            addr: "198.18.0.9:80".parse().unwrap(),
+            error: refused,
+        };
+        let text = recorded(Outbound, true, connect);
+        assert!(
+            text.contains(&closed_with("outbound", "ECONNREFUSED")),
+            "{text}"
+        );
+        assert!(!text.contains("tcp_refused_total{"), "{text}");
+
+        let unreachable = HopError::Unreachable {
+            service: "web".to_string(),
+            backend: "v1".to_string(),
+            last_error: None,
+        };
+        let text = recorded(Outbound, true, unreachable);
+        assert!(
+            text.contains(&closed_with("outbound", "EHOSTUNREACH")),
+            "{text}"
+        );
+
+        // A transport header naming our own port: a refusal and a failed handshake,
+        // and no connection.
+        let self_loop = HopError::HeaderSelfLoop {
+            client_id: "api.ns".to_string(),
+            port: 4143,
+        };
+        let text = recorded(Inbound, false, self_loop);
+        assert!(
+            text.contains(r#"tcp_refused_total{direction="inbound",reason="self_loop"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tls_handshake_failures_total{direction="inbound",reason="other"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("tcp_close_total{"), "{text}");
+
+        let text = recorded(Inbound, false, HopError::IdentityRequired);
+        assert!(
+            text.contains(r#"tcp_refused_total{direction="inbound",reason="identity_required"} 1"#),
+            "{text}"
+        );
+        let text = recorded(Outbound, false, HopError::MaxDetecting);
+        assert!(
+            text.contains(r#"tcp_refused_total{direction="outbound",reason="max_detecting"} 1"#),
+            "{text}"
+        );
+        // Ended during detection: counted by detection alone.
+        let text = recorded(Inbound, false, HopError::ClientClosed);
+        assert!(!text.contains("tcp_refused_total{"), "{text}");
+        assert!(!text.contains("tls_handshake_failures_total{"), "{text}");
+    }
+
+    #[test]
+    fn a_clean_close_has_an_empty_errno() {
+        let metrics = Metrics::new();
+        let target: SocketAddr = "198.18.0.9:80".parse().unwrap();
+        let conn = metrics.open(Direction::Outbound, target, "opaque", None);
+        record(
+            &metrics,
+            Direction::Outbound,
+            None,
+            target,
+            Some(conn),
+            Ok(Totals::default()),
+        );
+        let text = metrics.encode();
+        assert!(text.contains(&closed_with("outbound", "")), "{text}");
+    }
+}

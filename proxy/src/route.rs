@@ -1,7 +1,8 @@
 //! The decision for one accepted connection, before any byte is read: forward it to its
 //! original destination, terminate it as a peer proxy's direct mTLS connection, or refuse
 //! it. A pure function over plain values ([`route`]); the kernel's answers (the original
-//! destination, whether an address is ours) are passed in.
+//! destination, whether an address is ours) are passed in. What a forwarded connection
+//! becomes once its first bytes are read is the next decision, `hop`.
 //!
 //! # The trust boundary
 //!
