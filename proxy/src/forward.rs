@@ -169,7 +169,7 @@ impl Forwarder {
         let mut conn = None;
         let (target, outcome) = match route {
             Route::Forward(target) => {
-                let outcome = self.hop(client, direction, target, &mut conn).await;
+                let outcome = self.forward_to(client, direction, target, &mut conn).await;
                 (target, outcome)
             }
             Route::Direct(local) => {
@@ -191,7 +191,7 @@ impl Forwarder {
 
     /// A connection to its original destination `target`: detect (unless the port is
     /// opaque), decide its [`Hop`], and run it.
-    async fn hop(
+    async fn forward_to(
         &self,
         mut client: TcpStream,
         direction: Direction,
