@@ -33,11 +33,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::info;
 
-use crate::detect::Protocol;
 use crate::duplex::Counters;
-use crate::metrics::{errno_name, ConnMetrics, Direction};
+use crate::route::Direction;
 
 pub use self::errors::ProxyError;
 pub use self::metrics::HttpMetrics;
@@ -52,17 +51,6 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub enum Version {
     Http1,
     Http2,
-}
-
-impl Version {
-    /// The version detection found, if it found HTTP.
-    pub fn detected(protocol: Protocol) -> Option<Version> {
-        match protocol {
-            Protocol::Http1 => Some(Version::Http1),
-            Protocol::Http2 => Some(Version::Http2),
-            Protocol::Opaque | Protocol::Tls => None,
-        }
-    }
 }
 
 /// What every HTTP connection shares: the pool and the metrics.
@@ -123,22 +111,6 @@ impl HttpProxy {
             suppressed,
             "answering the request itself: {error}"
         );
-    }
-}
-
-/// Records how an HTTP client connection ended in its `tcp_close_total` errno: empty
-/// for a clean close, the errno of an I/O error, `EPROTO` for an HTTP error (a request
-/// that does not parse, a header read timeout, ...).
-pub fn record(served: Result<(), hyper::Error>, conn: &mut ConnMetrics, target: SocketAddr) {
-    match served {
-        Ok(()) => conn.set_errno(None),
-        Err(error) => {
-            let errno = std::error::Error::source(&error)
-                .and_then(|source| source.downcast_ref::<std::io::Error>())
-                .map_or_else(|| "EPROTO".to_string(), errno_name);
-            debug!(%target, %error, "HTTP connection failed");
-            conn.set_errno(Some(errno));
-        }
     }
 }
 

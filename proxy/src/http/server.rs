@@ -39,7 +39,7 @@ use super::upstream::pool::Key;
 use super::upstream::Observe;
 use super::{Client, HttpProxy, Version};
 use crate::duplex::Counters;
-use crate::metrics::Direction;
+use crate::route::Direction;
 
 /// How long an HTTP/1 client may take to send a request head, counted from the end
 /// of the previous response (so it is also how long a keep-alive connection may stay

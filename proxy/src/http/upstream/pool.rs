@@ -265,7 +265,7 @@ impl Pool {
         match endpoint.transport {
             Transport::Plain => {
                 let from = endpoint.source.map(|ip| std::net::SocketAddr::new(ip, 0));
-                let connecting = crate::forward::connect_from(addr, from);
+                let connecting = crate::connect::connect_from(addr, from);
                 match tokio::time::timeout(self.connect_timeout, connecting).await {
                     Ok(Ok(stream)) => Ok(stream),
                     Ok(Err(error)) => Err(ProxyError::connect(addr, error)),
