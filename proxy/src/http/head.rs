@@ -8,7 +8,6 @@
 //! passes there. Later requests on a kept-alive connection are parsed by hyper alone:
 //! a bad one there is answered by hyper's plain 400 and counted as a failure.
 
-use std::io;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -106,8 +105,8 @@ where
             }
             let start = buf.len();
             buf.resize(start + 4096, 0);
-            let n = io.read(&mut buf[start..]).await;
-            let n = n.unwrap_or_else(|_: io::Error| 0);
+            // A read error ends the connection like an EOF: nobody to answer.
+            let n = io.read(&mut buf[start..]).await.unwrap_or(0);
             buf.truncate(start + n);
             if n == 0 {
                 return Ok(false);
