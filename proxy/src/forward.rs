@@ -30,7 +30,7 @@ use crate::connect::{connect_from, set_keepalive};
 use crate::detect::{detect, Detected, Protocol};
 use crate::duplex::{duplex_tcp, Totals};
 use crate::hop::{self, Hop, HttpVersion, MeshPolicy};
-use crate::http::{self, Direct, Endpoint, HttpProxy};
+use crate::http::{self, Direct, Endpoint, HttpMetrics, HttpProxy};
 use crate::identity::IdentityError;
 use crate::mesh::Mesh;
 use crate::mesh_peers::MeshPeersError;
@@ -46,6 +46,8 @@ pub struct Forwarder {
     detect_timeout: Duration,
     /// How long an mTLS peer may take to say hello and finish the handshake.
     pub(crate) handshake_timeout: Duration,
+    /// How long any connect may take (`--connect-timeout`, see `connect`).
+    pub(crate) connect_timeout: Duration,
     inbound_opaque_ports: PortSet,
     pub(crate) outbound_opaque_ports: PortSet,
     /// Permits for connections in detection (`--max-detecting`), one budget per
@@ -129,10 +131,13 @@ impl Forwarder {
             Some(path) => Some(Balancer::new(path, mesh.is_some(), metrics.clone())?),
             None => None,
         };
+        let http_metrics = HttpMetrics::new(config.metrics_retain_idle);
+        metrics.register(http_metrics.collector());
         Ok(Forwarder {
-            metrics: metrics.clone(),
+            metrics,
             detect_timeout: config.detect_timeout,
             handshake_timeout: config.handshake_timeout,
+            connect_timeout: config.connect_timeout,
             inbound_opaque_ports: config.inbound_opaque_ports.clone(),
             outbound_opaque_ports: config.outbound_opaque_ports.clone(),
             detecting: PerDirection::new(|| Arc::new(Semaphore::new(config.max_detecting))),
@@ -140,7 +145,7 @@ impl Forwarder {
             listeners: Listeners::default(),
             balancer,
             inbound_transparent: config.inbound_transparent,
-            http: HttpProxy::new(config.connect_timeout, metrics.http().clone()),
+            http: HttpProxy::new(config.connect_timeout, http_metrics),
         })
     }
 
@@ -224,9 +229,7 @@ impl Forwarder {
             }
             // `hop` only decides mTLS hops with a mesh.
             (Hop::MtlsIn | Hop::MtlsOut { .. }, None) => Err(HopError::NoIdentity),
-            // Detected HTTP, in plaintext: today its bytes are forwarded as they come,
-            // exactly like opaque ones (`protocol="http1"|"http2"` on the TCP metrics).
-            // Request-level proxying replaces this call.
+            // Detected HTTP, in plaintext: proxied request by request (see `http`).
             (Hop::Http(version), _) => {
                 self.http(client, direction, target, classified, version, conn)
                     .await
@@ -315,8 +318,31 @@ impl Forwarder {
             .ok()
     }
 
-    /// Proxies a plaintext connection detected as HTTP request by request (see `http`):
-    /// each request goes to the original destination over a pooled connection.
+    /// Forwards in plaintext, as without mTLS: connect, replay, copy.
+    async fn opaque(
+        &self,
+        client: TcpStream,
+        direction: Direction,
+        target: SocketAddr,
+        classified: Classified,
+        conn: &mut Option<ConnMetrics>,
+    ) -> Outcome {
+        let conn = conn.insert(self.open(direction, target, classified.protocol(), None, None));
+        let from = self.source_for(direction, client.peer_addr().ok());
+        let target_stream = connect_from(target, from, self.connect_timeout)
+            .await
+            .map_err(|error| HopError::Connect {
+                what: "destination",
+                addr: target,
+                error,
+            })?;
+        // Both ends are plain TCP sockets: bulk bytes can be spliced.
+        Ok(duplex_tcp(client, target_stream, classified.prefix, conn.counters()).await?)
+    }
+
+    /// Serves a plaintext HTTP client: each request goes to the original destination
+    /// over the HTTP pool. The connection keeps its TCP metrics, `protocol="http1"` or
+    /// `"http2"`, with the client's bytes counted underneath hyper.
     async fn http(
         &self,
         client: TcpStream,
@@ -339,33 +365,10 @@ impl Forwarder {
             upstream: Arc::new(upstream),
             peer_id: None,
         };
-        let io = Prefixed::new(classified.prefix, client);
-        self.http.serve(io, routed, conn.counters()).await?;
-        // The byte counts are on the connection's counters; nothing was spliced.
+        let client = Prefixed::new(classified.prefix, client);
+        self.http.serve(client, routed, conn.counters()).await?;
+        // The bytes are in the connection's counters; HTTP has no copy totals.
         Ok(Totals::default())
-    }
-
-    /// Forwards in plaintext, as without mTLS: connect, replay, copy.
-    async fn opaque(
-        &self,
-        client: TcpStream,
-        direction: Direction,
-        target: SocketAddr,
-        classified: Classified,
-        conn: &mut Option<ConnMetrics>,
-    ) -> Outcome {
-        let conn = conn.insert(self.open(direction, target, classified.protocol(), None, None));
-        let from = self.source_for(direction, client.peer_addr().ok());
-        let target_stream =
-            connect_from(target, from)
-                .await
-                .map_err(|error| HopError::Connect {
-                    what: "destination",
-                    addr: target,
-                    error,
-                })?;
-        // Both ends are plain TCP sockets: bulk bytes can be spliced.
-        Ok(duplex_tcp(client, target_stream, classified.prefix, conn.counters()).await?)
     }
 
     /// Counts a connection as open: `peer_id` is the peer's identity on mTLS hops,

@@ -32,9 +32,14 @@ pub(crate) enum Hop {
     MtlsIn,
 }
 
-/// The HTTP version detection found: `Http1` for a request line `METHOD SP target SP
-/// HTTP/1.x`, `Http2` for the HTTP/2 connection preface (prior knowledge).
-pub(crate) use crate::http::Version as HttpVersion;
+/// The HTTP version detection found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum HttpVersion {
+    /// A request line `METHOD SP target SP HTTP/1.x`.
+    Http1,
+    /// The HTTP/2 connection preface (prior knowledge).
+    Http2,
+}
 
 /// The mesh configuration the decisions need, when an identity is configured.
 pub(crate) struct MeshPolicy<'a> {

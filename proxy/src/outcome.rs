@@ -129,8 +129,9 @@ pub(crate) enum HopError {
     /// The copy loop failed after the connection was established.
     #[error("connection failed: {0}")]
     Copy(#[from] DuplexError),
-    /// The HTTP connection with the client failed (its requests' own failures are
-    /// answered and counted by `http`).
+    /// An HTTP client connection failed (reset, header read timeout, a later request
+    /// that does not parse, ...). Errors of single requests are answered and counted
+    /// by `http`, not here.
     #[error("HTTP connection failed: {0}")]
     Http(#[from] hyper::Error),
     /// A mesh hop was decided without an identity configured: unreachable, since both
@@ -171,6 +172,7 @@ impl HopError {
         match self {
             HopError::Connect { error, .. } => errno_name(error),
             HopError::Copy(error) => errno_name(&error.source),
+            // An I/O error's errno, else a protocol error.
             HopError::Http(error) => std::error::Error::source(error)
                 .and_then(|source| source.downcast_ref::<io::Error>())
                 .map_or_else(|| ERRNO_HANDSHAKE.to_string(), errno_name),
