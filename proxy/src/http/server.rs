@@ -14,12 +14,15 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::request::Parts;
+use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -37,7 +40,9 @@ use super::head::{self, BadHead, Head};
 use super::headers::{self, Upgrade};
 use super::metrics::{RequestLabels, ResponseLabels, Series};
 use super::upstream::pool::Key;
-use super::upstream::Observe;
+use super::orig_proto;
+use super::upstream::pool::MESH_KEEP_ALIVE;
+use super::upstream::{Observe, Transport};
 use super::{Client, HttpProxy, Version};
 use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
@@ -50,6 +55,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The largest HTTP/1 request head, and HTTP/2 header list, a client may send.
 pub const MAX_HEAD: usize = 64 * 1024;
+
+/// Most concurrent streams on one HTTP/2 connection, from a client or a peer proxy
+/// (whose one connection carries all its clients' requests to us): each holds buffers
+/// and a task, so an unauthenticated client cannot open more.
+pub const MAX_CONCURRENT_STREAMS: u32 = 512;
 
 /// A tunnel to run beside the connection once its upgrade completes.
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -66,6 +76,7 @@ where
 {
     let (tunnels_tx, tunnels_rx) = mpsc::unbounded_channel();
     let version = client.version;
+    let meshed = client.peer_id.is_some();
     let cx = Arc::new(ConnCx {
         proxy,
         client,
@@ -105,12 +116,21 @@ where
         }
         Version::Http2 => {
             let io = TokioIo::new(io);
-            let connection = http2::Builder::new(TokioExecutor::new())
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
                 .auto_date_header(false)
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEAD as u32)
-                .enable_connect_protocol()
-                .serve_connection(io, service);
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .enable_connect_protocol();
+            if meshed {
+                // A peer proxy's pooled connection lives long: one whose peer
+                // vanished is found by pings, not kept until the process ends.
+                builder
+                    .keep_alive_interval(MESH_KEEP_ALIVE)
+                    .keep_alive_timeout(MESH_KEEP_ALIVE);
+            }
+            let connection = builder.serve_connection(io, service);
             drive(connection, tunnels_rx).await
         }
     }
@@ -204,9 +224,10 @@ impl ConnCx {
             Err(error) => return self.answer(error, series, started, None),
         };
         let observer = pick.observer.take();
+        let carried = self.carry(&mut parts, &pick.endpoint.transport, upgrade.is_some());
         let key = Key {
             endpoint: pick.endpoint,
-            version: self.client.version,
+            version: carried.version(self.client.version),
         };
         let request = Request::from_parts(parts, body);
         let mut response = match self.proxy.pool.send(key, request).await {
@@ -235,6 +256,17 @@ impl ConnCx {
                 http::HeaderValue::from_static("close"),
             );
         }
+        match carried {
+            Carried::Upgraded(version) => {
+                orig_proto::restore_response(response.headers_mut());
+                *response.version_mut() = version;
+            }
+            Carried::Downgraded => {
+                let version = response.version();
+                orig_proto::mark_response(response.headers_mut(), version);
+            }
+            Carried::AsIs | Carried::Dedicated => {}
+        }
         let grpc =
             headers::is_grpc(response.headers()).then(|| headers::grpc_status(response.headers()));
         let recorder = Recorder {
@@ -248,6 +280,31 @@ impl ConnCx {
         };
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, ResponseBody::upstream(body, recorder))
+    }
+
+    /// How the request in `parts` travels over `transport`, adapting it when it
+    /// changes HTTP version on the way (see `orig_proto`).
+    fn carry(&self, parts: &mut Parts, transport: &Transport, upgrade: bool) -> Carried {
+        match (transport, self.client.version) {
+            // An upgrade leaves HTTP after its response: it cannot share the peer's
+            // HTTP/2 connection, and takes an HTTP/1 one of its own.
+            (Transport::Mesh { .. }, Version::Http1) if upgrade => Carried::Dedicated,
+            (Transport::Mesh { .. }, Version::Http1) => {
+                let version = parts.version;
+                orig_proto::upgrade(parts, &authority_of(self.client.target));
+                Carried::Upgraded(version)
+            }
+            // From a peer proxy: an HTTP/1 request it carried as HTTP/2 goes to the
+            // application as the HTTP/1 request it was.
+            (Transport::Plain, Version::Http2)
+                if self.client.direction == Direction::Inbound
+                    && self.client.peer_id.is_some()
+                    && orig_proto::downgrade(parts) =>
+            {
+                Carried::Downgraded
+            }
+            _ => Carried::AsIs,
+        }
     }
 
     /// The response the proxy gives itself for `error`, counted and logged.
@@ -292,6 +349,38 @@ impl ConnCx {
         *cached = Some(series.clone());
         series
     }
+}
+
+/// How a request travels to its endpoint, when not as the client sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carried {
+    /// In the client's version.
+    AsIs,
+    /// An HTTP/1 request, as HTTP/2 to a mesh peer; its response is answered in the
+    /// client's version, this one.
+    Upgraded(http::Version),
+    /// An HTTP/1 upgrade to a mesh peer, over a dedicated HTTP/1 mTLS connection.
+    Dedicated,
+    /// A peer's HTTP/2 request restored to HTTP/1 for the application; its response
+    /// goes back marked.
+    Downgraded,
+}
+
+impl Carried {
+    /// The HTTP version spoken to the endpoint, for a client speaking `client`.
+    fn version(self, client: Version) -> Version {
+        match self {
+            Carried::AsIs => client,
+            Carried::Upgraded(_) => Version::Http2,
+            Carried::Dedicated | Carried::Downgraded => Version::Http1,
+        }
+    }
+}
+
+/// `target` as an `:authority`.
+fn authority_of(target: SocketAddr) -> Authority {
+    Authority::try_from(target.to_string().as_str())
+        .unwrap_or_else(|_| Authority::from_static("localhost"))
 }
 
 /// The client's socket, counting bytes into the connection's `tcp_*_bytes_total`.

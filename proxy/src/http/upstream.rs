@@ -7,26 +7,54 @@
 //!   service answers a different endpoint per request and learns from
 //!   [`Pick::observer`] how each one went.
 //! - An [`Endpoint`] is an address and the [`Transport`] that reaches it; it is the
-//!   unit of connection pooling ([`pool::Key`]). Plain TCP today; a mesh peer reached
-//!   over mTLS is one more `Transport` variant, with its own connector in `pool`.
+//!   unit of connection pooling ([`pool::Key`]): plain TCP, or [`Transport::Mesh`],
+//!   the peer proxy of a meshed destination over mTLS, opened by a [`MeshConnect`].
 //! - The [`pool::Pool`] sends the request over a pooled connection to the endpoint and
 //!   returns the response head, or the [`ProxyError`] the client is answered with.
 
 pub mod pool;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::errors::ProxyError;
+use super::Version;
 
 /// How the proxy reaches an endpoint.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum Transport {
     /// A TCP connection to the endpoint's address, speaking the client's HTTP version.
     Plain,
+    /// The endpoint is a mesh peer: an mTLS connection to its proxy, which must prove
+    /// `server_id`, with a transport header naming the endpoint's port. Requests travel
+    /// as HTTP/2 (HTTP/1 ones marked with `l5d-orig-proto`, see `orig_proto`), all of a
+    /// key's over one connection; HTTP/1 upgrades over a dedicated HTTP/1 one.
+    Mesh { server_id: Arc<str> },
+}
+
+/// A connection the pool speaks HTTP over: TCP, or mTLS to a peer proxy.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Opens mTLS connections to peer proxies ([`Transport::Mesh`]). Implemented by
+/// `outbound::mesh_http`, which holds the identity and the peers' inbound port.
+pub trait MeshConnect: Send + Sync {
+    /// An mTLS connection to the proxy of `target`, which must prove `server_id`, its
+    /// transport header already sent: `target`'s port and the session protocol
+    /// `session`.
+    fn connect<'a>(
+        &'a self,
+        target: SocketAddr,
+        server_id: &'a str,
+        session: Version,
+    ) -> Pin<Box<dyn Future<Output = Result<Box<dyn Io>, ProxyError>> + Send + 'a>>;
 }
 
 /// One place a request can be sent.

@@ -6,7 +6,14 @@
 //!   key, [`MAX_IDLE`] in all), and is closed after [`IDLE_TIMEOUT`] unused.
 //! - **HTTP/2**: one connection per key carries every request, multiplexed; it is
 //!   opened by the first request (the others wait for it rather than open their own)
-//!   and closed after [`IDLE_TIMEOUT`] without a request.
+//!   and closed after [`IDLE_TIMEOUT`] without a request. A connection that fails is
+//!   dropped: the requests on it get a 502 (`upstream closed`), the next request opens
+//!   a new one.
+//! - **Mesh peers** ([`Transport::Mesh`]): the key is (the peer's address and port,
+//!   the identity it must prove), so every client connection to the same meshed
+//!   destination shares one mTLS HTTP/2 connection (pinged every [`MESH_KEEP_ALIVE`])
+//!   and pays no handshake. HTTP/1 upgrades take a dedicated HTTP/1 mTLS connection
+//!   of the same key, which the upgrade consumes.
 //!
 //! The pool is built on hyper's connection-level client (`hyper::client::conn`), not
 //! hyper-util's pooled `Client`: that one rewrites the request target to origin form
@@ -24,11 +31,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{Endpoint, Transport};
+use super::{Endpoint, Io, MeshConnect, Transport};
 use crate::connect::connect_from;
 use crate::http::errors::ProxyError;
 use crate::http::Version;
@@ -44,6 +50,10 @@ pub const MAX_IDLE_PER_KEY: usize = 64;
 /// Most idle HTTP/1 connections kept in all: the pool must not hold descriptors a
 /// client could make it open (one idle connection per destination it tried).
 pub const MAX_IDLE: usize = 1024;
+
+/// How often the HTTP/2 connection to a mesh peer is pinged, and how long a ping may
+/// go unanswered before the connection is given up (and replaced by the next request).
+pub const MESH_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// How often idle connections are looked at.
 const REAP_INTERVAL: Duration = Duration::from_secs(10);
@@ -62,6 +72,8 @@ pub type Body = Incoming;
 /// The connections to every endpoint.
 pub struct Pool {
     connect_timeout: Duration,
+    /// Opens [`Transport::Mesh`] connections; `None` without an identity.
+    mesh: Option<Arc<dyn MeshConnect>>,
     state: Mutex<State>,
     /// Whether the reaper task runs (started with the first idle connection, so that
     /// a pool can be built outside a runtime).
@@ -89,10 +101,15 @@ struct H2Slot {
 }
 
 impl Pool {
-    /// A pool whose connects give up after `connect_timeout` (`--connect-timeout`).
-    pub fn new(connect_timeout: Duration) -> Arc<Pool> {
+    /// A pool whose connects give up after `connect_timeout` (`--connect-timeout`), and
+    /// that opens [`Transport::Mesh`] connections with `mesh`, when given.
+    pub fn new(
+        connect_timeout: Duration,
+        mesh: Option<Arc<dyn MeshConnect>>,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             connect_timeout,
+            mesh,
             state: Mutex::new(State::default()),
             reaper: std::sync::Once::new(),
         })
@@ -190,7 +207,7 @@ impl Pool {
     }
 
     async fn connect_h1(&self, key: &Key) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let io = self.connect(&key.endpoint).await?;
+        let io = self.connect(&key.endpoint, key.version).await?;
         let addr = key.endpoint.addr;
         let (sender, connection) = http1::Builder::new()
             .preserve_header_case(true)
@@ -245,10 +262,21 @@ impl Pool {
     }
 
     async fn connect_h2(&self, key: &Key) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let io = self.connect(&key.endpoint).await?;
+        let io = self.connect(&key.endpoint, key.version).await?;
         let addr = key.endpoint.addr;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        if matches!(key.endpoint.transport, Transport::Mesh { .. }) {
+            // The connection every request to the peer shares: a peer that stopped
+            // answering must be noticed, so that the next request opens a new one,
+            // rather than when a request times out.
+            builder
+                .keep_alive_interval(MESH_KEEP_ALIVE)
+                .keep_alive_timeout(MESH_KEEP_ALIVE)
+                .keep_alive_while_idle(true)
+                .max_header_list_size(crate::http::server::MAX_HEAD as u32);
+        }
+        let (sender, connection) = builder
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::upstream(addr, e))?;
@@ -260,23 +288,23 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Opens the transport to `endpoint`, within the connect timeout.
-    async fn connect(&self, endpoint: &Endpoint) -> Result<TcpStream, ProxyError> {
+    /// Opens the transport to `endpoint` for `version`, within the connect timeout
+    /// (and, to a mesh peer, the handshake timeout).
+    async fn connect(&self, endpoint: &Endpoint, version: Version) -> Result<Box<dyn Io>, ProxyError> {
         let addr = endpoint.addr;
-        match endpoint.transport {
+        match &endpoint.transport {
             Transport::Plain => {
                 let from = endpoint.source.map(|ip| std::net::SocketAddr::new(ip, 0));
-                connect_from(addr, from, self.connect_timeout)
+                let stream = connect_from(addr, from, self.connect_timeout)
                     .await
-                    .map_err(|error| match error.raw_os_error() {
-                        // `connect` times out with the kernel's own errno for it.
-                        Some(nix::libc::ETIMEDOUT) => ProxyError::ConnectTimeout {
-                            addr,
-                            timeout: self.connect_timeout,
-                        },
-                        _ => ProxyError::connect(addr, error),
-                    })
+                    .map_err(|error| ProxyError::connect_within(addr, error, self.connect_timeout))?;
+                Ok(Box::new(stream))
             }
+            Transport::Mesh { server_id } => match &self.mesh {
+                Some(mesh) => mesh.connect(addr, server_id, version).await,
+                // `hop` only decides a mesh hop with an identity, which builds `mesh`.
+                None => Err(ProxyError::NoIdentity { addr }),
+            },
         }
     }
 
