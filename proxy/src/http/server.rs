@@ -77,6 +77,7 @@ where
     let (tunnels_tx, tunnels_rx) = mpsc::unbounded_channel();
     let version = client.version;
     let meshed = client.peer_id.is_some();
+    let direction = client.direction;
     let cx = Arc::new(ConnCx {
         proxy,
         client,
@@ -102,6 +103,9 @@ where
             };
             let connection = http1::Builder::new()
                 .preserve_header_case(true)
+                // Responses from a mesh peer came over HTTP/2, which lowercases header
+                // names: they are written in Title-Case, as HTTP/1 servers write them.
+                .title_case_headers(meshed && direction == Direction::Outbound)
                 // Nothing is added to responses: the destination's `Date`, or none.
                 .auto_date_header(false)
                 .half_close(true)

@@ -211,6 +211,10 @@ impl Pool {
         let addr = key.endpoint.addr;
         let (sender, connection) = http1::Builder::new()
             .preserve_header_case(true)
+            // A request without the case of its header names (one a peer proxy
+            // carried as HTTP/2, whose names are lowercase) gets them in Title-Case,
+            // the way HTTP/1 clients write them; the others keep theirs.
+            .title_case_headers(true)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::upstream(addr, e))?;
