@@ -30,7 +30,7 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -78,6 +78,7 @@ where
     let version = client.version;
     let meshed = client.peer_id.is_some();
     let direction = client.direction;
+    let draining = proxy.draining.subscribe();
     let cx = Arc::new(ConnCx {
         proxy,
         client,
@@ -116,7 +117,12 @@ where
                 .max_buf_size(MAX_HEAD)
                 .serve_connection(io, service)
                 .with_upgrades();
-            drive(connection, tunnels_rx).await
+            let graceful = http1::UpgradeableConnection::graceful_shutdown;
+            let served = drive(connection, tunnels_rx, draining, graceful).await;
+            if let Err(error) = &served {
+                cx.count_hyper_answer(error);
+            }
+            served
         }
         Version::Http2 => {
             let io = TokioIo::new(io);
@@ -135,7 +141,8 @@ where
                     .keep_alive_timeout(MESH_KEEP_ALIVE);
             }
             let connection = builder.serve_connection(io, service);
-            drive(connection, tunnels_rx).await
+            let graceful = http2::Connection::graceful_shutdown;
+            drive(connection, tunnels_rx, draining, graceful).await
         }
     }
 }
@@ -167,25 +174,35 @@ where
     };
     cx.proxy
         .metrics
-        .response(&series, response, started.elapsed());
+        .response(&series, response, Some(started.elapsed()));
     Ok(())
 }
 
-/// Runs the connection and the tunnels its requests open, until all are done.
+/// Runs the connection and the tunnels its requests open, until all are done; asks
+/// the connection to finish gracefully once the proxy drains.
 async fn drive<C>(
     connection: C,
     mut tunnels_rx: mpsc::UnboundedReceiver<Tunnel>,
+    mut draining: watch::Receiver<bool>,
+    graceful_shutdown: fn(Pin<&mut C>),
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
     let mut tunnels = JoinSet::new();
     tokio::pin!(connection);
+    let mut asked = false;
     let result = loop {
         tokio::select! {
             result = &mut connection => break result,
             Some(tunnel) = tunnels_rx.recv() => {
                 tunnels.spawn(tunnel);
+            }
+            drained = draining.wait_for(|d| *d), if !asked => {
+                asked = true;
+                // The sender lives as long as the proxy; gone means the same.
+                let _ = drained;
+                graceful_shutdown(connection.as_mut());
             }
         }
     };
@@ -331,6 +348,25 @@ impl ConnCx {
             observer,
         };
         Response::from_parts(parts, ResponseBody::local(Some(bytes), recorder))
+    }
+
+    /// Counts the answer hyper itself gave to a later request of a kept-alive HTTP/1
+    /// connection that did not parse (400, or 431 for a head too large): a request and
+    /// a failed response, whose latency is unknown (hyper measured nothing).
+    fn count_hyper_answer(&self, error: &hyper::Error) {
+        if !error.is_parse() || error.is_parse_version_h2() {
+            return;
+        }
+        let status = if error.is_parse_too_large() { 431 } else { 400 };
+        let authority = (self.client.direction == Direction::Outbound).then_some("");
+        let series = self.series(authority, None);
+        self.proxy.metrics.request(&series);
+        let response = ResponseLabels {
+            status,
+            grpc_status: None,
+            failure: true,
+        };
+        self.proxy.metrics.response(&series, response, None);
     }
 
     /// The label set of a request, from the connection's cache when it matches.
