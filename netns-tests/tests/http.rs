@@ -6,7 +6,8 @@
 //! is seen by one outbound and one inbound proxy, and both must count it.
 //!
 //! - HTTP/1.1: 1,000 requests from one `curl` on one keep-alive connection count 1,000 at
-//!   each proxy, not 1; pipelined requests from `h2load --h1` too; HTTP/1.0.
+//!   each proxy, not 1 (also at an inbound proxy whose client is not meshed); pipelined
+//!   requests from `h2load --h1` too; HTTP/1.0.
 //! - Classification: nginx answering 200, 404 and 503 (over HTTP/1.1 and HTTP/2) gives
 //!   `response_total` per `status_code` with `classification` success or failure; the
 //!   request reaches nginx unchanged (Host, method, path, a custom header).
@@ -222,6 +223,52 @@ fn http1_1000_requests_on_one_keep_alive_connection_count_1000_at_each_proxy() {
             to,
             &[],
             REQUESTS as f64 + PIPELINED as f64 + 1.0,
+        );
+    }
+}
+
+#[test]
+fn http1_1000_requests_from_an_unmeshed_client_count_1000_at_the_inbound_proxy() {
+    const REQUESTS: usize = 1000;
+    // Only the pod is meshed, and the server is there: the inbound proxy meets the
+    // client's own keep-alive connection, not another proxy's.
+    let pods = Pods::new("http_inbound_keepalive");
+    let scratch = Scratch::new("http_inbound_keepalive");
+    let _nginx = nginx(&pods.pod, &scratch);
+    pods.pod.meshinit(&["apply"]).expect_ok();
+    let inbound = pods.pod.start_meshproxy(&[]);
+    for family in Family::ALL {
+        let to = SocketAddr::new(family.pod(), HTTP1);
+        let mut args = vec!["-g", "-w", "%{num_connects} %{http_code}\n"];
+        let urls = repeat(to, "/ok", REQUESTS);
+        args.extend(strs(&urls));
+        let run = curl(&pods.peer, &args).expect_ok();
+        let lines = codes(&run);
+        assert_eq!(lines.len(), REQUESTS, "{run}");
+        assert!(lines.iter().all(|l| l.ends_with(" 200")), "{run}");
+        expect(
+            &inbound,
+            "inbound",
+            "tcp_open_total",
+            to,
+            &[("protocol", "http1")],
+            1.0,
+        );
+        expect(
+            &inbound,
+            "inbound",
+            "request_total",
+            to,
+            &[],
+            REQUESTS as f64,
+        );
+        expect(
+            &inbound,
+            "inbound",
+            "response_total",
+            to,
+            &[("status_code", "200"), ("classification", "success")],
+            REQUESTS as f64,
         );
     }
 }
