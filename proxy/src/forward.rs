@@ -26,6 +26,7 @@ use crate::balance::{Balancer, BalancerError, Table};
 use crate::config::{Config, PortSet};
 use crate::detect::{detect, Detected, Protocol};
 use crate::duplex::{duplex, duplex_tcp, DuplexError, Totals};
+use crate::http::{self, Direct, Endpoint, HttpProxy};
 use crate::identity::IdentityError;
 use crate::mesh_peers::MeshPeersError;
 use crate::metrics::{errno_name, ConnMetrics, Direction, Metrics, Refused};
@@ -57,6 +58,8 @@ pub struct Forwarder {
     balancer: Option<Arc<Balancer>>,
     /// `--inbound-transparent`: connect to the application from the client's address.
     inbound_transparent: bool,
+    /// Connections detected as HTTP are proxied request by request (see `http`).
+    http: HttpProxy,
 }
 
 /// The addresses the proxy listens on, by direction.
@@ -143,7 +146,7 @@ impl Forwarder {
             None => None,
         };
         Ok(Forwarder {
-            metrics,
+            metrics: metrics.clone(),
             detect_timeout: config.detect_timeout,
             handshake_timeout: config.handshake_timeout,
             inbound_opaque_ports: config.inbound_opaque_ports.clone(),
@@ -153,6 +156,7 @@ impl Forwarder {
             listeners: Listeners::default(),
             balancer,
             inbound_transparent: config.inbound_transparent,
+            http: HttpProxy::new(config.connect_timeout, metrics.http().clone()),
         })
     }
 
@@ -322,6 +326,22 @@ impl Forwarder {
             .metrics
             .open(direction, target, classified.protocol(), None);
         let from = self.source_for(direction, client_addr);
+        if let Some(version) = http::Version::detected(classified.protocol()) {
+            let upstream = Direct(Endpoint {
+                source: from.map(|from| from.ip()),
+                ..Endpoint::plain(target)
+            });
+            let routed = http::Client {
+                direction,
+                target,
+                version,
+                upstream: Arc::new(upstream),
+                peer_id: None,
+            };
+            let io = Prefixed::new(classified.prefix, client);
+            let served = self.http.serve(io, routed, conn.counters()).await;
+            return http::record(served, &mut conn, target);
+        }
         let target_stream = match connect_from(target, from).await {
             Ok(stream) => stream,
             Err(error) => {

@@ -53,6 +53,7 @@ mod config;
 mod detect;
 mod duplex;
 mod forward;
+mod http;
 mod identity;
 mod mesh_peers;
 mod metrics;
