@@ -1,7 +1,8 @@
 """An HTTP/1.1 server (Python's http.server) that takes POST bodies, with Content-Length
 or chunked, hashes them as they arrive and answers "BYTES SHA256HEX". Nothing is kept, so
 a 100 MiB upload costs no memory or disk. Answers `Expect: 100-continue` (http.server does
-for HTTP/1.1), which curl sends before a large body.
+for HTTP/1.1), which curl sends before a large body. On paths under `/slow` it reads at
+most 64 KiB per 2 ms (about 30 MB/s), a slow server whose sender must be held back.
 
     upload_sink.py PORT    # listens on [::]:PORT (IPv4 too), prints "ready"
 """
@@ -9,6 +10,7 @@ for HTTP/1.1), which curl sends before a large body.
 import hashlib
 import socket
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BLOCK = 1 << 16
@@ -20,6 +22,7 @@ class Sink(BaseHTTPRequestHandler):
     def do_POST(self):
         digest = hashlib.sha256()
         total = 0
+        pause = 0.002 if self.path.startswith("/slow") else 0
 
         def take(length):
             nonlocal total
@@ -30,6 +33,8 @@ class Sink(BaseHTTPRequestHandler):
                 digest.update(data)
                 total += len(data)
                 length -= len(data)
+                if pause:
+                    time.sleep(pause)
 
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             while True:

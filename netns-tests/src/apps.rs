@@ -170,9 +170,19 @@ pub fn curl(ns: &Netns, args: &[&str]) -> Run {
     )
 }
 
-/// `h2load ARGS…` in `ns` (nghttp2-client's load generator), which must succeed.
-pub fn h2load(ns: &Netns, args: &[&str]) -> Run {
-    Run::of(ns.command("h2load").args(args)).expect_ok()
+/// `h2load ARGS… http://TO/PATH` in `ns` (nghttp2-client's load generator), which must
+/// succeed.
+///
+/// Over HTTP/2, h2load 1.52 writes an IPv6 `:authority` without its brackets
+/// (`fd00:18::2:8081`), which is not a valid authority (RFC 3986 §3.2.2) and which a strict
+/// HTTP/2 stack refuses (nghttpd happens to accept it); so it is given explicitly.
+pub fn h2load(ns: &Netns, args: &[&str], to: SocketAddr, path: &str) -> Run {
+    let mut cmd = ns.command("h2load");
+    cmd.args(args);
+    if to.is_ipv6() && !args.contains(&"--h1") {
+        cmd.arg("-H").arg(format!(":authority: {to}"));
+    }
+    Run::of(cmd.arg(url(to, path))).expect_ok()
 }
 
 /// The counts of h2load's summary line `requests: N total, N started, N done, N succeeded,

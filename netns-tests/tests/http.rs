@@ -15,8 +15,8 @@
 //!   `nghttpd`, each request counted.
 //! - gRPC with grpcio: `grpc_status="5"` and `classification="failure"` for NOT_FOUND, a
 //!   bidirectional streaming call that only progresses if both directions flow.
-//! - 100 MiB up (POST, with Content-Length and with chunked) and down are SHA-256 identical,
-//!   and neither proxy holds a body in memory.
+//! - 100 MiB up (POST, with Content-Length and with chunked) and down are SHA-256 identical;
+//!   a slow client and a slow server hold neither proxy's memory above 64 MiB (backpressure).
 //! - WebSocket (websockets): echoes after the upgrade, counted as one request.
 //! - `promtool check metrics` accepts `/metrics` after HTTP traffic, with the histogram.
 //! - Errors the proxy generates: 502 with `meshproxy-error` for a refused destination, 400
@@ -193,16 +193,9 @@ fn http1_1000_requests_on_one_keep_alive_connection_count_1000_at_each_proxy() {
         // Pipelining: h2load sends up to 10 requests before reading the first answer.
         let run = h2load(
             &pods.pod,
-            &[
-                "--h1",
-                "-n",
-                &PIPELINED.to_string(),
-                "-c",
-                "1",
-                "-m",
-                "10",
-                &url(to, "/ok"),
-            ],
+            &["--h1", "-n", &PIPELINED.to_string(), "-c", "1", "-m", "10"],
+            to,
+            "/ok",
         );
         assert_eq!(h2load_requests(&run, "succeeded"), PIPELINED, "{run}");
         pair.expect("request_total", to, &[], REQUESTS as f64 + PIPELINED as f64);
@@ -327,10 +320,7 @@ fn responses_are_classified_by_status_over_http1_and_http2_and_requests_arrive_u
 
         // HTTP/2 with prior knowledge to nginx: 20 x 503 multiplexed on one connection.
         let to = SocketAddr::new(family.peer(), H2C);
-        let run = h2load(
-            &pods.pod,
-            &["-n", "20", "-c", "1", "-m", "5", &url(to, "/fail")],
-        );
+        let run = h2load(&pods.pod, &["-n", "20", "-c", "1", "-m", "5"], to, "/fail");
         assert!(run.stdout.contains("20 5xx"), "{run}");
         pair.expect(
             "response_total",
@@ -371,15 +361,9 @@ fn http2_prior_knowledge_multiplexed_requests_are_counted_one_by_one() {
         // 1,000 requests on 2 connections, up to 20 streams at once on each.
         let run = h2load(
             &pods.pod,
-            &[
-                "-n",
-                &REQUESTS.to_string(),
-                "-c",
-                "2",
-                "-m",
-                "20",
-                &url(to, "/hello"),
-            ],
+            &["-n", &REQUESTS.to_string(), "-c", "2", "-m", "20"],
+            to,
+            "/hello",
         );
         assert_eq!(h2load_requests(&run, "succeeded"), REQUESTS, "{run}");
         expect(
@@ -484,8 +468,22 @@ fn peak_rss_mib(pid: u32) -> u64 {
         / 1024
 }
 
+/// A file of `size` random bytes in `scratch/www` (so nginx serves it as `/big`), and its
+/// SHA-256.
+fn random_file(scratch: &Scratch, size: u64) -> (std::path::PathBuf, String) {
+    let big = scratch.join("www/big");
+    netns_tests::Run::of(
+        std::process::Command::new("head")
+            .args(["-c", &size.to_string(), "/dev/urandom"])
+            .stdout(fs::File::create(&big).unwrap()),
+    )
+    .expect_ok();
+    let sha = sha256_file(&big);
+    (big, sha)
+}
+
 #[test]
-fn a_100_mib_upload_and_download_are_sha256_identical_and_never_held_in_memory() {
+fn a_100_mib_upload_and_download_are_sha256_identical() {
     const SIZE: u64 = 100 * MIB;
     let pods = Pods::new("http_bulk");
     let scratch = Scratch::new("http_bulk");
@@ -497,14 +495,7 @@ fn a_100_mib_upload_and_download_are_sha256_identical_and_never_held_in_memory()
         &[&SINK.to_string()],
         SINK,
     );
-    let big = scratch.join("www/big");
-    netns_tests::Run::of(
-        std::process::Command::new("head")
-            .args(["-c", &SIZE.to_string(), "/dev/urandom"])
-            .stdout(fs::File::create(&big).unwrap()),
-    )
-    .expect_ok();
-    let sha = sha256_file(&big);
+    let (big, sha) = random_file(&scratch, SIZE);
     let pair = mesh_both(&pods);
     let big_arg = format!("@{}", big.display());
     for family in Family::ALL {
@@ -548,14 +539,65 @@ fn a_100_mib_upload_and_download_are_sha256_identical_and_never_held_in_memory()
             1.0,
         );
     }
-    // Bodies are streamed: neither proxy ever held anything like 100 MiB.
-    for (proxy, side) in [(&pair.outbound, "outbound"), (&pair.inbound, "inbound")] {
-        let peak = peak_rss_mib(proxy.pid());
-        assert!(
-            peak < 64,
-            "the {side} proxy's peak RSS is {peak} MiB after 100 MiB bodies"
-        );
-    }
+}
+
+#[test]
+fn a_slow_client_and_a_slow_server_hold_neither_proxy_above_64_mib_for_100_mib_bodies() {
+    const SIZE: u64 = 100 * MIB;
+    /// Well above a streaming proxy's resident memory (about 20 MiB in a debug build), well
+    /// below a body held whole.
+    const MAX_PEAK_MIB: u64 = 64;
+    let pods = Pods::new("http_backpressure");
+    let scratch = Scratch::new("http_backpressure");
+    let _nginx = nginx(&pods.peer, &scratch);
+    let _sink = apps::python_server(
+        &pods.peer,
+        scratch.path(),
+        "upload_sink.py",
+        &[&SINK.to_string()],
+        SINK,
+    );
+    let (big, sha) = random_file(&scratch, SIZE);
+    let pair = mesh_both(&pods);
+    let assert_peaks = |after: &str| {
+        for (proxy, side) in [(&pair.outbound, "outbound"), (&pair.inbound, "inbound")] {
+            let peak = peak_rss_mib(proxy.pid());
+            assert!(
+                peak < MAX_PEAK_MIB,
+                "the {side} proxy's peak RSS is {peak} MiB after {after}: a body was held \
+                 in memory instead of streamed with backpressure"
+            );
+        }
+    };
+
+    // Down, to a client reading at 50 MB/s (2 s) while nginx could send far faster.
+    let to = SocketAddr::new(Family::V4.peer(), HTTP1);
+    let run = netns_tests::Run::of(
+        pods.pod
+            .command("bash")
+            .arg("-c")
+            .arg(r#"set -o pipefail; curl -sS --fail --noproxy '*' --max-time 120 --limit-rate 50M "$1" | sha256sum"#)
+            .arg("bash")
+            .arg(url(to, "/big")),
+    )
+    .expect_ok();
+    assert_eq!(
+        run.stdout.split_whitespace().next(),
+        Some(sha.as_str()),
+        "{run}"
+    );
+    assert_peaks("a 100 MiB download by a slow client");
+
+    // Up, to a server reading at about 30 MB/s while curl could send far faster.
+    let to = SocketAddr::new(Family::V4.peer(), SINK);
+    let big_arg = format!("@{}", big.display());
+    let run = curl(
+        &pods.pod,
+        &["--fail", "--data-binary", &big_arg, &url(to, "/slow")],
+    )
+    .expect_ok();
+    assert_eq!(run.stdout, format!("{SIZE} {sha}\n"), "{run}");
+    assert_peaks("a 100 MiB upload to a slow server");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -640,10 +682,7 @@ fn promtool_accepts_the_metrics_after_http1_and_http2_traffic() {
     let mut args = vec!["-g", "-w", "%{http_code}\n"];
     args.extend(strs(&urls));
     curl(&pods.pod, &args).expect_ok();
-    let run = h2load(
-        &pods.pod,
-        &["-n", "10", "-c", "1", "-m", "5", &url(h2, "/ok")],
-    );
+    let run = h2load(&pods.pod, &["-n", "10", "-c", "1", "-m", "5"], h2, "/ok");
     assert_eq!(h2load_requests(&run, "succeeded"), 10, "{run}");
 
     for (target, n) in [(h1, 5.0), (h2, 10.0)] {
@@ -726,10 +765,8 @@ fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
 }
 
 #[test]
-fn the_proxy_answers_502_for_a_refused_destination_and_400_for_a_request_that_does_not_parse() {
-    let pods = Pods::new("http_errors");
-    let scratch = Scratch::new("http_errors");
-    let _nginx = nginx(&pods.peer, &scratch);
+fn the_proxy_answers_502_with_meshproxy_error_for_a_refused_destination() {
+    let pods = Pods::new("http_502");
     // First only the pod is meshed: its outbound proxy meets the refusal itself.
     pods.pod.meshinit(&["apply"]).expect_ok();
     let outbound = pods.pod.start_meshproxy(&[]);
@@ -748,31 +785,6 @@ fn the_proxy_answers_502_for_a_refused_destination_and_400_for_a_request_that_do
             to,
             &[("status_code", "502"), ("classification", "failure")],
             1.0,
-        );
-
-        // A request line that detection takes for HTTP/1, then a header line without a
-        // colon, which no HTTP parser accepts.
-        let to = SocketAddr::new(family.peer(), HTTP1);
-        let response = pods.pod.run(|| {
-            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
-                .unwrap();
-            stream
-                .write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\nthis is not a header\r\n\r\n")
-                .unwrap();
-            let mut response = Vec::new();
-            // The proxy answers and closes; a proxy that hangs fails at the read timeout.
-            let _ = stream.read_to_end(&mut response);
-            String::from_utf8_lossy(&response).into_owned()
-        });
-        assert!(
-            response.starts_with("HTTP/1.1 400 "),
-            "{to}: expected 400 from the proxy\n{response}"
-        );
-        assert!(
-            header(&response, "meshproxy-error").is_some(),
-            "{to}: no meshproxy-error header\n{response}"
         );
     }
 
@@ -805,6 +817,49 @@ fn the_proxy_answers_502_for_a_refused_destination_and_400_for_a_request_that_do
     );
 }
 
+#[test]
+fn the_proxy_answers_400_with_meshproxy_error_for_a_request_that_does_not_parse() {
+    let pods = Pods::new("http_400");
+    let scratch = Scratch::new("http_400");
+    let _nginx = nginx(&pods.peer, &scratch);
+    pods.pod.meshinit(&["apply"]).expect_ok();
+    let outbound = pods.pod.start_meshproxy(&[]);
+    for family in Family::ALL {
+        // A request line that detection takes for HTTP/1, then a header line without a
+        // colon, which no HTTP parser accepts.
+        let to = SocketAddr::new(family.peer(), HTTP1);
+        let response = pods.pod.run(|| {
+            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            stream
+                .write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\nthis is not a header\r\n\r\n")
+                .unwrap();
+            let mut response = Vec::new();
+            // The proxy answers and closes; a proxy that hangs fails at the read timeout.
+            let _ = stream.read_to_end(&mut response);
+            String::from_utf8_lossy(&response).into_owned()
+        });
+        assert!(
+            response.starts_with("HTTP/1.1 400 "),
+            "{to}: expected 400 from the proxy\n{response}"
+        );
+        assert!(
+            header(&response, "meshproxy-error").is_some(),
+            "{to}: no meshproxy-error header\n{response}"
+        );
+        expect(
+            &outbound,
+            "outbound",
+            "response_total",
+            to,
+            &[("status_code", "400"), ("classification", "failure")],
+            1.0,
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The mTLS pair
 
@@ -824,7 +879,9 @@ fn over_mtls_200_client_connections_share_a_handful_of_proxy_connections() {
     let clients = CLIENTS.to_string();
     let run = h2load(
         &pods.pod,
-        &["--h1", "-n", &clients, "-c", &clients, &url(to, "/ok")],
+        &["--h1", "-n", &clients, "-c", &clients],
+        to,
+        "/ok",
     );
     assert_eq!(h2load_requests(&run, "succeeded"), CLIENTS, "{run}");
 
