@@ -22,7 +22,8 @@
 //! - Errors the proxy generates: 502 with `meshproxy-error` for a refused destination, 400
 //!   for a request that does not parse, each counted as a failure.
 //! - The mTLS pair: 200 client connections making one request each share a handful of
-//!   mTLS connections between the proxies.
+//!   mTLS connections between the proxies; HTTP/1.1 (unchanged at nginx), gRPC statuses and
+//!   streams, and a WebSocket cross the mTLS hop and are counted with `tls="true"`.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -918,4 +919,124 @@ fn over_mtls_200_client_connections_share_a_handful_of_proxy_connections() {
         (1.0..=MAX_MTLS_CONNECTIONS).contains(&mtls),
         "{mtls} mTLS connections between the proxies for {CLIENTS} client connections\n{metrics}"
     );
+}
+
+#[test]
+fn over_mtls_http1_grpc_and_websocket_reach_the_application_unchanged_and_are_counted() {
+    let pods = Pods::new("http_mtls_apps");
+    let mesh = Mesh::new("http_mtls_apps", &pods);
+    let _nginx = nginx(&pods.peer, &mesh.scratch);
+    let _grpc = apps::python_server(
+        &pods.peer,
+        mesh.scratch.path(),
+        "grpc_echo.py",
+        &["serve", &GRPC.to_string()],
+        GRPC,
+    );
+    let _ws = apps::python_server(
+        &pods.peer,
+        mesh.scratch.path(),
+        "ws_echo.py",
+        &["serve", &WS.to_string()],
+        WS,
+    );
+    let b = mesh.start_b(&pods, &[]);
+    let a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
+    let tls = [("tls", "true")];
+
+    // HTTP/1.1, carried between the proxies however they like, reaches nginx as the
+    // client sent it: Host with its case, method, path and query, a custom header, the
+    // protocol version.
+    let to = SocketAddr::new(Family::V4.peer(), HTTP1);
+    let run = curl(
+        &pods.pod,
+        &[
+            "-X",
+            "PATCH",
+            "-H",
+            "Host: Shop.Example:8080",
+            "-H",
+            "X-Custom: kept as is",
+            &url(to, "/echo?a=1&b=%20"),
+        ],
+    )
+    .expect_ok();
+    assert_eq!(
+        run.stdout, "Shop.Example:8080 PATCH /echo?a=1&b=%20 kept as is HTTP/1.1\n",
+        "{run}"
+    );
+    let run = curl(
+        &pods.pod,
+        &["-w", "%{http_code}", "-o", "/dev/null", &url(to, "/fail")],
+    )
+    .expect_ok();
+    assert_eq!(run.stdout, "503", "{run}");
+    expect(&a, "outbound", "request_total", to, &tls, 2.0);
+    expect(
+        &a,
+        "outbound",
+        "response_total",
+        to,
+        &[
+            ("status_code", "503"),
+            ("classification", "failure"),
+            ("tls", "true"),
+        ],
+        1.0,
+    );
+    b.wait_for_metric(
+        "response_total",
+        &[
+            ("direction", "inbound"),
+            ("status_code", "503"),
+            ("classification", "failure"),
+            ("tls", "true"),
+        ],
+        1.0,
+        METRICS_TIMEOUT,
+    );
+
+    // gRPC: statuses in trailers and a bidirectional stream, across the mTLS hop.
+    let to = SocketAddr::new(Family::V4.peer(), GRPC);
+    let run =
+        apps::python_client(&pods.pod, "grpc_echo.py", &["call", &to.to_string()]).expect_ok();
+    let result: serde_json::Value =
+        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    assert_eq!(result["echo"], "hello through the mesh", "{run}");
+    assert_eq!(result["missing"]["code"], 5, "{run}");
+    assert_eq!(result["chat"]["code"], 0, "{run}");
+    assert_eq!(result["chat"]["echoed"], result["chat"]["sent"], "{run}");
+    expect(
+        &a,
+        "outbound",
+        "response_total",
+        to,
+        &[
+            ("grpc_status", "5"),
+            ("classification", "failure"),
+            ("tls", "true"),
+        ],
+        1.0,
+    );
+    b.wait_for_metric(
+        "response_total",
+        &[
+            ("direction", "inbound"),
+            ("grpc_status", "5"),
+            ("classification", "failure"),
+            ("tls", "true"),
+        ],
+        1.0,
+        METRICS_TIMEOUT,
+    );
+
+    // A WebSocket, upgraded across the mTLS hop.
+    let to = SocketAddr::new(Family::V4.peer(), WS);
+    let run =
+        apps::python_client(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")]).expect_ok();
+    let result: serde_json::Value =
+        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    assert_eq!(result["status"], 101, "{run}");
+    assert_eq!(result["echoed"], result["sent"], "{run}");
+    expect(&a, "outbound", "request_total", to, &tls, 1.0);
 }
