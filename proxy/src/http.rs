@@ -21,6 +21,7 @@
 
 mod body;
 mod errors;
+mod head;
 mod headers;
 pub mod metrics;
 mod server;
