@@ -34,11 +34,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::info;
 
-use crate::detect::Protocol;
-use crate::duplex::Counters;
-use crate::metrics::{errno_name, ConnMetrics, Direction};
+use crate::metrics::Counters;
+use crate::route::Direction;
 
 pub use self::errors::ProxyError;
 pub use self::metrics::HttpMetrics;
@@ -48,23 +47,9 @@ pub use self::upstream::{Direct, Endpoint, Upstream};
 /// `--connect-timeout` when not set: Linkerd's outbound connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The HTTP version of a connection (and of the pooled connections it uses).
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Version {
-    Http1,
-    Http2,
-}
-
-impl Version {
-    /// The version detection found, if it found HTTP.
-    pub fn detected(protocol: Protocol) -> Option<Version> {
-        match protocol {
-            Protocol::Http1 => Some(Version::Http1),
-            Protocol::Http2 => Some(Version::Http2),
-            Protocol::Opaque | Protocol::Tls => None,
-        }
-    }
-}
+/// The HTTP version of a connection, as detected (and of the pooled connections it
+/// uses: the proxy speaks the client's version).
+pub(crate) use crate::hop::HttpVersion as Version;
 
 /// What every HTTP connection shares: the pool and the metrics.
 #[derive(Clone)]
@@ -124,22 +109,6 @@ impl HttpProxy {
             suppressed,
             "answering the request itself: {error}"
         );
-    }
-}
-
-/// Records how an HTTP client connection ended in its `tcp_close_total` errno: empty
-/// for a clean close, the errno of an I/O error, `EPROTO` for an HTTP error (a request
-/// that does not parse, a header read timeout, ...).
-pub fn record(served: Result<(), hyper::Error>, conn: &mut ConnMetrics, target: SocketAddr) {
-    match served {
-        Ok(()) => conn.set_errno(None),
-        Err(error) => {
-            let errno = std::error::Error::source(&error)
-                .and_then(|source| source.downcast_ref::<std::io::Error>())
-                .map_or_else(|| "EPROTO".to_string(), errno_name);
-            debug!(%target, %error, "HTTP connection failed");
-            conn.set_errno(Some(errno));
-        }
     }
 }
 

@@ -42,7 +42,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use tokio::time::Instant;
 
-use crate::metrics::{Direction, OVERFLOW};
+use crate::metrics::OVERFLOW;
+use crate::route::Direction;
 
 /// Linkerd's latency buckets (1 ms to 50 s), in seconds.
 pub const LATENCY_BUCKETS: [f64; 25] = [

@@ -39,9 +39,9 @@ use super::metrics::{RequestLabels, ResponseLabels, Series};
 use super::upstream::pool::Key;
 use super::upstream::Observe;
 use super::{Client, HttpProxy, Version};
-use crate::duplex::Counters;
-use crate::metrics::Direction;
+use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
+use crate::route::Direction;
 
 /// How long an HTTP/1 client may take to send a request head, counted from the end
 /// of the previous response (so it is also how long a keep-alive connection may stay
