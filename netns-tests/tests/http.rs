@@ -19,8 +19,9 @@
 //!   a slow client and a slow server hold neither proxy's memory above 64 MiB (backpressure).
 //! - WebSocket (websockets): echoes after the upgrade, counted as one request.
 //! - `promtool check metrics` accepts `/metrics` after HTTP traffic, with the histogram.
-//! - Errors the proxy generates: 502 with `meshproxy-error` for a refused destination, 400
-//!   for a request that does not parse, each counted as a failure.
+//! - Errors the proxy generates: 502 with `meshproxy-error` for a refused destination, 504
+//!   for a connect that times out (SYNs dropped), 400 for a request that does not parse,
+//!   each counted as a failure.
 //! - The mTLS pair: 200 client connections making one request each share a handful of
 //!   mTLS connections between the proxies; HTTP/1.1 (unchanged at nginx), gRPC statuses and
 //!   streams, and a WebSocket cross the mTLS hop and are counted with `tls="true"`.
@@ -816,6 +817,53 @@ fn the_proxy_answers_502_with_meshproxy_error_for_a_refused_destination() {
         &[("status_code", "502"), ("classification", "failure")],
         1.0,
     );
+}
+
+#[test]
+fn the_proxy_answers_504_with_meshproxy_error_when_the_connect_times_out() {
+    /// Where the peer drops every SYN.
+    const BLACKHOLE: u16 = 8098;
+    let pods = Pods::new("http_504");
+    pods.peer
+        .exec(&["nft", "add table inet blackhole"])
+        .expect_ok();
+    pods.peer
+        .exec(&[
+            "nft",
+            "add chain inet blackhole input { type filter hook input priority 0; }",
+        ])
+        .expect_ok();
+    pods.peer
+        .exec(&[
+            "nft",
+            &format!("add rule inet blackhole input tcp dport {BLACKHOLE} drop"),
+        ])
+        .expect_ok();
+    pods.pod.meshinit(&["apply"]).expect_ok();
+    let outbound = pods.pod.start_meshproxy(&["--connect-timeout=300ms"]);
+    for family in Family::ALL {
+        let to = SocketAddr::new(family.peer(), BLACKHOLE);
+        let started = std::time::Instant::now();
+        let (status, response) = curl_head(&pods.pod, to, "/x");
+        let took = started.elapsed();
+        assert_eq!(status, 504, "{to}\n{response}");
+        assert!(
+            header(&response, "meshproxy-error").is_some(),
+            "{to}: no meshproxy-error header\n{response}"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "{to}: the 504 took {took:?} with a 300 ms connect timeout"
+        );
+        expect(
+            &outbound,
+            "outbound",
+            "response_total",
+            to,
+            &[("status_code", "504"), ("classification", "failure")],
+            1.0,
+        );
+    }
 }
 
 #[test]
