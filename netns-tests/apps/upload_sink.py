@@ -4,6 +4,10 @@ a 100 MiB upload costs no memory or disk. Answers `Expect: 100-continue` (http.s
 for HTTP/1.1), which curl sends before a large body. On paths under `/slow` it reads at
 most 64 KiB per 2 ms (about 30 MB/s), a slow server whose sender must be held back.
 
+It also answers `GET /headers` with the request's header lines as received (names in the
+case the client wrote them), and a response header with mixed case, `X-MiXeD-Case: yes`,
+so a test can see what a proxy between them did to headers.
+
     upload_sink.py PORT    # listens on [::]:PORT (IPv4 too), prints "ready"
 """
 
@@ -50,6 +54,18 @@ class Sink(BaseHTTPRequestHandler):
         body = f"{total} {digest.hexdigest()}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path != "/headers":
+            self.send_error(404)
+            return
+        body = "".join(f"{name}: {value}\n" for name, value in self.headers.items()).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("X-MiXeD-Case", "yes")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

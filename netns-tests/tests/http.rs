@@ -10,9 +10,10 @@
 //!   requests from `h2load --h1` too; HTTP/1.0.
 //! - Classification: nginx answering 200, 404 and 503 (over HTTP/1.1 and HTTP/2) gives
 //!   `response_total` per `status_code` with `classification` success or failure; the
-//!   request reaches nginx unchanged (Host, method, path, a custom header).
+//!   request reaches nginx unchanged (Host, method, path, a custom header); HTTP/1 header
+//!   names keep their case both ways, hop-by-hop headers stop at the first hop.
 //! - HTTP/2 with prior knowledge: `h2load` multiplexing 1,000 requests over 2 connections to
-//!   `nghttpd`, each request counted.
+//!   `nghttpd`, each request counted; 20 MiB through `nghttp`'s 64 KiB windows intact.
 //! - gRPC with grpcio: `grpc_status="5"` and `classification="failure"` for NOT_FOUND, a
 //!   bidirectional streaming call that only progresses if both directions flow.
 //! - 100 MiB up (POST, with Content-Length and with chunked) and down are SHA-256 identical;
@@ -342,6 +343,60 @@ fn responses_are_classified_by_status_over_http1_and_http2_and_requests_arrive_u
     }
 }
 
+#[test]
+fn http1_header_name_case_is_kept_both_ways_and_hop_by_hop_headers_are_not_forwarded() {
+    let pods = Pods::new("http_headers");
+    let scratch = Scratch::new("http_headers");
+    let _app = apps::python_server(
+        &pods.peer,
+        scratch.path(),
+        "upload_sink.py",
+        &[&SINK.to_string()],
+        SINK,
+    );
+    let pair = mesh_both(&pods);
+    for family in Family::ALL {
+        let to = SocketAddr::new(family.peer(), SINK);
+        let run = curl(
+            &pods.pod,
+            &[
+                "-g",
+                "-i",
+                "-H",
+                "X-CamelCase-Header: kept",
+                "-H",
+                "x-lower: kept",
+                // Hop-by-hop (RFC 9110 §7.6.1): the header `Connection` names, and
+                // `Keep-Alive`, are for the next hop only.
+                "-H",
+                "Connection: keep-alive, X-Hop",
+                "-H",
+                "X-Hop: for the first hop only",
+                "-H",
+                "Keep-Alive: timeout=5",
+                &url(to, "/headers"),
+            ],
+        )
+        .expect_ok();
+        let (head, body) = run.stdout.split_once("\r\n\r\n").unwrap_or(("", ""));
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{run}"
+        );
+        // The response's header name as the server wrote it.
+        assert!(head.contains("\r\nX-MiXeD-Case: yes"), "{run}");
+        // The request's header names as the client wrote them.
+        assert!(body.contains("X-CamelCase-Header: kept\n"), "{run}");
+        assert!(body.contains("x-lower: kept\n"), "{run}");
+        assert!(!body.to_ascii_lowercase().contains("x-hop"), "{run}");
+        assert!(
+            !body.to_ascii_lowercase().contains("keep-alive: timeout"),
+            "{run}"
+        );
+        pair.expect("request_total", to, &[], 1.0);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // HTTP/2
 
@@ -356,6 +411,15 @@ fn http2_prior_knowledge_multiplexed_requests_are_counted_one_by_one() {
         .map(|i| format!("line {i:04} of the file\n"))
         .collect();
     fs::write(docroot.join("hello"), &content).unwrap();
+    // 20 MiB through 64 KiB flow-control windows: over 300 WINDOW_UPDATEs per hop.
+    let big = docroot.join("big");
+    netns_tests::Run::of(
+        std::process::Command::new("head")
+            .args(["-c", &(20 * MIB).to_string(), "/dev/urandom"])
+            .stdout(fs::File::create(&big).unwrap()),
+    )
+    .expect_ok();
+    let big_sha = sha256_file(&big);
     let _nghttpd = apps::nghttpd(&pods.peer, scratch.path(), &docroot, NGHTTPD);
     let pair = mesh_both(&pods);
     for family in Family::ALL {
@@ -393,6 +457,24 @@ fn http2_prior_knowledge_multiplexed_requests_are_counted_one_by_one() {
         .expect_ok();
         assert_eq!(run.stdout, content, "{run}");
         pair.expect("request_total", to, &[], REQUESTS as f64 + 1.0);
+
+        // Flow control: nghttp announces 64 KiB windows (`-w 16 -W 16`, 2^16 - 1 bytes) for
+        // the stream and the connection, so the proxy may only send as the client reads.
+        let run = netns_tests::Run::of(
+            pods.pod
+                .command("bash")
+                .arg("-c")
+                .arg(r#"set -o pipefail; nghttp -w 16 -W 16 --no-dep "$1" | sha256sum"#)
+                .arg("bash")
+                .arg(url(to, "/big")),
+        )
+        .expect_ok();
+        assert_eq!(
+            run.stdout.split_whitespace().next(),
+            Some(big_sha.as_str()),
+            "{run}"
+        );
+        pair.expect("request_total", to, &[], REQUESTS as f64 + 2.0);
     }
 }
 
@@ -504,7 +586,9 @@ fn a_100_mib_upload_and_download_are_sha256_identical() {
         // Up: a POST of the file, with Content-Length (and, from curl, `Expect:
         // 100-continue`) for IPv4, chunked for IPv6. The sink answers with what it hashed.
         let to = SocketAddr::new(family.peer(), SINK);
-        let mut args = vec!["-g", "--fail", "--data-binary", &big_arg];
+        // `-v`: curl's trace shows the interim `100 Continue` it waited for (without one it
+        // would send the body after 1 s anyway).
+        let mut args = vec!["-g", "-v", "--fail", "--data-binary", &big_arg];
         if family == Family::V6 {
             args.extend(["-H", "Transfer-Encoding: chunked"]);
         }
@@ -512,6 +596,8 @@ fn a_100_mib_upload_and_download_are_sha256_identical() {
         args.push(&target);
         let run = curl(&pods.pod, &args).expect_ok();
         assert_eq!(run.stdout, format!("{SIZE} {sha}\n"), "{family:?} upload");
+        assert!(run.stderr.contains("> Expect: 100-continue"), "{run}");
+        assert!(run.stderr.contains("< HTTP/1.1 100 Continue"), "{run}");
         pair.expect(
             "response_total",
             to,
