@@ -19,7 +19,8 @@
 //! - 100 MiB up (POST, with Content-Length and with chunked) and down are SHA-256 identical;
 //!   a slow client and a slow server hold neither proxy's memory above 64 MiB (backpressure).
 //! - WebSocket (websockets): echoes after the upgrade, counted as one request.
-//! - `promtool check metrics` accepts `/metrics` after HTTP traffic, with the histogram.
+//! - `promtool check metrics` accepts `/metrics` after HTTP traffic, with the histogram; a
+//!   client naming 3,000 authorities leaves the request label sets at their cap.
 //! - Errors the proxy generates: 502 with `meshproxy-error` for a refused destination, 504
 //!   for a connect that times out (SYNs dropped), 400 for a request that does not parse,
 //!   each counted as a failure.
@@ -395,6 +396,83 @@ fn http1_header_name_case_is_kept_both_ways_and_hop_by_hop_headers_are_not_forwa
         );
         pair.expect("request_total", to, &[], 1.0);
     }
+}
+
+#[test]
+fn a_client_naming_3000_authorities_cannot_grow_the_request_label_sets_past_their_cap() {
+    const AUTHORITIES: usize = 3000;
+    /// docs/design.md: 512 request label sets, 2,048 response label sets.
+    const MAX_REQUEST_SETS: usize = 512;
+    const MAX_RESPONSE_SETS: usize = 2048;
+    let pods = Pods::new("http_authority_cap");
+    let scratch = Scratch::new("http_authority_cap");
+    let _nginx = nginx(&pods.peer, &scratch);
+    pods.pod.meshinit(&["apply"]).expect_ok();
+    let outbound = pods.pod.start_meshproxy(&[]);
+    let to = SocketAddr::new(Family::V4.peer(), HTTP1);
+
+    // One connection, 3,000 pipelined requests, each with its own Host: what a client
+    // (not a well-behaved one) may send. Written by one thread while this one reads.
+    let stream = pods
+        .pod
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..AUTHORITIES {
+            let close = if i + 1 == AUTHORITIES {
+                "Connection: close\r\n"
+            } else {
+                ""
+            };
+            write!(
+                writer,
+                "GET /ok HTTP/1.1\r\nHost: host-{i}.example\r\n{close}\r\n"
+            )
+            .unwrap();
+        }
+    });
+    let mut responses = String::new();
+    (&stream).read_to_string(&mut responses).unwrap();
+    sender.join().unwrap();
+    assert_eq!(
+        responses.matches("HTTP/1.1 200 ").count(),
+        AUTHORITIES,
+        "not every request was answered"
+    );
+
+    // Every request is counted, most of them under the overflow label set.
+    let metrics = outbound.wait_for_metric(
+        "request_total",
+        &[("direction", "outbound")],
+        AUTHORITIES as f64,
+        METRICS_TIMEOUT,
+    );
+    let request_sets = metrics.samples("request_total").count();
+    let response_sets = metrics.samples("response_total").count();
+    assert!(
+        request_sets <= MAX_REQUEST_SETS + 1,
+        "{request_sets} request_total series"
+    );
+    assert!(
+        response_sets <= MAX_RESPONSE_SETS + 1,
+        "{response_sets} response_total series"
+    );
+    assert!(
+        metrics.sum(
+            "request_total",
+            &[("target_addr", "overflow"), ("authority", "overflow")]
+        ) >= (AUTHORITIES - MAX_REQUEST_SETS) as f64,
+        "the requests past the cap are not under the overflow labels\n{metrics}"
+    );
+    assert!(
+        metrics.text.len() < 2 << 20,
+        "/metrics is {} bytes",
+        metrics.text.len()
+    );
+    promtool_check(&metrics.text);
 }
 
 // ---------------------------------------------------------------------------------------
