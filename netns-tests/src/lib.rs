@@ -21,6 +21,8 @@
 //! - `transfer`: bulk sends and receives hashed with SHA-256 ([`transfer::Pattern`]).
 //! - `apps`: real HTTP servers and clients for the HTTP tests: Debian's nginx, nghttpd, curl and
 //!   h2load, and the Python programs of `apps/` (grpcio, websockets) from the test venv.
+//! - `http`: the set-up of the HTTP tests: both pods meshed in plaintext, waiting for a
+//!   metric at a proxy, nginx with the tests' sites, helpers for curl, files and promtool.
 //! - `fault`: [`fault::FaultyTools`], failing or killed stand-ins for nft/iptables tools.
 //! - `bins`: where the binaries under test are (`meshinit`, `meshproxy`, `netns-probe`) and
 //!   running `meshinit` in a namespace.
@@ -40,6 +42,7 @@ mod backend;
 mod bins;
 pub mod cni;
 pub mod fault;
+pub mod http;
 pub mod mesh;
 mod netns;
 mod nft;
