@@ -843,3 +843,64 @@ async fn a_connect_tunnel_carries_opaque_bytes() {
     let labels = outbound(target, "tunnel.test:443");
     assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
 }
+
+/// A response whose body the destination cuts short is a failure, whatever its status.
+#[tokio::test]
+async fn a_body_cut_short_is_a_failure() {
+    let (target, _) = raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello").await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h1_client(proxy.outbound()).await;
+    let request = Request::get("/")
+        .header("host", "cut.test")
+        .body(full(""))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.into_body().collect().await.is_err(),
+        "the client sees the body end in an error, not a clean end"
+    );
+    let labels = outbound(target, "cut.test");
+    let series =
+        format!(r#"response_total{{{labels},status_code="200",classification="failure"}}"#);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(&proxy.metrics().await, &series) != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// HTTP/2 `CONNECT` (a tunnel over one stream of a multiplexed connection): opaque
+/// bytes both ways, while the connection keeps serving other streams.
+#[tokio::test]
+async fn an_http2_connect_tunnel_carries_opaque_bytes() {
+    let (target, _) = server(true, |req: Request<Incoming>| async move {
+        if req.method() == http::Method::CONNECT {
+            return upgrading_handler(req).await;
+        }
+        Response::new(full("plain"))
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h2_client(proxy.outbound()).await;
+    let request = Request::connect("tunnel.test:443").body(full("")).unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // An HTTP/2 client's tunnel is the response's stream.
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+    tunnel.write_all(b"over h2").await.unwrap();
+    let mut echoed = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(10), tunnel.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"over h2");
+    // Another stream of the same connection still works.
+    let request = Request::get("http://tunnel.test/").body(full("")).unwrap();
+    let response = client.send_request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"plain");
+}
