@@ -57,6 +57,10 @@ pub struct HttpProxy {
     pool: Arc<Pool>,
     metrics: HttpMetrics,
     errors: Arc<ErrorLog>,
+    /// Set when the proxy shuts down: connections finish their requests in flight,
+    /// then close (HTTP/1 after the current response, HTTP/2 with a GOAWAY), instead
+    /// of holding the drain for the whole grace period while idle.
+    draining: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// One client connection, as routed.
@@ -78,7 +82,13 @@ impl HttpProxy {
             pool: Pool::new(connect_timeout),
             metrics,
             errors: Arc::new(ErrorLog::default()),
+            draining: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Asks every connection to close once its requests in flight are answered.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
     }
 
     /// Serves the client connection `io` until it closes: each request is proxied

@@ -904,3 +904,69 @@ async fn an_http2_connect_tunnel_carries_opaque_bytes() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"plain");
 }
+
+/// On shutdown, HTTP connections finish the requests in flight and then close, so an
+/// idle kept-alive client does not hold the drain for the whole grace period.
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish_then_closes_http_connections() {
+    let (target, _) = server(false, |req: Request<Incoming>| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Response::new(full("done"))
+    })
+    .await;
+    let args = ProxyArgs {
+        inbound_addr: Some("127.0.0.1:0".into()),
+        outbound_addr: Some("127.0.0.1:0".into()),
+        admin_addr: Some("127.0.0.1:0".into()),
+        shutdown_grace: Some("30s".into()),
+        ..ProxyArgs::default()
+    };
+    let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
+    let proxy = Proxy::bind(config).await.unwrap();
+    let outbound = proxy.local_addrs().outbound[0];
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.serve_with(move |_| Ok(target), async {
+        let _ = stopped.await;
+    }));
+
+    // An idle kept-alive client, and one with a request in flight.
+    let mut idle = h1_client(outbound).await;
+    let request = Request::get("/")
+        .header("host", "a.test")
+        .body(full(""))
+        .unwrap();
+    let response = idle.send_request(request).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let mut busy = h1_client(outbound).await;
+    let request = Request::get("/slow")
+        .header("host", "a.test")
+        .body(full(""))
+        .unwrap();
+    let in_flight = tokio::spawn(async move {
+        let response = busy.send_request(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (body, busy)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let started = std::time::Instant::now();
+    stop.send(()).unwrap();
+    let (body, busy) = in_flight.await.unwrap();
+    assert_eq!(&body[..], b"done", "the request in flight was answered");
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("drained long before the 30 s grace period")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Both client connections were closed by the proxy.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !(idle.is_closed() && busy.is_closed()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the clients' connections are closed");
+}

@@ -27,7 +27,7 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -66,6 +66,7 @@ where
 {
     let (tunnels_tx, tunnels_rx) = mpsc::unbounded_channel();
     let version = client.version;
+    let draining = proxy.draining.subscribe();
     let cx = Arc::new(ConnCx {
         proxy,
         client,
@@ -101,7 +102,8 @@ where
                 .max_buf_size(MAX_HEAD)
                 .serve_connection(io, service)
                 .with_upgrades();
-            drive(connection, tunnels_rx).await
+            let graceful = http1::UpgradeableConnection::graceful_shutdown;
+            drive(connection, tunnels_rx, draining, graceful).await
         }
         Version::Http2 => {
             let io = TokioIo::new(io);
@@ -111,7 +113,8 @@ where
                 .max_header_list_size(MAX_HEAD as u32)
                 .enable_connect_protocol()
                 .serve_connection(io, service);
-            drive(connection, tunnels_rx).await
+            let graceful = http2::Connection::graceful_shutdown;
+            drive(connection, tunnels_rx, draining, graceful).await
         }
     }
 }
@@ -147,21 +150,31 @@ where
     Ok(())
 }
 
-/// Runs the connection and the tunnels its requests open, until all are done.
+/// Runs the connection and the tunnels its requests open, until all are done; asks
+/// the connection to finish gracefully once the proxy drains.
 async fn drive<C>(
     connection: C,
     mut tunnels_rx: mpsc::UnboundedReceiver<Tunnel>,
+    mut draining: watch::Receiver<bool>,
+    graceful_shutdown: fn(Pin<&mut C>),
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
     let mut tunnels = JoinSet::new();
     tokio::pin!(connection);
+    let mut asked = false;
     let result = loop {
         tokio::select! {
             result = &mut connection => break result,
             Some(tunnel) = tunnels_rx.recv() => {
                 tunnels.spawn(tunnel);
+            }
+            drained = draining.wait_for(|d| *d), if !asked => {
+                asked = true;
+                // The sender lives as long as the proxy; gone means the same.
+                let _ = drained;
+                graceful_shutdown(connection.as_mut());
             }
         }
     };
