@@ -970,3 +970,39 @@ async fn shutdown_lets_requests_in_flight_finish_then_closes_http_connections() 
     .await
     .expect("the clients' connections are closed");
 }
+
+/// A later request of a kept-alive connection that does not parse gets hyper's own
+/// 400 (the proxy checks only the first head), and is still counted as a failure.
+#[tokio::test]
+async fn a_later_request_that_does_not_parse_is_counted_as_a_failure() {
+    let (target, _) = server(false, |_req| async { Response::new(full("ok")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: later.test\r\n\r\nGET / HTTP/1.1\r\nNo colon\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut response))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(
+        response.contains("HTTP/1.1 400 Bad Request\r\n"),
+        "{response}"
+    );
+    let failed = format!(
+        r#"response_total{{{},status_code="400",classification="failure"}}"#,
+        outbound(target, "")
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(&proxy.metrics().await, &failed) != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{failed} never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

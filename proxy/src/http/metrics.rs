@@ -258,9 +258,12 @@ impl HttpMetrics {
         series.last_active.store(self.now(), Ordering::Relaxed);
     }
 
-    /// Counts a response, finished after `latency`.
-    pub fn response(&self, series: &Series, response: ResponseLabels, latency: Duration) {
-        series.latency.observe(latency.as_secs_f64());
+    /// Counts a response, finished after `latency` (`None` when it is not known: the
+    /// response is then counted in `response_total` only).
+    pub fn response(&self, series: &Series, response: ResponseLabels, latency: Option<Duration>) {
+        if let Some(latency) = latency {
+            series.latency.observe(latency.as_secs_f64());
+        }
         series.last_active.store(self.now(), Ordering::Relaxed);
         if count_response(series, response, || {
             self.0
@@ -429,7 +432,7 @@ mod tests {
         for n in 0..requests {
             let series = metrics.series(labels(n));
             metrics.request(&series);
-            metrics.response(&series, ok(), Duration::from_millis(3));
+            metrics.response(&series, ok(), Some(Duration::from_millis(3)));
         }
         let text = encode(&metrics);
         let request_lines = text
@@ -479,7 +482,7 @@ mod tests {
                     grpc_status,
                     failure: status >= 500,
                 };
-                metrics.response(&series, response, Duration::from_millis(1));
+                metrics.response(&series, response, Some(Duration::from_millis(1)));
                 responses += 1;
             }
         }
@@ -516,7 +519,7 @@ mod tests {
             grpc_status: Some(5),
             failure: true,
         };
-        metrics.response(&series, failed, Duration::from_millis(1));
+        metrics.response(&series, failed, Some(Duration::from_millis(1)));
         let text = encode(&metrics);
         let line = r#"response_total{direction="outbound",target_addr="198.18.0.1:80",authority="host-0.test",tls="false",status_code="200",classification="failure",grpc_status="5"} 1"#;
         assert!(text.contains(line), "{text}");

@@ -103,7 +103,11 @@ where
                 .serve_connection(io, service)
                 .with_upgrades();
             let graceful = http1::UpgradeableConnection::graceful_shutdown;
-            drive(connection, tunnels_rx, draining, graceful).await
+            let served = drive(connection, tunnels_rx, draining, graceful).await;
+            if let Err(error) = &served {
+                cx.count_hyper_answer(error);
+            }
+            served
         }
         Version::Http2 => {
             let io = TokioIo::new(io);
@@ -146,7 +150,7 @@ where
     };
     cx.proxy
         .metrics
-        .response(&series, response, started.elapsed());
+        .response(&series, response, Some(started.elapsed()));
     Ok(())
 }
 
@@ -283,6 +287,25 @@ impl ConnCx {
             observer,
         };
         Response::from_parts(parts, ResponseBody::local(Some(bytes), recorder))
+    }
+
+    /// Counts the answer hyper itself gave to a later request of a kept-alive HTTP/1
+    /// connection that did not parse (400, or 431 for a head too large): a request and
+    /// a failed response, whose latency is unknown (hyper measured nothing).
+    fn count_hyper_answer(&self, error: &hyper::Error) {
+        if !error.is_parse() || error.is_parse_version_h2() {
+            return;
+        }
+        let status = if error.is_parse_too_large() { 431 } else { 400 };
+        let authority = (self.client.direction == Direction::Outbound).then_some("");
+        let series = self.series(authority, None);
+        self.proxy.metrics.request(&series);
+        let response = ResponseLabels {
+            status,
+            grpc_status: None,
+            failure: true,
+        };
+        self.proxy.metrics.response(&series, response, None);
     }
 
     /// The label set of a request, from the connection's cache when it matches.
