@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -66,56 +67,69 @@ pub struct Key {
     pub version: Version,
 }
 
-/// The request body type the pool sends: the client's, streamed.
-pub type Body = Incoming;
+/// What a request body must be for the pool to send it: the client's `Incoming`,
+/// streamed, in the proxy; any body in tests (and for whoever wraps bodies later).
+pub trait SendBody:
+    http_body::Body<Data = Bytes, Error = Self::E> + Send + Unpin + 'static
+{
+    type E: Into<Box<dyn std::error::Error + Send + Sync>>;
+}
 
-/// The connections to every endpoint.
-pub struct Pool {
+impl<B> SendBody for B
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type E = B::Error;
+}
+
+/// The connections to every endpoint, sending request bodies of type `B`.
+pub struct Pool<B = Incoming> {
     connect_timeout: Duration,
     /// Opens [`Transport::Mesh`] connections; `None` without an identity.
     mesh: Option<Arc<dyn MeshConnect>>,
-    state: Mutex<State>,
+    state: Mutex<State<B>>,
     /// Whether the reaper task runs (started with the first idle connection, so that
     /// a pool can be built outside a runtime).
     reaper: std::sync::Once,
 }
 
-#[derive(Default)]
-struct State {
-    idle: HashMap<Key, Vec<Idle>>,
+struct State<B> {
+    idle: HashMap<Key, Vec<Idle<B>>>,
     idle_count: usize,
-    h2: HashMap<Key, Arc<H2Slot>>,
+    h2: HashMap<Key, Arc<H2Slot<B>>>,
 }
 
-struct Idle {
-    sender: http1::SendRequest<Body>,
+struct Idle<B> {
+    sender: http1::SendRequest<B>,
     since: Instant,
 }
 
 /// The one HTTP/2 connection of a key.
-struct H2Slot {
-    sender: Mutex<Option<http2::SendRequest<Body>>>,
+struct H2Slot<B> {
+    sender: Mutex<Option<http2::SendRequest<B>>>,
     /// Held while connecting, so concurrent first requests share one connection.
     connecting: tokio::sync::Mutex<()>,
     last_used: Mutex<Instant>,
 }
 
-impl Pool {
+impl<B: SendBody> Pool<B> {
     /// A pool whose connects give up after `connect_timeout` (`--connect-timeout`), and
     /// that opens [`Transport::Mesh`] connections with `mesh`, when given.
-    pub fn new(
-        connect_timeout: Duration,
-        mesh: Option<Arc<dyn MeshConnect>>,
-    ) -> Arc<Pool> {
+    pub fn new(connect_timeout: Duration, mesh: Option<Arc<dyn MeshConnect>>) -> Arc<Pool<B>> {
         Arc::new(Pool {
             connect_timeout,
             mesh,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                idle: HashMap::new(),
+                idle_count: 0,
+                h2: HashMap::new(),
+            }),
             reaper: std::sync::Once::new(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -124,7 +138,7 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         key: Key,
-        request: Request<Body>,
+        request: Request<B>,
     ) -> Result<Response<Incoming>, ProxyError> {
         self.start_reaper();
         match key.version {
@@ -136,7 +150,7 @@ impl Pool {
     async fn send_h1(
         self: &Arc<Self>,
         key: Key,
-        mut request: Request<Body>,
+        mut request: Request<B>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let addr = key.endpoint.addr;
         loop {
@@ -163,7 +177,7 @@ impl Pool {
     }
 
     /// An idle, usable connection of `key`, the most recently used first.
-    fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+    fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<B>> {
         let mut state = self.lock();
         let state = &mut *state;
         let list = state.idle.get_mut(key)?;
@@ -183,7 +197,7 @@ impl Pool {
 
     /// Puts the connection back once its response has been read to the end (or drops
     /// it, when it closed or was upgraded).
-    fn checkin_when_ready(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>) {
+    fn checkin_when_ready(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<B>) {
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             if sender.ready().await.is_err() {
@@ -206,7 +220,7 @@ impl Pool {
         });
     }
 
-    async fn connect_h1(&self, key: &Key) -> Result<http1::SendRequest<Body>, ProxyError> {
+    async fn connect_h1(&self, key: &Key) -> Result<http1::SendRequest<B>, ProxyError> {
         let io = self.connect(&key.endpoint, key.version).await?;
         let addr = key.endpoint.addr;
         let (sender, connection) = http1::Builder::new()
@@ -229,7 +243,7 @@ impl Pool {
     async fn send_h2(
         self: &Arc<Self>,
         key: Key,
-        request: Request<Body>,
+        request: Request<B>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let addr = key.endpoint.addr;
         let slot = self
@@ -265,7 +279,7 @@ impl Pool {
             .map_err(|e| ProxyError::upstream(addr, e))
     }
 
-    async fn connect_h2(&self, key: &Key) -> Result<http2::SendRequest<Body>, ProxyError> {
+    async fn connect_h2(&self, key: &Key) -> Result<http2::SendRequest<B>, ProxyError> {
         let io = self.connect(&key.endpoint, key.version).await?;
         let addr = key.endpoint.addr;
         let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -351,9 +365,23 @@ impl Pool {
     }
 }
 
-impl H2Slot {
+#[cfg(test)]
+impl<B: SendBody> Pool<B> {
+    /// Idle HTTP/1 connections, and open HTTP/2 ones.
+    fn counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        let h2 = state
+            .h2
+            .values()
+            .filter(|slot| lock(&slot.sender).is_some())
+            .count();
+        (state.idle_count, h2)
+    }
+}
+
+impl<B> H2Slot<B> {
     /// A handle on the open connection, if it is still usable.
-    fn ready(&self) -> Option<http2::SendRequest<Body>> {
+    fn ready(&self) -> Option<http2::SendRequest<B>> {
         let sender = lock(&self.sender);
         sender.as_ref().filter(|s| !s.is_closed()).cloned()
     }
@@ -363,7 +391,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn reap(pool: Weak<Pool>) {
+async fn reap<B: SendBody>(pool: Weak<Pool<B>>) {
     let mut interval = tokio::time::interval(REAP_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -372,3 +400,6 @@ async fn reap(pool: Weak<Pool>) {
         pool.reap_idle(Instant::now());
     }
 }
+
+#[cfg(test)]
+mod tests;
