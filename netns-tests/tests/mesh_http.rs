@@ -92,7 +92,10 @@ fn many_curl_connections_cross_in_ciphertext_over_at_most_two_mtls_connections()
         (3 * CLIENTS) as f64,
         METRICS_TIMEOUT,
     );
-    let accepted = metrics.sum("tcp_open_total", &[("direction", "inbound"), ("tls", "true")]);
+    let accepted = metrics.sum(
+        "tcp_open_total",
+        &[("direction", "inbound"), ("tls", "true")],
+    );
     assert!(
         (1.0..=2.0).contains(&accepted),
         "B's proxy accepted {accepted} mTLS connections\n{metrics}"
@@ -108,9 +111,20 @@ fn many_curl_connections_cross_in_ciphertext_over_at_most_two_mtls_connections()
 
     // Between the pods: a TLS handshake offering the transport ALPN, then TLS records;
     // no request, header value or response in the clear.
-    assert!(contains(&wire, TRANSPORT_ALPN.as_bytes()), "no mTLS handshake");
-    assert!(contains(&wire, &[0x17, 0x03, 0x03]), "no TLS application data");
-    for plaintext in [secret.as_bytes(), b"GET /echo", b"Shop.Example", b"l5d-orig-proto"] {
+    assert!(
+        contains(&wire, TRANSPORT_ALPN.as_bytes()),
+        "no mTLS handshake"
+    );
+    assert!(
+        contains(&wire, &[0x17, 0x03, 0x03]),
+        "no TLS application data"
+    );
+    for plaintext in [
+        secret.as_bytes(),
+        b"GET /echo",
+        b"Shop.Example",
+        b"l5d-orig-proto",
+    ] {
         assert!(
             !contains(&wire, plaintext),
             "{} crossed the veth in plaintext",

@@ -36,10 +36,10 @@ use crate::identity::IdentityError;
 use crate::mesh::Mesh;
 use crate::mesh_peers::MeshPeersError;
 use crate::metrics::{ConnMetrics, Metrics};
+use crate::outbound::mesh_http::MeshConnector;
 use crate::outcome::{record, HopError, Outcome};
 use crate::prefixed::Prefixed;
 use crate::route::{Direction, Route};
-use crate::outbound::mesh_http::MeshConnector;
 use crate::{inbound, outbound};
 
 /// What every connection needs: the policy from the config and the shared metrics.

@@ -85,13 +85,19 @@ pub(crate) async fn over(
     let peer = tcp.peer_addr().ok();
     let client_config = mesh.identity.current().client_config();
     let header = header(target, protocol);
-    let tls = handshake(client_config, tcp, server_id, &header, fwd.handshake_timeout)
-        .await
-        .map_err(|reason| HopError::PeerHandshake {
-            reason,
-            peer,
-            peer_id: server_id.to_string(),
-        })?;
+    let tls = handshake(
+        client_config,
+        tcp,
+        server_id,
+        &header,
+        fwd.handshake_timeout,
+    )
+    .await
+    .map_err(|reason| HopError::PeerHandshake {
+        reason,
+        peer,
+        peer_id: server_id.to_string(),
+    })?;
     debug!(%target, ?peer, %server_id, "mTLS established");
     Ok(duplex(client, tls, classified.prefix, conn.counters()).await?)
 }

@@ -341,7 +341,11 @@ async fn two_hundred_http1_clients_share_a_handful_of_mtls_connections() {
         sum(
             &a_metrics,
             "tcp_open_total",
-            &[r#"direction="outbound""#, r#"protocol="http1""#, r#"tls="true""#]
+            &[
+                r#"direction="outbound""#,
+                r#"protocol="http1""#,
+                r#"tls="true""#
+            ]
         ),
         CLIENTS as f64,
         "{a_metrics}"
@@ -433,16 +437,37 @@ async fn http1_over_the_http2_hop_reaches_the_application_as_http1() {
     };
     // The client gets an HTTP/1.1 response, its header names as HTTP/1 writes them.
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
-    assert!(response.contains("\r\nX-App-Header: Kept\r\n"), "{response}");
-    assert!(!response.to_ascii_lowercase().contains("l5d-orig-proto"), "{response}");
+    assert!(
+        response.contains("\r\nX-App-Header: Kept\r\n"),
+        "{response}"
+    );
+    assert!(
+        !response.to_ascii_lowercase().contains("l5d-orig-proto"),
+        "{response}"
+    );
     // The application got an origin-form HTTP/1.1 request, Host and values unchanged,
     // the names in the case the client wrote them, and no mark of the trip.
     let (_, app_head) = response.split_once("\r\n\r\n").unwrap();
-    assert!(app_head.starts_with("GET /p?q=1 HTTP/1.1\r\n"), "{app_head}");
-    assert!(app_head.contains("\r\nHost: Shop.Example:8080\r\n"), "{app_head}");
-    assert!(app_head.contains("\r\nX-Custom: Value As Is\r\n"), "{app_head}");
-    assert!(app_head.contains("\r\nContent-Type: text/plain\r\n"), "{app_head}");
-    assert!(!app_head.to_ascii_lowercase().contains("l5d-orig-proto"), "{app_head}");
+    assert!(
+        app_head.starts_with("GET /p?q=1 HTTP/1.1\r\n"),
+        "{app_head}"
+    );
+    assert!(
+        app_head.contains("\r\nHost: Shop.Example:8080\r\n"),
+        "{app_head}"
+    );
+    assert!(
+        app_head.contains("\r\nX-Custom: Value As Is\r\n"),
+        "{app_head}"
+    );
+    assert!(
+        app_head.contains("\r\nContent-Type: text/plain\r\n"),
+        "{app_head}"
+    );
+    assert!(
+        !app_head.to_ascii_lowercase().contains("l5d-orig-proto"),
+        "{app_head}"
+    );
 
     // HTTP/1.0 stays HTTP/1.0 at both ends.
     let mut client = TcpStream::connect(a.addrs.outbound[0]).await.unwrap();
@@ -454,7 +479,10 @@ async fn http1_over_the_http2_hop_reaches_the_application_as_http1() {
         .unwrap();
     let response = String::from_utf8(response).unwrap();
     assert!(response.starts_with("HTTP/1.0 200 OK\r\n"), "{response}");
-    assert!(response.contains("\r\n\r\nGET / HTTP/1.0\r\n"), "{response}");
+    assert!(
+        response.contains("\r\n\r\nGET / HTTP/1.0\r\n"),
+        "{response}"
+    );
     let b_metrics = wait_for(&b, "request_total", &[r#"direction="inbound""#], 2.0).await;
     assert_eq!(mtls_accepted(&b_metrics), 1.0, "{b_metrics}");
 }
@@ -562,7 +590,10 @@ async fn an_http1_upgrade_to_a_peer_takes_a_dedicated_mtls_connection_and_echoes
         .await
         .unwrap();
     let head = String::from_utf8(read_until(&mut client, b"\r\n\r\n").await).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{head}"
+    );
     for message in [&b"\x81\x05hello"[..], b"opaque bytes, both ways"] {
         client.write_all(message).await.unwrap();
         let mut echoed = vec![0; message.len()];
@@ -589,7 +620,11 @@ async fn an_http1_upgrade_to_a_peer_takes_a_dedicated_mtls_connection_and_echoes
         sum(
             &b_metrics,
             "tcp_open_total",
-            &[r#"direction="inbound""#, r#"tls="true""#, r#"protocol="http1""#]
+            &[
+                r#"direction="inbound""#,
+                r#"tls="true""#,
+                r#"protocol="http1""#
+            ]
         ),
         1.0,
         "{b_metrics}"

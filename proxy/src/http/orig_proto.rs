@@ -160,7 +160,10 @@ mod tests {
         assert_eq!(p.uri, "http://198.18.0.2:8080/");
         assert_eq!(p.headers[HEADER], "HTTP/1.0");
         assert!(downgrade(&mut p));
-        assert_eq!((p.version, p.uri.to_string()), (Version::HTTP_10, "/".into()));
+        assert_eq!(
+            (p.version, p.uri.to_string()),
+            (Version::HTTP_10, "/".into())
+        );
         assert!(p.headers.get(HOST).is_none());
     }
 
@@ -188,6 +191,9 @@ mod tests {
                 .unwrap(),
         );
         assert!(!downgrade(&mut p));
-        assert_eq!((p.version, p.uri.to_string()), (Version::HTTP_2, "http://example.com/x".into()));
+        assert_eq!(
+            (p.version, p.uri.to_string()),
+            (Version::HTTP_2, "http://example.com/x".into())
+        );
     }
 }

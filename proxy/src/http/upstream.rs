@@ -43,6 +43,10 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
+/// A connection being opened by a [`MeshConnect`].
+pub type Connecting<'a> =
+    Pin<Box<dyn Future<Output = Result<Box<dyn Io>, ProxyError>> + Send + 'a>>;
+
 /// Opens mTLS connections to peer proxies ([`Transport::Mesh`]). Implemented by
 /// `outbound::mesh_http`, which holds the identity and the peers' inbound port.
 pub trait MeshConnect: Send + Sync {
@@ -54,7 +58,7 @@ pub trait MeshConnect: Send + Sync {
         target: SocketAddr,
         server_id: &'a str,
         session: Version,
-    ) -> Pin<Box<dyn Future<Output = Result<Box<dyn Io>, ProxyError>> + Send + 'a>>;
+    ) -> Connecting<'a>;
 }
 
 /// One place a request can be sent.

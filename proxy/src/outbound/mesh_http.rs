@@ -9,16 +9,14 @@
 //! A failed handshake counts in `tls_handshake_failures_total{direction="outbound"}`
 //! like the opaque hop's, and the request is answered 502 `peer handshake failed`.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::debug;
 
 use crate::connect::connect;
-use crate::http::upstream::{Io, MeshConnect};
+use crate::http::upstream::{Connecting, Io, MeshConnect};
 use crate::http::{ProxyError, Version};
 use crate::identity::IdentityWatch;
 use crate::metrics::Metrics;
@@ -79,7 +77,7 @@ impl MeshConnect for MeshConnector {
         target: SocketAddr,
         server_id: &'a str,
         session: Version,
-    ) -> Pin<Box<dyn Future<Output = Result<Box<dyn Io>, ProxyError>> + Send + 'a>> {
+    ) -> Connecting<'a> {
         Box::pin(self.open(target, server_id, session))
     }
 }

@@ -308,14 +308,20 @@ impl<B: SendBody> Pool<B> {
 
     /// Opens the transport to `endpoint` for `version`, within the connect timeout
     /// (and, to a mesh peer, the handshake timeout).
-    async fn connect(&self, endpoint: &Endpoint, version: Version) -> Result<Box<dyn Io>, ProxyError> {
+    async fn connect(
+        &self,
+        endpoint: &Endpoint,
+        version: Version,
+    ) -> Result<Box<dyn Io>, ProxyError> {
         let addr = endpoint.addr;
         match &endpoint.transport {
             Transport::Plain => {
                 let from = endpoint.source.map(|ip| std::net::SocketAddr::new(ip, 0));
                 let stream = connect_from(addr, from, self.connect_timeout)
                     .await
-                    .map_err(|error| ProxyError::connect_within(addr, error, self.connect_timeout))?;
+                    .map_err(|error| {
+                        ProxyError::connect_within(addr, error, self.connect_timeout)
+                    })?;
                 Ok(Box::new(stream))
             }
             Transport::Mesh { server_id } => match &self.mesh {
