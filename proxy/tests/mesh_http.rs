@@ -88,11 +88,17 @@ impl Pki {
 
 struct Running {
     addrs: BoundAddrs,
-    _shutdown: oneshot::Sender<()>,
-    _task: JoinHandle<Result<(), ServerError>>,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ServerError>>,
 }
 
 impl Running {
+    /// Shuts the proxy down (its grace period, then whatever is left is closed).
+    async fn stop(self) {
+        let _ = self.shutdown.send(());
+        self.task.await.unwrap().unwrap();
+    }
+
     async fn metrics(&self) -> String {
         admin::get_metrics(self.addrs.admin).await
     }
@@ -125,8 +131,8 @@ async fn start(args: ProxyArgs, target: Option<SocketAddr>) -> Running {
     };
     Running {
         addrs,
-        _shutdown: tx,
-        _task: task,
+        shutdown: tx,
+        task,
     }
 }
 
@@ -663,6 +669,129 @@ async fn a_peer_with_the_wrong_identity_gets_no_request_and_the_client_a_502() {
             r#"status_code="502""#,
             r#"classification="failure""#,
         ],
+        1.0,
+    )
+    .await;
+}
+
+/// Echoes, except `/hang`, which never answers.
+async fn echo_or_hang(req: Request<Incoming>) -> Response<ServerBody> {
+    if req.uri().path() == "/hang" {
+        std::future::pending::<()>().await;
+    }
+    echo(req).await
+}
+
+#[tokio::test]
+async fn a_broken_pooled_connection_fails_its_requests_with_502_and_is_replaced() {
+    let pki = Pki::new("broken");
+    let (app_addr, _) = app(false, echo_or_hang).await;
+    let b_args = |inbound: String| ProxyArgs {
+        inbound_addr: Some(inbound),
+        shutdown_grace: Some("100ms".into()),
+        ..args(&pki.issue(B))
+    };
+    let b = start(b_args("127.0.0.1:0".into()), None).await;
+    let b_inbound = b.addrs.inbound[0];
+    let mut a_args = args(&pki.issue(A));
+    a_args.mesh_peers = Some(pki.peers(B).display().to_string());
+    a_args.peer_inbound_port = Some(b_inbound.port().to_string());
+    let a = start(a_args, Some(app_addr)).await;
+    let outbound = a.addrs.outbound[0];
+    let (status, _, _) = one_request(outbound, 1).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // A request in flight on the pooled connection when b goes away.
+    let hanging = tokio::spawn(async move {
+        let stream = TcpStream::connect(outbound).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let request = Request::get("/hang")
+            .header("Host", "hang.example")
+            .body(full(""))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let cause = response.headers().get("meshproxy-error").cloned();
+        (response.status(), cause)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.stop().await;
+    let (status, cause) = tokio::time::timeout(Duration::from_secs(10), hanging)
+        .await
+        .expect("the request in flight was answered")
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(cause.unwrap(), "upstream closed");
+
+    // b is back on the same port: the next request opens a new pooled connection.
+    let b = start(b_args(b_inbound.to_string()), None).await;
+    let (status, body, _) = one_request(outbound, 2).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let b_metrics = wait_for(&b, "request_total", &[r#"direction="inbound""#], 1.0).await;
+    assert_eq!(mtls_accepted(&b_metrics), 1.0, "{b_metrics}");
+}
+
+/// A TLS client config presenting `identity`, offering the transport ALPN.
+fn peer_client_config(identity: &IdentityFiles) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&identity.trust_anchors).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(&identity.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&identity.key).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(meshproxy::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"transport.l5d.io/v1".to_vec()];
+    Arc::new(config)
+}
+
+#[tokio::test]
+async fn a_peer_that_opens_an_http2_session_and_stays_silent_is_closed_after_the_handshake_timeout()
+{
+    let pki = Pki::new("silent");
+    let (app_addr, _) = app(true, echo).await;
+    let b = start(
+        ProxyArgs {
+            handshake_timeout: Some("1s".into()),
+            ..args(&pki.issue(B))
+        },
+        None,
+    )
+    .await;
+    // A proxy with a valid identity: handshake, transport header (HTTP/2), then nothing.
+    let tcp = TcpStream::connect(b.addrs.inbound[0]).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(B.to_string()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(peer_client_config(&pki.issue(A)))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let header =
+        meshproxy::TransportHeader::new(app_addr.port(), Some(meshproxy::SessionProtocol::Http2));
+    tls.write_all(&header.encode()).await.unwrap();
+    tls.flush().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "closed after {waited:?}, expected the 1 s handshake timeout"
+    );
+    wait_for(
+        &b,
+        "tls_handshake_failures_total",
+        &[r#"direction="inbound""#, r#"reason="timeout""#],
         1.0,
     )
     .await;
