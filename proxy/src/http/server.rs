@@ -14,15 +14,12 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::request::Parts;
-use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -39,10 +36,10 @@ use super::errors::{self, ProxyError};
 use super::head::{self, BadHead, Head};
 use super::headers::{self, Upgrade};
 use super::metrics::{RequestLabels, ResponseLabels, Series};
-use super::orig_proto;
+use super::orig_proto::{self, Carried};
 use super::upstream::pool::Key;
 use super::upstream::pool::MESH_KEEP_ALIVE;
-use super::upstream::{Observe, Transport};
+use super::upstream::Observe;
 use super::{Client, HttpProxy, Version};
 use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
@@ -245,7 +242,12 @@ impl ConnCx {
             Err(error) => return self.answer(error, series, started, None),
         };
         let observer = pick.observer.take();
-        let carried = self.carry(&mut parts, &pick.endpoint.transport, upgrade.is_some());
+        let carried = orig_proto::carry(
+            &self.client,
+            &mut parts,
+            &pick.endpoint.transport,
+            upgrade.is_some(),
+        );
         let key = Key {
             endpoint: pick.endpoint,
             version: carried.version(self.client.version),
@@ -301,31 +303,6 @@ impl ConnCx {
         };
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, ResponseBody::upstream(body, recorder))
-    }
-
-    /// How the request in `parts` travels over `transport`, adapting it when it
-    /// changes HTTP version on the way (see `orig_proto`).
-    fn carry(&self, parts: &mut Parts, transport: &Transport, upgrade: bool) -> Carried {
-        match (transport, self.client.version) {
-            // An upgrade leaves HTTP after its response: it cannot share the peer's
-            // HTTP/2 connection, and takes an HTTP/1 one of its own.
-            (Transport::Mesh { .. }, Version::Http1) if upgrade => Carried::Dedicated,
-            (Transport::Mesh { .. }, Version::Http1) => {
-                let version = parts.version;
-                orig_proto::upgrade(parts, &authority_of(self.client.target));
-                Carried::Upgraded(version)
-            }
-            // From a peer proxy: an HTTP/1 request it carried as HTTP/2 goes to the
-            // application as the HTTP/1 request it was.
-            (Transport::Plain, Version::Http2)
-                if self.client.direction == Direction::Inbound
-                    && self.client.peer_id.is_some()
-                    && orig_proto::downgrade(parts) =>
-            {
-                Carried::Downgraded
-            }
-            _ => Carried::AsIs,
-        }
     }
 
     /// The response the proxy gives itself for `error`, counted and logged.
@@ -389,38 +366,6 @@ impl ConnCx {
         *cached = Some(series.clone());
         series
     }
-}
-
-/// How a request travels to its endpoint, when not as the client sent it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Carried {
-    /// In the client's version.
-    AsIs,
-    /// An HTTP/1 request, as HTTP/2 to a mesh peer; its response is answered in the
-    /// client's version, this one.
-    Upgraded(http::Version),
-    /// An HTTP/1 upgrade to a mesh peer, over a dedicated HTTP/1 mTLS connection.
-    Dedicated,
-    /// A peer's HTTP/2 request restored to HTTP/1 for the application; its response
-    /// goes back marked.
-    Downgraded,
-}
-
-impl Carried {
-    /// The HTTP version spoken to the endpoint, for a client speaking `client`.
-    fn version(self, client: Version) -> Version {
-        match self {
-            Carried::AsIs => client,
-            Carried::Upgraded(_) => Version::Http2,
-            Carried::Dedicated | Carried::Downgraded => Version::Http1,
-        }
-    }
-}
-
-/// `target` as an `:authority`.
-fn authority_of(target: SocketAddr) -> Authority {
-    Authority::try_from(target.to_string().as_str())
-        .unwrap_or_else(|_| Authority::from_static("localhost"))
 }
 
 /// The client's socket, counting bytes into the connection's `tcp_*_bytes_total`.
