@@ -381,7 +381,7 @@ impl Forwarder {
             source: from.map(|from| from.ip()),
             ..Endpoint::plain(target)
         });
-        let routed = http::Client {
+        let routed = http::ClientConn {
             direction,
             target,
             version,
@@ -418,7 +418,7 @@ impl Forwarder {
             },
             source: None,
         });
-        let routed = http::Client {
+        let routed = http::ClientConn {
             direction,
             target,
             version,
@@ -449,7 +449,7 @@ impl Forwarder {
             source: from.map(|from| from.ip()),
             ..Endpoint::plain(destination)
         });
-        let routed = http::Client {
+        let routed = http::ClientConn {
             direction: Direction::Inbound,
             target: destination,
             version: HttpVersion::Http2,

@@ -1006,3 +1006,142 @@ async fn a_later_request_that_does_not_parse_is_counted_as_a_failure() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `authority` is whatever a client writes: a `Host` that would break the text format
+/// (label values are not escaped) is labelled `invalid`, and the scrape stays valid.
+#[tokio::test]
+async fn a_hostile_host_header_keeps_the_metrics_valid() {
+    let (target, _) = server(false, |_req| async { Response::new(full("ok")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\"} 1\\\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, b"ok").await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        value(
+            &m,
+            &format!("request_total{{{}}}", outbound(target, "invalid"))
+        ),
+        1.0
+    );
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package) is needed for this test");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(m.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{m}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// HTTP/1 chunked trailers pass both ways (the client's `TE: trailers` is kept, so
+/// the server may send them).
+#[tokio::test]
+async fn http1_trailers_pass_both_ways() {
+    let (target, _) = server(false, |req: Request<Incoming>| async move {
+        let collected = req.into_body().collect().await.unwrap();
+        let echoed = collected
+            .trailers()
+            .and_then(|t| t.get("x-checksum").cloned())
+            .expect("the request's trailer arrived");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-echoed", echoed);
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(collected.to_bytes())),
+            Ok(Frame::trailers(trailers)),
+        ];
+        // HTTP/1 senders (hyper too) send only the trailers `Trailer` declares.
+        Response::builder()
+            .header("trailer", "x-echoed")
+            .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+            .unwrap()
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h1_client(proxy.outbound()).await;
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", "abc123".parse().unwrap());
+    let frames = vec![
+        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"payload"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let request = Request::post("/t")
+        .header("host", "trailers.test")
+        .header("te", "trailers")
+        .header("trailer", "x-checksum")
+        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("the response's trailers");
+    assert_eq!(trailers["x-echoed"], "abc123");
+    assert_eq!(&collected.to_bytes()[..], b"payload");
+}
+
+/// A client that stalls in the middle of a request head (or keeps a connection idle)
+/// is closed after the header read timeout, a minute, instead of holding the
+/// connection forever. (Paused clock: tokio jumps to the timeout once all is idle.)
+#[tokio::test(start_paused = true)]
+async fn a_stalled_request_head_and_an_idle_connection_are_closed_after_a_minute() {
+    let (target, _) = server(false, |_req| async { Response::new(full("ok")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+
+    // The request line (detected as HTTP/1), then nothing.
+    let mut stalled = TcpStream::connect(proxy.outbound()).await.unwrap();
+    stalled
+        .write_all(b"GET / HTTP/1.1\r\nHost: slow")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    stalled.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "closed without an answer: {rest:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(60) && waited < Duration::from_secs(70),
+        "{waited:?}"
+    );
+
+    // A kept-alive connection after its first request, idle.
+    let mut idle = TcpStream::connect(proxy.outbound()).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: idle.test\r\n\r\n")
+        .await
+        .unwrap();
+    // No `read_until`: its own 10 s timeout would be the first timer the paused
+    // clock jumps to.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"ok") {
+        let n = idle.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "closed before the answer: {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -25,7 +25,7 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{HeaderMap, HeaderValue, Version};
 
 use super::upstream::Transport;
-use super::Client;
+use super::ClientConn;
 use crate::route::Direction;
 
 /// The request (and response) header that marks an HTTP/1 message carried as HTTP/2.
@@ -53,10 +53,10 @@ pub enum Carried {
 }
 
 impl Carried {
-    /// The HTTP version spoken to the endpoint, for a client speaking `client`.
-    pub fn version(self, client: super::Version) -> super::Version {
+    /// The HTTP version spoken over `transport`, for a client speaking `client`.
+    pub fn version(self, transport: &Transport, client: super::Version) -> super::Version {
         match self {
-            Carried::AsIs => client,
+            Carried::AsIs => transport.version_for(client),
             Carried::Upgraded(_) => super::Version::Http2,
             Carried::Dedicated | Carried::Downgraded => super::Version::Http1,
         }
@@ -65,7 +65,12 @@ impl Carried {
 
 /// Decides how the request `parts` of `client` travels over `transport` (`upgrade`: it
 /// asks for an upgrade or is a `CONNECT`), and adapts `parts` when it changes version.
-pub fn carry(client: &Client, parts: &mut Parts, transport: &Transport, upgrade: bool) -> Carried {
+pub fn carry(
+    client: &ClientConn,
+    parts: &mut Parts,
+    transport: &Transport,
+    upgrade: bool,
+) -> Carried {
     match (transport, client.version) {
         (Transport::Mesh { .. }, super::Version::Http1) if upgrade => Carried::Dedicated,
         (Transport::Mesh { .. }, super::Version::Http1) => {
@@ -247,9 +252,9 @@ mod tests {
         assert_eq!(p.version, Version::HTTP_11);
     }
 
-    fn client(direction: Direction, version: super::super::Version, peer: bool) -> Client {
+    fn client(direction: Direction, version: super::super::Version, peer: bool) -> ClientConn {
         let target: SocketAddr = "198.18.0.2:8080".parse().unwrap();
-        Client {
+        ClientConn {
             direction,
             target,
             version,
@@ -274,14 +279,14 @@ mod tests {
         let carried = carry(&out(Http1), &mut p, &mesh, false);
         assert_eq!(carried, Carried::Upgraded(Version::HTTP_11));
         assert_eq!(
-            (carried.version(Http1), p.version),
+            (carried.version(&mesh, Http1), p.version),
             (Http2, Version::HTTP_2)
         );
         // ... but an upgrade takes a dedicated HTTP/1 connection, unchanged.
         let mut p = get();
         let carried = carry(&out(Http1), &mut p, &mesh, true);
         assert_eq!(
-            (carried, carried.version(Http1)),
+            (carried, carried.version(&mesh, Http1)),
             (Carried::Dedicated, Http1)
         );
         assert!(p.headers.get(HEADER).is_none());
@@ -303,7 +308,7 @@ mod tests {
         let from_peer = client(Direction::Inbound, Http2, true);
         let carried = carry(&from_peer, &mut p, &Transport::Plain, false);
         assert_eq!(
-            (carried, carried.version(Http2)),
+            (carried, carried.version(&Transport::Plain, Http2)),
             (Carried::Downgraded, Http1)
         );
         assert_eq!(

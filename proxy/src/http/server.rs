@@ -40,7 +40,7 @@ use super::orig_proto::{self, Carried};
 use super::upstream::pool::Key;
 use super::upstream::pool::MESH_KEEP_ALIVE;
 use super::upstream::Observe;
-use super::{Client, HttpProxy, Version};
+use super::{ClientConn, HttpProxy, Version};
 use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
 use crate::route::Direction;
@@ -65,7 +65,7 @@ type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub async fn serve<I>(
     proxy: HttpProxy,
     io: I,
-    client: Client,
+    client: ClientConn,
     counters: Counters,
 ) -> Result<(), hyper::Error>
 where
@@ -214,7 +214,7 @@ where
 /// What the requests of one connection share.
 struct ConnCx {
     proxy: HttpProxy,
-    client: Client,
+    client: ClientConn,
     /// The label set of the last request: most connections send every request to
     /// the same authority, so most requests skip the label-set lookup.
     series: Mutex<Option<Arc<Series>>>,
@@ -249,8 +249,8 @@ impl ConnCx {
             upgrade.is_some(),
         );
         let key = Key {
+            version: carried.version(&pick.endpoint.transport, self.client.version),
             endpoint: pick.endpoint,
-            version: carried.version(self.client.version),
         };
         let request = Request::from_parts(parts, body);
         let mut response = match self.proxy.pool.send(key, request).await {

@@ -7,11 +7,13 @@
 //!   service answers a different endpoint per request and learns from
 //!   [`Pick::observer`] how each one went.
 //! - An [`Endpoint`] is an address and the [`Transport`] that reaches it; it is the
-//!   unit of connection pooling ([`pool::Key`]): plain TCP, or [`Transport::Mesh`],
-//!   the peer proxy of a meshed destination over mTLS, opened by a [`MeshConnect`].
+//!   unit of connection pooling ([`pool::Key`]): plain TCP, or [`Transport::Mesh`], the
+//!   peer proxy of a meshed destination over mTLS (HTTP/2 whatever the client spoke:
+//!   [`Transport::version_for`]), its stream in [`io::Io`], opened by a [`MeshConnect`].
 //! - The [`pool::Pool`] sends the request over a pooled connection to the endpoint and
 //!   returns the response head, or the [`ProxyError`] the client is answered with.
 
+pub mod io;
 pub mod pool;
 
 use std::future::Future;
@@ -21,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
-use tokio::io::{AsyncRead, AsyncWrite};
 
+use self::io::MeshStream;
 use super::errors::ProxyError;
 use super::Version;
 
@@ -38,14 +40,8 @@ pub enum Transport {
     Mesh { server_id: Arc<str> },
 }
 
-/// A connection the pool speaks HTTP over: TCP, or mTLS to a peer proxy.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-
 /// A connection being opened by a [`MeshConnect`].
-pub type Connecting<'a> =
-    Pin<Box<dyn Future<Output = Result<Box<dyn Io>, ProxyError>> + Send + 'a>>;
+pub type Connecting<'a> = Pin<Box<dyn Future<Output = Result<MeshStream, ProxyError>> + Send + 'a>>;
 
 /// Opens mTLS connections to peer proxies ([`Transport::Mesh`]). Implemented by
 /// `outbound::mesh_http`, which holds the identity and the peers' inbound port.
@@ -59,6 +55,18 @@ pub trait MeshConnect: Send + Sync {
         server_id: &'a str,
         session: Version,
     ) -> Connecting<'a>;
+}
+
+impl Transport {
+    /// The HTTP version spoken to the endpoint for a client that spoke `client`: the
+    /// same over plain TCP; HTTP/2 to a mesh peer, whose one pooled connection carries
+    /// every request (except upgrades: `orig_proto::carry`).
+    pub fn version_for(&self, client: Version) -> Version {
+        match self {
+            Transport::Plain => client,
+            Transport::Mesh { .. } => Version::Http2,
+        }
+    }
 }
 
 /// One place a request can be sent.

@@ -16,7 +16,8 @@ use std::time::Duration;
 use tracing::debug;
 
 use crate::connect::connect;
-use crate::http::upstream::{Connecting, Io, MeshConnect};
+use crate::http::upstream::io::MeshStream;
+use crate::http::upstream::{Connecting, MeshConnect};
 use crate::http::{ProxyError, Version};
 use crate::identity::IdentityWatch;
 use crate::metrics::Metrics;
@@ -39,7 +40,7 @@ impl MeshConnector {
         target: SocketAddr,
         server_id: &str,
         session: Version,
-    ) -> Result<Box<dyn Io>, ProxyError> {
+    ) -> Result<MeshStream, ProxyError> {
         let proxy = SocketAddr::new(target.ip(), self.peer_port);
         let tcp = connect(proxy, self.connect_timeout)
             .await
@@ -67,7 +68,7 @@ impl MeshConnector {
             }
         })?;
         debug!(%target, %proxy, %server_id, ?session, "mTLS connection for HTTP established");
-        Ok(Box::new(tls))
+        Ok(tls)
     }
 }
 

@@ -35,7 +35,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{Endpoint, Io, MeshConnect, Transport};
+use super::io::Io;
+use super::{Endpoint, MeshConnect, Transport};
 use crate::connect::connect_from;
 use crate::http::errors::ProxyError;
 use crate::http::Version;
@@ -308,11 +309,7 @@ impl<B: SendBody> Pool<B> {
 
     /// Opens the transport to `endpoint` for `version`, within the connect timeout
     /// (and, to a mesh peer, the handshake timeout).
-    async fn connect(
-        &self,
-        endpoint: &Endpoint,
-        version: Version,
-    ) -> Result<Box<dyn Io>, ProxyError> {
+    async fn connect(&self, endpoint: &Endpoint, version: Version) -> Result<Io, ProxyError> {
         let addr = endpoint.addr;
         match &endpoint.transport {
             Transport::Plain => {
@@ -322,10 +319,12 @@ impl<B: SendBody> Pool<B> {
                     .map_err(|error| {
                         ProxyError::connect_within(addr, error, self.connect_timeout)
                     })?;
-                Ok(Box::new(stream))
+                Ok(Io::Plain(stream))
             }
             Transport::Mesh { server_id } => match &self.mesh {
-                Some(mesh) => mesh.connect(addr, server_id, version).await,
+                Some(mesh) => Ok(Io::Mesh(Box::new(
+                    mesh.connect(addr, server_id, version).await?,
+                ))),
                 // `hop` only decides a mesh hop with an identity, which builds `mesh`.
                 None => Err(ProxyError::NoIdentity { addr }),
             },
