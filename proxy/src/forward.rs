@@ -364,7 +364,7 @@ impl Forwarder {
             source: from.map(|from| from.ip()),
             ..Endpoint::plain(target)
         });
-        let routed = http::Client {
+        let routed = http::ClientConn {
             direction,
             target,
             version,

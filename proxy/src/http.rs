@@ -63,8 +63,9 @@ pub struct HttpProxy {
     draining: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-/// One client connection, as routed.
-pub struct Client {
+/// One client connection, as routed: what its requests are labelled with and where
+/// they go.
+pub struct ClientConn {
     pub direction: Direction,
     /// The original destination (`target_addr`).
     pub target: SocketAddr,
@@ -97,7 +98,7 @@ impl HttpProxy {
     pub async fn serve<I>(
         &self,
         io: I,
-        client: Client,
+        client: ClientConn,
         counters: &Counters,
     ) -> Result<(), hyper::Error>
     where
@@ -145,5 +146,24 @@ impl ErrorLog {
         }
         *last = Some(now);
         Some(std::mem::take(suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn error_lines_are_limited_to_one_a_second_with_the_count_of_the_rest() {
+        let log = ErrorLog::default();
+        assert_eq!(log.check(Instant::now()), Some(0));
+        for _ in 0..99 {
+            assert_eq!(log.check(Instant::now()), None);
+        }
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(log.check(Instant::now()), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(log.check(Instant::now()), Some(100));
+        assert_eq!(log.check(Instant::now()), None);
     }
 }

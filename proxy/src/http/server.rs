@@ -38,7 +38,7 @@ use super::headers::{self, Upgrade};
 use super::metrics::{RequestLabels, ResponseLabels, Series};
 use super::upstream::pool::Key;
 use super::upstream::Observe;
-use super::{Client, HttpProxy, Version};
+use super::{ClientConn, HttpProxy, Version};
 use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
 use crate::route::Direction;
@@ -58,7 +58,7 @@ type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub async fn serve<I>(
     proxy: HttpProxy,
     io: I,
-    client: Client,
+    client: ClientConn,
     counters: Counters,
 ) -> Result<(), hyper::Error>
 where
@@ -193,7 +193,7 @@ where
 /// What the requests of one connection share.
 struct ConnCx {
     proxy: HttpProxy,
-    client: Client,
+    client: ClientConn,
     /// The label set of the last request: most connections send every request to
     /// the same authority, so most requests skip the label-set lookup.
     series: Mutex<Option<Arc<Series>>>,
@@ -222,8 +222,8 @@ impl ConnCx {
         };
         let observer = pick.observer.take();
         let key = Key {
+            version: pick.endpoint.transport.version_for(self.client.version),
             endpoint: pick.endpoint,
-            version: self.client.version,
         };
         let request = Request::from_parts(parts, body);
         let mut response = match self.proxy.pool.send(key, request).await {

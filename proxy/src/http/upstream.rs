@@ -21,12 +21,23 @@ use std::time::Duration;
 use http::request::Parts;
 
 use super::errors::ProxyError;
+use super::Version;
 
 /// How the proxy reaches an endpoint.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum Transport {
     /// A TCP connection to the endpoint's address, speaking the client's HTTP version.
     Plain,
+}
+
+impl Transport {
+    /// The HTTP version spoken to the endpoint for a client that spoke `client`: the
+    /// same over plain TCP (a transport between proxies may always speak HTTP/2).
+    pub fn version_for(&self, client: Version) -> Version {
+        match self {
+            Transport::Plain => client,
+        }
+    }
 }
 
 /// One place a request can be sent.
