@@ -1006,3 +1006,46 @@ async fn a_later_request_that_does_not_parse_is_counted_as_a_failure() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `authority` is whatever a client writes: a `Host` that would break the text format
+/// (label values are not escaped) is labelled `invalid`, and the scrape stays valid.
+#[tokio::test]
+async fn a_hostile_host_header_keeps_the_metrics_valid() {
+    let (target, _) = server(false, |_req| async { Response::new(full("ok")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\"} 1\\\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, b"ok").await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        value(
+            &m,
+            &format!("request_total{{{}}}", outbound(target, "invalid"))
+        ),
+        1.0
+    );
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package) is needed for this test");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(m.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{m}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
