@@ -1049,3 +1049,50 @@ async fn a_hostile_host_header_keeps_the_metrics_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// HTTP/1 chunked trailers pass both ways (the client's `TE: trailers` is kept, so
+/// the server may send them).
+#[tokio::test]
+async fn http1_trailers_pass_both_ways() {
+    let (target, _) = server(false, |req: Request<Incoming>| async move {
+        let collected = req.into_body().collect().await.unwrap();
+        let echoed = collected
+            .trailers()
+            .and_then(|t| t.get("x-checksum").cloned())
+            .expect("the request's trailer arrived");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-echoed", echoed);
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(collected.to_bytes())),
+            Ok(Frame::trailers(trailers)),
+        ];
+        // HTTP/1 senders (hyper too) send only the trailers `Trailer` declares.
+        Response::builder()
+            .header("trailer", "x-echoed")
+            .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+            .unwrap()
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h1_client(proxy.outbound()).await;
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", "abc123".parse().unwrap());
+    let frames = vec![
+        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"payload"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let request = Request::post("/t")
+        .header("host", "trailers.test")
+        .header("te", "trailers")
+        .header("trailer", "x-checksum")
+        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("the response's trailers");
+    assert_eq!(trailers["x-echoed"], "abc123");
+    assert_eq!(&collected.to_bytes()[..], b"payload");
+}

@@ -8,10 +8,13 @@
 //!   [`Pick::observer`] how each one went.
 //! - An [`Endpoint`] is an address and the [`Transport`] that reaches it; it is the
 //!   unit of connection pooling ([`pool::Key`]). Plain TCP today; a mesh peer reached
-//!   over mTLS is one more `Transport` variant, with its own connector in `pool`.
+//!   over mTLS is one more `Transport` variant (which may speak HTTP/2 whatever the
+//!   client spoke: [`Transport::version_for`]), with its stream in [`io::Io`] and its
+//!   handshake in `pool`'s connect.
 //! - The [`pool::Pool`] sends the request over a pooled connection to the endpoint and
 //!   returns the response head, or the [`ProxyError`] the client is answered with.
 
+pub mod io;
 pub mod pool;
 
 use std::net::{IpAddr, SocketAddr};

@@ -25,10 +25,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::io::Io;
 use super::{Endpoint, Transport};
 use crate::connect::connect_from;
 use crate::http::errors::ProxyError;
@@ -278,12 +278,12 @@ impl<B: SendBody> Pool<B> {
     }
 
     /// Opens the transport to `endpoint`, within the connect timeout.
-    async fn connect(&self, endpoint: &Endpoint) -> Result<TcpStream, ProxyError> {
+    async fn connect(&self, endpoint: &Endpoint) -> Result<Io, ProxyError> {
         let addr = endpoint.addr;
         match endpoint.transport {
             Transport::Plain => {
                 let from = endpoint.source.map(|ip| std::net::SocketAddr::new(ip, 0));
-                connect_from(addr, from, self.connect_timeout)
+                let stream = connect_from(addr, from, self.connect_timeout)
                     .await
                     .map_err(|error| match error.raw_os_error() {
                         // `connect` times out with the kernel's own errno for it.
@@ -292,7 +292,8 @@ impl<B: SendBody> Pool<B> {
                             timeout: self.connect_timeout,
                         },
                         _ => ProxyError::connect(addr, error),
-                    })
+                    })?;
+                Ok(Io::Plain(stream))
             }
         }
     }
