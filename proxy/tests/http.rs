@@ -1096,3 +1096,52 @@ async fn http1_trailers_pass_both_ways() {
     assert_eq!(trailers["x-echoed"], "abc123");
     assert_eq!(&collected.to_bytes()[..], b"payload");
 }
+
+/// A client that stalls in the middle of a request head (or keeps a connection idle)
+/// is closed after the header read timeout, a minute, instead of holding the
+/// connection forever. (Paused clock: tokio jumps to the timeout once all is idle.)
+#[tokio::test(start_paused = true)]
+async fn a_stalled_request_head_and_an_idle_connection_are_closed_after_a_minute() {
+    let (target, _) = server(false, |_req| async { Response::new(full("ok")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+
+    // The request line (detected as HTTP/1), then nothing.
+    let mut stalled = TcpStream::connect(proxy.outbound()).await.unwrap();
+    stalled
+        .write_all(b"GET / HTTP/1.1\r\nHost: slow")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    stalled.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "closed without an answer: {rest:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(60) && waited < Duration::from_secs(70),
+        "{waited:?}"
+    );
+
+    // A kept-alive connection after its first request, idle.
+    let mut idle = TcpStream::connect(proxy.outbound()).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: idle.test\r\n\r\n")
+        .await
+        .unwrap();
+    // No `read_until`: its own 10 s timeout would be the first timer the paused
+    // clock jumps to.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"ok") {
+        let n = idle.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "closed before the answer: {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
