@@ -13,6 +13,7 @@
 //! | the client's request does not parse | 400 | `bad request` |
 //! | the client's request head is larger than 64 KiB | 431 | `request header too large` |
 //! | the mTLS handshake with a mesh peer's proxy failed (wrong identity, untrusted, ...) | 502 | `peer handshake failed` |
+//! | a mesh peer, but no identity configured (a guard: `hop` decides no such hop) | 502 | `no identity` |
 
 use std::io;
 use std::net::SocketAddr;

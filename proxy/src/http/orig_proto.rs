@@ -176,7 +176,7 @@ pub fn mark_response(headers: &mut HeaderMap, version: Version) {
 }
 
 /// Removes the mark of [`mark_response`] from the response to an upgraded request,
-/// which is answered to the client in HTTP/1 (`version`, the client's).
+/// which is answered to the client in the client's HTTP/1 version.
 pub fn restore_response(headers: &mut HeaderMap) {
     headers.remove(HEADER);
 }
