@@ -104,11 +104,12 @@ impl Proxy {
     pub async fn bind_workers(config: Config, workers: NonZeroUsize) -> Result<Proxy, ServerError> {
         let metrics = Arc::new(Metrics::with_retain_idle(config.metrics_retain_idle));
         let mut forwarder = Forwarder::new(&config, metrics.clone())?;
-        let admin = TcpListener::from_std(bind(config.admin_addr, false)?)
-            .map_err(|source| ServerError::Bind {
+        let admin = TcpListener::from_std(bind(config.admin_addr, false)?).map_err(|source| {
+            ServerError::Bind {
                 addr: config.admin_addr,
                 source,
-            })?;
+            }
+        })?;
         let n = workers.get();
         let inbound = bind_all(&config.inbound_addrs, config.inbound_transparent, n)?;
         let outbound = bind_all(&config.outbound_addrs, false, n)?;

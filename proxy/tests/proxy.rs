@@ -460,7 +460,10 @@ async fn connections_accepted_on_several_workers_are_all_served_and_counted() {
     // 64 of them all on one of two listeners would be a 2^-63 chance.
     for i in 0..64 {
         let request = format!("ping {i}");
-        assert_eq!(exchange(outbound, request.as_bytes()).await, request.as_bytes());
+        assert_eq!(
+            exchange(outbound, request.as_bytes()).await,
+            request.as_bytes()
+        );
     }
     let mut threads: Vec<_> = accepted_on.lock().unwrap().iter().cloned().collect();
     threads.sort();
@@ -523,9 +526,17 @@ async fn the_connection_cap_is_shared_by_the_workers() {
     }
     for _ in 0..16 {
         let mut extra = TcpStream::connect(proxy.inbound()).await.unwrap();
-        assert_eq!(extra.read(&mut [0; 1]).await.unwrap_or(0), 0, "closed at once");
+        assert_eq!(
+            extra.read(&mut [0; 1]).await.unwrap_or(0),
+            0,
+            "closed at once"
+        );
     }
-    assert_eq!(accepted_on.lock().unwrap().len(), 2, "both workers took connections");
+    assert_eq!(
+        accepted_on.lock().unwrap().len(),
+        2,
+        "both workers took connections"
+    );
     let (_, m) = get(proxy.addrs.admin, "/metrics").await;
     let refused = "tcp_refused_total{direction=\"inbound\",reason=\"max_connections\"}";
     assert_eq!(sample(&m, refused), Some(16.0), "{m}");
