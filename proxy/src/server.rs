@@ -207,9 +207,6 @@ impl Proxy {
         } = self;
         warn_unless_proxy_uid(config.proxy_uid);
 
-        let ready = Arc::new(AtomicBool::new(false));
-        let admin_task = tokio::spawn(admin::serve(admin, metrics.clone(), ready.clone()));
-
         // `stop_accepting` ends the accept loops; `abort` ends the connections still open
         // when the grace period is over. Dropping the senders (this future cancelled)
         // does both.
@@ -234,6 +231,14 @@ impl Proxy {
         let (listening, mut all_closed) = mpsc::channel::<()>(1);
         let threads = start_workers(workers, &shared, &stop_rx, &listening)?;
         drop(listening);
+        // The admin server starts once nothing can fail any more (it would outlive an
+        // error return).
+        let ready = Arc::new(AtomicBool::new(false));
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            shared.metrics.clone(),
+            ready.clone(),
+        ));
         ready.store(true, Ordering::Release);
         info!(
             inbound = ?addrs.inbound,

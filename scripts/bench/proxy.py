@@ -232,9 +232,17 @@ class Bench:
         self.rules.set(port)
         # Forget the previous runs' TIME_WAIT conntrack entries (pod namespace only).
         subprocess.run(in_ns(POD, "conntrack", "-F"), capture_output=True)
+        pid = self.pids.get(port)
+        c0 = cpu_ticks(pid) if pid else 0
         out = sh(*in_ns(POD, "prlimit", NOFILE, self.connrate_bin, "--connect", f"{PEER4}:{dport}",
                         "--seconds", str(self.a.conn_seconds)), timeout=self.a.conn_seconds + 60)
-        self.add(("conn", path), float(out.split()[2]))
+        rate = float(out.split()[2])
+        self.add(("conn", path), rate)
+        if pid and rate > 0:
+            # Proxy CPU per connection, µs: the proxy's cost independent of how fast
+            # the (shared, loaded) machine let the client go.
+            secs = (cpu_ticks(pid) - c0) / os.sysconf("SC_CLK_TCK")
+            self.cpu.setdefault(("conn_us", path), []).append(secs / (rate * self.a.conn_seconds) * 1e6)
 
 
 def profile_connrate(bench, pid, seconds, port=MESH_PORT):
@@ -382,6 +390,12 @@ def report(a, bench, mem, meta):
           + "; ".join(f"{t}: meshproxy {statistics.median(bench.cpu[(m, 'B')]):.0f}%{base_cpu(m)}, "
                       f"HAProxy splice {statistics.median(bench.cpu[(m, 'C')]):.0f}%, "
                       f"no splice {statistics.median(bench.cpu[(m, 'Cn')]):.0f}%" for m, t in cpu_rows) + ".")
+        w("")
+    conn_cpu = [p for p in cols if ("conn_us", p) in bench.cpu]
+    if conn_cpu:
+        w("Proxy CPU per new connection during the connection-rate runs (µs of CPU time, median of rounds; "
+          "clock ticks of the proxy process / connections made): "
+          + ", ".join(f"{PATHS[p][0]} {statistics.median(bench.cpu[('conn_us', p)]):.0f} µs" for p in conn_cpu) + ".")
         w("")
     if mem:
         c = a.connections

@@ -414,3 +414,24 @@ impl Backend for Iptables {
         Ok(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mangle tables are read only where nft lists one: each read is a `*-save`
+    /// process, and redirect mode has none.
+    #[test]
+    fn the_nft_listing_says_which_iptables_nft_tables_to_read() {
+        let iptables = Iptables::new(Flavor::Nft);
+        let listing = "table ip nat\ntable ip6 filter\ntable inet meshinit\ntable ip mangler\n";
+        let tables = iptables.may_have_tables_given(Some(listing));
+        assert!(tables.any);
+        assert_eq!(tables.nat, [true, false]);
+        assert_eq!(tables.mangle, [false, false]);
+        let tables = iptables.may_have_tables_given(Some("table ip6 mangle\n"));
+        assert_eq!((tables.nat, tables.mangle), ([false, false], [false, true]));
+        let tables = iptables.may_have_tables_given(Some("table inet meshinit\n"));
+        assert!(!tables.any);
+    }
+}
