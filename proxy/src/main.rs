@@ -310,12 +310,7 @@ fn raise_nofile_limit(needed: u64) {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    // The main thread serves the admin endpoints and waits for signals; connections
-    // are served by the proxy's worker threads, each with a runtime of its own.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         meshproxy::run(config, shutdown_signal()).await?;
         anyhow::Ok(())

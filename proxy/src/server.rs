@@ -7,29 +7,18 @@
 //! Inbound and outbound connections have separate budgets (`--max-connections` and
 //! `--max-detecting` each apply per direction): one shared cap let a flood of silent
 //! inbound sockets refuse the pod's own outbound connections.
-//!
-//! Workers: with more than one ([`Proxy::bind_workers`], `run` uses one per CPU), each
-//! worker is a thread with its own single-threaded runtime and its own listener on
-//! every address, all in one `SO_REUSEPORT` group, so the kernel spreads new
-//! connections over the workers and each connection is accepted, detected and
-//! forwarded on the thread that accepted it. A multi-threaded runtime behind shared
-//! listeners woke another thread for almost every connection (the accept on one, the
-//! task's I/O on another): a third of the proxy's time in the connection-rate profile.
-//! The budgets, metrics and shutdown are shared by all workers. With one worker the
-//! proxy serves on the caller's runtime (the tests, with their paused clocks).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -52,27 +41,20 @@ pub enum ServerError {
     LocalAddr(io::Error),
     #[error("cannot make the inbound listener {addr} transparent (--inbound-transparent needs CAP_NET_ADMIN): {source}")]
     Transparent { addr: SocketAddr, source: io::Error },
-    #[error("cannot start a worker's runtime: {0}")]
-    Runtime(io::Error),
     #[error(transparent)]
     Mesh(#[from] ForwarderError),
 }
 
-/// Runs the proxy with `config` until `shutdown` completes, then drains. One worker
-/// per CPU (see the module doc).
+/// Runs the proxy with `config` until `shutdown` completes, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    let workers = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
-    Proxy::bind_workers(config, workers)
-        .await?
-        .serve(shutdown)
-        .await
+    Proxy::bind(config).await?.serve(shutdown).await
 }
 
 /// A proxy whose listeners are bound but not yet accepting.
 pub struct Proxy {
     config: Config,
-    /// Per worker, its listeners: one per inbound and outbound address.
-    workers: Vec<Vec<(Direction, std::net::TcpListener)>>,
+    inbound: Vec<TcpListener>,
+    outbound: Vec<TcpListener>,
     admin: TcpListener,
     addrs: BoundAddrs,
     metrics: Arc<Metrics>,
@@ -96,44 +78,24 @@ impl Proxy {
     /// a warning, as long as another address of the same direction is bound: the
     /// defaults list both families and must work on IPv4-only hosts.
     pub async fn bind(config: Config) -> Result<Proxy, ServerError> {
-        Proxy::bind_workers(config, NonZeroUsize::MIN).await
-    }
-
-    /// [`Proxy::bind`] with `workers` workers, each with its own listener on every
-    /// address (see the module doc). One worker serves on the caller's runtime.
-    pub async fn bind_workers(config: Config, workers: NonZeroUsize) -> Result<Proxy, ServerError> {
         let metrics = Arc::new(Metrics::with_retain_idle(config.metrics_retain_idle));
         let mut forwarder = Forwarder::new(&config, metrics.clone())?;
-        let admin = TcpListener::from_std(bind(config.admin_addr, false)?).map_err(|source| {
-            ServerError::Bind {
-                addr: config.admin_addr,
-                source,
-            }
-        })?;
-        let n = workers.get();
-        let inbound = bind_all(&config.inbound_addrs, config.inbound_transparent, n)?;
-        let outbound = bind_all(&config.outbound_addrs, false, n)?;
+        let admin = bind(config.admin_addr, false)?;
+        let inbound = bind_all(&config.inbound_addrs, config.inbound_transparent)?;
+        let outbound = bind_all(&config.outbound_addrs, false)?;
         let addrs = BoundAddrs {
-            inbound: first_addrs(&inbound)?,
-            outbound: first_addrs(&outbound)?,
-            admin: admin.local_addr().map_err(ServerError::LocalAddr)?,
+            inbound: local_addrs(&inbound)?,
+            outbound: local_addrs(&outbound)?,
+            admin: local_addr(&admin)?,
         };
-        // Worker i takes the i-th listener of every address.
-        let mut per_worker: Vec<Vec<_>> = (0..n).map(|_| Vec::new()).collect();
-        let groups = (inbound.into_iter().map(|g| (Direction::Inbound, g)))
-            .chain(outbound.into_iter().map(|g| (Direction::Outbound, g)));
-        for (direction, group) in groups {
-            for (worker, listener) in per_worker.iter_mut().zip(group) {
-                worker.push((direction, listener));
-            }
-        }
         forwarder.set_listeners(Listeners {
             inbound: addrs.inbound.clone(),
             outbound: addrs.outbound.clone(),
         });
         Ok(Proxy {
             config,
-            workers: per_worker,
+            inbound,
+            outbound,
             admin,
             addrs,
             metrics,
@@ -199,13 +161,17 @@ impl Proxy {
     {
         let Proxy {
             config,
-            workers,
+            inbound,
+            outbound,
             admin,
             addrs,
             metrics,
             forwarder,
         } = self;
         warn_unless_proxy_uid(config.proxy_uid);
+
+        let ready = Arc::new(AtomicBool::new(false));
+        let admin_task = tokio::spawn(admin::serve(admin, metrics.clone(), ready.clone()));
 
         // `stop_accepting` ends the accept loops; `abort` ends the connections still open
         // when the grace period is over. Dropping the senders (this future cancelled)
@@ -227,18 +193,17 @@ impl Proxy {
             warnings: RateLimited::new(WARN_INTERVAL),
             abort: abort_rx,
         });
-        // Each worker holds a sender until its listeners are closed.
-        let (listening, mut all_closed) = mpsc::channel::<()>(1);
-        let threads = start_workers(workers, &shared, &stop_rx, &listening)?;
-        drop(listening);
-        // The admin server starts once nothing can fail any more (it would outlive an
-        // error return).
-        let ready = Arc::new(AtomicBool::new(false));
-        let admin_task = tokio::spawn(admin::serve(
-            admin,
-            shared.metrics.clone(),
-            ready.clone(),
-        ));
+        let mut accept_loops = JoinSet::new();
+        let listeners = (inbound.into_iter().map(|l| (Direction::Inbound, l)))
+            .chain(outbound.into_iter().map(|l| (Direction::Outbound, l)));
+        for (direction, listener) in listeners {
+            accept_loops.spawn(accept_loop(
+                listener,
+                direction,
+                shared.clone(),
+                stop_rx.clone(),
+            ));
+        }
         ready.store(true, Ordering::Release);
         info!(
             inbound = ?addrs.inbound,
@@ -256,8 +221,8 @@ impl Proxy {
         );
         ready.store(false, Ordering::Release);
         let _ = stop_accepting.send(true);
-        // The workers drop their listeners: from here the kernel refuses new connections.
-        let _ = all_closed.recv().await;
+        // The loops drop their listeners: from here the kernel refuses new connections.
+        while accept_loops.join_next().await.is_some() {}
 
         // Every open connection holds one permit; all permits back means all closed.
         // `max_connections` is at most a million (config's MAX_CAP), so it fits a u32;
@@ -282,109 +247,8 @@ impl Proxy {
             }
         }
         admin_task.abort();
-        // Dropping `abort` lets the workers' threads end (their connections are closed
-        // or cut by now).
-        drop(abort);
-        if !threads.is_empty() {
-            let joined = tokio::task::spawn_blocking(move || {
-                for thread in threads {
-                    let _ = thread.join();
-                }
-            });
-            let _ = joined.await;
-        }
         Ok(())
     }
-}
-
-/// Starts the workers: one alone as a task of the caller's runtime, more than one as
-/// threads with a single-threaded runtime each (returned, to be joined).
-fn start_workers<F>(
-    workers: Vec<Vec<(Direction, std::net::TcpListener)>>,
-    shared: &Arc<Shared<F>>,
-    stop: &watch::Receiver<bool>,
-    listening: &mpsc::Sender<()>,
-) -> Result<Vec<std::thread::JoinHandle<()>>, ServerError>
-where
-    F: Fn(&TcpStream) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
-{
-    let register = |listeners: Vec<(Direction, std::net::TcpListener)>| {
-        listeners
-            .into_iter()
-            .map(|(direction, listener)| {
-                let addr = listener.local_addr().map_err(ServerError::LocalAddr)?;
-                let listener = TcpListener::from_std(listener)
-                    .map_err(|source| ServerError::Bind { addr, source })?;
-                Ok((direction, listener))
-            })
-            .collect::<Result<Vec<_>, ServerError>>()
-    };
-    let work = |listeners| {
-        worker(
-            listeners,
-            shared.clone(),
-            stop.clone(),
-            listening.clone(),
-            shared.abort.clone(),
-        )
-    };
-    if workers.len() == 1 {
-        for listeners in workers {
-            tokio::spawn(work(register(listeners)?));
-        }
-        return Ok(Vec::new());
-    }
-    // Every runtime is built, and every listener registered with its worker's
-    // runtime, before any thread starts: a failure is an error of `serve`.
-    let mut runtimes = Vec::new();
-    for listeners in workers {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(ServerError::Runtime)?;
-        let listeners = {
-            let _entered = runtime.enter();
-            register(listeners)?
-        };
-        runtimes.push((runtime, work(listeners)));
-    }
-    runtimes
-        .into_iter()
-        .enumerate()
-        .map(|(i, (runtime, work))| {
-            std::thread::Builder::new()
-                .name(format!("meshproxy-worker-{i}"))
-                // Connections still open when the worker ends are dropped with the
-                // runtime.
-                .spawn(move || runtime.block_on(work))
-                .map_err(ServerError::Runtime)
-        })
-        .collect()
-}
-
-/// One worker: accepts on its listeners until `stop`, then keeps serving the
-/// connections it accepted until `abort` is set or dropped.
-async fn worker<F>(
-    listeners: Vec<(Direction, TcpListener)>,
-    shared: Arc<Shared<F>>,
-    stop: watch::Receiver<bool>,
-    listening: mpsc::Sender<()>,
-    mut abort: watch::Receiver<bool>,
-) where
-    F: Fn(&TcpStream) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
-{
-    let mut accept_loops = JoinSet::new();
-    for (direction, listener) in listeners {
-        accept_loops.spawn(accept_loop(
-            listener,
-            direction,
-            shared.clone(),
-            stop.clone(),
-        ));
-    }
-    while accept_loops.join_next().await.is_some() {}
-    drop(listening);
-    set(&mut abort).await;
 }
 
 /// What the accept loops and connection tasks share.
@@ -576,17 +440,12 @@ async fn accept_failed(error: &io::Error) {
     }
 }
 
-/// Binds `workers` listeners on each of `addrs` (see [`bind_group`]).
-fn bind_all(
-    addrs: &[SocketAddr],
-    transparent: bool,
-    workers: usize,
-) -> Result<Vec<Vec<std::net::TcpListener>>, ServerError> {
+fn bind_all(addrs: &[SocketAddr], transparent: bool) -> Result<Vec<TcpListener>, ServerError> {
     let mut listeners = Vec::new();
     let mut skipped = None;
     for &addr in addrs {
-        match bind_group(addr, transparent, workers) {
-            Ok(group) => listeners.push(group),
+        match bind(addr, transparent) {
+            Ok(listener) => listeners.push(listener),
             Err(ServerError::Bind { addr, source }) if addr.is_ipv6() && no_ipv6(&source) => {
                 warn!(%addr, error = %source, "IPv6 is not available, not listening on this address");
                 skipped = Some(ServerError::Bind { addr, source });
@@ -600,41 +459,6 @@ fn bind_all(
     }
 }
 
-/// `workers` listeners on `addr`: one plain socket, or an `SO_REUSEPORT` group.
-///
-/// The group is bound to the port a plain socket got first: with port 0 all members
-/// need the same port, and a port another listener holds (an old meshproxy, even one
-/// with `SO_REUSEPORT` and our UID) is an error as it is with one worker, instead of
-/// the kernel splitting the connections between the two processes.
-fn bind_group(
-    addr: SocketAddr,
-    transparent: bool,
-    workers: usize,
-) -> Result<Vec<std::net::TcpListener>, ServerError> {
-    if workers <= 1 {
-        return Ok(vec![bind(addr, transparent)?]);
-    }
-    let bind_error = |source| ServerError::Bind { addr, source };
-    let probe = socket(addr, transparent, false)?;
-    probe.bind(&addr.into()).map_err(bind_error)?;
-    let port = probe
-        .local_addr()
-        .map_err(ServerError::LocalAddr)?
-        .as_socket()
-        .map_or(addr.port(), |bound| bound.port());
-    drop(probe);
-    let mut at = addr;
-    at.set_port(port);
-    (0..workers)
-        .map(|_| {
-            let socket = socket(addr, transparent, true)?;
-            socket.bind(&at.into()).map_err(bind_error)?;
-            socket.listen(BACKLOG).map_err(bind_error)?;
-            Ok(socket.into())
-        })
-        .collect()
-}
-
 /// Whether a bind error means the host (or namespace) has no IPv6.
 fn no_ipv6(error: &io::Error) -> bool {
     matches!(
@@ -643,25 +467,15 @@ fn no_ipv6(error: &io::Error) -> bool {
     )
 }
 
-/// The address of each group's first listener (all of a group share it).
-fn first_addrs(groups: &[Vec<std::net::TcpListener>]) -> Result<Vec<SocketAddr>, ServerError> {
-    groups
-        .iter()
-        .filter_map(|group| group.first())
-        .map(|listener| listener.local_addr().map_err(ServerError::LocalAddr))
-        .collect()
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, ServerError> {
+    listener.local_addr().map_err(ServerError::LocalAddr)
 }
 
-fn bind(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, ServerError> {
-    let bind_error = |source| ServerError::Bind { addr, source };
-    let socket = socket(addr, transparent, false)?;
-    socket.bind(&addr.into()).map_err(bind_error)?;
-    socket.listen(BACKLOG).map_err(bind_error)?;
-    Ok(socket.into())
+fn local_addrs(listeners: &[TcpListener]) -> Result<Vec<SocketAddr>, ServerError> {
+    listeners.iter().map(local_addr).collect()
 }
 
-/// A non-blocking TCP socket for a listener on `addr`, not yet bound.
-fn socket(addr: SocketAddr, transparent: bool, reuse_port: bool) -> Result<Socket, ServerError> {
+fn bind(addr: SocketAddr, transparent: bool) -> Result<TcpListener, ServerError> {
     let bind_error = |source| ServerError::Bind { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(bind_error)?;
     // TPROXY hands connections only to transparent listeners.
@@ -672,16 +486,15 @@ fn socket(addr: SocketAddr, transparent: bool, reuse_port: bool) -> Result<Socke
     // A restarted proxy must be able to bind while its old connections sit in
     // TIME_WAIT.
     socket.set_reuse_address(true).map_err(bind_error)?;
-    if reuse_port {
-        socket.set_reuse_port(true).map_err(bind_error)?;
-    }
     if addr.is_ipv6() {
         // `[::]:4143` must not claim IPv4 too, or it would clash with `0.0.0.0:4143`;
         // and IPv4 clients must reach the IPv4 socket, where SO_ORIGINAL_DST works.
         socket.set_only_v6(true).map_err(bind_error)?;
     }
     socket.set_nonblocking(true).map_err(bind_error)?;
-    Ok(socket)
+    socket.bind(&addr.into()).map_err(bind_error)?;
+    socket.listen(BACKLOG).map_err(bind_error)?;
+    TcpListener::from_std(socket.into()).map_err(bind_error)
 }
 
 #[cfg(test)]
@@ -777,20 +590,14 @@ mod tests {
     async fn an_ipv6_address_the_host_lacks_is_skipped_if_another_binds() {
         // fd00::dead is not assigned to any interface here: EADDRNOTAVAIL.
         let missing: SocketAddr = "[fd00::dead]:0".parse().unwrap();
-        let listeners = bind_all(&["127.0.0.1:0".parse().unwrap(), missing], false, 1).unwrap();
+        let listeners = bind_all(&["127.0.0.1:0".parse().unwrap(), missing], false).unwrap();
         assert_eq!(listeners.len(), 1);
         // Alone, it is an error: a direction without any listener is useless.
-        let err = bind_all(&[missing], false, 1).unwrap_err();
+        let err = bind_all(&[missing], false).unwrap_err();
         assert!(err.to_string().contains("[fd00::dead]:0"), "{err}");
         // Any other bind failure is fatal.
         let taken = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = taken.local_addr().unwrap();
-        assert!(bind_all(&[addr, missing], false, 1).is_err());
-        // Also for a group of listeners, although their SO_REUSEPORT would let them
-        // join a group already there.
-        let taken = bind_group("127.0.0.1:0".parse().unwrap(), false, 2).unwrap();
-        let addr = taken[0].local_addr().unwrap();
-        assert_eq!(taken[1].local_addr().unwrap(), addr);
-        assert!(bind_all(&[addr], false, 2).is_err());
+        assert!(bind_all(&[addr, missing], false).is_err());
     }
 }

@@ -2,11 +2,9 @@
 //! metrics, caps and shutdown. The destination is given explicitly (`serve_with`),
 //! since no redirect rules exist here; the netns tests cover `SO_ORIGINAL_DST`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -52,31 +50,14 @@ fn args(tweak: impl FnOnce(&mut ProxyArgs)) -> ProxyArgs {
 
 /// Starts a proxy that sends every connection to `target`.
 async fn start(args: ProxyArgs, target: SocketAddr) -> Running {
-    start_workers(args, target, 1, Arc::default()).await
-}
-
-/// [`start`] with `workers` workers; each accepting thread's name is added to
-/// `accepted_on` (the destination is looked up on the thread that accepted).
-async fn start_workers(
-    args: ProxyArgs,
-    target: SocketAddr,
-    workers: usize,
-    accepted_on: Arc<Mutex<HashSet<String>>>,
-) -> Running {
     let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
-    let workers = NonZeroUsize::new(workers).unwrap();
-    let proxy = Proxy::bind_workers(config, workers).await.unwrap();
+    let proxy = Proxy::bind(config).await.unwrap();
     let addrs = proxy.local_addrs();
     let (tx, rx) = oneshot::channel::<()>();
     let shutdown = async {
         let _ = rx.await;
     };
-    let destination = move |_: &TcpStream| {
-        let thread = std::thread::current().name().unwrap_or("?").to_string();
-        accepted_on.lock().unwrap().insert(thread);
-        Ok(target)
-    };
-    let task = tokio::spawn(proxy.serve_with(destination, shutdown));
+    let task = tokio::spawn(proxy.serve_with(move |_| Ok(target), shutdown));
     Running {
         addrs,
         shutdown: Some(tx),
@@ -445,103 +426,6 @@ async fn shutdown_stops_accepting_and_drains_open_connections() {
     assert!(!task.is_finished());
     drop(open);
     task.await.unwrap().unwrap();
-}
-
-/// With two workers, connections land on both (the kernel spreads them over the
-/// workers' `SO_REUSEPORT` listeners), every one is served and counted once, and
-/// shutdown closes every worker's listener and drains their connections.
-#[tokio::test]
-async fn connections_accepted_on_several_workers_are_all_served_and_counted() {
-    let target = echo_server(b"").await;
-    let accepted_on = Arc::<Mutex<HashSet<String>>>::default();
-    let proxy = start_workers(args(|_| ()), target, 2, accepted_on.clone()).await;
-    let outbound = proxy.outbound();
-    // Each connection has a new source port, which is what the kernel hashes on:
-    // 64 of them all on one of two listeners would be a 2^-63 chance.
-    for i in 0..64 {
-        let request = format!("ping {i}");
-        assert_eq!(
-            exchange(outbound, request.as_bytes()).await,
-            request.as_bytes()
-        );
-    }
-    let mut threads: Vec<_> = accepted_on.lock().unwrap().iter().cloned().collect();
-    threads.sort();
-    assert_eq!(threads, ["meshproxy-worker-0", "meshproxy-worker-1"]);
-    let series = format!("tcp_close_total{}", labels("outbound", target, "opaque"));
-    let series = series.replace("}", ",errno=\"\"}");
-    let m = wait_for_sample(proxy.addrs.admin, &series, 64.0).await;
-    let opened = format!("tcp_open_total{}", labels("outbound", target, "opaque"));
-    assert_eq!(sample(&m, &opened), Some(64.0), "{m}");
-
-    // One connection stays open through shutdown, on whichever worker took it.
-    let mut open = TcpStream::connect(outbound).await.unwrap();
-    open.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    open.read_exact(&mut [0; 18]).await.unwrap();
-    let Running {
-        mut shutdown, task, ..
-    } = proxy;
-    shutdown.take().unwrap().send(()).unwrap();
-    // Both workers' listeners close: every new connection is refused, not just
-    // the ones the kernel would hash to one worker.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut refused = 0;
-        for _ in 0..16 {
-            refused += usize::from(TcpStream::connect(outbound).await.is_err());
-        }
-        if refused == 16 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "still accepting");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    open.write_all(b"still here").await.unwrap();
-    let mut echoed = [0; 10];
-    open.read_exact(&mut echoed).await.unwrap();
-    assert_eq!(&echoed, b"still here");
-    assert!(!task.is_finished());
-    drop(open);
-    task.await.unwrap().unwrap();
-}
-
-/// `--max-connections` is one budget for all workers, not one per worker.
-#[tokio::test]
-async fn the_connection_cap_is_shared_by_the_workers() {
-    let target = echo_server(b"").await;
-    let accepted_on = Arc::<Mutex<HashSet<String>>>::default();
-    let proxy = start_workers(
-        args(|a| a.max_connections = Some("8".into())),
-        target,
-        2,
-        accepted_on.clone(),
-    )
-    .await;
-    let mut held = Vec::new();
-    for _ in 0..8 {
-        let mut stream = TcpStream::connect(proxy.inbound()).await.unwrap();
-        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        stream.read_exact(&mut [0; 18]).await.unwrap();
-        held.push(stream);
-    }
-    for _ in 0..16 {
-        let mut extra = TcpStream::connect(proxy.inbound()).await.unwrap();
-        assert_eq!(
-            extra.read(&mut [0; 1]).await.unwrap_or(0),
-            0,
-            "closed at once"
-        );
-    }
-    assert_eq!(
-        accepted_on.lock().unwrap().len(),
-        2,
-        "both workers took connections"
-    );
-    let (_, m) = get(proxy.addrs.admin, "/metrics").await;
-    let refused = "tcp_refused_total{direction=\"inbound\",reason=\"max_connections\"}";
-    assert_eq!(sample(&m, refused), Some(16.0), "{m}");
-    drop(held);
-    proxy.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
