@@ -200,15 +200,19 @@ impl Forwarder {
             }
             Route::Direct(local) => {
                 let outcome = match &self.mesh {
-                    Some(mesh) => inbound::direct(self, mesh, client, local, &mut conn).await,
+                    Some(mesh) => {
+                        Box::pin(inbound::direct(self, mesh, client, local, &mut conn)).await
+                    }
                     // `route` only decides `Direct` when `accepts_direct()`, i.e. with a mesh.
                     None => Err(HopError::NoIdentity),
                 };
                 (local, outcome)
             }
             Route::Balanced(original, service) => {
-                let outcome =
-                    outbound::balanced::forward(self, client, original, &service, &mut conn).await;
+                let outcome = Box::pin(outbound::balanced::forward(
+                    self, client, original, &service, &mut conn,
+                ))
+                .await;
                 (original, outcome)
             }
         };
@@ -235,18 +239,23 @@ impl Forwarder {
         let detected = classified.detected.as_ref();
         let hop = self.decide(|mesh| hop::hop(direction, target, detected, mesh));
         let mesh = self.mesh.as_ref();
+        // Every hop but the opaque one is boxed: a connection's task is as large as the
+        // largest state of its future, and an inlined HTTP or mTLS hop (16 KiB) would be
+        // paid by every idle opaque connection (see `tests`).
         match (hop, mesh) {
             (Hop::IdentityRequired, _) => Err(HopError::IdentityRequired),
             (Hop::MtlsIn, Some(mesh)) => {
                 let client = Prefixed::new(classified.prefix, client);
-                inbound::terminate(self, mesh, client, target, false, conn).await
+                Box::pin(inbound::terminate(self, mesh, client, target, false, conn)).await
             }
             (Hop::MtlsOut { server_id }, Some(mesh)) => {
-                outbound::mtls(self, mesh, client, target, classified, server_id, conn).await
+                Box::pin(outbound::mtls(
+                    self, mesh, client, target, classified, server_id, conn,
+                ))
+                .await
             }
             (Hop::MeshHttp { version, server_id }, Some(_)) => {
-                self.mesh_http(client, target, classified, version, server_id, conn)
-                    .await
+                Box::pin(self.mesh_http(client, target, classified, version, server_id, conn)).await
             }
             // `hop` only decides mTLS hops with a mesh.
             (Hop::MtlsIn | Hop::MtlsOut { .. } | Hop::MeshHttp { .. }, None) => {
@@ -254,8 +263,7 @@ impl Forwarder {
             }
             // Detected HTTP, in plaintext: proxied request by request (see `http`).
             (Hop::Http(version), _) => {
-                self.http(client, direction, target, classified, version, conn)
-                    .await
+                Box::pin(self.http(client, direction, target, classified, version, conn)).await
             }
             (Hop::Opaque, _) => {
                 self.opaque(client, direction, target, classified, conn)
@@ -486,5 +494,28 @@ impl Forwarder {
         (direction == Direction::Inbound && self.inbound_transparent)
             .then_some(client)
             .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Every open connection is one task holding this future, sized for its largest
+    /// state: a large hop inlined here would be paid by every idle opaque connection
+    /// (PERFORMANCE.md: at most 24 KiB each), so the large hops are boxed.
+    #[tokio::test]
+    async fn a_connections_future_stays_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        let client = TcpStream::connect(target).await.unwrap();
+        let config = Config::default();
+        let forwarder = Forwarder::new(&config, Arc::new(Metrics::new())).unwrap();
+        let future = forwarder.forward(client, Direction::Outbound, Route::Forward(target));
+        let size = std::mem::size_of_val(&future);
+        eprintln!("forward future: {size} bytes");
+        assert!(size <= 4096, "a connection's future is {size} bytes");
     }
 }
