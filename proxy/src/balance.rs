@@ -353,7 +353,7 @@ impl<'a> Attempts<'a> {
                 }
             };
             let backend = backends.get(index)?;
-            if let Some(endpoint) = backend.pick_endpoint(&self.tried, now, rng, self.load) {
+            if let Some(endpoint) = backend.pick_endpoint_by(&self.tried, now, rng, self.load) {
                 self.tried.push(endpoint.addr);
                 return Some((backend, endpoint));
             }
@@ -376,11 +376,22 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// An endpoint for a new connection: [`Backend::pick_endpoint_by`] open
+    /// connections.
+    pub fn pick_endpoint(
+        &self,
+        tried: &[SocketAddr],
+        now: Instant,
+        rng: &mut Rng,
+    ) -> Option<&Endpoint> {
+        self.pick_endpoint_by(tried, now, rng, Load::Connections)
+    }
+
     /// An endpoint for a new connection or request: of those not in `tried` and not
     /// set aside, the less loaded (by `load`) of two chosen at random. When every
     /// untried endpoint is set aside they are used anyway (a backend that may be
     /// broken beats no backend); `None` once all have been tried.
-    pub fn pick_endpoint(
+    pub fn pick_endpoint_by(
         &self,
         tried: &[SocketAddr],
         now: Instant,

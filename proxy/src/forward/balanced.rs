@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::{connect, mtls, record, Forwarder};
-use crate::balance::{Load, Rng, Service, ServiceProtocol};
+use crate::balance::{Rng, Service, ServiceProtocol};
 use crate::duplex::duplex_tcp;
 use crate::metrics::{errno_name, Direction, Refused};
 
@@ -55,9 +55,7 @@ pub(super) async fn forward(
     let mut tried = Vec::with_capacity(MAX_CONNECT_ATTEMPTS);
     let mut last_error = None;
     while tried.len() < MAX_CONNECT_ATTEMPTS {
-        let Some(endpoint) =
-            backend.pick_endpoint(&tried, Instant::now(), &mut rng, Load::Connections)
-        else {
+        let Some(endpoint) = backend.pick_endpoint(&tried, Instant::now(), &mut rng) else {
             break;
         };
         tried.push(endpoint.addr);
