@@ -1,7 +1,8 @@
 //! An outbound connection to a `--discovery` service address (`Route::Balanced`):
 //! detect unless the service is opaque, pick a backend by weight and an endpoint by
 //! power-of-two-choices, connect (retrying a refused or timed-out connect on another
-//! endpoint of the same backend: nothing was sent yet, so it is always safe), then copy
+//! endpoint of the same backend and, once it has none left, of another backend: nothing
+//! was sent yet, so it is always safe; see `balance::Attempts`), then copy
 //! in plaintext (spliced, as for any plain destination) or, for an endpoint with an
 //! identity, over mTLS to its proxy exactly as to a mesh peer.
 //!
@@ -17,7 +18,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::{connect, mtls, record, Forwarder};
-use crate::balance::{Rng, Service, ServiceProtocol};
+use crate::balance::{Load, Rng, Service, ServiceProtocol};
 use crate::duplex::duplex_tcp;
 use crate::metrics::{errno_name, Direction, Refused};
 
@@ -46,19 +47,16 @@ pub(super) async fn forward(
         return;
     };
     let mut rng = Rng::thread();
-    let Some(backend) = service.pick_backend(&mut rng) else {
-        fwd.metrics.refused(Direction::Outbound, Refused::NoBackend);
-        info!(%original, service = &*service.name, "every backend has weight 0, refusing the connection");
-        return;
-    };
-    let dst = Some((service.name.clone(), backend.name.clone()));
-    let mut tried = Vec::with_capacity(MAX_CONNECT_ATTEMPTS);
+    let mut attempts = service.attempts(Load::Connections);
     let mut last_error = None;
-    while tried.len() < MAX_CONNECT_ATTEMPTS {
-        let Some(endpoint) = backend.pick_endpoint(&tried, Instant::now(), &mut rng) else {
+    // The backend of the last attempt, for the metrics of a connection that failed.
+    let mut last_backend = None;
+    while attempts.tried() < MAX_CONNECT_ATTEMPTS {
+        let Some((backend, endpoint)) = attempts.next(Instant::now(), &mut rng) else {
             break;
         };
-        tried.push(endpoint.addr);
+        last_backend = Some(backend);
+        let dst = Some((service.name.clone(), backend.name.clone()));
         let open = endpoint.state.opened();
         // An endpoint with an identity is reached through its proxy's inbound port.
         let (dial, mesh) = match (&endpoint.identity, fwd.mesh.as_ref()) {
@@ -112,14 +110,19 @@ pub(super) async fn forward(
         info!(%original, endpoint = %dial, error, set_aside, "cannot connect to an endpoint, trying another");
         last_error = Some(error);
     }
-    // Every attempt failed (or the backend has no endpoint): counted as a connection
-    // that closed with the last error, like an unreachable plain destination.
+    let Some(backend) = last_backend else {
+        fwd.metrics.refused(Direction::Outbound, Refused::NoBackend);
+        info!(%original, service = &*service.name, "every backend has weight 0, refusing the connection");
+        return;
+    };
+    // Every attempt failed: counted as a connection that closed with the last error,
+    // like an unreachable plain destination, under the backend tried last.
     let mut conn = fwd.metrics.open_balanced(
         Direction::Outbound,
         original,
         classified.protocol(),
         None,
-        dst,
+        Some((service.name.clone(), backend.name.clone())),
     );
     info!(%original, service = &*service.name, backend = &*backend.name, ?last_error, "no endpoint could be reached");
     conn.set_errno(Some(
