@@ -86,7 +86,7 @@ fn p2c_prefers_the_endpoint_with_fewer_open_connections() {
     let mut counts = [0; 3];
     for _ in 0..3000 {
         let e = backend
-            .pick_endpoint(&[], now, &mut rng, Load::Connections)
+            .pick_endpoint_by(&[], now, &mut rng, Load::Connections)
             .unwrap();
         counts[backend
             .endpoints
@@ -107,13 +107,13 @@ fn tried_endpoints_are_skipped_and_none_is_left_after_all() {
     let mut tried = Vec::new();
     for _ in 0..3 {
         let e = backend
-            .pick_endpoint(&tried, now, &mut rng, Load::Connections)
+            .pick_endpoint_by(&tried, now, &mut rng, Load::Connections)
             .unwrap();
         assert!(!tried.contains(&e.addr));
         tried.push(e.addr);
     }
     assert!(backend
-        .pick_endpoint(&tried, now, &mut rng, Load::Connections)
+        .pick_endpoint_by(&tried, now, &mut rng, Load::Connections)
         .is_none());
 }
 
@@ -134,7 +134,7 @@ async fn an_endpoint_that_keeps_failing_is_set_aside_for_the_penalty_then_put_ba
         (0..300)
             .filter(|_| {
                 backend
-                    .pick_endpoint(&[], Instant::now(), rng, Load::Connections)
+                    .pick_endpoint_by(&[], Instant::now(), rng, Load::Connections)
                     .unwrap()
                     .addr
                     == bad.addr
@@ -165,14 +165,14 @@ async fn all_set_aside_are_used_anyway() {
     }
     let mut rng = Rng::seeded(9);
     assert!(backend
-        .pick_endpoint(&[], Instant::now(), &mut rng, Load::Connections)
+        .pick_endpoint_by(&[], Instant::now(), &mut rng, Load::Connections)
         .is_some());
     // Though an untried ready endpoint is still preferred over set-aside ones.
     backend.endpoints[2].state.succeeded();
     let tried = [backend.endpoints[0].addr];
     for _ in 0..50 {
         let e = backend
-            .pick_endpoint(&tried, Instant::now(), &mut rng, Load::Connections)
+            .pick_endpoint_by(&tried, Instant::now(), &mut rng, Load::Connections)
             .unwrap();
         assert_eq!(e.addr, backend.endpoints[2].addr);
     }
