@@ -478,7 +478,7 @@ mod tests {
         for n in 0..2000u32 {
             let target = std::net::SocketAddr::from(([198, 19, (n >> 8) as u8, n as u8], 80));
             drop(metrics.open(
-                crate::metrics::Direction::Inbound,
+                crate::route::Direction::Inbound,
                 target,
                 crate::detect::Protocol::Opaque,
                 None,
@@ -488,7 +488,7 @@ mod tests {
         let first = scrapes.encoded(false).await.unwrap();
         // A connection opened after the first scrape is in every later one.
         drop(metrics.open(
-            crate::metrics::Direction::Inbound,
+            crate::route::Direction::Inbound,
             "198.18.0.1:80".parse().unwrap(),
             crate::detect::Protocol::Opaque,
             None,

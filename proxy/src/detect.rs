@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::metrics::Label;
+
 pub use self::tls::ClientHello;
 
 /// The most bytes detection buffers. An HTTP/1 request line or a TLS ClientHello longer
@@ -52,6 +54,19 @@ impl Protocol {
             Protocol::Http2 => "http2",
             Protocol::Tls => "tls",
         }
+    }
+}
+
+impl Label for Protocol {
+    fn label(&self) -> &'static str {
+        self.as_str()
+    }
+}
+
+/// The `result` label of `detect_results_total`.
+impl Label for Detected {
+    fn label(&self) -> &'static str {
+        self.result_label()
     }
 }
 

@@ -30,6 +30,8 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+pub use crate::metrics::Counters;
+
 mod splice;
 
 use self::splice::{splice_to_eof, Pipe, SpliceError};
@@ -38,15 +40,6 @@ use self::splice::{splice_to_eof, Pipe, SpliceError};
 const MIN_BUF: usize = 4 * 1024;
 /// Largest size of each direction's buffer, reached after reads that filled it.
 const MAX_BUF: usize = 64 * 1024;
-
-/// Byte counters of one connection, from the client's point of view.
-#[derive(Clone, Debug, Default)]
-pub struct Counters {
-    /// Bytes read from the client.
-    pub read: Counter,
-    /// Bytes written to the client.
-    pub written: Counter,
-}
 
 /// Bytes copied in each direction of one connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

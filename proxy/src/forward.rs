@@ -1,59 +1,61 @@
-//! One connection, from its known destination to its close: detect (unless the port
-//! is opaque), connect, replay the detected bytes, copy, count.
+//! One connection, from its route to its close: the pipeline a reader can follow.
+//!
+//! ```text
+//! accept (server) -> route (pure, before any byte) -> Route::Forward -> detect? (hop::detects)
+//!   -> classify (read the first bytes, within budget) -> hop (pure, after detection)
+//!   -> run the hop: opaque | http | inbound::terminate | outbound::mtls
+//!   -> outcome::record (errno label, refusal and handshake counters, one log line)
+//! ```
+//!
+//! `Route::Direct` (a peer proxy's mTLS to our inbound port) goes to `inbound::direct`,
+//! `Route::Balanced` (a `--discovery` service) to `outbound::balanced`; both end in the
+//! same `outcome::record`.
 //!
 //! The destination is a parameter: looking it up (`orig_dst`) belongs to the accept
 //! loop, so this step runs the same in tests on loopback without any redirect rules.
-//!
-//! With an identity configured, three more paths branch off here, implemented in
-//! `mtls`: outbound connections to a meshed destination go over mTLS to the peer
-//! proxy; inbound direct connections from peer proxies (and TLS clients naming our
-//! identity on an application port) are terminated; and plaintext clients on
-//! `--require-identity-ports` are refused.
+//! The plaintext hops live here since they are the same in both directions.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::balance::{Balancer, BalancerError, Table};
 use crate::config::{Config, PortSet};
+use crate::connect::{connect_from, set_keepalive};
 use crate::detect::{detect, Detected, Protocol};
-use crate::duplex::{duplex, duplex_tcp, DuplexError, Totals};
+use crate::duplex::duplex_tcp;
+use crate::hop::{self, Hop, MeshPolicy};
 use crate::identity::IdentityError;
+use crate::mesh::Mesh;
 use crate::mesh_peers::MeshPeersError;
-use crate::metrics::{errno_name, ConnMetrics, Direction, Metrics, Refused};
+use crate::metrics::{ConnMetrics, Metrics};
+use crate::outcome::{record, HopError, Outcome};
 use crate::prefixed::Prefixed;
-use crate::route::Route;
-
-mod balanced;
-mod mtls;
-
-use self::mtls::Mesh;
+use crate::route::{Direction, Route};
+use crate::{inbound, outbound};
 
 /// What every connection needs: the policy from the config and the shared metrics.
 pub struct Forwarder {
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     detect_timeout: Duration,
     /// How long an mTLS peer may take to say hello and finish the handshake.
-    handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     inbound_opaque_ports: PortSet,
-    outbound_opaque_ports: PortSet,
+    pub(crate) outbound_opaque_ports: PortSet,
     /// Permits for connections in detection (`--max-detecting`), one budget per
     /// direction: silent inbound clients must not refuse the pod's own outbound
     /// connections.
     detecting: PerDirection<Arc<Semaphore>>,
     /// Identity and meshed peers, when mTLS is configured.
-    mesh: Option<Mesh>,
-    /// Our listeners, which a transport header must not name (see `mtls::inbound`).
-    listeners: Listeners,
-    /// The services of `--discovery`, when configured (see `balanced`).
+    pub(crate) mesh: Option<Mesh>,
+    /// Our listeners, which a transport header must not name (see `inbound`).
+    pub(crate) listeners: Listeners,
+    /// The services of `--discovery`, when configured (see `outbound::balanced`).
     balancer: Option<Arc<Balancer>>,
     /// `--inbound-transparent`: connect to the application from the client's address.
     inbound_transparent: bool,
@@ -89,25 +91,6 @@ impl<T> PerDirection<T> {
     }
 }
 
-/// TCP keepalive on both sockets of a forwarded connection: probes start after 60 s
-/// without traffic, every 10 s, and 6 unanswered probes (2 minutes in all) reset the
-/// connection. Without it a peer that vanished (a node gone, a NAT entry expired) holds
-/// its connection slot and two descriptors until the process restarts; with it the
-/// copy loop gets an error and the slot is freed. Idle but live connections are not
-/// affected: the peer's kernel answers the probes.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_RETRIES: u32 = 6;
-
-/// Enables [`KEEPALIVE_IDLE`] and friends on a forwarded connection's socket.
-pub(crate) fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
-    let keepalive = TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_RETRIES);
-    SockRef::from(stream).set_tcp_keepalive(&keepalive)
-}
-
 /// Why a [`Forwarder`] could not be built: the mTLS files are unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwarderError {
@@ -120,13 +103,14 @@ pub enum ForwarderError {
 }
 
 /// What a connection's first bytes were, or that they were not looked at.
-struct Classified {
-    detected: Option<Detected>,
-    prefix: Vec<u8>,
+pub(crate) struct Classified {
+    pub(crate) detected: Option<Detected>,
+    /// The bytes read to decide, replayed to the destination.
+    pub(crate) prefix: Vec<u8>,
 }
 
 impl Classified {
-    fn protocol(&self) -> Protocol {
+    pub(crate) fn protocol(&self) -> Protocol {
         self.detected
             .as_ref()
             .map_or(Protocol::Opaque, Detected::protocol)
@@ -172,171 +156,199 @@ impl Forwarder {
         self.mesh.is_some()
     }
 
-    /// Forwards `client`, accepted by the `direction` listener, as `route` decided.
-    /// Errors end the connection and are logged and counted here; there is nothing to
-    /// return.
-    ///
-    /// [`Route::Direct`] is a peer proxy's direct mTLS connection to our inbound port
-    /// (only decided with an identity); see `mtls`.
-    pub(crate) async fn forward(&self, mut client: TcpStream, direction: Direction, route: Route) {
+    /// Forwards `client`, accepted by the `direction` listener, as `route` decided, and
+    /// records how it ended. Errors end the connection and are counted and logged by
+    /// `outcome::record`; there is nothing to return.
+    pub(crate) async fn forward(&self, client: TcpStream, direction: Direction, route: Route) {
         // We forward what we read as soon as we read it; Nagle would only add delay.
         let _ = client.set_nodelay(true);
         // Best effort: a socket that refuses keepalive is still forwarded.
         let _ = set_keepalive(&client);
-        let mesh = self.mesh.as_ref();
-
-        let target = match (route, mesh) {
-            (Route::Forward(target), _) => target,
-            (Route::Direct(local), Some(mesh)) => {
-                return mtls::inbound_direct(self, mesh, client, local).await;
+        let client_addr = client.peer_addr().ok();
+        // The connection's metrics, once a hop counts it as open.
+        let mut conn = None;
+        let (target, outcome) = match route {
+            Route::Forward(target) => {
+                let outcome = self.forward_to(client, direction, target, &mut conn).await;
+                (target, outcome)
             }
-            // `route` only decides `Direct` when `accepts_direct()`, i.e. with a mesh.
-            (Route::Direct(_), None) => return,
-            (Route::Balanced(original, service), _) => {
-                return balanced::forward(self, client, original, &service).await;
+            Route::Direct(local) => {
+                let outcome = match &self.mesh {
+                    Some(mesh) => inbound::direct(self, mesh, client, local, &mut conn).await,
+                    // `route` only decides `Direct` when `accepts_direct()`, i.e. with a mesh.
+                    None => Err(HopError::NoIdentity),
+                };
+                (local, outcome)
+            }
+            Route::Balanced(original, service) => {
+                let outcome =
+                    outbound::balanced::forward(self, client, original, &service, &mut conn).await;
+                (original, outcome)
             }
         };
+        record(&self.metrics, direction, client_addr, target, conn, outcome);
+    }
 
-        // On a port that requires an identity we must see whether the client starts a
-        // TLS session for us, so it is detected even if it is opaque: a plaintext client
-        // is refused there anyway, so there is no server greeting to wait for.
-        let require_identity = direction == Direction::Inbound
-            && mesh.is_some_and(|m| m.require_identity_ports.contains(target.port()));
+    /// A connection to its original destination `target`: detect (unless the port is
+    /// opaque), decide its [`Hop`], and run it.
+    async fn forward_to(
+        &self,
+        mut client: TcpStream,
+        direction: Direction,
+        target: SocketAddr,
+        conn: &mut Option<ConnMetrics>,
+    ) -> Outcome {
         let opaque_ports = match direction {
             Direction::Inbound => &self.inbound_opaque_ports,
             Direction::Outbound => &self.outbound_opaque_ports,
         };
-        let detect = require_identity || !opaque_ports.contains(target.port());
-        let Some(classified) = self.classify(&mut client, target, direction, detect).await else {
-            return;
-        };
-
-        if let (Some(mesh), Direction::Inbound) = (mesh, direction) {
-            if let Some(Detected::Tls(hello)) = &classified.detected {
-                let identity = mesh.identity.current();
-                if hello.sni.as_deref() == Some(identity.name()) {
-                    // A peer proxy (or a mesh-aware client) addressed us by our
-                    // identity on the application's port: terminate its mTLS here.
-                    let client = Prefixed::new(classified.prefix, client);
-                    return mtls::inbound(self, mesh, client, target, false).await;
-                }
+        let detect = self.decide(|mesh| hop::detects(direction, target, opaque_ports, mesh));
+        let classified = self
+            .classify(&mut client, target, direction, detect)
+            .await?;
+        let detected = classified.detected.as_ref();
+        let hop = self.decide(|mesh| hop::hop(direction, target, detected, mesh));
+        let mesh = self.mesh.as_ref();
+        match (hop, mesh) {
+            (Hop::IdentityRequired, _) => Err(HopError::IdentityRequired),
+            (Hop::MtlsIn, Some(mesh)) => {
+                let client = Prefixed::new(classified.prefix, client);
+                inbound::terminate(self, mesh, client, target, false, conn).await
+            }
+            (Hop::MtlsOut { server_id }, Some(mesh)) => {
+                outbound::mtls(self, mesh, client, target, classified, server_id, conn).await
+            }
+            // `hop` only decides mTLS hops with a mesh.
+            (Hop::MtlsIn | Hop::MtlsOut { .. }, None) => Err(HopError::NoIdentity),
+            // Detected HTTP, in plaintext: today its bytes are forwarded as they come,
+            // exactly like opaque ones (`protocol="http1"|"http2"` on the TCP metrics).
+            // Request-level proxying replaces this call.
+            (Hop::Http(_version), _) => {
+                self.opaque(client, direction, target, classified, conn)
+                    .await
+            }
+            (Hop::Opaque, _) => {
+                self.opaque(client, direction, target, classified, conn)
+                    .await
             }
         }
-        if require_identity {
-            self.metrics.refused(direction, Refused::IdentityRequired);
-            info!(
-                client = ?client.peer_addr().ok(),
-                %target,
-                "refusing a client without a mesh identity on a port that requires one"
-            );
-            return;
-        }
-        if let (Some(mesh), Direction::Outbound) = (mesh, direction) {
-            if let Some(peer_id) = mesh.peer_identity(target) {
-                return mtls::outbound(self, mesh, client, target, classified, peer_id).await;
-            }
-        }
-        self.plaintext(client, direction, target, classified).await;
     }
 
-    /// Reads the client's first bytes when `detect` says so, and records the outcome.
-    /// `None` when the connection ends here (closed, failed, or over the cap).
-    async fn classify(
+    /// Runs a decision of `hop` with the mesh configuration as it is now (the identity
+    /// is reloaded when its files change), or `None` without an identity.
+    fn decide<R>(&self, decision: impl FnOnce(Option<&MeshPolicy<'_>>) -> R) -> R {
+        let Some(mesh) = &self.mesh else {
+            return decision(None);
+        };
+        let identity = mesh.identity.current();
+        let peer_identity = |target| mesh.peer_identity(target);
+        decision(Some(&mesh.policy(&identity, &peer_identity)))
+    }
+
+    /// Reads the client's first bytes when `run_detection` says so, and records the
+    /// detection metrics. An error when the connection ends here (closed, failed, or
+    /// over the detection budget).
+    pub(crate) async fn classify(
         &self,
         client: &mut TcpStream,
         target: SocketAddr,
         direction: Direction,
         run_detection: bool,
-    ) -> Option<Classified> {
-        let client_addr = client.peer_addr().ok();
+    ) -> Result<Classified, HopError> {
         if !run_detection {
-            // Opaque ports skip detection. Detection waits for the client to speak
-            // first; in server-speaks-first protocols (SMTP, MySQL, ...) the client waits
-            // for the server's greeting instead, so detection would hold every such
-            // connection for the whole detect timeout. On these ports we know in
-            // advance that there is nothing to detect, so we connect at once.
-            return Some(Classified {
+            // Opaque ports skip detection (see `hop::detects`): we connect at once.
+            return Ok(Classified {
                 detected: None,
                 prefix: Vec::new(),
             });
         }
         // The cap on connections in detection: each holds a buffer and may wait the
         // whole timeout, so a flood of silent clients is turned away here, at once,
-        // instead of piling up. Per direction, so that inbound clients cannot use up
-        // the budget of the pod's own outbound connections.
-        let Ok(_permit) = self.detecting.get(direction).clone().try_acquire_owned() else {
-            self.metrics.refused(direction, Refused::MaxDetecting);
-            debug!(?client_addr, %target, "too many connections in protocol detection, closing");
-            return None;
+        // instead of piling up.
+        let Some(_permit) = self.detection_permit(direction) else {
+            return Err(HopError::MaxDetecting);
         };
         let started = Instant::now();
         let detection = match detect(client, self.detect_timeout).await {
             Ok(detection) => detection,
             Err(error) => {
                 self.metrics.detect_error(started.elapsed());
-                debug!(?client_addr, %target, %error, "client failed during protocol detection");
-                return None;
+                return Err(HopError::Detect(error));
             }
         };
         self.metrics
             .detected(&detection.detected, started.elapsed());
         match &detection.detected {
-            Detected::Eof => {
-                // Health checks and port scans do this; it is counted, not an error.
-                debug!(?client_addr, %target, "client closed before sending anything");
-                return None;
-            }
+            // Health checks and port scans do this; it is counted, not an error.
+            Detected::Eof => return Err(HopError::ClientClosed),
             Detected::Timeout => debug!(
-                ?client_addr,
                 %target,
                 timeout = ?self.detect_timeout,
                 "no protocol detected before the timeout, forwarding as opaque"
             ),
             Detected::Tls(hello) => debug!(
-                ?client_addr,
                 %target,
                 sni = ?hello.sni,
                 alpn = ?hello.alpn.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>(),
                 "detected TLS"
             ),
-            other => {
-                debug!(?client_addr, %target, protocol = other.protocol().as_str(), "detected")
-            }
+            other => debug!(%target, protocol = other.protocol().as_str(), "detected"),
         }
-        Some(Classified {
+        Ok(Classified {
             detected: Some(detection.detected),
             prefix: detection.prefix,
         })
     }
 
+    /// One of the `direction`'s detection permits (`--max-detecting`), if any is left.
+    /// Per direction, so that inbound clients cannot use up the budget of the pod's own
+    /// outbound connections.
+    pub(crate) fn detection_permit(&self, direction: Direction) -> Option<OwnedSemaphorePermit> {
+        self.detecting
+            .get(direction)
+            .clone()
+            .try_acquire_owned()
+            .ok()
+    }
+
     /// Forwards in plaintext, as without mTLS: connect, replay, copy.
-    async fn plaintext(
+    async fn opaque(
         &self,
         client: TcpStream,
         direction: Direction,
         target: SocketAddr,
         classified: Classified,
-    ) {
-        let client_addr = client.peer_addr().ok();
-        let mut conn = self
-            .metrics
-            .open(direction, target, classified.protocol(), None);
-        let from = self.source_for(direction, client_addr);
-        let target_stream = match connect_from(target, from).await {
-            Ok(stream) => stream,
-            Err(error) => {
-                info!(?client_addr, %target, %error, "cannot connect to the destination");
-                conn.set_errno(Some(errno_name(&error)));
-                return;
-            }
-        };
+        conn: &mut Option<ConnMetrics>,
+    ) -> Outcome {
+        let conn = conn.insert(self.open(direction, target, classified.protocol(), None, None));
+        let from = self.source_for(direction, client.peer_addr().ok());
+        let target_stream =
+            connect_from(target, from)
+                .await
+                .map_err(|error| HopError::Connect {
+                    what: "destination",
+                    addr: target,
+                    error,
+                })?;
         // Both ends are plain TCP sockets: bulk bytes can be spliced.
-        let copied = duplex_tcp(client, target_stream, classified.prefix, conn.counters()).await;
-        record(copied, &mut conn, target);
+        Ok(duplex_tcp(client, target_stream, classified.prefix, conn.counters()).await?)
     }
-}
 
-impl Forwarder {
+    /// Counts a connection as open: `peer_id` is the peer's identity on mTLS hops,
+    /// `dst` the service and backend of a balanced one.
+    pub(crate) fn open(
+        &self,
+        direction: Direction,
+        target: SocketAddr,
+        protocol: Protocol,
+        peer_id: Option<&str>,
+        dst: Option<(Arc<str>, Arc<str>)>,
+    ) -> ConnMetrics {
+        let peer_id = peer_id.map(|id| direction.peer_id(id));
+        self.metrics
+            .open_balanced(direction, target, protocol, peer_id, dst)
+    }
+
     /// The address the connection to `target` is made from: the client's, for
     /// inbound connections with `--inbound-transparent`, so that the application sees
     /// who the client is; the kernel's choice otherwise.
@@ -348,119 +360,5 @@ impl Forwarder {
         (direction == Direction::Inbound && self.inbound_transparent)
             .then_some(client)
             .flatten()
-    }
-}
-
-/// Copies until both sides are done and records how the connection ended.
-async fn copy<C, T>(client: C, target: T, prefix: Vec<u8>, conn: &mut ConnMetrics, to: SocketAddr)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let copied = duplex(client, target, prefix, conn.counters()).await;
-    record(copied, conn, to);
-}
-
-/// Records how a connection ended: its errno label, and a debug line.
-fn record(copied: Result<Totals, DuplexError>, conn: &mut ConnMetrics, to: SocketAddr) {
-    match copied {
-        Ok(totals) => {
-            conn.set_errno(None);
-            debug!(
-                target = %to,
-                sent = totals.client_to_target,
-                received = totals.target_to_client,
-                spliced = totals.spliced,
-                "connection closed"
-            );
-        }
-        Err(error) => {
-            conn.set_errno(Some(errno_name(&error.source)));
-            debug!(target = %to, %error, "connection failed");
-        }
-    }
-}
-
-/// Opens the proxy's own connection to a destination.
-///
-/// This connection is not redirected back into the proxy only because the proxy runs as
-/// the proxy UID (2102 by default), whose traffic meshinit's outbound rule exempts, and
-/// because inbound destinations (the pod's own address) are reached over `lo`, which the
-/// rules exempt too. Under any other UID each forwarded connection would come back to
-/// the outbound listener, until `--max-connections` stops the loop; meshproxy warns at
-/// start-up when its UID is not `--proxy-uid`.
-///
-/// Meshed destinations get this same connection, to the peer's inbound port, wrapped
-/// in mTLS by `mtls::outbound`.
-///
-/// The connection gets TCP keepalive (see [`KEEPALIVE_IDLE`]).
-pub async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
-    connect_from(target, None).await
-}
-
-/// [`connect`], from the address `from` when given: a transparent socket
-/// (IP_TRANSPARENT, which needs CAP_NET_ADMIN) bound to the client's address, so
-/// that the application sees the client, not the pod, as its peer. meshinit's
-/// `tproxy` mode routes the application's replies back to this socket.
-///
-/// The port is the kernel's choice, never the client's own: the client's
-/// connection already holds the 4-tuple (client address and port, application
-/// address and port) in this namespace, and a second connection with the same one
-/// would be taken for it. The rare ephemeral port equal to the client's is
-/// therefore refused and another one taken.
-pub async fn connect_from(target: SocketAddr, from: Option<SocketAddr>) -> io::Result<TcpStream> {
-    let stream = match from {
-        None => TcpStream::connect(target).await?,
-        Some(from) => {
-            // Port 0: the kernel's choice; a link-local client keeps its scope.
-            let mut source = from;
-            source.set_port(0);
-            if let SocketAddr::V6(v6) = &mut source {
-                v6.set_flowinfo(0);
-            }
-            let mut socket = transparent_socket(source)?;
-            if socket.local_addr()?.port() == from.port() {
-                socket = transparent_socket(source)?;
-            }
-            socket.connect(target).await?
-        }
-    };
-    stream.set_nodelay(true)?;
-    set_keepalive(&stream)?;
-    Ok(stream)
-}
-
-/// A TCP socket bound, with IP_TRANSPARENT, to `source` (which need not be ours).
-fn transparent_socket(source: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
-    let socket = match source {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    crate::orig_dst::set_transparent(&socket)?;
-    socket.bind(source)?;
-    Ok(socket)
-}
-
-#[cfg(test)]
-mod tests {
-    use nix::sys::socket::{getsockopt, sockopt};
-    use tokio::net::TcpListener;
-
-    use super::*;
-
-    /// Both sockets of a forwarded connection: the one `connect` opens, and the
-    /// accepted one, which `forward` passes through `set_keepalive`.
-    #[tokio::test]
-    async fn forwarded_sockets_have_tcp_keepalive() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = connect(listener.local_addr().unwrap()).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        set_keepalive(&accepted).unwrap();
-        for stream in [&upstream, &accepted] {
-            assert!(getsockopt(stream, sockopt::KeepAlive).unwrap());
-            assert_eq!(getsockopt(stream, sockopt::TcpKeepIdle).unwrap(), 60);
-            assert_eq!(getsockopt(stream, sockopt::TcpKeepInterval).unwrap(), 10);
-            assert_eq!(getsockopt(stream, sockopt::TcpKeepCount).unwrap(), 6);
-        }
     }
 }

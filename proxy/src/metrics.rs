@@ -70,27 +70,30 @@ use tokio::time::Instant;
 
 mod process;
 
-use crate::detect::{Detected, Protocol};
-use crate::duplex::Counters;
-use crate::tls::HandshakeFailure;
-
-/// Which listener accepted a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    /// From outside the pod to an application in it (port 4143).
-    Inbound,
-    /// From an application in the pod to anywhere (port 4140).
-    Outbound,
+/// A label value of a domain type. The types are owned (and their values spelled) by
+/// the modules they describe: `Direction` by `route`, `Protocol` and `Detected` by
+/// `detect`, `HandshakeFailure` by `tls`, `Refused` by `outcome`. This module only
+/// stores the strings, so it depends on none of them.
+pub trait Label {
+    /// The label value, exactly as exposed.
+    fn label(&self) -> &'static str;
 }
 
-impl Direction {
-    /// The `direction` label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
+/// A value spelled out, as the tests and `discovery_updates_total` do.
+impl Label for &'static str {
+    fn label(&self) -> &'static str {
+        self
     }
+}
+
+/// Byte counters of one connection, from the client's point of view; the copy loop
+/// (`duplex`) adds to them.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    /// Bytes read from the client.
+    pub read: Counter,
+    /// Bytes written to the client.
+    pub written: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -177,45 +180,6 @@ struct RefusedLabels {
 
 /// The same two labels for handshake failures.
 type HandshakeLabels = RefusedLabels;
-
-/// Why a connection was closed before being forwarded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Refused {
-    MaxConnections,
-    MaxDetecting,
-    NoOriginalDst,
-    /// A plaintext client on a `--require-identity-ports` port.
-    IdentityRequired,
-    /// Trust boundary (`route`): an inbound original destination on loopback,
-    LoopbackDestination,
-    /// the unspecified address,
-    UnspecifiedDestination,
-    /// a multicast or broadcast address,
-    MulticastDestination,
-    /// or an address that is not one of the namespace's own;
-    ForeignDestination,
-    /// an original destination that is one of the proxy's own listeners.
-    SelfLoop,
-    /// A service of `--discovery` whose backends all have weight zero.
-    NoBackend,
-}
-
-impl Refused {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Refused::MaxConnections => "max_connections",
-            Refused::MaxDetecting => "max_detecting",
-            Refused::NoOriginalDst => "no_original_dst",
-            Refused::IdentityRequired => "identity_required",
-            Refused::LoopbackDestination => "loopback_destination",
-            Refused::UnspecifiedDestination => "unspecified_destination",
-            Refused::MulticastDestination => "multicast_destination",
-            Refused::ForeignDestination => "foreign_destination",
-            Refused::SelfLoop => "self_loop",
-            Refused::NoBackend => "no_backend",
-        }
-    }
-}
 
 /// Most label sets of the connection families (`tcp_open_total`,
 /// `tcp_open_connections`, `tcp_read_bytes_total`, `tcp_write_bytes_total`, which share
@@ -453,10 +417,10 @@ impl Metrics {
     }
 
     /// Records a detection outcome and how long it took.
-    pub fn detected(&self, detected: &Detected, took: Duration) {
+    pub fn detected(&self, result: &impl Label, took: Duration) {
         self.detect_results
             .get_or_create(&ResultLabels {
-                result: detected.result_label(),
+                result: result.label(),
             })
             .inc();
         self.detect_duration.observe(took.as_secs_f64());
@@ -471,21 +435,21 @@ impl Metrics {
     }
 
     /// Records a connection closed before forwarding.
-    pub fn refused(&self, direction: Direction, reason: Refused) {
+    pub fn refused(&self, direction: impl Label, reason: impl Label) {
         self.refused
             .get_or_create(&RefusedLabels {
-                direction: direction.as_str(),
-                reason: reason.as_str(),
+                direction: direction.label(),
+                reason: reason.label(),
             })
             .inc();
     }
 
     /// Records a failed mTLS handshake (or transport header) and why.
-    pub fn handshake_failed(&self, direction: Direction, reason: HandshakeFailure) {
+    pub fn handshake_failed(&self, direction: impl Label, reason: impl Label) {
         self.handshake_failures
             .get_or_create(&HandshakeLabels {
-                direction: direction.as_str(),
-                reason: reason.as_str(),
+                direction: direction.label(),
+                reason: reason.label(),
             })
             .inc();
     }
@@ -505,17 +469,18 @@ impl Metrics {
     }
 
     /// Counts a connection as open and returns its counters. Dropping the result counts
-    /// it as closed. `peer_id` is the peer's identity when the hop is our mTLS: the
-    /// client's for inbound connections, the server's for outbound ones.
+    /// it as closed. `peer_id` is the peer's identity when the hop is our mTLS, as its
+    /// label name and value: `client_id` for inbound connections, `server_id` for
+    /// outbound ones (see `Direction::peer_id`).
     ///
     /// Past `MAX_CONN_LABEL_SETS` a new destination is counted under
     /// `target_addr="overflow"`.
     pub fn open(
         &self,
-        direction: Direction,
+        direction: impl Label,
         target: std::net::SocketAddr,
-        protocol: Protocol,
-        peer_id: Option<&str>,
+        protocol: impl Label,
+        peer_id: Option<(&'static str, &str)>,
     ) -> ConnMetrics {
         self.open_balanced(direction, target, protocol, peer_id, None)
     }
@@ -524,24 +489,18 @@ impl Metrics {
     /// service and the backend chosen (`dst_service`, `dst_backend`).
     pub fn open_balanced(
         &self,
-        direction: Direction,
+        direction: impl Label,
         target: std::net::SocketAddr,
-        protocol: Protocol,
-        peer_id: Option<&str>,
+        protocol: impl Label,
+        peer_id: Option<(&'static str, &str)>,
         dst: Option<(Arc<str>, Arc<str>)>,
     ) -> ConnMetrics {
         let labels = ConnLabels {
-            direction: direction.as_str(),
+            direction: direction.label(),
             target_addr: target.to_string(),
-            protocol: protocol.as_str(),
+            protocol: protocol.label(),
             tls: if peer_id.is_some() { "true" } else { "false" },
-            peer_id: peer_id.map(|id| {
-                let key = match direction {
-                    Direction::Inbound => "client_id",
-                    Direction::Outbound => "server_id",
-                };
-                (key, id.to_string())
-            }),
+            peer_id: peer_id.map(|(key, id)| (key, id.to_string())),
             dst,
         };
         let (labels, counters) = self.conns.open(labels, Instant::now());
@@ -832,7 +791,7 @@ mod tests {
     fn counters_are_named_with_total_in_the_prometheus_format() {
         let metrics = Metrics::new();
         let target = "10.0.0.1:80".parse().unwrap();
-        drop(metrics.open(Direction::Outbound, target, Protocol::Http1, None));
+        drop(metrics.open("outbound", target, "http1", None));
         let text = metrics.encode();
         assert!(text.contains("# TYPE tcp_open_total counter\n"), "{text}");
         assert!(
@@ -886,7 +845,7 @@ mod tests {
         let metrics = Metrics::new();
         let scanned = MAX_CONN_LABEL_SETS + 500;
         for n in 0..scanned {
-            let mut conn = metrics.open(Direction::Inbound, addr(n), Protocol::Opaque, None);
+            let mut conn = metrics.open("inbound", addr(n), "opaque", None);
             conn.set_errno(Some("ECONNREFUSED".into()));
         }
         let text = metrics.encode();
@@ -918,7 +877,7 @@ mod tests {
         // 1,500 destinations failing in 4 different ways: 6,000 close label sets wanted.
         for n in 0..1500 {
             for errno in ["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EHOSTUNREACH"] {
-                let mut conn = metrics.open(Direction::Outbound, addr(n), Protocol::Http1, None);
+                let mut conn = metrics.open("outbound", addr(n), "http1", None);
                 conn.set_errno(Some(errno.into()));
             }
         }
@@ -945,8 +904,8 @@ mod tests {
     async fn idle_label_sets_are_dropped_but_never_one_with_an_open_connection() {
         let metrics = Metrics::new();
         let (idle, busy) = (addr(1), addr(2));
-        drop(metrics.open(Direction::Outbound, idle, Protocol::Opaque, None));
-        let open = metrics.open(Direction::Outbound, busy, Protocol::Opaque, None);
+        drop(metrics.open("outbound", idle, "opaque", None));
+        let open = metrics.open("outbound", busy, "opaque", None);
         open.counters().read.inc_by(7);
 
         // Just under the default 10 minutes: both kept.
@@ -987,7 +946,7 @@ mod tests {
         assert!(target_addrs(&text).is_empty(), "{text}");
 
         // A destination that comes back starts again from zero (a counter reset).
-        drop(metrics.open(Direction::Outbound, idle, Protocol::Opaque, None));
+        drop(metrics.open("outbound", idle, "opaque", None));
         let idle_labels = format!(
             r#"{{direction="outbound",target_addr="{idle}",protocol="opaque",tls="false"}}"#
         );
@@ -1000,12 +959,12 @@ mod tests {
     async fn a_full_table_makes_room_by_dropping_idle_label_sets() {
         let metrics = Metrics::with_retain_idle(Duration::from_secs(60));
         for n in 0..MAX_CONN_LABEL_SETS {
-            drop(metrics.open(Direction::Inbound, addr(n), Protocol::Opaque, None));
+            drop(metrics.open("inbound", addr(n), "opaque", None));
         }
         tokio::time::advance(Duration::from_secs(61)).await;
         // No scrape in between: the full table sweeps itself for the new destination.
         let new = addr(MAX_CONN_LABEL_SETS + 1);
-        drop(metrics.open(Direction::Inbound, new, Protocol::Opaque, None));
+        drop(metrics.open("inbound", new, "opaque", None));
         let text = metrics.encode();
         assert_eq!(
             target_addrs(&text).into_iter().collect::<Vec<_>>(),

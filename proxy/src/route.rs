@@ -1,7 +1,8 @@
 //! The decision for one accepted connection, before any byte is read: forward it to its
 //! original destination, terminate it as a peer proxy's direct mTLS connection, or refuse
 //! it. A pure function over plain values ([`route`]); the kernel's answers (the original
-//! destination, whether an address is ours) are passed in.
+//! destination, whether an address is ours) are passed in. What a forwarded connection
+//! becomes once its first bytes are read is the next decision, `hop`.
 //!
 //! # The trust boundary
 //!
@@ -30,8 +31,44 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use crate::balance::{Service, Table};
-use crate::metrics::{Direction, Refused};
+use crate::metrics::Label;
 use crate::orig_dst::OrigDstError;
+use crate::outcome::Refused;
+
+/// Which listener accepted a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From outside the pod to an application in it (port 4143).
+    Inbound,
+    /// From an application in the pod to anywhere (port 4140).
+    Outbound,
+}
+
+impl Direction {
+    /// The `direction` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+
+    /// The peer identity's label on an mTLS hop, with `id` as its value: the client's
+    /// (`client_id`) on inbound connections, the server's (`server_id`) on outbound ones.
+    pub fn peer_id(self, id: &str) -> (&'static str, &str) {
+        let key = match self {
+            Direction::Inbound => "client_id",
+            Direction::Outbound => "server_id",
+        };
+        (key, id)
+    }
+}
+
+impl Label for Direction {
+    fn label(&self) -> &'static str {
+        self.as_str()
+    }
+}
 
 /// What to do with a connection that is not refused.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -26,8 +26,10 @@ use tracing::{debug, info, warn};
 use crate::admin;
 use crate::config::Config;
 use crate::forward::{Forwarder, ForwarderError, Listeners, PerDirection};
-use crate::metrics::{Direction, Metrics, Refused};
+use crate::metrics::Metrics;
 use crate::orig_dst::{self, original_dst, OrigDstError};
+use crate::outcome::Refused;
+use crate::route::Direction;
 use crate::route::{self, Context, Refusal};
 
 /// Pending connections the kernel queues per listener before we accept them.

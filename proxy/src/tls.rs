@@ -34,6 +34,7 @@ use rustls::{
 };
 
 use crate::identity::{check_name, same_name};
+use crate::metrics::Label;
 use crate::transport_header;
 
 /// Why TLS configs could not be built from a certificate, key and trust anchors.
@@ -223,6 +224,13 @@ pub enum HandshakeFailure {
     Timeout,
     /// Anything else: a reset, a non-TLS client, a malformed transport header.
     Other,
+}
+
+/// The `reason` label of `tls_handshake_failures_total`.
+impl Label for HandshakeFailure {
+    fn label(&self) -> &'static str {
+        self.as_str()
+    }
 }
 
 impl HandshakeFailure {

@@ -17,10 +17,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::{connect, mtls, record, Forwarder};
 use crate::balance::{Load, Rng, Service, ServiceProtocol};
+use crate::connect::connect;
 use crate::duplex::duplex_tcp;
-use crate::metrics::{errno_name, Direction, Refused};
+use crate::forward::Forwarder;
+use crate::metrics::{errno_name, ConnMetrics};
+use crate::outcome::{HopError, Outcome};
+use crate::route::Direction;
 
 /// How many endpoints one connection tries before giving up.
 pub(crate) const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -30,22 +33,21 @@ pub(crate) const MAX_CONNECT_ATTEMPTS: usize = 3;
 /// client for the kernel's two minutes of SYN retries.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub(super) async fn forward(
+/// Forwards `client`, which dialled `original`, to an endpoint of `service`.
+pub(crate) async fn forward(
     fwd: &Forwarder,
     mut client: TcpStream,
     original: SocketAddr,
     service: &Arc<Service>,
-) {
+    conn: &mut Option<ConnMetrics>,
+) -> Outcome {
     // The discovery file says what the service speaks: `opaque` connects at once, so a
     // server-speaks-first service needs no opaque port on the client side.
     let detect = service.protocol != ServiceProtocol::Opaque
         && !fwd.outbound_opaque_ports.contains(original.port());
-    let Some(classified) = fwd
+    let classified = fwd
         .classify(&mut client, original, Direction::Outbound, detect)
-        .await
-    else {
-        return;
-    };
+        .await?;
     let mut rng = Rng::thread();
     let mut attempts = service.attempts(Load::Connections);
     let mut last_error = None;
@@ -70,38 +72,24 @@ pub(super) async fn forward(
             Ok(Ok(tcp)) => {
                 endpoint.state.succeeded();
                 let peer_id = endpoint.identity.as_deref().filter(|_| mesh.is_some());
-                let protocol = classified.protocol();
-                let mut conn = fwd.metrics.open_balanced(
+                let conn = conn.insert(fwd.open(
                     Direction::Outbound,
                     original,
-                    protocol,
+                    classified.protocol(),
                     peer_id,
                     dst,
-                );
+                ));
                 debug!(%original, endpoint = %endpoint.addr, backend = &*backend.name, "balanced");
-                match (mesh, peer_id) {
+                let outcome = match (mesh, peer_id) {
                     (Some(mesh), Some(peer_id)) => {
-                        mtls::outbound_over(
-                            fwd,
-                            mesh,
-                            client,
-                            tcp,
-                            endpoint.addr,
-                            classified,
-                            peer_id,
-                            conn,
-                        )
-                        .await
+                        let to = endpoint.addr;
+                        super::over(fwd, mesh, client, tcp, to, classified, peer_id, conn).await
                     }
                     // Both ends are plain TCP sockets: bulk bytes can be spliced.
-                    _ => {
-                        let copied =
-                            duplex_tcp(client, tcp, classified.prefix, conn.counters()).await;
-                        record(copied, &mut conn, endpoint.addr);
-                    }
-                }
+                    _ => Ok(duplex_tcp(client, tcp, classified.prefix, conn.counters()).await?),
+                };
                 drop(open);
-                return;
+                return outcome;
             }
             Ok(Err(error)) => errno_name(&error),
             Err(_elapsed) => "ETIMEDOUT".to_string(),
@@ -111,21 +99,22 @@ pub(super) async fn forward(
         last_error = Some(error);
     }
     let Some(backend) = last_backend else {
-        fwd.metrics.refused(Direction::Outbound, Refused::NoBackend);
-        info!(%original, service = &*service.name, "every backend has weight 0, refusing the connection");
-        return;
+        return Err(HopError::NoBackend {
+            service: service.name.to_string(),
+        });
     };
     // Every attempt failed: counted as a connection that closed with the last error,
     // like an unreachable plain destination, under the backend tried last.
-    let mut conn = fwd.metrics.open_balanced(
+    *conn = Some(fwd.open(
         Direction::Outbound,
         original,
         classified.protocol(),
         None,
         Some((service.name.clone(), backend.name.clone())),
-    );
-    info!(%original, service = &*service.name, backend = &*backend.name, ?last_error, "no endpoint could be reached");
-    conn.set_errno(Some(
-        last_error.unwrap_or_else(|| "EHOSTUNREACH".to_string()),
     ));
+    Err(HopError::Unreachable {
+        service: service.name.to_string(),
+        backend: backend.name.to_string(),
+        last_error,
+    })
 }
