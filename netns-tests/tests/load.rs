@@ -334,7 +334,7 @@ fn a_silent_flood_is_capped_and_times_out_without_delaying_well_behaved_clients(
         ],
     );
     let proxy_proc = Proc::of_meshproxy(&pods.pod);
-    let _detected = EchoServer::start(&pods.peer, Family::V4.any_port(DETECTED_PORT));
+    let _detected = HttpOkServer::start(&pods.peer, Family::V4.any_port(DETECTED_PORT));
     let _opaque = EchoServer::start(&pods.peer, Family::V4.any_port(OPAQUE_PORT));
     let detected_to = SocketAddr::new(Family::V4.peer(), DETECTED_PORT);
     let opaque_to = SocketAddr::new(Family::V4.peer(), OPAQUE_PORT);
@@ -343,10 +343,11 @@ fn a_silent_flood_is_capped_and_times_out_without_delaying_well_behaved_clients(
     // the flood, and one that opens a new connection per exchange on an opaque port.
     let request = b"GET /ping HTTP/1.1\r\nHost: peer\r\nUser-Agent: load\r\n\r\n";
     let mut keepalive = connect(&pods.pod, detected_to);
-    round_trip(&mut keepalive, request).expect("the first request on the kept-alive connection");
+    http_round_trip(&mut keepalive, request)
+        .expect("the first request on the kept-alive connection");
     let measure = |keepalive: &mut TcpStream, samples: &mut Samples| {
         let t = Instant::now();
-        round_trip(keepalive, request)
+        http_round_trip(keepalive, request)
             .unwrap_or_else(|e| panic!("kept-alive HTTP/1 round trip: {e}"));
         samples.keepalive.push(t.elapsed());
         let t = Instant::now();
@@ -568,7 +569,7 @@ struct Samples {
     fresh: Durations,
 }
 
-/// New connections on the detected port during the flood: served (echoed) or refused.
+/// New connections on the detected port during the flood: served (answered) or refused.
 #[derive(Default)]
 struct Probes {
     served: usize,
@@ -580,7 +581,7 @@ impl Probes {
     fn try_once(&mut self, ns: &Netns, to: SocketAddr, request: &[u8]) {
         let t = Instant::now();
         let mut stream = connect(ns, to);
-        match round_trip(&mut stream, request) {
+        match http_round_trip(&mut stream, request) {
             Ok(()) => self.served += 1,
             Err(e)
                 if e.kind() == io::ErrorKind::UnexpectedEof
@@ -593,6 +594,24 @@ impl Probes {
         }
         self.slowest = self.slowest.max(t.elapsed());
     }
+}
+
+/// What [`HttpOkServer`] answers to every request.
+const HTTP_OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+/// Sends the HTTP/1 `request` and reads [`HTTP_OK`] back, exactly (the proxy forwards
+/// HTTP request by request and must not change the response).
+fn http_round_trip(stream: &mut TcpStream, request: &[u8]) -> io::Result<()> {
+    stream.write_all(request)?;
+    let mut response = vec![0; HTTP_OK.len()];
+    stream.read_exact(&mut response)?;
+    if response != HTTP_OK {
+        return Err(io::Error::other(format!(
+            "answered {:?}",
+            String::from_utf8_lossy(&response)
+        )));
+    }
+    Ok(())
 }
 
 /// Sends `message` and reads it back from the echo server.
@@ -1244,6 +1263,45 @@ impl EchoServer {
             };
             let _ = io::copy(&mut reader, &mut stream);
             let _ = stream.shutdown(Shutdown::Write);
+        }))
+    }
+}
+
+/// Answers every HTTP/1 request head (no body) with [`HTTP_OK`], keeping the
+/// connection open, until the client's EOF; a connection that does not start with
+/// `GET ` (a silent client forwarded as opaque after the detect timeout) is echoed.
+struct HttpOkServer(#[allow(dead_code)] Server);
+
+impl HttpOkServer {
+    fn start(ns: &Netns, addr: SocketAddr) -> HttpOkServer {
+        HttpOkServer(Server::start(ns, addr, true, |mut stream| {
+            let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+            let mut pending = Vec::new();
+            let mut buf = [0; 4096];
+            loop {
+                let n = match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                pending.extend_from_slice(&buf[..n]);
+                if !b"GET ".starts_with(&pending[..pending.len().min(4)]) {
+                    // Not HTTP: echo what came and the rest, as `EchoServer` does.
+                    if stream.write_all(&pending).is_err() {
+                        return;
+                    }
+                    if let Ok(mut reader) = stream.try_clone() {
+                        let _ = io::copy(&mut reader, &mut stream);
+                    }
+                    let _ = stream.shutdown(Shutdown::Write);
+                    return;
+                }
+                while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    pending.drain(..end + 4);
+                    if stream.write_all(HTTP_OK).is_err() {
+                        return;
+                    }
+                }
+            }
         }))
     }
 }

@@ -70,6 +70,11 @@ meshinit_settings::settings! {
         /// [default: 10s].
         #[setting(value_name = "DURATION", help_heading = "Limits")]
         handshake_timeout,
+        /// How long any connection the proxy opens (to a destination, a peer proxy or a
+        /// service endpoint) may take to be established; HTTP requests are then answered
+        /// 504 [default: 1s].
+        #[setting(value_name = "DURATION", help_heading = "Limits")]
+        connect_timeout,
         /// On SIGTERM/SIGINT, how long open connections may drain [default: 30s].
         #[setting(value_name = "DURATION", help_heading = "Lifecycle")]
         shutdown_grace,
@@ -148,6 +153,11 @@ pub struct Config {
     /// handshake (with the transport header) to complete: a silent or stalling peer
     /// must not hold a slot. Default 10 s, like `detect_timeout`.
     pub handshake_timeout: Duration,
+    /// How long a connect to a destination, peer proxy or endpoint may take. Default
+    /// 1 s, Linkerd's outbound connect timeout: within a cluster a connect that takes
+    /// longer is lost, and an HTTP client is better told so (504) than left waiting
+    /// for the kernel's two minutes of SYN retries.
+    pub connect_timeout: Duration,
     /// The UID meshinit exempts (`--proxy-uid`). meshproxy only warns when its
     /// effective UID differs: every connection it forwards would then be redirected
     /// back to it. Default 2102, meshinit's.
@@ -284,6 +294,9 @@ impl Config {
         let handshake_timeout = s
             .get("handshake_timeout", parse_duration)?
             .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+        let connect_timeout = s
+            .get("connect_timeout", parse_duration)?
+            .unwrap_or(crate::http::DEFAULT_CONNECT_TIMEOUT);
         let proxy_uid = s.get("proxy_uid", parse_uid)?.unwrap_or(DEFAULT_PROXY_UID);
         let metrics_retain_idle = s
             .get("metrics_retain_idle", parse_duration)?
@@ -343,6 +356,7 @@ impl Config {
             max_connections,
             max_detecting,
             handshake_timeout,
+            connect_timeout,
             proxy_uid,
             metrics_retain_idle,
             log_format,

@@ -28,8 +28,9 @@ use crate::balance::{Balancer, BalancerError, Table};
 use crate::config::{Config, PortSet};
 use crate::connect::{connect_from, set_keepalive};
 use crate::detect::{detect, Detected, Protocol};
-use crate::duplex::duplex_tcp;
-use crate::hop::{self, Hop, MeshPolicy};
+use crate::duplex::{duplex_tcp, Totals};
+use crate::hop::{self, Hop, HttpVersion, MeshPolicy};
+use crate::http::{self, Direct, Endpoint, HttpProxy};
 use crate::identity::IdentityError;
 use crate::mesh::Mesh;
 use crate::mesh_peers::MeshPeersError;
@@ -59,6 +60,8 @@ pub struct Forwarder {
     balancer: Option<Arc<Balancer>>,
     /// `--inbound-transparent`: connect to the application from the client's address.
     inbound_transparent: bool,
+    /// Connections detected as HTTP are proxied request by request (see `http`).
+    http: HttpProxy,
 }
 
 /// The addresses the proxy listens on, by direction.
@@ -127,7 +130,7 @@ impl Forwarder {
             None => None,
         };
         Ok(Forwarder {
-            metrics,
+            metrics: metrics.clone(),
             detect_timeout: config.detect_timeout,
             handshake_timeout: config.handshake_timeout,
             inbound_opaque_ports: config.inbound_opaque_ports.clone(),
@@ -137,6 +140,7 @@ impl Forwarder {
             listeners: Listeners::default(),
             balancer,
             inbound_transparent: config.inbound_transparent,
+            http: HttpProxy::new(config.connect_timeout, metrics.http().clone()),
         })
     }
 
@@ -220,11 +224,9 @@ impl Forwarder {
             }
             // `hop` only decides mTLS hops with a mesh.
             (Hop::MtlsIn | Hop::MtlsOut { .. }, None) => Err(HopError::NoIdentity),
-            // Detected HTTP, in plaintext: today its bytes are forwarded as they come,
-            // exactly like opaque ones (`protocol="http1"|"http2"` on the TCP metrics).
-            // Request-level proxying replaces this call.
-            (Hop::Http(_version), _) => {
-                self.opaque(client, direction, target, classified, conn)
+            // Detected HTTP, in plaintext: proxied request by request.
+            (Hop::Http(version), _) => {
+                self.http(client, direction, target, classified, version, conn)
                     .await
             }
             (Hop::Opaque, _) => {
@@ -332,6 +334,54 @@ impl Forwarder {
                 })?;
         // Both ends are plain TCP sockets: bulk bytes can be spliced.
         Ok(duplex_tcp(client, target_stream, classified.prefix, conn.counters()).await?)
+    }
+
+    /// Proxies a plaintext HTTP connection request by request (`http`), every request
+    /// to `target`.
+    async fn http(
+        &self,
+        client: TcpStream,
+        direction: Direction,
+        target: SocketAddr,
+        classified: Classified,
+        version: HttpVersion,
+        conn: &mut Option<ConnMetrics>,
+    ) -> Outcome {
+        let conn = conn.insert(self.open(direction, target, classified.protocol(), None, None));
+        let from = self.source_for(direction, client.peer_addr().ok());
+        let upstream = Direct(Endpoint {
+            source: from.map(|from| from.ip()),
+            ..Endpoint::plain(target)
+        });
+        let routed = http::Client {
+            direction,
+            target,
+            version: match version {
+                HttpVersion::Http1 => http::Version::Http1,
+                HttpVersion::Http2 => http::Version::Http2,
+            },
+            upstream: Arc::new(upstream),
+            peer_id: None,
+        };
+        self.serve_http(client, classified, routed, conn).await
+    }
+
+    /// Serves `client` as HTTP (`http`) until it closes: its requests go where
+    /// `routed.upstream` says.
+    pub(crate) async fn serve_http(
+        &self,
+        client: TcpStream,
+        classified: Classified,
+        routed: http::Client,
+        conn: &ConnMetrics,
+    ) -> Outcome {
+        let io = Prefixed::new(classified.prefix, client);
+        self.http
+            .serve(io, routed, conn.counters())
+            .await
+            .map_err(HopError::Http)?;
+        // The bytes are counted as they pass (`conn.counters()`), not totalled here.
+        Ok(Totals::default())
     }
 
     /// Counts a connection as open: `peer_id` is the peer's identity on mTLS hops,

@@ -67,6 +67,7 @@ mod detect;
 mod duplex;
 mod forward;
 mod hop;
+mod http;
 mod identity;
 mod inbound;
 mod mesh;

@@ -223,6 +223,8 @@ pub struct Metrics {
     discovery_updates: Family<ResultLabels, Counter>,
     /// Where `balancer_endpoints` comes from, once a balancer exists.
     balancer_endpoints: Arc<OnceLock<EndpointGauges>>,
+    /// The HTTP families (`request_total`, ...), owned by `http::metrics`.
+    http: crate::http::HttpMetrics,
 }
 
 /// Computes `balancer_endpoints` at each scrape.
@@ -368,6 +370,8 @@ impl Metrics {
         // `tcp_write_bytes`: see `ConnFamilies`.
         registry.register_collector(Box::new(ConnFamilies(conns.clone())));
         registry.register_collector(Box::new(process::ProcessCollector));
+        let http = crate::http::HttpMetrics::new(retain_idle);
+        registry.register_collector(http.collector());
         // prometheus-client appends `_total` to counters: `tcp_refused` is exposed as
         // `tcp_refused_total`.
         registry.register(
@@ -399,7 +403,13 @@ impl Metrics {
             handshake_failures,
             discovery_updates,
             balancer_endpoints,
+            http,
         }
+    }
+
+    /// The HTTP request families.
+    pub fn http(&self) -> &crate::http::HttpMetrics {
+        &self.http
     }
 
     /// Every metric in the Prometheus text format (version 0.0.4), after dropping the

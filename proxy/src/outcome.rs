@@ -72,6 +72,8 @@ pub(crate) type Outcome = Result<Totals, HopError>;
 /// error, so the closest errno names it.
 const ERRNO_HANDSHAKE: &str = "EPROTO";
 const ERRNO_TIMEOUT: &str = "ETIMEDOUT";
+/// The `errno` label of an HTTP connection that failed in HTTP, not in I/O.
+const ERRNO_PROTOCOL: &str = "EPROTO";
 
 /// Why a connection stopped before copying to its end. Each variant says what it
 /// counts (see [`record`]); the message is the log line.
@@ -126,6 +128,10 @@ pub(crate) enum HopError {
         backend: String,
         last_error: Option<String>,
     },
+    /// An HTTP connection (served request by request) failed: an I/O error, or an HTTP
+    /// one (a request that does not parse, a header read timeout, ...).
+    #[error("HTTP connection failed: {0}")]
+    Http(hyper::Error),
     /// The copy loop failed after the connection was established.
     #[error("connection failed: {0}")]
     Copy(#[from] DuplexError),
@@ -167,6 +173,9 @@ impl HopError {
         match self {
             HopError::Connect { error, .. } => errno_name(error),
             HopError::Copy(error) => errno_name(&error.source),
+            HopError::Http(error) => std::error::Error::source(error)
+                .and_then(|source| source.downcast_ref::<io::Error>())
+                .map_or_else(|| ERRNO_PROTOCOL.to_string(), errno_name),
             HopError::PeerHandshake {
                 reason: HandshakeFailure::Timeout,
                 ..
@@ -192,6 +201,7 @@ impl HopError {
                 | HopError::ClientClosed
                 | HopError::NoClientHello { .. }
                 | HopError::Copy(_)
+                | HopError::Http(_)
                 | HopError::NoIdentity
         )
     }

@@ -564,10 +564,12 @@ mod tests {
         assert_eq!(refused.read(&mut [0; 1]).await.unwrap_or(0), 0);
         // ...the outbound one is not.
         let mut client = TcpStream::connect(addrs.outbound[0]).await.unwrap();
-        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        // Opaque bytes (HTTP would be proxied request by request, and an echo server
+        // does not answer HTTP).
+        client.write_all(b"\0opaque  bytes\r\n\r\n").await.unwrap();
         let mut echoed = [0; 18];
         client.read_exact(&mut echoed).await.unwrap();
-        assert_eq!(&echoed, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(&echoed, b"\0opaque  bytes\r\n\r\n");
         let text = metrics.encode();
         assert!(
             text.contains("tcp_refused_total{direction=\"inbound\",reason=\"max_connections\"} 1"),

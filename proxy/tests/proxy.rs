@@ -134,23 +134,69 @@ fn labels(direction: &str, target: SocketAddr, protocol: &str) -> String {
     format!("{{direction=\"{direction}\",target_addr=\"{target}\",protocol=\"{protocol}\",tls=\"false\"}}")
 }
 
+/// A tiny HTTP/1 server: answers every request head it reads with `200 OK` and body
+/// `ok`, keeping the connection open.
+async fn http1_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0; 4096];
+                loop {
+                    let n = stream.read(&mut buf).await?;
+                    if n == 0 {
+                        return std::io::Result::Ok(());
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await?;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// HTTP connections are proxied request by request (see tests/http.rs); underneath,
+/// the client's connection keeps its TCP metrics, labelled with the protocol.
 #[tokio::test]
 async fn http1_and_http2_are_labelled_and_their_bytes_counted() {
-    let target = echo_server(b"").await;
+    let target = http1_server().await;
     let proxy = start(args(|_| {}), target).await;
 
     let http1 = b"GET /hello HTTP/1.1\r\nHost: example\r\n\r\n".repeat(3);
-    assert_eq!(exchange(proxy.outbound(), &http1).await, http1);
+    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".repeat(3);
+    assert_eq!(
+        String::from_utf8(exchange(proxy.outbound(), &http1).await).unwrap(),
+        String::from_utf8(answer.clone()).unwrap()
+    );
+    // HTTP/2 with prior knowledge: the preface and an empty SETTINGS frame, answered
+    // by the proxy's own SETTINGS (HTTP/2 is terminated and re-originated).
     let mut http2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     http2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
-    assert_eq!(exchange(proxy.inbound(), &http2).await, http2);
+    let settings = exchange(proxy.inbound(), &http2).await;
+    assert_eq!(
+        settings.get(3),
+        Some(&4),
+        "a SETTINGS frame first: {settings:?}"
+    );
 
     let out = labels("outbound", target, "http1");
     let inb = labels("inbound", target, "http2");
     let close = |l: &str| format!("tcp_close_total{}", l.replace("}", ",errno=\"\"}"));
     let m = wait_for_sample(proxy.addrs.admin, &close(&out), 1.0).await;
     let m2 = wait_for_sample(proxy.addrs.admin, &close(&inb), 1.0).await;
-    for (m, l, len) in [(&m, &out, http1.len()), (&m2, &inb, http2.len())] {
+    for (m, l, read, written) in [
+        (&m, &out, http1.len(), answer.len()),
+        (&m2, &inb, http2.len(), settings.len()),
+    ] {
         assert_eq!(sample(m, &format!("tcp_open_total{l}")), Some(1.0), "{m}");
         assert_eq!(
             sample(m, &format!("tcp_open_connections{l}")),
@@ -159,12 +205,12 @@ async fn http1_and_http2_are_labelled_and_their_bytes_counted() {
         );
         assert_eq!(
             sample(m, &format!("tcp_read_bytes_total{l}")),
-            Some(len as f64),
+            Some(read as f64),
             "{m}"
         );
         assert_eq!(
             sample(m, &format!("tcp_write_bytes_total{l}")),
-            Some(len as f64),
+            Some(written as f64),
             "{m}"
         );
     }
@@ -404,7 +450,7 @@ async fn shutdown_stops_accepting_and_drains_open_connections() {
     let proxy = start(args(|a| a.shutdown_grace = Some("30s".into())), target).await;
     let outbound = proxy.outbound();
     let mut open = TcpStream::connect(outbound).await.unwrap();
-    open.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    open.write_all(b"\0opaque  bytes\r\n\r\n").await.unwrap();
     let mut echoed = [0; 18];
     open.read_exact(&mut echoed).await.unwrap();
 
@@ -433,7 +479,7 @@ async fn shutdown_cuts_connections_still_open_after_the_grace_period() {
     let target = echo_server(b"").await;
     let proxy = start(args(|a| a.shutdown_grace = Some("5s".into())), target).await;
     let mut open = TcpStream::connect(proxy.outbound()).await.unwrap();
-    open.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    open.write_all(b"\0opaque  bytes\r\n\r\n").await.unwrap();
     open.read_exact(&mut [0; 18]).await.unwrap();
 
     let started = Instant::now();
@@ -471,13 +517,22 @@ fn promtool_check(metrics: &str) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn promtool_accepts_the_metrics() {
-    let target = echo_server(b"").await;
+    let target = http1_server().await;
     let proxy = start(args(|_| {}), target).await;
-    // Fill every family with samples first.
-    exchange(proxy.outbound(), b"GET / HTTP/1.1\r\n\r\n").await;
+    // Fill every family with samples first: HTTP (request, response and latency
+    // families) and TLS.
+    exchange(proxy.outbound(), b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await;
     exchange(proxy.inbound(), b"\x16\x03\x01\x00\x01\x02").await;
     let l = labels("outbound", target, "http1").replace("}", ",errno=\"\"}");
     let m = wait_for_sample(proxy.addrs.admin, &format!("tcp_close_total{l}"), 1.0).await;
+    for family in [
+        "# TYPE request_total counter",
+        "# TYPE response_total counter",
+        "# TYPE response_latency_seconds histogram",
+    ] {
+        assert!(m.contains(family), "{family} missing:\n{m}");
+    }
+    assert!(m.contains("response_latency_seconds_bucket{"), "{m}");
     promtool_check(&m).unwrap();
     proxy.stop().await;
 }

@@ -1,0 +1,141 @@
+//! Connections detected as HTTP/1 or HTTP/2 are proxied request by request, so that
+//! each request gets the golden metrics (`request_total`, `response_total`,
+//! `response_latency_seconds`) and, later, a destination of its own.
+//!
+//! - `server`: serves one client connection with hyper (the detected bytes replayed
+//!   first), in the version the client spoke, and proxies each request: hop-by-hop
+//!   headers removed, everything else unchanged, the body streamed both ways.
+//! - `upstream`: where a request goes ([`Upstream`], [`Endpoint`]) and the pool of
+//!   connections to endpoints (`upstream/pool`), one per request in flight for
+//!   HTTP/1, one multiplexed connection for HTTP/2.
+//! - `headers`: the hop-by-hop rules of RFC 9110 §7.6.1, upgrades, gRPC statuses.
+//! - `upgrade`: `Upgrade` and `CONNECT`, which leave HTTP for opaque bytes.
+//! - `errors`: what the proxy answers itself (502, 504, 400) and the
+//!   `meshproxy-error` header that says why.
+//! - `body` and `metrics`: the response body that records its request once it ends,
+//!   and the metric families, with their label sets bounded.
+//!
+//! The proxy speaks to the destination the HTTP version the client spoke, and never
+//! rewrites the request target, `Host`/`:authority`, the method, the body or the
+//! trailers: the application must not notice the proxy.
+
+mod body;
+mod errors;
+mod headers;
+pub mod metrics;
+mod server;
+mod upgrade;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::duplex::Counters;
+use crate::route::Direction;
+
+pub use self::errors::ProxyError;
+pub use self::metrics::HttpMetrics;
+pub use self::upstream::pool::Pool;
+pub use self::upstream::{Direct, Endpoint, Upstream};
+
+/// `--connect-timeout` when not set: Linkerd's outbound connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The HTTP version of a connection (and of the pooled connections it uses).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+/// What every HTTP connection shares: the pool and the metrics.
+#[derive(Clone)]
+pub struct HttpProxy {
+    pool: Arc<Pool>,
+    metrics: HttpMetrics,
+    errors: Arc<ErrorLog>,
+}
+
+/// One client connection, as routed.
+pub struct Client {
+    pub direction: Direction,
+    /// The original destination (`target_addr`).
+    pub target: SocketAddr,
+    pub version: Version,
+    /// Where its requests go.
+    pub upstream: Arc<dyn Upstream>,
+    /// The peer's identity when the client's hop is our mTLS.
+    pub peer_id: Option<Arc<str>>,
+}
+
+impl HttpProxy {
+    /// A proxy whose connects give up after `connect_timeout`.
+    pub fn new(connect_timeout: Duration, metrics: HttpMetrics) -> HttpProxy {
+        HttpProxy {
+            pool: Pool::new(connect_timeout),
+            metrics,
+            errors: Arc::new(ErrorLog::default()),
+        }
+    }
+
+    /// Serves the client connection `io` until it closes: each request is proxied
+    /// as `client.upstream` says. `io` starts with the bytes detection read (see
+    /// `prefixed`); its bytes are counted in `counters`.
+    pub async fn serve<I>(
+        &self,
+        io: I,
+        client: Client,
+        counters: &Counters,
+    ) -> Result<(), hyper::Error>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        server::serve(self.clone(), io, client, counters.clone()).await
+    }
+
+    /// Logs an error the proxy answered itself: at most one line a second, with the
+    /// number of others since (a failing destination must not flood the log).
+    fn log_error(&self, direction: Direction, error: &ProxyError) {
+        let Some(suppressed) = self.errors.check(Instant::now()) else {
+            return;
+        };
+        info!(
+            direction = direction.as_str(),
+            status = error.status().as_u16(),
+            cause = error.cause(),
+            suppressed,
+            "answering the request itself: {error}"
+        );
+    }
+}
+
+/// The one-line-a-second limit of [`HttpProxy::log_error`].
+#[derive(Default)]
+struct ErrorLog {
+    /// When a line was last logged, and how many were suppressed since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl ErrorLog {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    /// `Some(suppressed)` when a line may be logged now.
+    fn check(&self, now: Instant) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, suppressed) = &mut *state;
+        if last.is_some_and(|at| now.saturating_duration_since(at) < Self::INTERVAL) {
+            *suppressed += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(suppressed))
+    }
+}

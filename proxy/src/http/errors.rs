@@ -1,0 +1,128 @@
+//! The errors the proxy answers itself, instead of the destination: each is a status
+//! and a `meshproxy-error` response header naming the cause, so that an operator can
+//! tell the proxy's 502 from the application's.
+//!
+//! | cause | status | `meshproxy-error` |
+//! |---|---|---|
+//! | the destination refused the connection | 502 | `connection refused` |
+//! | no route to the destination | 502 | `unreachable` |
+//! | any other connect error | 502 | `connect failed` |
+//! | no connection within `--connect-timeout` | 504 | `connect timeout` |
+//! | the destination closed or reset before answering | 502 | `upstream closed` |
+//! | the destination answered something that is not HTTP | 502 | `upstream protocol error` |
+//! | the client's request does not parse | 400 | `bad request` |
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+/// The response header that marks a response as the proxy's own.
+pub const HEADER: &str = "meshproxy-error";
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{addr} refused the connection")]
+    Refused { addr: SocketAddr },
+    #[error("{addr} is unreachable: {source}")]
+    Unreachable { addr: SocketAddr, source: io::Error },
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("no connection to {addr} within {timeout:?} (--connect-timeout)")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("{addr} closed the connection before answering: {source}")]
+    UpstreamClosed {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("{addr} did not answer in HTTP: {source}")]
+    UpstreamProtocol {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl ProxyError {
+    /// The error of a failed connect to `addr`.
+    pub fn connect(addr: SocketAddr, source: io::Error) -> ProxyError {
+        use nix::libc;
+        match source.raw_os_error() {
+            Some(libc::ECONNREFUSED) => ProxyError::Refused { addr },
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+                ProxyError::Unreachable { addr, source }
+            }
+            _ => ProxyError::Connect { addr, source },
+        }
+    }
+
+    /// The error of a request that failed on an open connection to `addr`.
+    pub fn upstream(addr: SocketAddr, source: hyper::Error) -> ProxyError {
+        if source.is_parse() || source.is_parse_status() || source.is_user() {
+            ProxyError::UpstreamProtocol { addr, source }
+        } else {
+            ProxyError::UpstreamClosed { addr, source }
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The value of the `meshproxy-error` header.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            ProxyError::Refused { .. } => "connection refused",
+            ProxyError::Unreachable { .. } => "unreachable",
+            ProxyError::Connect { .. } => "connect failed",
+            ProxyError::ConnectTimeout { .. } => "connect timeout",
+            ProxyError::UpstreamClosed { .. } => "upstream closed",
+            ProxyError::UpstreamProtocol { .. } => "upstream protocol error",
+        }
+    }
+
+    /// The response the client gets: the status, the header, and the cause as a
+    /// one-line text body.
+    pub fn response(&self) -> Response<Bytes> {
+        let mut response = Response::new(Bytes::from(format!("{}\n", self.cause())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(HEADER, HeaderValue::from_static(self.cause()));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_errors_are_named_by_errno() {
+        let addr: SocketAddr = "198.18.0.1:80".parse().unwrap();
+        let refused =
+            ProxyError::connect(addr, io::Error::from_raw_os_error(nix::libc::ECONNREFUSED));
+        assert_eq!(
+            (refused.status(), refused.cause()),
+            (StatusCode::BAD_GATEWAY, "connection refused")
+        );
+        let unreachable =
+            ProxyError::connect(addr, io::Error::from_raw_os_error(nix::libc::EHOSTUNREACH));
+        assert_eq!(unreachable.cause(), "unreachable");
+        let timeout = ProxyError::ConnectTimeout {
+            addr,
+            timeout: Duration::from_secs(1),
+        };
+        let response = timeout.response();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(response.headers()[HEADER], "connect timeout");
+    }
+}

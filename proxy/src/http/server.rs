@@ -1,0 +1,310 @@
+//! One client connection served with hyper, and each of its requests proxied.
+//!
+//! The server speaks the version detection found: HTTP/1 (keep-alive, pipelining,
+//! HTTP/1.0, `Expect: 100-continue`, upgrades, header-name case preserved) or HTTP/2
+//! (multiplexed streams, flow control, extended `CONNECT`). Each request is counted,
+//! stripped of its hop-by-hop headers, sent through the pool to the endpoint its
+//! [`Upstream`] picks, and its response streamed back through a [`ResponseBody`] that
+//! records it when it ends.
+//!
+//! A client cannot hold the server forever: an HTTP/1 request head must arrive within
+//! [`HEADER_READ_TIMEOUT`] (which also closes a keep-alive connection idle for that
+//! long) and fit in [`MAX_HEAD`]; HTTP/2 header lists are bounded alike.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::body::{Recorder, ResponseBody};
+use super::errors::ProxyError;
+use super::headers::{self, Upgrade};
+use super::metrics::{RequestLabels, Series};
+use super::upstream::pool::Key;
+use super::upstream::Observe;
+use super::{Client, HttpProxy, Version};
+use crate::duplex::Counters;
+use crate::route::Direction;
+
+/// How long an HTTP/1 client may take to send a request head, counted from the end
+/// of the previous response (so it is also how long a keep-alive connection may stay
+/// idle): a minute, like common servers' keep-alive timeouts.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The largest HTTP/1 request head, and HTTP/2 header list, a client may send.
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// A tunnel to run beside the connection once its upgrade completes.
+type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Serves `io` until the client closes it, and waits for its tunnels to end.
+pub async fn serve<I>(
+    proxy: HttpProxy,
+    io: I,
+    client: Client,
+    counters: Counters,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tunnels_tx, tunnels_rx) = mpsc::unbounded_channel();
+    let version = client.version;
+    let cx = Arc::new(ConnCx {
+        proxy,
+        client,
+        series: Mutex::new(None),
+        tunnels: tunnels_tx,
+    });
+    let service = service_fn(move |request| {
+        let cx = cx.clone();
+        async move { Ok::<_, Infallible>(cx.proxy(request).await) }
+    });
+    let io = TokioIo::new(Counted { io, counters });
+    match version {
+        Version::Http1 => {
+            let connection = http1::Builder::new()
+                .preserve_header_case(true)
+                // Nothing is added to responses: the destination's `Date`, or none.
+                .auto_date_header(false)
+                .half_close(true)
+                .pipeline_flush(true)
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(io, service)
+                .with_upgrades();
+            drive(connection, tunnels_rx).await
+        }
+        Version::Http2 => {
+            let connection = http2::Builder::new(TokioExecutor::new())
+                .auto_date_header(false)
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEAD as u32)
+                .enable_connect_protocol()
+                .serve_connection(io, service);
+            drive(connection, tunnels_rx).await
+        }
+    }
+}
+
+/// Runs the connection and the tunnels its requests open, until all are done.
+async fn drive<C>(
+    connection: C,
+    mut tunnels_rx: mpsc::UnboundedReceiver<Tunnel>,
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    let mut tunnels = JoinSet::new();
+    tokio::pin!(connection);
+    let result = loop {
+        tokio::select! {
+            result = &mut connection => break result,
+            Some(tunnel) = tunnels_rx.recv() => {
+                tunnels.spawn(tunnel);
+            }
+        }
+    };
+    // An HTTP/1 upgrade ends hyper's connection: the tunnel is what is left of it.
+    while let Ok(tunnel) = tunnels_rx.try_recv() {
+        tunnels.spawn(tunnel);
+    }
+    while tunnels.join_next().await.is_some() {}
+    result
+}
+
+/// What the requests of one connection share.
+struct ConnCx {
+    proxy: HttpProxy,
+    client: Client,
+    /// The label set of the last request: most connections send every request to
+    /// the same authority, so most requests skip the label-set lookup.
+    series: Mutex<Option<Arc<Series>>>,
+    tunnels: mpsc::UnboundedSender<Tunnel>,
+}
+
+impl ConnCx {
+    /// Proxies one request and returns the response the client gets.
+    async fn proxy(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let upgrade = Upgrade::of(&request);
+        let (mut parts, body) = request.into_parts();
+        let client_upgrade = parts.extensions.remove::<OnUpgrade>();
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade == Some(Upgrade::Protocol));
+        let authority = match self.client.direction {
+            Direction::Outbound => Some(headers::authority_of(&parts)),
+            Direction::Inbound => None,
+        };
+        let pick = self.client.upstream.pick(&parts);
+        let dst = pick.as_ref().ok().and_then(|p| p.dst.clone());
+        let series = self.series(authority, dst);
+        self.proxy.metrics.request(&series);
+        let mut pick = match pick {
+            Ok(pick) => pick,
+            Err(error) => return self.answer(error, series, started, None),
+        };
+        let observer = pick.observer.take();
+        let key = Key {
+            endpoint: pick.endpoint,
+            version: self.client.version,
+        };
+        let request = Request::from_parts(parts, body);
+        let mut response = match self.proxy.pool.send(key, request).await {
+            Ok(response) => response,
+            Err(error) => return self.answer(error, series, started, observer),
+        };
+        let upgraded = match (upgrade, client_upgrade) {
+            (Some(kind), Some(client)) if kind.accepted(&response) => {
+                let upstream = hyper::upgrade::on(&mut response);
+                let _ = self
+                    .tunnels
+                    .send(Box::pin(super::upgrade::tunnel(client, upstream)));
+                true
+            }
+            _ => false,
+        };
+        let protocol_upgrade = upgraded && upgrade == Some(Upgrade::Protocol);
+        let close = headers::asks_close(response.headers());
+        headers::strip_hop_by_hop(response.headers_mut(), protocol_upgrade);
+        if close && self.client.version == Version::Http1 {
+            // The server closes its connection after this response: so does the
+            // proxy with the client's, so that a client reading to the end of the
+            // connection (or counting on the close) sees what it would without us.
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        let grpc =
+            headers::is_grpc(response.headers()).then(|| headers::grpc_status(response.headers()));
+        let recorder = Recorder {
+            metrics: self.proxy.metrics.clone(),
+            series,
+            started,
+            status: response.status().as_u16(),
+            grpc,
+            local_error: false,
+            observer,
+        };
+        let (parts, body) = response.into_parts();
+        Response::from_parts(parts, ResponseBody::upstream(body, recorder))
+    }
+
+    /// The response the proxy gives itself for `error`, counted and logged.
+    fn answer(
+        &self,
+        error: ProxyError,
+        series: Arc<Series>,
+        started: Instant,
+        observer: Option<Box<dyn Observe>>,
+    ) -> Response<ResponseBody> {
+        self.proxy.log_error(self.client.direction, &error);
+        let (parts, bytes): (_, Bytes) = error.response().into_parts();
+        let recorder = Recorder {
+            metrics: self.proxy.metrics.clone(),
+            series,
+            started,
+            status: parts.status.as_u16(),
+            grpc: None,
+            local_error: true,
+            observer,
+        };
+        Response::from_parts(parts, ResponseBody::local(Some(bytes), recorder))
+    }
+
+    /// The label set of a request, from the connection's cache when it matches.
+    fn series(&self, authority: Option<&str>, dst: Option<(Arc<str>, Arc<str>)>) -> Arc<Series> {
+        let mut cached = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(series) = &*cached {
+            let labels = series.labels();
+            if labels.authority.as_deref() == authority && labels.dst == dst {
+                return series.clone();
+            }
+        }
+        let series = self.proxy.metrics.series(RequestLabels {
+            direction: self.client.direction,
+            target_addr: self.client.target.to_string(),
+            authority: authority.map(str::to_string),
+            tls: self.client.peer_id.is_some(),
+            peer_id: self.client.peer_id.clone(),
+            dst,
+        });
+        *cached = Some(series.clone());
+        series
+    }
+}
+
+/// The client's socket, counting bytes into the connection's `tcp_*_bytes_total`.
+struct Counted<I> {
+    io: I,
+    counters: Counters,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.counters.read.inc_by(read as u64);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.counters.written.inc_by(n as u64);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.counters.written.inc_by(n as u64);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,95 @@
+//! Where a request goes: the seam between the server loop, which only ever asks
+//! "send this request somewhere", and the policies that answer.
+//!
+//! - An [`Upstream`] is decided once per client connection (by the route) and asked
+//!   once per request for a [`Pick`]: the [`Endpoint`] to send it to and the labels
+//!   that go with it. [`Direct`] always answers the original destination; a balanced
+//!   service answers a different endpoint per request and learns from
+//!   [`Pick::observer`] how each one went.
+//! - An [`Endpoint`] is an address and the [`Transport`] that reaches it; it is the
+//!   unit of connection pooling ([`pool::Key`]). Plain TCP today; a mesh peer reached
+//!   over mTLS is one more `Transport` variant, with its own connector in `pool`.
+//! - The [`pool::Pool`] sends the request over a pooled connection to the endpoint and
+//!   returns the response head, or the [`ProxyError`] the client is answered with.
+
+pub mod pool;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+
+use super::errors::ProxyError;
+
+/// How the proxy reaches an endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum Transport {
+    /// A TCP connection to the endpoint's address, speaking the client's HTTP version.
+    Plain,
+}
+
+/// One place a request can be sent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub transport: Transport,
+    /// The address connections are made from (`--inbound-transparent`: the client's
+    /// own address), or the kernel's choice. Part of the pool key: a connection made
+    /// from one client's address must not carry another client's requests.
+    pub source: Option<IpAddr>,
+}
+
+impl Endpoint {
+    /// A plain TCP endpoint, connected from the kernel's choice of address.
+    pub fn plain(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr,
+            transport: Transport::Plain,
+            source: None,
+        }
+    }
+}
+
+/// What an [`Upstream`] decided for one request.
+pub struct Pick {
+    pub endpoint: Endpoint,
+    /// `dst_service` and `dst_backend`, for balanced requests.
+    pub dst: Option<(Arc<str>, Arc<str>)>,
+    /// Told how the request went, once its response has ended (a balancer's
+    /// latency estimate, a failure accrual).
+    pub observer: Option<Box<dyn Observe>>,
+}
+
+impl Pick {
+    pub fn to(endpoint: Endpoint) -> Pick {
+        Pick {
+            endpoint,
+            dst: None,
+            observer: None,
+        }
+    }
+}
+
+/// How a picked request went: the response's latency (headers to end of body), and
+/// whether it was a failure (see `metrics`).
+pub trait Observe: Send + Sync {
+    fn observe(self: Box<Self>, latency: Duration, failure: bool);
+}
+
+/// Decides where each request of a connection goes.
+pub trait Upstream: Send + Sync {
+    /// The endpoint for the request whose head is `request`, or the error the client
+    /// is answered with (a service without a usable backend, ...).
+    fn pick(&self, request: &Parts) -> Result<Pick, ProxyError>;
+}
+
+/// The original destination, for every request: plaintext forwarding.
+#[derive(Clone, Debug)]
+pub struct Direct(pub Endpoint);
+
+impl Upstream for Direct {
+    fn pick(&self, _: &Parts) -> Result<Pick, ProxyError> {
+        Ok(Pick::to(self.0.clone()))
+    }
+}

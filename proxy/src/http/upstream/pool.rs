@@ -1,0 +1,340 @@
+//! Connections to endpoints, kept open and reused, keyed by endpoint and HTTP version.
+//!
+//! - **HTTP/1**: a connection carries one request at a time. A request takes an idle
+//!   connection of its key, or opens a new one; once the response has been read to the
+//!   end, the connection goes back to the idle list (at most [`MAX_IDLE_PER_KEY`] per
+//!   key, [`MAX_IDLE`] in all), and is closed after [`IDLE_TIMEOUT`] unused.
+//! - **HTTP/2**: one connection per key carries every request, multiplexed; it is
+//!   opened by the first request (the others wait for it rather than open their own)
+//!   and closed after [`IDLE_TIMEOUT`] without a request.
+//!
+//! The pool is built on hyper's connection-level client (`hyper::client::conn`), not
+//! hyper-util's pooled `Client`: that one rewrites the request target to origin form
+//! and `Host`/`:authority` from the URI, and a transparent proxy must change neither.
+//!
+//! A request that comes back unsent from an idle HTTP/1 connection (the server closed
+//! it while it was idle, a race every keep-alive client has) is retried once on a new
+//! connection: nothing of it reached the server, so retrying is safe.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{Endpoint, Transport};
+use crate::http::errors::ProxyError;
+use crate::http::Version;
+
+/// How long a connection may stay unused in the pool before it is closed. Longer
+/// than most servers' own keep-alive timeouts (nginx 75 s), so the server usually
+/// closes first, which the pool notices (see the module doc for the race).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Most idle HTTP/1 connections kept per key.
+pub const MAX_IDLE_PER_KEY: usize = 64;
+
+/// Most idle HTTP/1 connections kept in all: the pool must not hold descriptors a
+/// client could make it open (one idle connection per destination it tried).
+pub const MAX_IDLE: usize = 1024;
+
+/// How often idle connections are looked at.
+const REAP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What a pooled connection is for.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Key {
+    pub endpoint: Endpoint,
+    /// The HTTP version spoken on the connection.
+    pub version: Version,
+}
+
+/// The request body type the pool sends: the client's, streamed.
+pub type Body = Incoming;
+
+/// The connections to every endpoint.
+pub struct Pool {
+    connect_timeout: Duration,
+    state: Mutex<State>,
+    /// Whether the reaper task runs (started with the first idle connection, so that
+    /// a pool can be built outside a runtime).
+    reaper: std::sync::Once,
+}
+
+#[derive(Default)]
+struct State {
+    idle: HashMap<Key, Vec<Idle>>,
+    idle_count: usize,
+    h2: HashMap<Key, Arc<H2Slot>>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// The one HTTP/2 connection of a key.
+struct H2Slot {
+    sender: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Held while connecting, so concurrent first requests share one connection.
+    connecting: tokio::sync::Mutex<()>,
+    last_used: Mutex<Instant>,
+}
+
+impl Pool {
+    /// A pool whose connects give up after `connect_timeout` (`--connect-timeout`).
+    pub fn new(connect_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool {
+            connect_timeout,
+            state: Mutex::new(State::default()),
+            reaper: std::sync::Once::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `request` to the endpoint of `key` and returns the response head; its
+    /// body streams from the connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        key: Key,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        self.start_reaper();
+        match key.version {
+            Version::Http1 => self.send_h1(key, request).await,
+            Version::Http2 => self.send_h2(key, request).await,
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        key: Key,
+        mut request: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let addr = key.endpoint.addr;
+        loop {
+            let (mut sender, reused) = match self.checkout_h1(&key) {
+                Some(sender) => (sender, true),
+                None => (self.connect_h1(&key).await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.checkin_when_ready(key, sender);
+                    return Ok(response);
+                }
+                Err(mut error) => match error.take_message() {
+                    // Not sent: the idle connection was closed under us. Retry on a
+                    // new one (which cannot come back unsent for this reason).
+                    Some(unsent) if reused => {
+                        debug!(%addr, error = %error.error(), "idle connection was closed, retrying");
+                        request = unsent;
+                    }
+                    _ => return Err(ProxyError::upstream(addr, error.into_error())),
+                },
+            }
+        }
+    }
+
+    /// An idle, usable connection of `key`, the most recently used first.
+    fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let list = state.idle.get_mut(key)?;
+        let mut found = None;
+        while let Some(idle) = list.pop() {
+            state.idle_count -= 1;
+            if idle.sender.is_ready() && idle.since.elapsed() < IDLE_TIMEOUT {
+                found = Some(idle.sender);
+                break;
+            }
+        }
+        if list.is_empty() {
+            state.idle.remove(key);
+        }
+        found
+    }
+
+    /// Puts the connection back once its response has been read to the end (or drops
+    /// it, when it closed or was upgraded).
+    fn checkin_when_ready(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            let Some(pool) = pool.upgrade() else { return };
+            let mut state = pool.lock();
+            if state.idle_count >= MAX_IDLE {
+                return;
+            }
+            let list = state.idle.entry(key).or_default();
+            if list.len() >= MAX_IDLE_PER_KEY {
+                return;
+            }
+            list.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+            state.idle_count += 1;
+        });
+    }
+
+    async fn connect_h1(&self, key: &Key) -> Result<http1::SendRequest<Body>, ProxyError> {
+        let io = self.connect(&key.endpoint).await?;
+        let addr = key.endpoint.addr;
+        let (sender, connection) = http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::upstream(addr, e))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                debug!(%addr, %error, "HTTP/1 connection to the destination failed");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_h2(
+        self: &Arc<Self>,
+        key: Key,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let addr = key.endpoint.addr;
+        let slot = self
+            .lock()
+            .h2
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(H2Slot {
+                    sender: Mutex::new(None),
+                    connecting: tokio::sync::Mutex::new(()),
+                    last_used: Mutex::new(Instant::now()),
+                })
+            })
+            .clone();
+        *lock(&slot.last_used) = Instant::now();
+        let mut sender = match slot.ready() {
+            Some(sender) => sender,
+            None => {
+                let _connecting = slot.connecting.lock().await;
+                match slot.ready() {
+                    Some(sender) => sender,
+                    None => {
+                        let sender = self.connect_h2(&key).await?;
+                        *lock(&slot.sender) = Some(sender.clone());
+                        sender
+                    }
+                }
+            }
+        };
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| ProxyError::upstream(addr, e))
+    }
+
+    async fn connect_h2(&self, key: &Key) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let io = self.connect(&key.endpoint).await?;
+        let addr = key.endpoint.addr;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::upstream(addr, e))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%addr, %error, "HTTP/2 connection to the destination failed");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Opens the transport to `endpoint`, within the connect timeout.
+    async fn connect(&self, endpoint: &Endpoint) -> Result<TcpStream, ProxyError> {
+        let addr = endpoint.addr;
+        match endpoint.transport {
+            Transport::Plain => {
+                let from = endpoint.source.map(|ip| std::net::SocketAddr::new(ip, 0));
+                let connecting = crate::connect::connect_from(addr, from);
+                match tokio::time::timeout(self.connect_timeout, connecting).await {
+                    Ok(Ok(stream)) => Ok(stream),
+                    Ok(Err(error)) => Err(ProxyError::connect(addr, error)),
+                    Err(_) => Err(ProxyError::ConnectTimeout {
+                        addr,
+                        timeout: self.connect_timeout,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn start_reaper(self: &Arc<Self>) {
+        self.reaper.call_once(|| {
+            tokio::spawn(reap(Arc::downgrade(self)));
+        });
+    }
+
+    /// Closes the connections unused for [`IDLE_TIMEOUT`].
+    fn reap_idle(&self, now: Instant) {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let mut closed = 0;
+        state.idle.retain(|_, list| {
+            let before = list.len();
+            list.retain(|idle| {
+                !idle.sender.is_closed() && now.saturating_duration_since(idle.since) < IDLE_TIMEOUT
+            });
+            closed += before - list.len();
+            !list.is_empty()
+        });
+        state.idle_count -= closed;
+        state.h2.retain(|_, slot| {
+            let last = *lock(&slot.last_used);
+            let mut sender = lock(&slot.sender);
+            let live = sender.as_ref().is_some_and(|s| !s.is_closed());
+            if !live && slot.connecting.try_lock().is_ok() {
+                *sender = None;
+                return Arc::strong_count(slot) > 1;
+            }
+            if now.saturating_duration_since(last) >= IDLE_TIMEOUT {
+                // Dropping our handle lets the connection close once the requests
+                // still using it are done.
+                *sender = None;
+                return Arc::strong_count(slot) > 1;
+            }
+            true
+        });
+    }
+}
+
+impl H2Slot {
+    /// A handle on the open connection, if it is still usable.
+    fn ready(&self) -> Option<http2::SendRequest<Body>> {
+        let sender = lock(&self.sender);
+        sender.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn reap(pool: Weak<Pool>) {
+    let mut interval = tokio::time::interval(REAP_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.reap_idle(Instant::now());
+    }
+}

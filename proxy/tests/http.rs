@@ -1,0 +1,458 @@
+//! In-process tests of request-level HTTP proxying: a hyper (or hand-written) client
+//! talks to the proxy's listener on loopback, the proxy forwards to a hyper (or
+//! hand-written) server given as the destination, and `/metrics` is scraped from the
+//! admin server. No redirect rules here: the netns tests cover those.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshproxy::{BoundAddrs, Config, Proxy, ProxyArgs, ServerError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+#[path = "support/admin.rs"]
+mod admin;
+
+struct Running {
+    addrs: BoundAddrs,
+    _shutdown: oneshot::Sender<()>,
+    _task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl Running {
+    fn outbound(&self) -> SocketAddr {
+        self.addrs.outbound[0]
+    }
+
+    fn inbound(&self) -> SocketAddr {
+        self.addrs.inbound[0]
+    }
+
+    async fn metrics(&self) -> String {
+        admin::get_metrics(self.addrs.admin).await
+    }
+}
+
+/// A proxy on loopback that sends every connection to `target`.
+async fn proxy_to(target: SocketAddr, tweak: impl FnOnce(&mut ProxyArgs)) -> Running {
+    let mut args = ProxyArgs {
+        inbound_addr: Some("127.0.0.1:0".into()),
+        outbound_addr: Some("127.0.0.1:0".into()),
+        admin_addr: Some("127.0.0.1:0".into()),
+        ..ProxyArgs::default()
+    };
+    tweak(&mut args);
+    let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
+    let proxy = Proxy::bind(config).await.unwrap();
+    let addrs = proxy.local_addrs();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.serve_with(move |_| Ok(target), async {
+        let _ = rx.await;
+    }));
+    Running {
+        addrs,
+        _shutdown: tx,
+        _task: task,
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ServerBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+fn full(bytes: impl Into<Bytes>) -> ServerBody {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+/// A hyper server (HTTP/1 with upgrades, or HTTP/2) answering with `handle`; counts
+/// the connections it accepts.
+async fn server<F, Fut>(http2: bool, handle: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<ServerBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let handle = handle.clone();
+                    async move { Ok::<_, Infallible>(handle(req).await) }
+                });
+                let io = TokioIo::new(stream);
+                if http2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .preserve_header_case(true)
+                        .serve_connection(io, service)
+                        .with_upgrades()
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<ServerBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    sender
+}
+
+async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<ServerBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// The value of the sample whose line starts with `prefix` (name and labels).
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix) && line[prefix.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+fn value(metrics: &str, prefix: &str) -> f64 {
+    sample(metrics, prefix).unwrap_or_else(|| panic!("no sample {prefix} in:\n{metrics}"))
+}
+
+/// The labels of outbound requests to `target` with `authority`.
+fn outbound(target: SocketAddr, authority: &str) -> String {
+    format!(r#"direction="outbound",target_addr="{target}",authority="{authority}",tls="false""#)
+}
+
+/// Reads from `stream` until `until` appears in what was read (or EOF).
+async fn read_until(stream: &mut TcpStream, until: &[u8]) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(until.len()).any(|w| w == until) {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("no answer within 10 s")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_thousand_requests_on_one_keep_alive_connection_are_a_thousand_requests() {
+    let (target, accepted) = server(false, |_req| async { Response::new(full("ok")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h1_client(proxy.outbound()).await;
+    for _ in 0..1000 {
+        let request = Request::get("/hello")
+            .header("host", "web.test")
+            .body(full(""))
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+    let m = proxy.metrics().await;
+    let labels = outbound(target, "web.test");
+    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1000.0);
+    assert_eq!(
+        value(
+            &m,
+            &format!(r#"response_total{{{labels},status_code="200",classification="success"}}"#)
+        ),
+        1000.0
+    );
+    assert_eq!(
+        value(&m, &format!("response_latency_seconds_count{{{labels}}}")),
+        1000.0
+    );
+    // The TCP metrics of the client's connection are still there, labelled http1.
+    let conn = format!(
+        r#"tcp_open_total{{direction="outbound",target_addr="{target}",protocol="http1",tls="false"}}"#
+    );
+    assert_eq!(value(&m, &conn), 1.0);
+    // One pooled connection to the destination carried all of them.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_503_is_a_failure() {
+    let (target, _) = server(false, |_req| async {
+        let mut response = Response::new(full("busy"));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h1_client(proxy.outbound()).await;
+    let request = Request::get("/")
+        .header("host", "busy.test")
+        .body(full(""))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The application's own error passes unchanged: no proxy header.
+    assert!(!response.headers().contains_key("meshproxy-error"));
+    response.into_body().collect().await.unwrap();
+    let m = proxy.metrics().await;
+    let labels = outbound(target, "busy.test");
+    assert_eq!(
+        value(
+            &m,
+            &format!(r#"response_total{{{labels},status_code="503",classification="failure"}}"#)
+        ),
+        1.0
+    );
+}
+
+/// A gRPC-shaped exchange over HTTP/2: the request streams frames and trailers, the
+/// response streams back and ends with `grpc-status: 5` in its trailers.
+#[tokio::test]
+async fn grpc_status_in_trailers_is_a_labelled_failure_and_trailers_pass() {
+    let (target, _) = server(true, |req: Request<Incoming>| async move {
+        assert_eq!(req.headers()["te"], "trailers");
+        let collected = req.into_body().collect().await.unwrap();
+        let request_trailers = collected.trailers().cloned().unwrap_or_default();
+        let echoed = collected.to_bytes();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "5".parse().unwrap());
+        trailers.insert("grpc-message", "not found".parse().unwrap());
+        if let Some(value) = request_trailers.get("x-request-trailer") {
+            trailers.insert("x-echoed-trailer", value.clone());
+        }
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(echoed)),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        Response::builder()
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap()
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h2_client(proxy.outbound()).await;
+    let mut request_trailers = HeaderMap::new();
+    request_trailers.insert("x-request-trailer", "sent".parse().unwrap());
+    let frames = vec![
+        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"\0\0\0\0\x05hello"))),
+        Ok(Frame::trailers(request_trailers)),
+    ];
+    let request = Request::post("http://grpc.test/pkg.Service/Method")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "5");
+    assert_eq!(trailers["grpc-message"], "not found");
+    assert_eq!(trailers["x-echoed-trailer"], "sent");
+    assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x05hello");
+
+    let m = proxy.metrics().await;
+    let labels = outbound(target, "grpc.test");
+    assert_eq!(
+        value(
+            &m,
+            &format!(
+                r#"response_total{{{labels},status_code="200",classification="failure",grpc_status="5"}}"#
+            )
+        ),
+        1.0
+    );
+    let conn = format!(
+        r#"tcp_open_total{{direction="outbound",target_addr="{target}",protocol="http2",tls="false"}}"#
+    );
+    assert_eq!(value(&m, &conn), 1.0);
+}
+
+/// Many concurrent streams on one client connection are served concurrently, over one
+/// connection to the destination.
+#[tokio::test]
+async fn http2_streams_are_multiplexed_over_one_connection() {
+    let (target, accepted) = server(true, |req: Request<Incoming>| async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Response::new(full(req.uri().path().to_string()))
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let client = h2_client(proxy.outbound()).await;
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..50 {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            let request = Request::get(format!("http://mux.test/{n}"))
+                .body(full(""))
+                .unwrap();
+            let response = client.send_request(request).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, format!("/{n}"));
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    // 50 × 300 ms one after the other would take 15 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        value(
+            &m,
+            &format!("request_total{{{}}}", outbound(target, "mux.test"))
+        ),
+        50.0
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connect_is_a_502_with_the_cause() {
+    // A port nobody listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = closed.local_addr().unwrap();
+    drop(closed);
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h1_client(proxy.outbound()).await;
+    let request = Request::get("/")
+        .header("host", "gone.test")
+        .body(full(""))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(response.headers()["meshproxy-error"], "connection refused");
+    response.into_body().collect().await.unwrap();
+    let m = proxy.metrics().await;
+    let labels = outbound(target, "gone.test");
+    assert_eq!(
+        value(
+            &m,
+            &format!(r#"response_total{{{labels},status_code="502",classification="failure"}}"#)
+        ),
+        1.0
+    );
+}
+
+/// Inbound requests are labelled without `authority`.
+#[tokio::test]
+async fn inbound_requests_have_no_authority_label() {
+    let (target, _) = server(false, |_req| async { Response::new(full("in")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h1_client(proxy.inbound()).await;
+    let request = Request::get("/")
+        .header("host", "in.test")
+        .body(full(""))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let m = proxy.metrics().await;
+    let labels = format!(r#"direction="inbound",target_addr="{target}",tls="false""#);
+    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
+}
+
+/// What a hand-written HTTP/1 server received: the head of each request.
+async fn raw_server(
+    response: &'static [u8],
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let head = read_until(&mut stream, b"\r\n\r\n").await;
+                let _ = tx.send(head);
+                let _ = stream.write_all(response).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn header_case_and_end_to_end_headers_pass_and_hop_by_hop_ones_do_not() {
+    let (target, mut heads) = raw_server(
+        b"HTTP/1.1 200 OK\r\nX-Mixed-Case: Yes\r\nKeep-Alive: timeout=5\r\nConnection: X-Resp-Hop\r\nX-Resp-Hop: 1\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(
+            b"GET http://Case.Test/path?q=1 HTTP/1.1\r\nHost: Case.Test\r\nX-Custom-Header: Value\r\n\
+              Connection: keep-alive, X-Hop\r\nX-Hop: drop me\r\nKeep-Alive: timeout=5\r\n\
+              Proxy-Connection: keep-alive\r\nTE: trailers, deflate\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let response = read_until(&mut client, b"ok").await;
+    let response = String::from_utf8(response).unwrap();
+    let head = String::from_utf8(heads.recv().await.unwrap()).unwrap();
+
+    // The request target (absolute form), Host and names' case are unchanged.
+    assert!(
+        head.starts_with("GET http://Case.Test/path?q=1 HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nHost: Case.Test\r\n"), "{head}");
+    assert!(head.contains("\r\nX-Custom-Header: Value\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    for hop in [
+        "x-hop",
+        "keep-alive",
+        "proxy-connection",
+        "connection: keep-alive",
+    ] {
+        assert!(!lower.contains(hop), "{hop} forwarded:\n{head}");
+    }
+    assert!(lower.contains("\r\nte: trailers\r\n"), "{head}");
+    assert!(!lower.contains("deflate"), "{head}");
+
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(response.contains("\r\nX-Mixed-Case: Yes\r\n"), "{response}");
+    let lower = response.to_ascii_lowercase();
+    assert!(!lower.contains("x-resp-hop"), "{response}");
+    assert!(!lower.contains("timeout=5"), "{response}");
+    // Nothing added: the server sent no `Date`, so the client gets none.
+    assert!(!lower.contains("\r\ndate:"), "{response}");
+}
