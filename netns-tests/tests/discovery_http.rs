@@ -360,7 +360,7 @@ fn a_weight_shift_moves_the_requests_of_one_keep_alive_connection_within_1s() {
     );
     proxy.wait_for_metric(
         "response_total",
-        &[("dst_service", "web"), ("status_code", "503")],
+        &[("target_addr", SERVICE), ("status_code", "503")],
         1.0,
         METRIC_TIMEOUT,
     );

@@ -10,6 +10,7 @@
 //! | no connection within `--connect-timeout` | 504 | `connect timeout` |
 //! | the destination closed or reset before answering | 502 | `upstream closed` |
 //! | the destination answered something that is not HTTP | 502 | `upstream protocol error` |
+//! | every backend of the `--discovery` service has weight 0 | 503 | `no backend` |
 //! | the client's request does not parse | 400 | `bad request` |
 
 use std::io;
@@ -43,6 +44,9 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// A balanced service (`--discovery`) whose backends all have weight 0.
+    #[error("every backend of service {service} has weight 0")]
+    NoBackend { service: std::sync::Arc<str> },
 }
 
 impl ProxyError {
@@ -70,6 +74,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -83,6 +88,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } => "connect timeout",
             ProxyError::UpstreamClosed { .. } => "upstream closed",
             ProxyError::UpstreamProtocol { .. } => "upstream protocol error",
+            ProxyError::NoBackend { .. } => "no backend",
         }
     }
 

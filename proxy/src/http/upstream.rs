@@ -12,6 +12,7 @@
 //! - The [`pool::Pool`] sends the request over a pooled connection to the endpoint and
 //!   returns the response head, or the [`ProxyError`] the client is answered with.
 
+pub mod balanced;
 pub mod pool;
 
 use std::net::{IpAddr, SocketAddr};

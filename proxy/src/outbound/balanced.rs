@@ -6,8 +6,15 @@
 //! in plaintext (spliced, as for any plain destination) or, for an endpoint with an
 //! identity, over mTLS to its proxy exactly as to a mesh peer.
 //!
+//! A connection detected as HTTP/1 or HTTP/2 is balanced per request instead
+//! (`http::Balanced`): it is served by the HTTP proxy, and each of its requests picks a
+//! backend by weight and an endpoint by peak-EWMA latency. Unless an endpoint of the
+//! service has an identity: the HTTP pool does not speak mTLS yet, so such a service
+//! stays balanced per connection, encrypted.
+//!
 //! The connection metrics keep the address the client dialled as `target_addr` (the
-//! service address, as bounded as the file) and add `dst_service` and `dst_backend`.
+//! service address, as bounded as the file) and add `dst_service` and `dst_backend` (empty
+//! for a connection balanced per request: its requests carry the backend).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,8 +26,10 @@ use tracing::{debug, info};
 
 use crate::balance::{Load, Rng, Service, ServiceProtocol};
 use crate::connect::connect;
+use crate::detect::Protocol;
 use crate::duplex::duplex_tcp;
 use crate::forward::Forwarder;
+use crate::http::{self, Balanced};
 use crate::metrics::{errno_name, ConnMetrics};
 use crate::outcome::{HopError, Outcome};
 use crate::route::Direction;
@@ -48,6 +57,36 @@ pub(crate) async fn forward(
     let classified = fwd
         .classify(&mut client, original, Direction::Outbound, detect)
         .await?;
+    let version = match classified.protocol() {
+        Protocol::Http1 => Some(http::Version::Http1),
+        Protocol::Http2 => Some(http::Version::Http2),
+        Protocol::Opaque | Protocol::Tls => None,
+    };
+    let meshed = service
+        .backends
+        .iter()
+        .flat_map(|b| &b.endpoints)
+        .any(|e| e.identity.is_some());
+    if let (Some(version), Some(balancer), false) = (version, &fwd.balancer, meshed) {
+        let conn = conn.insert(fwd.open(
+            Direction::Outbound,
+            original,
+            classified.protocol(),
+            None,
+            Some((service.name.clone(), Arc::from(""))),
+        ));
+        let routed = http::Client {
+            direction: Direction::Outbound,
+            target: original,
+            version,
+            upstream: Arc::new(Balanced {
+                balancer: balancer.clone(),
+                original,
+            }),
+            peer_id: None,
+        };
+        return fwd.serve_http(client, classified, routed, conn).await;
+    }
     let mut rng = Rng::thread();
     let mut attempts = service.attempts(Load::Connections);
     let mut last_error = None;
