@@ -45,7 +45,7 @@ mod ewma;
 mod p2c;
 
 pub use self::discovery::{Discovery, DiscoveryError, ServiceProtocol};
-pub use self::ewma::{InFlight, PeakEwma};
+pub use self::ewma::{InFlight, PeakEwma, FAILURE_RTT};
 
 /// How often, at most, a new connection checks whether the file changed.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(250);

@@ -83,3 +83,140 @@ impl Observe for Observer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use http::Request;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    const SERVICE: &str = "198.18.100.10:80";
+
+    fn web(a: u32, b: u32) -> String {
+        format!(
+            r#"
+            [[service]]
+            name = "web"
+            addrs = ["{SERVICE}"]
+            [[service.backend]]
+            name = "a"
+            weight = {a}
+            endpoints = [ {{ addr = "198.18.1.1:80" }}, {{ addr = "198.18.1.2:80" }} ]
+            [[service.backend]]
+            name = "b"
+            weight = {b}
+            endpoints = [ {{ addr = "198.18.2.1:80" }} ]
+            "#
+        )
+    }
+
+    /// A discovery file in a directory of its own, removed on drop.
+    struct File(PathBuf);
+
+    impl File {
+        fn new(name: &str, text: &str) -> File {
+            let dir = std::env::temp_dir().join(format!(
+                "meshproxy-http-balanced-{name}-{}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = File(dir.join("discovery.toml"));
+            file.write(text);
+            file
+        }
+
+        fn write(&self, text: &str) {
+            let staged = self.0.with_extension("new");
+            std::fs::write(&staged, text).unwrap();
+            std::fs::rename(&staged, &self.0).unwrap();
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for File {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+        }
+    }
+
+    fn upstream(file: &File) -> Balanced {
+        Balanced {
+            balancer: Balancer::new(file.path(), false, Arc::new(Metrics::new())).unwrap(),
+            original: SERVICE.parse().unwrap(),
+        }
+    }
+
+    fn parts() -> Parts {
+        Request::get("/").body(()).unwrap().into_parts().0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_request_follows_the_file_as_it_is_now() {
+        let file = File::new("follow", &web(100, 0));
+        let upstream = upstream(&file);
+        let backend = |u: &Balanced| u.pick(&parts()).unwrap().dst.unwrap().1.to_string();
+        assert_eq!(backend(&upstream), "a");
+        file.write(&web(0, 100));
+        tokio::time::advance(crate::balance::CHECK_INTERVAL).await;
+        // The same upstream (one client connection): its next request goes to b.
+        assert_eq!(backend(&upstream), "b");
+        let pick = upstream.pick(&parts()).unwrap();
+        assert_eq!(
+            pick.endpoint,
+            Endpoint::plain("198.18.2.1:80".parse().unwrap())
+        );
+        assert_eq!(&*pick.dst.unwrap().0, "web");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_zero_weights_answer_503_no_backend() {
+        let file = File::new("zero", &web(0, 0));
+        let error = upstream(&file).pick(&parts()).err().unwrap();
+        assert_eq!(error.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.cause(), "no backend");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_in_flight_until_observed_and_a_failure_is_dear() {
+        let file = File::new("observe", &web(0, 1));
+        let upstream = upstream(&file);
+        let table = upstream.balancer.table();
+        let state = &table.service(upstream.original).unwrap().backends[1].endpoints[0].state;
+        let pick = upstream.pick(&parts()).unwrap();
+        assert_eq!(state.latency.pending(), 1);
+        tokio::time::advance(Duration::from_millis(3)).await;
+        pick.observer.unwrap().observe(Duration::ZERO, false);
+        assert_eq!(state.latency.pending(), 0);
+        let rtt = state.latency.estimate_at(Instant::now());
+        assert!((rtt - 3e6).abs() < 1e3, "{rtt}");
+        // A failure after 1 ms weighs as much as a 1 s response.
+        let pick = upstream.pick(&parts()).unwrap();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        pick.observer.unwrap().observe(Duration::ZERO, true);
+        let rtt = state.latency.estimate_at(Instant::now());
+        assert!(
+            rtt >= crate::balance::FAILURE_RTT.as_nanos() as f64,
+            "{rtt}"
+        );
+        // A request the client gave up on (its observer dropped) only stops counting.
+        drop(upstream.pick(&parts()).unwrap());
+        assert_eq!(state.latency.pending(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_removed_mid_connection_sends_requests_where_the_client_dialled() {
+        let file = File::new("removed", &web(1, 1));
+        let upstream = upstream(&file);
+        file.write(&web(1, 1).replace(SERVICE, "198.18.100.99:80"));
+        tokio::time::advance(crate::balance::CHECK_INTERVAL).await;
+        let pick = upstream.pick(&parts()).unwrap();
+        assert_eq!(pick.endpoint, Endpoint::plain(upstream.original));
+        assert!(pick.dst.is_none());
+    }
+}
