@@ -18,7 +18,7 @@ fi
 # test that reads inet_client_addr(); podman, runc, catatonit (podman's pause
 # process), mmdebstrap and busybox-static for the image test
 # (scripts/image-test.sh), python3-venv for kubernetes-validate.
-packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl tcpdump openssl containernetworking-plugins postgresql podman runc catatonit mmdebstrap busybox-static python3-venv)
+packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl nghttp2-server nghttp2-client tcpdump openssl containernetworking-plugins postgresql podman runc catatonit mmdebstrap busybox-static python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

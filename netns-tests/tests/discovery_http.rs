@@ -409,3 +409,84 @@ fn concurrent_keep_alive_connections_spread_over_equal_endpoints() {
     let both = per_connection.iter().filter(|c| c.0 > 0 && c.1 > 0).count();
     assert!(both >= 8, "{per_connection:?}");
 }
+
+/// `nghttpd` (nghttp2-server) serving h2c on `port` of every address of `ns`, a file
+/// `name` that holds `name`. Killed on `Drop` of the guard.
+fn start_h2c(ns: &Netns, dir: &Path, port: u16, name: &str) -> Spawned {
+    let root = dir.join(name);
+    std::fs::create_dir_all(&root).expect("a document root");
+    std::fs::write(root.join("name"), format!("{name}\n")).expect("write the page");
+    let mut cmd = ns.command("nghttpd");
+    cmd.args(["--no-tls", "-d"])
+        .arg(&root)
+        .arg(port.to_string());
+    let mut server = ns.spawn(cmd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let url = format!("http://127.0.0.1:{port}/name");
+    loop {
+        let get = Run::of(ns.command("curl").args([
+            "-s",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "2",
+            &url,
+        ]));
+        if get.success() && get.stdout.trim() == name {
+            return server;
+        }
+        if !server.is_running() || Instant::now() > deadline {
+            panic!("`{}` is not answering\n{get}", server.command());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// HTTP/2 too: 400 requests on ONE h2c connection (h2load, one connection, one stream
+/// at a time) to a service of two backends weighted 50/50, one nghttpd endpoint each:
+/// each backend serves 40–60% of them, counted by the proxy's request metrics, so the
+/// weights apply per request over the proxy's HTTP/2 connections to each endpoint.
+#[test]
+fn the_requests_of_one_http2_connection_are_balanced_one_by_one() {
+    let pods = Pods::new("dh-h2");
+    let setup = setup("dh-h2", &pods, &[]);
+    let _servers = [
+        start_h2c(&pods.peer, setup.scratch.path(), 8081, "one"),
+        start_h2c(&pods.peer, setup.scratch.path(), 8082, "two"),
+    ];
+    let file = setup.scratch.join("discovery.toml");
+    write_discovery(&file, &web(&[("a", 50, &[8081]), ("b", 50, &[8082])]));
+    let proxy = start_proxy(&pods, &file);
+    let url = format!("http://{SERVICE}/name");
+    let run = Run::of(
+        pods.pod
+            .command("h2load")
+            .args(["-n", "400", "-c", "1", "-m", "1", &url]),
+    );
+    assert!(run.success(), "{run}\n{}", proxy.report());
+    assert!(
+        run.stdout.contains("400 succeeded, 0 failed, 0 errored"),
+        "{run}"
+    );
+    let metrics = proxy.wait_for_metric(
+        "response_total",
+        &[("dst_service", "web"), ("classification", "success")],
+        400.0,
+        METRIC_TIMEOUT,
+    );
+    let on_a = metrics.sum(
+        "response_total",
+        &[("dst_backend", "a"), ("status_code", "200")],
+    );
+    assert!(
+        (160.0..=240.0).contains(&on_a),
+        "{on_a} of 400 on a\n{metrics}"
+    );
+    assert_eq!(
+        metrics.sum(
+            "tcp_open_total",
+            &[("target_addr", SERVICE), ("protocol", "http2")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
