@@ -45,7 +45,9 @@ mod ewma;
 mod p2c;
 
 pub use self::discovery::{Discovery, DiscoveryError, ServiceProtocol};
-pub use self::ewma::{InFlight, PeakEwma, FAILURE_RTT};
+#[cfg(test)]
+pub use self::ewma::FAILURE_RTT;
+pub use self::ewma::{InFlight, PeakEwma};
 
 /// How often, at most, a new connection checks whether the file changed.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(250);
