@@ -1,6 +1,14 @@
 //! The proxy's own connections to destinations, applications and peer proxies: TCP
-//! keepalive on every forwarded socket, and `--inbound-transparent`'s sockets bound to
-//! the client's address. One place, so every hop connects the same way.
+//! keepalive on every forwarded socket, `--inbound-transparent`'s sockets bound to
+//! the client's address, and `--connect-timeout` on every connect. One place, so every
+//! hop connects the same way.
+//!
+//! The connect timeout (1 s by default, Linkerd's outbound one) is there because the
+//! kernel's own gives up only after about two minutes of SYN retries: a destination
+//! that drops SYNs would hold the client (and its connection slot) that long. A
+//! connect that times out fails with `ETIMEDOUT`, the errno the kernel uses for the
+//! same thing, so it is labelled alike in `tcp_close_total` (and answered 504 to an
+//! HTTP client).
 
 use std::io;
 use std::net::SocketAddr;
@@ -40,9 +48,10 @@ pub(crate) fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
 /// Meshed destinations get this same connection, to the peer's inbound port, wrapped
 /// in mTLS by `outbound::mtls`.
 ///
-/// The connection gets TCP keepalive (see [`KEEPALIVE_IDLE`]).
-pub async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
-    connect_from(target, None).await
+/// The connection gets TCP keepalive (see [`KEEPALIVE_IDLE`]); it fails with
+/// `ETIMEDOUT` when not established within `timeout` (`--connect-timeout`).
+pub async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    connect_from(target, None, timeout).await
 }
 
 /// [`connect`], from the address `from` when given: a transparent socket
@@ -55,7 +64,18 @@ pub async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
 /// address and port) in this namespace, and a second connection with the same one
 /// would be taken for it. The rare ephemeral port equal to the client's is
 /// therefore refused and another one taken.
-pub async fn connect_from(target: SocketAddr, from: Option<SocketAddr>) -> io::Result<TcpStream> {
+pub async fn connect_from(
+    target: SocketAddr,
+    from: Option<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    match tokio::time::timeout(timeout, connect_untimed(target, from)).await {
+        Ok(connected) => connected,
+        Err(_elapsed) => Err(io::Error::from_raw_os_error(nix::libc::ETIMEDOUT)),
+    }
+}
+
+async fn connect_untimed(target: SocketAddr, from: Option<SocketAddr>) -> io::Result<TcpStream> {
     let stream = match from {
         None => TcpStream::connect(target).await?,
         Some(from) => {
@@ -100,7 +120,9 @@ mod tests {
     #[tokio::test]
     async fn forwarded_sockets_have_tcp_keepalive() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = connect(listener.local_addr().unwrap()).await.unwrap();
+        let upstream = connect(listener.local_addr().unwrap(), Duration::from_secs(1))
+            .await
+            .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         set_keepalive(&accepted).unwrap();
         for stream in [&upstream, &accepted] {

@@ -30,7 +30,7 @@ use crate::connect::{connect_from, set_keepalive};
 use crate::detect::{detect, Detected, Protocol};
 use crate::duplex::{duplex_tcp, Totals};
 use crate::hop::{self, Hop, HttpVersion, MeshPolicy};
-use crate::http::{self, Direct, Endpoint, HttpProxy};
+use crate::http::{self, Direct, Endpoint, HttpMetrics, HttpProxy};
 use crate::identity::IdentityError;
 use crate::mesh::Mesh;
 use crate::mesh_peers::MeshPeersError;
@@ -46,6 +46,8 @@ pub struct Forwarder {
     detect_timeout: Duration,
     /// How long an mTLS peer may take to say hello and finish the handshake.
     pub(crate) handshake_timeout: Duration,
+    /// How long any connect may take (`--connect-timeout`, see `connect`).
+    pub(crate) connect_timeout: Duration,
     inbound_opaque_ports: PortSet,
     pub(crate) outbound_opaque_ports: PortSet,
     /// Permits for connections in detection (`--max-detecting`), one budget per
@@ -61,7 +63,7 @@ pub struct Forwarder {
     /// `--inbound-transparent`: connect to the application from the client's address.
     inbound_transparent: bool,
     /// Connections detected as HTTP are proxied request by request (see `http`).
-    http: HttpProxy,
+    pub(crate) http: HttpProxy,
 }
 
 /// The addresses the proxy listens on, by direction.
@@ -129,10 +131,13 @@ impl Forwarder {
             Some(path) => Some(Balancer::new(path, mesh.is_some(), metrics.clone())?),
             None => None,
         };
+        let http_metrics = HttpMetrics::new(config.metrics_retain_idle);
+        metrics.register(http_metrics.collector());
         Ok(Forwarder {
-            metrics: metrics.clone(),
+            metrics,
             detect_timeout: config.detect_timeout,
             handshake_timeout: config.handshake_timeout,
+            connect_timeout: config.connect_timeout,
             inbound_opaque_ports: config.inbound_opaque_ports.clone(),
             outbound_opaque_ports: config.outbound_opaque_ports.clone(),
             detecting: PerDirection::new(|| Arc::new(Semaphore::new(config.max_detecting))),
@@ -140,7 +145,7 @@ impl Forwarder {
             listeners: Listeners::default(),
             balancer,
             inbound_transparent: config.inbound_transparent,
-            http: HttpProxy::new(config.connect_timeout, metrics.http().clone()),
+            http: HttpProxy::new(config.connect_timeout, http_metrics),
         })
     }
 
@@ -224,7 +229,7 @@ impl Forwarder {
             }
             // `hop` only decides mTLS hops with a mesh.
             (Hop::MtlsIn | Hop::MtlsOut { .. }, None) => Err(HopError::NoIdentity),
-            // Detected HTTP, in plaintext: proxied request by request.
+            // Detected HTTP, in plaintext: proxied request by request (see `http`).
             (Hop::Http(version), _) => {
                 self.http(client, direction, target, classified, version, conn)
                     .await
@@ -324,20 +329,20 @@ impl Forwarder {
     ) -> Outcome {
         let conn = conn.insert(self.open(direction, target, classified.protocol(), None, None));
         let from = self.source_for(direction, client.peer_addr().ok());
-        let target_stream =
-            connect_from(target, from)
-                .await
-                .map_err(|error| HopError::Connect {
-                    what: "destination",
-                    addr: target,
-                    error,
-                })?;
+        let target_stream = connect_from(target, from, self.connect_timeout)
+            .await
+            .map_err(|error| HopError::Connect {
+                what: "destination",
+                addr: target,
+                error,
+            })?;
         // Both ends are plain TCP sockets: bulk bytes can be spliced.
         Ok(duplex_tcp(client, target_stream, classified.prefix, conn.counters()).await?)
     }
 
-    /// Proxies a plaintext HTTP connection request by request (`http`), every request
-    /// to `target`.
+    /// Serves a plaintext HTTP client: each request goes to the original destination
+    /// over the HTTP pool. The connection keeps its TCP metrics, `protocol="http1"` or
+    /// `"http2"`, with the client's bytes counted underneath hyper.
     async fn http(
         &self,
         client: TcpStream,
@@ -356,31 +361,13 @@ impl Forwarder {
         let routed = http::Client {
             direction,
             target,
-            version: match version {
-                HttpVersion::Http1 => http::Version::Http1,
-                HttpVersion::Http2 => http::Version::Http2,
-            },
+            version,
             upstream: Arc::new(upstream),
             peer_id: None,
         };
-        self.serve_http(client, classified, routed, conn).await
-    }
-
-    /// Serves `client` as HTTP (`http`) until it closes: its requests go where
-    /// `routed.upstream` says.
-    pub(crate) async fn serve_http(
-        &self,
-        client: TcpStream,
-        classified: Classified,
-        routed: http::Client,
-        conn: &ConnMetrics,
-    ) -> Outcome {
-        let io = Prefixed::new(classified.prefix, client);
-        self.http
-            .serve(io, routed, conn.counters())
-            .await
-            .map_err(HopError::Http)?;
-        // The bytes are counted as they pass (`conn.counters()`), not totalled here.
+        let client = Prefixed::new(classified.prefix, client);
+        self.http.serve(client, routed, conn.counters()).await?;
+        // The bytes are in the connection's counters; HTTP has no copy totals.
         Ok(Totals::default())
     }
 

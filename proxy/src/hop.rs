@@ -33,7 +33,7 @@ pub(crate) enum Hop {
 }
 
 /// The HTTP version detection found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum HttpVersion {
     /// A request line `METHOD SP target SP HTTP/1.x`.
     Http1,

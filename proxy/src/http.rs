@@ -21,6 +21,7 @@
 
 mod body;
 mod errors;
+mod head;
 mod headers;
 pub mod metrics;
 mod server;
@@ -35,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::duplex::Counters;
+use crate::metrics::Counters;
 use crate::route::Direction;
 
 pub use self::errors::ProxyError;
@@ -47,12 +48,9 @@ pub use self::upstream::{Direct, Endpoint, Upstream};
 /// `--connect-timeout` when not set: Linkerd's outbound connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The HTTP version of a connection (and of the pooled connections it uses).
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Version {
-    Http1,
-    Http2,
-}
+/// The HTTP version of a connection, as detected (and of the pooled connections it
+/// uses: the proxy speaks the client's version).
+pub(crate) use crate::hop::HttpVersion as Version;
 
 /// What every HTTP connection shares: the pool and the metrics.
 #[derive(Clone)]

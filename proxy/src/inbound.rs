@@ -141,7 +141,7 @@ pub(crate) async fn terminate(
         Some(&client_id),
         None,
     ));
-    let app = connect_from(destination, from)
+    let app = connect_from(destination, from, fwd.connect_timeout)
         .await
         .map_err(|error| HopError::Connect {
             what: "application",

@@ -26,6 +26,10 @@
 //!   connection label sets capped and idle ones dropped (`--metrics-retain-idle`).
 //!   Plumbing only: the label types (`Direction`, `Protocol`, `Refused`, ...) belong
 //!   to the modules they describe and give their values through `metrics::Label`.
+//! - `http`: connections detected as HTTP/1 or HTTP/2 (`Hop::Http`) proxied request by
+//!   request with hyper: a pool of connections per destination, hop-by-hop headers,
+//!   upgrades, the proxy's own error answers (`meshproxy-error`) and the golden
+//!   metrics (`request_total`, `response_total`, `response_latency_seconds`).
 //! - `admin`: the tiny HTTP/1 server for `/metrics`, `/ready` and `/live`; encodes off
 //!   the async workers, one at a time, and caps its connections.
 //!

@@ -223,8 +223,9 @@ pub struct Metrics {
     discovery_updates: Family<ResultLabels, Counter>,
     /// Where `balancer_endpoints` comes from, once a balancer exists.
     balancer_endpoints: Arc<OnceLock<EndpointGauges>>,
-    /// The HTTP families (`request_total`, ...), owned by `http::metrics`.
-    http: crate::http::HttpMetrics,
+    /// Families owned by another module, registered once it exists: the HTTP
+    /// families (`http::metrics`).
+    later: Arc<OnceLock<Box<dyn Collector>>>,
 }
 
 /// Computes `balancer_endpoints` at each scrape.
@@ -271,6 +272,24 @@ impl Collector for BalancerCollector {
             ConstGauge::new(gauge.count).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+/// The collector given to [`Metrics::register`], once it is.
+struct Later(Arc<OnceLock<Box<dyn Collector>>>);
+
+impl fmt::Debug for Later {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Later")
+    }
+}
+
+impl Collector for Later {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        match self.0.get() {
+            Some(collector) => collector.encode(encoder),
+            None => Ok(()),
+        }
     }
 }
 
@@ -370,8 +389,8 @@ impl Metrics {
         // `tcp_write_bytes`: see `ConnFamilies`.
         registry.register_collector(Box::new(ConnFamilies(conns.clone())));
         registry.register_collector(Box::new(process::ProcessCollector));
-        let http = crate::http::HttpMetrics::new(retain_idle);
-        registry.register_collector(http.collector());
+        let later = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(Later(later.clone())));
         // prometheus-client appends `_total` to counters: `tcp_refused` is exposed as
         // `tcp_refused_total`.
         registry.register(
@@ -403,13 +422,14 @@ impl Metrics {
             handshake_failures,
             discovery_updates,
             balancer_endpoints,
-            http,
+            later,
         }
     }
 
-    /// The HTTP request families.
-    pub fn http(&self) -> &crate::http::HttpMetrics {
-        &self.http
+    /// Registers the families of `collector` (the HTTP ones), encoded at each scrape
+    /// with the rest; only the first call counts (one forwarder per proxy).
+    pub fn register(&self, collector: Box<dyn Collector>) {
+        let _ = self.later.set(collector);
     }
 
     /// Every metric in the Prometheus text format (version 0.0.4), after dropping the

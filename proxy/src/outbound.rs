@@ -52,11 +52,13 @@ pub(crate) async fn mtls(
         None,
     ));
     let peer = SocketAddr::new(target.ip(), mesh.peer_inbound_port);
-    let tcp = connect(peer).await.map_err(|error| HopError::Connect {
-        what: "peer proxy",
-        addr: peer,
-        error,
-    })?;
+    let tcp = connect(peer, fwd.connect_timeout)
+        .await
+        .map_err(|error| HopError::Connect {
+            what: "peer proxy",
+            addr: peer,
+            error,
+        })?;
     over(fwd, mesh, client, tcp, target, classified, &server_id, conn).await
 }
 

@@ -72,8 +72,6 @@ pub(crate) type Outcome = Result<Totals, HopError>;
 /// error, so the closest errno names it.
 const ERRNO_HANDSHAKE: &str = "EPROTO";
 const ERRNO_TIMEOUT: &str = "ETIMEDOUT";
-/// The `errno` label of an HTTP connection that failed in HTTP, not in I/O.
-const ERRNO_PROTOCOL: &str = "EPROTO";
 
 /// Why a connection stopped before copying to its end. Each variant says what it
 /// counts (see [`record`]); the message is the log line.
@@ -128,13 +126,14 @@ pub(crate) enum HopError {
         backend: String,
         last_error: Option<String>,
     },
-    /// An HTTP connection (served request by request) failed: an I/O error, or an HTTP
-    /// one (a request that does not parse, a header read timeout, ...).
-    #[error("HTTP connection failed: {0}")]
-    Http(hyper::Error),
     /// The copy loop failed after the connection was established.
     #[error("connection failed: {0}")]
     Copy(#[from] DuplexError),
+    /// An HTTP client connection failed (reset, header read timeout, a later request
+    /// that does not parse, ...). Errors of single requests are answered and counted
+    /// by `http`, not here.
+    #[error("HTTP connection failed: {0}")]
+    Http(#[from] hyper::Error),
     /// A mesh hop was decided without an identity configured: unreachable, since both
     /// decisions (`route`, `hop`) only pick mesh hops with one.
     #[error("mTLS hop without an identity configured")]
@@ -173,9 +172,10 @@ impl HopError {
         match self {
             HopError::Connect { error, .. } => errno_name(error),
             HopError::Copy(error) => errno_name(&error.source),
+            // An I/O error's errno, else a protocol error.
             HopError::Http(error) => std::error::Error::source(error)
                 .and_then(|source| source.downcast_ref::<io::Error>())
-                .map_or_else(|| ERRNO_PROTOCOL.to_string(), errno_name),
+                .map_or_else(|| ERRNO_HANDSHAKE.to_string(), errno_name),
             HopError::PeerHandshake {
                 reason: HandshakeFailure::Timeout,
                 ..

@@ -456,3 +456,390 @@ async fn header_case_and_end_to_end_headers_pass_and_hop_by_hop_ones_do_not() {
     // Nothing added: the server sent no `Date`, so the client gets none.
     assert!(!lower.contains("\r\ndate:"), "{response}");
 }
+
+#[tokio::test]
+async fn a_request_that_does_not_parse_is_a_400_with_the_cause() {
+    let (target, accepted) = server(false, |_req| async { Response::new(full("")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    // A request line detection accepts, then a header line without a colon.
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: bad.test\r\nNo colon here\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut response))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{response}"
+    );
+    assert!(
+        response.contains("\r\nmeshproxy-error: bad request\r\n"),
+        "{response}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was forwarded");
+    let m = proxy.metrics().await;
+    let labels = outbound(target, "");
+    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
+    assert_eq!(
+        value(
+            &m,
+            &format!(r#"response_total{{{labels},status_code="400",classification="failure"}}"#)
+        ),
+        1.0
+    );
+}
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+/// to it hangs until the connector gives up. The streams keep the queue full.
+fn unresponsive_listener() -> (SocketAddr, socket2::Socket, Vec<std::net::TcpStream>) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut filling = Vec::new();
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(stream) => filling.push(stream),
+            Err(_) => return (addr, socket, filling),
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
+#[tokio::test]
+async fn a_connect_timeout_is_a_504_with_the_cause() {
+    let (target, _listener, _filling) = unresponsive_listener();
+    let proxy = proxy_to(target, |a| a.connect_timeout = Some("300ms".into())).await;
+    let mut client = h1_client(proxy.outbound()).await;
+    let started = std::time::Instant::now();
+    let request = Request::get("/")
+        .header("host", "slow.test")
+        .body(full(""))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(response.headers()["meshproxy-error"], "connect timeout");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    let m = proxy.metrics().await;
+    let labels = outbound(target, "slow.test");
+    assert_eq!(
+        value(
+            &m,
+            &format!(r#"response_total{{{labels},status_code="504",classification="failure"}}"#)
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn expect_100_continue_gets_its_100_before_the_body_is_sent() {
+    let (target, _) = server(false, |req: Request<Incoming>| async move {
+        assert_eq!(req.headers()["expect"], "100-continue");
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(full(format!("got {}", body.len())))
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: c.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let interim = read_until(&mut client, b"\r\n\r\n").await;
+    assert_eq!(interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    client.write_all(b"hello").await.unwrap();
+    let response = String::from_utf8(read_until(&mut client, b"got 5").await).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+}
+
+#[tokio::test]
+async fn http_1_0_stays_1_0_and_the_connection_closes_after_the_response() {
+    let (target, mut heads) = raw_server(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(b"GET /old HTTP/1.0\r\nHost: old.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut response))
+        .await
+        .expect("closed after the response")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    assert!(response.ends_with("\r\n\r\nok"), "{response}");
+    assert!(response.starts_with("HTTP/1."), "{response}");
+    let head = String::from_utf8(heads.recv().await.unwrap()).unwrap();
+    assert!(head.starts_with("GET /old HTTP/1.0\r\n"), "{head}");
+    assert!(head.contains("\r\nHost: old.test\r\n"), "{head}");
+}
+
+#[tokio::test]
+async fn a_servers_connection_close_closes_the_clients_connection() {
+    let (target, _) =
+        raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: close.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut response))
+        .await
+        .expect("closed after the response")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    assert!(response.contains("\r\nConnection: close\r\n"), "{response}");
+    assert!(response.ends_with("\r\n\r\nok"), "{response}");
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let (target, _) = server(false, |req: Request<Incoming>| async move {
+        Response::new(full(format!("[{}]", req.uri().path())))
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    let mut requests = Vec::new();
+    for n in 0..3 {
+        requests.extend_from_slice(format!("GET /{n} HTTP/1.1\r\nHost: p.test\r\n\r\n").as_bytes());
+    }
+    client.write_all(&requests).await.unwrap();
+    let responses = String::from_utf8(read_until(&mut client, b"[/2]").await).unwrap();
+    let order: Vec<usize> = ["[/0]", "[/1]", "[/2]"]
+        .iter()
+        .map(|p| {
+            responses
+                .find(p)
+                .unwrap_or_else(|| panic!("{p} missing: {responses}"))
+        })
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{responses}");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        value(
+            &m,
+            &format!("request_total{{{}}}", outbound(target, "p.test"))
+        ),
+        3.0
+    );
+}
+
+/// 128 MiB chunked upload to a server that does not read for a while: the client can
+/// only get a bounded part of it into the proxy (socket buffers and hyper's), then the
+/// whole of it arrives, byte for byte.
+#[tokio::test]
+async fn a_chunked_upload_streams_with_backpressure() {
+    const TOTAL: usize = 128 << 20;
+    const CHUNK: usize = 64 << 10;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (target, _) = server(false, {
+        let release = release.clone();
+        move |req: Request<Incoming>| {
+            let release = release.clone();
+            async move {
+                assert!(req.headers().get("content-length").is_none());
+                release.notified().await;
+                let mut body = req.into_body();
+                let (mut len, mut sum) = (0usize, 0u64);
+                while let Some(frame) = body.frame().await {
+                    if let Ok(data) = frame.unwrap().into_data() {
+                        len += data.len();
+                        sum = data
+                            .iter()
+                            .fold(sum, |s, b| s.wrapping_mul(31).wrapping_add(u64::from(*b)));
+                    }
+                }
+                Response::new(full(format!("{len} {sum}")))
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let produced = Arc::new(AtomicUsize::new(0));
+    let chunks = {
+        let produced = produced.clone();
+        futures_util::stream::iter((0..TOTAL / CHUNK).map(move |n| {
+            produced.fetch_add(CHUNK, Ordering::SeqCst);
+            let chunk: Vec<u8> = (0..CHUNK).map(|i| ((n * 7 + i) % 251) as u8).collect();
+            Ok::<_, BoxError>(Frame::data(Bytes::from(chunk)))
+        }))
+    };
+    let mut client = h1_client(proxy.outbound()).await;
+    let request = Request::post("/upload")
+        .header("host", "up.test")
+        .body(StreamBody::new(chunks).boxed())
+        .unwrap();
+    let sending = tokio::spawn(async move {
+        let response = client.send_request(request).await.unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stalled_at = produced.load(Ordering::SeqCst);
+    assert!(
+        stalled_at < 48 << 20,
+        "{stalled_at} bytes taken while the server read nothing: the body is buffered"
+    );
+    release.notify_one();
+    let answer = sending.await.unwrap();
+    let expected_sum = (0..TOTAL / CHUNK)
+        .flat_map(|n| (0..CHUNK).map(move |i| ((n * 7 + i) % 251) as u8))
+        .fold(0u64, |s, b| s.wrapping_mul(31).wrapping_add(u64::from(b)));
+    assert_eq!(answer, format!("{TOTAL} {expected_sum}"));
+}
+
+/// The same the other way: a 128 MiB response to a client that does not read.
+#[tokio::test]
+async fn a_large_response_streams_with_backpressure() {
+    const TOTAL: usize = 128 << 20;
+    const CHUNK: usize = 64 << 10;
+    let produced = Arc::new(AtomicUsize::new(0));
+    let (target, _) = server(false, {
+        let produced = produced.clone();
+        move |_req| {
+            let produced = produced.clone();
+            async move {
+                let chunks = futures_util::stream::iter((0..TOTAL / CHUNK).map(move |_| {
+                    produced.fetch_add(CHUNK, Ordering::SeqCst);
+                    Ok::<_, BoxError>(Frame::data(Bytes::from(vec![7u8; CHUNK])))
+                }));
+                Response::new(StreamBody::new(chunks).boxed())
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h1_client(proxy.outbound()).await;
+    let request = Request::get("/download")
+        .header("host", "down.test")
+        .body(full(""))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stalled_at = produced.load(Ordering::SeqCst);
+    assert!(
+        stalled_at < 48 << 20,
+        "{stalled_at} bytes produced while the client read nothing: the body is buffered"
+    );
+    let mut body = response.into_body();
+    let mut len = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            assert!(data.iter().all(|b| *b == 7));
+            len += data.len();
+        }
+    }
+    assert_eq!(len, TOTAL);
+}
+
+/// An upstream handler that accepts upgrades (101) and `CONNECT` (200), then echoes.
+async fn upgrading_handler(mut req: Request<Incoming>) -> Response<ServerBody> {
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let upgraded = upgrade.await.unwrap();
+        let mut io = TokioIo::new(upgraded);
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = io.read(&mut buf).await.unwrap_or(0);
+            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    if req.method() == http::Method::CONNECT {
+        return Response::new(full(""));
+    }
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("Upgrade", "websocket")
+        .header("Connection", "Upgrade")
+        .header("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        .body(full(""))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_echoes_and_is_one_request() {
+    let (target, _) = server(false, upgrading_handler).await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = String::from_utf8(read_until(&mut client, b"\r\n\r\n").await).unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{head}"
+    );
+    // (hyper's server in the test writes header names in lower case.)
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+        "{head}"
+    );
+    for message in [&b"\x81\x05hello"[..], b"opaque bytes, both ways"] {
+        client.write_all(message).await.unwrap();
+        let mut echoed = vec![0; message.len()];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+    let m = proxy.metrics().await;
+    let labels = outbound(target, "ws.test");
+    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
+    assert_eq!(
+        value(
+            &m,
+            &format!(r#"response_total{{{labels},status_code="101",classification="success"}}"#)
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_connect_tunnel_carries_opaque_bytes() {
+    let (target, _) = server(false, upgrading_handler).await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(b"CONNECT tunnel.test:443 HTTP/1.1\r\nHost: tunnel.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    let head = String::from_utf8(read_until(&mut client, b"\r\n\r\n").await).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    client
+        .write_all(b"\x16\x03\x01 tls-ish bytes")
+        .await
+        .unwrap();
+    let mut echoed = [0u8; 17];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"\x16\x03\x01 tls-ish bytes");
+    let m = proxy.metrics().await;
+    let labels = outbound(target, "tunnel.test:443");
+    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
+}

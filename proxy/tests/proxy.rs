@@ -574,3 +574,38 @@ async fn process_metrics_describe_the_process() {
     promtool_check(&m).unwrap();
     proxy.stop().await;
 }
+
+/// `--connect-timeout` bounds the connect of an opaque (TCP) connection too: a
+/// destination that drops SYNs closes the client after it, counted as `ETIMEDOUT`,
+/// instead of holding it for the kernel's two minutes.
+#[tokio::test]
+async fn a_tcp_connect_gives_up_after_the_connect_timeout() {
+    // A listener whose accept queue is full: the kernel drops further SYNs.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let target = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut filling = Vec::new();
+    while let Ok(stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200))
+    {
+        filling.push(stream);
+        assert!(
+            filling.len() < 16,
+            "the accept queue of {target} never filled"
+        );
+    }
+    let proxy = start(args(|a| a.connect_timeout = Some("300ms".into())), target).await;
+    let started = std::time::Instant::now();
+    let closed = exchange(proxy.outbound(), b"\0opaque bytes").await;
+    assert!(closed.is_empty());
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    let l = labels("outbound", target, "opaque").replace("}", ",errno=\"ETIMEDOUT\"}");
+    wait_for_sample(proxy.addrs.admin, &format!("tcp_close_total{l}"), 1.0).await;
+    proxy.stop().await;
+}

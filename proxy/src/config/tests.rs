@@ -91,6 +91,30 @@ fn durations_accept_the_documented_forms() {
 }
 
 #[test]
+fn connect_timeout_defaults_to_a_second_and_comes_from_every_source() {
+    assert_eq!(
+        config(ProxyArgs::default(), &[], None).connect_timeout,
+        Duration::from_secs(1)
+    );
+    let args = ProxyArgs {
+        connect_timeout: Some("300ms".into()),
+        ..ProxyArgs::default()
+    };
+    assert_eq!(
+        config(args, &[], None).connect_timeout,
+        Duration::from_millis(300)
+    );
+    let c = config(
+        ProxyArgs::default(),
+        &[("MESHPROXY_CONNECT_TIMEOUT", "2s")],
+        None,
+    );
+    assert_eq!(c.connect_timeout, Duration::from_secs(2));
+    let c = config(ProxyArgs::default(), &[], Some("connect_timeout = \"5s\""));
+    assert_eq!(c.connect_timeout, Duration::from_secs(5));
+}
+
+#[test]
 fn handshake_timeout_and_proxy_uid_come_from_every_source() {
     let args = ProxyArgs {
         handshake_timeout: Some("3s".into()),
@@ -116,10 +140,11 @@ fn handshake_timeout_and_proxy_uid_come_from_every_source() {
 #[test]
 fn durations_out_of_range_are_errors_naming_value_and_source() {
     type Set = fn(&mut ProxyArgs, String);
-    let settings: [(&str, Set); 3] = [
+    let settings: [(&str, Set); 4] = [
         ("detect-timeout", |a, v| a.detect_timeout = Some(v)),
         ("shutdown-grace", |a, v| a.shutdown_grace = Some(v)),
         ("handshake-timeout", |a, v| a.handshake_timeout = Some(v)),
+        ("connect-timeout", |a, v| a.connect_timeout = Some(v)),
     ];
     for (flag, set) in settings {
         for bad in [

@@ -12,6 +12,7 @@
 //! | the destination answered something that is not HTTP | 502 | `upstream protocol error` |
 //! | every backend of the `--discovery` service has weight 0 | 503 | `no backend` |
 //! | the client's request does not parse | 400 | `bad request` |
+//! | the client's request head is larger than 64 KiB | 431 | `request header too large` |
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,6 +20,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
+
+use super::head::BadHead;
 
 /// The response header that marks a response as the proxy's own.
 pub const HEADER: &str = "meshproxy-error";
@@ -44,6 +47,8 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("the client's request does not parse: {0}")]
+    BadRequest(BadHead),
     /// A balanced service (`--discovery`) whose backends all have weight 0.
     #[error("every backend of service {service} has weight 0")]
     NoBackend { service: std::sync::Arc<str> },
@@ -75,6 +80,10 @@ impl ProxyError {
         match self {
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadRequest(BadHead::TooLarge) => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            ProxyError::BadRequest(BadHead::Malformed(_)) => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -88,6 +97,8 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } => "connect timeout",
             ProxyError::UpstreamClosed { .. } => "upstream closed",
             ProxyError::UpstreamProtocol { .. } => "upstream protocol error",
+            ProxyError::BadRequest(BadHead::TooLarge) => "request header too large",
+            ProxyError::BadRequest(BadHead::Malformed(_)) => "bad request",
             ProxyError::NoBackend { .. } => "no backend",
         }
     }
@@ -105,6 +116,21 @@ impl ProxyError {
         );
         response
     }
+}
+
+/// [`ProxyError::response`] as HTTP/1.1 bytes, for a client whose request hyper never
+/// parsed; the connection is closed after it.
+pub fn http1_bytes(error: &ProxyError) -> Vec<u8> {
+    let status = error.status();
+    let body = format!("{}\n", error.cause());
+    format!(
+        "HTTP/1.1 {} {}\r\n{HEADER}: {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        error.cause(),
+        body.len(),
+    )
+    .into_bytes()
 }
 
 #[cfg(test)]

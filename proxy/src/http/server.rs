@@ -26,19 +26,21 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::body::{Recorder, ResponseBody};
-use super::errors::ProxyError;
+use super::errors::{self, ProxyError};
+use super::head::{self, BadHead, Head};
 use super::headers::{self, Upgrade};
-use super::metrics::{RequestLabels, Series};
+use super::metrics::{RequestLabels, ResponseLabels, Series};
 use super::upstream::pool::Key;
 use super::upstream::Observe;
 use super::{Client, HttpProxy, Version};
-use crate::duplex::Counters;
+use crate::metrics::Counters;
+use crate::prefixed::Prefixed;
 use crate::route::Direction;
 
 /// How long an HTTP/1 client may take to send a request head, counted from the end
@@ -70,19 +72,30 @@ where
         series: Mutex::new(None),
         tunnels: tunnels_tx,
     });
-    let service = service_fn(move |request| {
+    let service = service_fn({
         let cx = cx.clone();
-        async move { Ok::<_, Infallible>(cx.proxy(request).await) }
+        move |request| {
+            let cx = cx.clone();
+            async move { Ok::<_, Infallible>(cx.proxy(request).await) }
+        }
     });
-    let io = TokioIo::new(Counted { io, counters });
+    let mut io = Counted { io, counters };
     match version {
         Version::Http1 => {
+            let started = Instant::now();
+            let io = match head::read(&mut io, Vec::new(), HEADER_READ_TIMEOUT).await {
+                Head::Valid(bytes) => TokioIo::new(Prefixed::new(bytes, io)),
+                Head::Bad(bad) => return answer_bad_head(&cx, io, bad, started).await,
+                // Gone before a full head: hyper would find nothing to answer either.
+                Head::Gone => return Ok(()),
+            };
             let connection = http1::Builder::new()
                 .preserve_header_case(true)
                 // Nothing is added to responses: the destination's `Date`, or none.
                 .auto_date_header(false)
                 .half_close(true)
-                .pipeline_flush(true)
+                // Not `pipeline_flush`: it lifts the bound on hyper's write buffer, so
+                // a response to a client that does not read would be buffered whole.
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_buf_size(MAX_HEAD)
@@ -91,6 +104,7 @@ where
             drive(connection, tunnels_rx).await
         }
         Version::Http2 => {
+            let io = TokioIo::new(io);
             let connection = http2::Builder::new(TokioExecutor::new())
                 .auto_date_header(false)
                 .timer(TokioTimer::new())
@@ -100,6 +114,37 @@ where
             drive(connection, tunnels_rx).await
         }
     }
+}
+
+/// Answers a first request head that does not parse with the proxy's own 400 (or
+/// 431), counted as a request and a failed response, and closes.
+async fn answer_bad_head<I>(
+    cx: &ConnCx,
+    mut io: I,
+    bad: BadHead,
+    started: Instant,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncWrite + Unpin,
+{
+    let error = ProxyError::BadRequest(bad);
+    cx.proxy.log_error(cx.client.direction, &error);
+    // Outbound series always carry `authority`: empty, since nothing parsed.
+    let authority = (cx.client.direction == Direction::Outbound).then_some("");
+    let series = cx.series(authority, None);
+    cx.proxy.metrics.request(&series);
+    // Best effort: a client that sent garbage may well be gone already.
+    let _ = io.write_all(&errors::http1_bytes(&error)).await;
+    let _ = io.shutdown().await;
+    let response = ResponseLabels {
+        status: error.status().as_u16(),
+        grpc_status: None,
+        failure: true,
+    };
+    cx.proxy
+        .metrics
+        .response(&series, response, started.elapsed());
+    Ok(())
 }
 
 /// Runs the connection and the tunnels its requests open, until all are done.

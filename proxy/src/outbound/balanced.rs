@@ -18,7 +18,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -27,20 +26,16 @@ use tracing::{debug, info};
 use crate::balance::{Load, Rng, Service, ServiceProtocol};
 use crate::connect::connect;
 use crate::detect::Protocol;
-use crate::duplex::duplex_tcp;
+use crate::duplex::{duplex_tcp, Totals};
 use crate::forward::Forwarder;
 use crate::http::{self, Balanced};
 use crate::metrics::{errno_name, ConnMetrics};
 use crate::outcome::{HopError, Outcome};
+use crate::prefixed::Prefixed;
 use crate::route::Direction;
 
 /// How many endpoints one connection tries before giving up.
 pub(crate) const MAX_CONNECT_ATTEMPTS: usize = 3;
-
-/// How long one connect attempt may take before the next endpoint is tried (Linkerd's
-/// outbound connect timeout). Without it an endpoint that drops SYNs would hold the
-/// client for the kernel's two minutes of SYN retries.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Forwards `client`, which dialled `original`, to an endpoint of `service`.
 pub(crate) async fn forward(
@@ -85,7 +80,10 @@ pub(crate) async fn forward(
             }),
             peer_id: None,
         };
-        return fwd.serve_http(client, classified, routed, conn).await;
+        let client = Prefixed::new(classified.prefix, client);
+        fwd.http.serve(client, routed, conn.counters()).await?;
+        // The bytes are in the connection's counters; HTTP has no copy totals.
+        return Ok(Totals::default());
     }
     let mut rng = Rng::thread();
     let mut attempts = service.attempts(Load::Connections);
@@ -107,8 +105,10 @@ pub(crate) async fn forward(
             ),
             _ => (endpoint.addr, None),
         };
-        let error = match tokio::time::timeout(CONNECT_TIMEOUT, connect(dial)).await {
-            Ok(Ok(tcp)) => {
+        // Each attempt is bounded by `--connect-timeout` (see `connect`), after which
+        // the next endpoint is tried.
+        let error = match connect(dial, fwd.connect_timeout).await {
+            Ok(tcp) => {
                 endpoint.state.succeeded();
                 let peer_id = endpoint.identity.as_deref().filter(|_| mesh.is_some());
                 let conn = conn.insert(fwd.open(
@@ -130,8 +130,7 @@ pub(crate) async fn forward(
                 drop(open);
                 return outcome;
             }
-            Ok(Err(error)) => errno_name(&error),
-            Err(_elapsed) => "ETIMEDOUT".to_string(),
+            Err(error) => errno_name(&error),
         };
         let set_aside = endpoint.state.failed(Instant::now());
         info!(%original, endpoint = %dial, error, set_aside, "cannot connect to an endpoint, trying another");

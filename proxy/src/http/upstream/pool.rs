@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::{Endpoint, Transport};
+use crate::connect::connect_from;
 use crate::http::errors::ProxyError;
 use crate::http::Version;
 
@@ -265,15 +266,16 @@ impl Pool {
         match endpoint.transport {
             Transport::Plain => {
                 let from = endpoint.source.map(|ip| std::net::SocketAddr::new(ip, 0));
-                let connecting = crate::connect::connect_from(addr, from);
-                match tokio::time::timeout(self.connect_timeout, connecting).await {
-                    Ok(Ok(stream)) => Ok(stream),
-                    Ok(Err(error)) => Err(ProxyError::connect(addr, error)),
-                    Err(_) => Err(ProxyError::ConnectTimeout {
-                        addr,
-                        timeout: self.connect_timeout,
-                    }),
-                }
+                connect_from(addr, from, self.connect_timeout)
+                    .await
+                    .map_err(|error| match error.raw_os_error() {
+                        // `connect` times out with the kernel's own errno for it.
+                        Some(nix::libc::ETIMEDOUT) => ProxyError::ConnectTimeout {
+                            addr,
+                            timeout: self.connect_timeout,
+                        },
+                        _ => ProxyError::connect(addr, error),
+                    })
             }
         }
     }
