@@ -400,6 +400,20 @@ impl Backend {
         rng: &mut Rng,
         load: Load,
     ) -> Option<&Endpoint> {
+        let cost = |e: &Endpoint| match load {
+            Load::Connections => e.state.open() as f64,
+            Load::Latency => e.state.latency.cost(now),
+        };
+        // The common case without a scan (per request, over many endpoints): nothing
+        // tried yet, and the two drawn are both ready. Conditioned on that, the pair is
+        // uniform over the ready pairs, exactly as drawn below after the scan.
+        if tried.is_empty() && self.endpoints.len() >= 2 {
+            let drawn = p2c::draw(self.endpoints.len(), rng);
+            let (a, b) = (&self.endpoints[drawn.0], &self.endpoints[drawn.1]);
+            if a.state.is_ready(now) && b.state.is_ready(now) {
+                return Some(if cost(b) < cost(a) { b } else { a });
+            }
+        }
         let untried = || self.endpoints.iter().filter(|e| !tried.contains(&e.addr));
         let ready: Vec<&Endpoint> = untried().filter(|e| e.state.is_ready(now)).collect();
         let candidates = if ready.is_empty() {
@@ -407,10 +421,7 @@ impl Backend {
         } else {
             ready
         };
-        p2c::pick(&candidates, rng, |e| match load {
-            Load::Connections => e.state.open() as f64,
-            Load::Latency => e.state.latency.cost(now),
-        })
+        p2c::pick(&candidates, rng, |e| cost(e))
     }
 }
 

@@ -119,7 +119,7 @@ def down():
 
 def rate(to, seconds):
     out = sh(*in_ns(POD, "h2load", "--h1", "-c", "16", "-t", "1", "-m", "1",
-                    "-D", str(seconds), f"http://{to}/"))
+                    "-D", str(max(1, round(seconds))), f"http://{to}/"))
     check_all_ok(out)
     for line in out.splitlines():
         if line.startswith("finished in"):
@@ -131,7 +131,7 @@ def rate(to, seconds):
 def latency(to, seconds, tmp):
     log_file = os.path.join(tmp, "h2load.log")
     out = sh(*in_ns(POD, "h2load", "--h1", "-c", "1", "-t", "1", "-m", "1",
-                    "-D", str(seconds), f"--log-file={log_file}", f"http://{to}/"))
+                    "-D", str(max(1, round(seconds))), f"--log-file={log_file}", f"http://{to}/"))
     check_all_ok(out)
     # One line per request: start (µs since start), status, time to the response (µs).
     times = []

@@ -17,14 +17,20 @@ pub fn pick<'a, T>(
         [] => None,
         [only] => Some(*only),
         _ => {
-            let n = candidates.len() as u64;
-            let a = rng.below(n);
-            // A second index distinct from the first.
-            let b = (a + 1 + rng.below(n - 1)) % n;
-            let (a, b) = (candidates[a as usize], candidates[b as usize]);
+            let (a, b) = draw(candidates.len(), rng);
+            let (a, b) = (candidates[a], candidates[b]);
             Some(if cost(b) < cost(a) { b } else { a })
         }
     }
+}
+
+/// Two distinct indices below `n` (at least 2), uniformly among the ordered pairs.
+pub fn draw(n: usize, rng: &mut Rng) -> (usize, usize) {
+    let n = n as u64;
+    let a = rng.below(n);
+    // A second index distinct from the first.
+    let b = (a + 1 + rng.below(n - 1)) % n;
+    (a as usize, b as usize)
 }
 
 #[cfg(test)]
