@@ -301,6 +301,18 @@ if grep -q 'tls="true",client_id="a.demo.mesh.local"' "$WORK/metrics-b.mid"; the
 else
   say "no mTLS hop in B's metrics: the mesh is not working"; exit 1
 fi
+http_lines() { # http_lines DIRECTION FILE: the request-level counters of HTTP traffic
+  grep -E '^(request_total|response_total)\{' "$2" | grep "direction=\"$1\"" | sort | show || true
+}
+say "each HTTP request is counted as well (request_total, response_total: Linkerd's names):"
+say "pod A outbound:"
+if grep -q '^request_total{direction="outbound"' "$WORK/metrics-a.mid"; then
+  http_lines outbound "$WORK/metrics-a.mid"
+else
+  say "(none: the mTLS hop between the pods still carries HTTP as opaque bytes, counted by tcp_*)"
+fi
+say "pod B inbound (the unmeshed namespace's request reached B in plaintext):"
+http_lines inbound "$WORK/metrics-b.mid"
 
 greeting_ms() { # time until the banner service's greeting arrives, from pod A
   in_ns a python3 - "$1" <<'PY'

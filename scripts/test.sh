@@ -17,8 +17,11 @@ fi
 # HAProxy / stunnel / iperf3 for the benchmark peers; PostgreSQL for the tproxy
 # test that reads inet_client_addr(); podman, runc, catatonit (podman's pause
 # process), mmdebstrap and busybox-static for the image test
-# (scripts/image-test.sh), python3-venv for kubernetes-validate.
-packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl nghttp2-server nghttp2-client tcpdump openssl containernetworking-plugins postgresql podman runc catatonit mmdebstrap busybox-static python3-venv)
+# (scripts/image-test.sh), python3-venv for kubernetes-validate and the HTTP
+# tests' grpcio and websockets; nginx, nghttp2-server (nghttpd) and
+# nghttp2-client (nghttp, h2load) as real HTTP/1 and HTTP/2 servers and clients
+# for the HTTP netns tests (netns-tests/tests/http.rs).
+packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl tcpdump openssl containernetworking-plugins postgresql podman runc catatonit mmdebstrap busybox-static python3-venv nginx nghttp2-server nghttp2-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -35,6 +38,14 @@ if [ ! -x target/kubernetes-validate/bin/kubernetes-validate ]; then
   echo "==> installing kubernetes-validate into target/kubernetes-validate"
   python3 -m venv target/kubernetes-validate
   target/kubernetes-validate/bin/pip install -q kubernetes-validate==1.37.0
+fi
+
+# grpcio and websockets (PyPI) for the HTTP netns tests' gRPC and WebSocket
+# servers and clients (netns-tests/apps/*.py, run by netns-tests/tests/http.rs).
+if ! target/http-venv/bin/python3 -c 'import grpc, websockets' 2>/dev/null; then
+  echo "==> installing grpcio and websockets into target/http-venv"
+  python3 -m venv target/http-venv
+  target/http-venv/bin/pip install -q grpcio==1.85.3 websockets==17.4
 fi
 
 echo "==> building"

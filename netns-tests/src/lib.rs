@@ -19,6 +19,10 @@
 //! - `backend`: [`Backend`], meshinit's three backends ([`for_each_backend!`] runs a test
 //!   once per backend), and reading back what each holds ([`Netns::firewall`]).
 //! - `transfer`: bulk sends and receives hashed with SHA-256 ([`transfer::Pattern`]).
+//! - `apps`: real HTTP servers and clients for the HTTP tests: Debian's nginx, nghttpd, curl and
+//!   h2load, and the Python programs of `apps/` (grpcio, websockets) from the test venv.
+//! - `http`: the set-up of the HTTP tests: both pods meshed in plaintext, waiting for a
+//!   metric at a proxy, nginx with the tests' sites, helpers for curl, files and promtool.
 //! - `fault`: [`fault::FaultyTools`], failing or killed stand-ins for nft/iptables tools.
 //! - `bins`: where the binaries under test are (`meshinit`, `meshproxy`, `netns-probe`) and
 //!   running `meshinit` in a namespace.
@@ -33,10 +37,12 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+pub mod apps;
 mod backend;
 mod bins;
 pub mod cni;
 pub mod fault;
+pub mod http;
 pub mod mesh;
 mod netns;
 mod nft;

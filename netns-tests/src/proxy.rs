@@ -237,7 +237,8 @@ impl Metrics {
                     .all(|(k, v)| sample_labels.iter().any(|(sk, sv)| sk == k && sv == v))
             })
             .map(|(_, value)| value)
-            .sum()
+            // An empty f64 sum is -0, which a failure message would print as "-0".
+            .fold(0.0, |sum, value| sum + value)
     }
 
     /// Every sample of metric `name`: its labels and its value.

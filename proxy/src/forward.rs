@@ -149,6 +149,12 @@ impl Forwarder {
         })
     }
 
+    /// The proxy shuts down: HTTP connections close once their requests in flight are
+    /// answered (opaque ones are copied until they end, or the grace period does).
+    pub(crate) fn drain(&self) {
+        self.http.drain();
+    }
+
     /// Tells the forwarder where the proxy listens, once bound.
     pub(crate) fn set_listeners(&mut self, listeners: Listeners) {
         self.listeners = listeners;
@@ -358,7 +364,7 @@ impl Forwarder {
             source: from.map(|from| from.ip()),
             ..Endpoint::plain(target)
         });
-        let routed = http::Client {
+        let routed = http::ClientConn {
             direction,
             target,
             version,

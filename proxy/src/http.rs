@@ -58,10 +58,15 @@ pub struct HttpProxy {
     pool: Arc<Pool>,
     metrics: HttpMetrics,
     errors: Arc<ErrorLog>,
+    /// Set when the proxy shuts down: connections finish their requests in flight,
+    /// then close (HTTP/1 after the current response, HTTP/2 with a GOAWAY), instead
+    /// of holding the drain for the whole grace period while idle.
+    draining: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-/// One client connection, as routed.
-pub struct Client {
+/// One client connection, as routed: what its requests are labelled with and where
+/// they go.
+pub struct ClientConn {
     pub direction: Direction,
     /// The original destination (`target_addr`).
     pub target: SocketAddr,
@@ -79,7 +84,13 @@ impl HttpProxy {
             pool: Pool::new(connect_timeout),
             metrics,
             errors: Arc::new(ErrorLog::default()),
+            draining: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Asks every connection to close once its requests in flight are answered.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
     }
 
     /// Serves the client connection `io` until it closes: each request is proxied
@@ -88,7 +99,7 @@ impl HttpProxy {
     pub async fn serve<I>(
         &self,
         io: I,
-        client: Client,
+        client: ClientConn,
         counters: &Counters,
     ) -> Result<(), hyper::Error>
     where
@@ -136,5 +147,24 @@ impl ErrorLog {
         }
         *last = Some(now);
         Some(std::mem::take(suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn error_lines_are_limited_to_one_a_second_with_the_count_of_the_rest() {
+        let log = ErrorLog::default();
+        assert_eq!(log.check(Instant::now()), Some(0));
+        for _ in 0..99 {
+            assert_eq!(log.check(Instant::now()), None);
+        }
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(log.check(Instant::now()), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(log.check(Instant::now()), Some(100));
+        assert_eq!(log.check(Instant::now()), None);
     }
 }

@@ -42,6 +42,9 @@
 //! original destination that is not an address of the pod) and `self_loop` (an original
 //! destination that is one of the proxy's own listeners).
 //!
+//! The HTTP families (`request_total`, `response_total`, `response_latency_seconds`)
+//! belong to `http::metrics`, which registers them here with [`Metrics::register`].
+//!
 //! The standard process metrics (`process_cpu_seconds_total`, `process_open_fds`, ...):
 //! see `metrics/process`.
 //!

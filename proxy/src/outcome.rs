@@ -172,7 +172,8 @@ impl HopError {
         match self {
             HopError::Connect { error, .. } => errno_name(error),
             HopError::Copy(error) => errno_name(&error.source),
-            // An I/O error's errno, else a protocol error.
+            // A header read timeout, an I/O error's errno, else a protocol error.
+            HopError::Http(error) if error.is_timeout() => ERRNO_TIMEOUT.to_string(),
             HopError::Http(error) => std::error::Error::source(error)
                 .and_then(|source| source.downcast_ref::<io::Error>())
                 .map_or_else(|| ERRNO_HANDSHAKE.to_string(), errno_name),

@@ -223,6 +223,7 @@ impl Proxy {
         );
         ready.store(false, Ordering::Release);
         let _ = stop_accepting.send(true);
+        shared.forwarder.drain();
         // The loops drop their listeners: from here the kernel refuses new connections.
         while accept_loops.join_next().await.is_some() {}
 

@@ -843,3 +843,305 @@ async fn a_connect_tunnel_carries_opaque_bytes() {
     let labels = outbound(target, "tunnel.test:443");
     assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
 }
+
+/// A response whose body the destination cuts short is a failure, whatever its status.
+#[tokio::test]
+async fn a_body_cut_short_is_a_failure() {
+    let (target, _) = raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello").await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h1_client(proxy.outbound()).await;
+    let request = Request::get("/")
+        .header("host", "cut.test")
+        .body(full(""))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.into_body().collect().await.is_err(),
+        "the client sees the body end in an error, not a clean end"
+    );
+    let labels = outbound(target, "cut.test");
+    let series =
+        format!(r#"response_total{{{labels},status_code="200",classification="failure"}}"#);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(&proxy.metrics().await, &series) != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// HTTP/2 `CONNECT` (a tunnel over one stream of a multiplexed connection): opaque
+/// bytes both ways, while the connection keeps serving other streams.
+#[tokio::test]
+async fn an_http2_connect_tunnel_carries_opaque_bytes() {
+    let (target, _) = server(true, |req: Request<Incoming>| async move {
+        if req.method() == http::Method::CONNECT {
+            return upgrading_handler(req).await;
+        }
+        Response::new(full("plain"))
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h2_client(proxy.outbound()).await;
+    let request = Request::connect("tunnel.test:443").body(full("")).unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // An HTTP/2 client's tunnel is the response's stream.
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+    tunnel.write_all(b"over h2").await.unwrap();
+    let mut echoed = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(10), tunnel.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"over h2");
+    // Another stream of the same connection still works.
+    let request = Request::get("http://tunnel.test/").body(full("")).unwrap();
+    let response = client.send_request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"plain");
+}
+
+/// On shutdown, HTTP connections finish the requests in flight and then close, so an
+/// idle kept-alive client does not hold the drain for the whole grace period.
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish_then_closes_http_connections() {
+    let (target, _) = server(false, |req: Request<Incoming>| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Response::new(full("done"))
+    })
+    .await;
+    let args = ProxyArgs {
+        inbound_addr: Some("127.0.0.1:0".into()),
+        outbound_addr: Some("127.0.0.1:0".into()),
+        admin_addr: Some("127.0.0.1:0".into()),
+        shutdown_grace: Some("30s".into()),
+        ..ProxyArgs::default()
+    };
+    let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
+    let proxy = Proxy::bind(config).await.unwrap();
+    let outbound = proxy.local_addrs().outbound[0];
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.serve_with(move |_| Ok(target), async {
+        let _ = stopped.await;
+    }));
+
+    // An idle kept-alive client, and one with a request in flight.
+    let mut idle = h1_client(outbound).await;
+    let request = Request::get("/")
+        .header("host", "a.test")
+        .body(full(""))
+        .unwrap();
+    let response = idle.send_request(request).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let mut busy = h1_client(outbound).await;
+    let request = Request::get("/slow")
+        .header("host", "a.test")
+        .body(full(""))
+        .unwrap();
+    let in_flight = tokio::spawn(async move {
+        let response = busy.send_request(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (body, busy)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let started = std::time::Instant::now();
+    stop.send(()).unwrap();
+    let (body, busy) = in_flight.await.unwrap();
+    assert_eq!(&body[..], b"done", "the request in flight was answered");
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("drained long before the 30 s grace period")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Both client connections were closed by the proxy.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !(idle.is_closed() && busy.is_closed()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the clients' connections are closed");
+}
+
+/// A later request of a kept-alive connection that does not parse gets hyper's own
+/// 400 (the proxy checks only the first head), and is still counted as a failure.
+#[tokio::test]
+async fn a_later_request_that_does_not_parse_is_counted_as_a_failure() {
+    let (target, _) = server(false, |_req| async { Response::new(full("ok")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: later.test\r\n\r\nGET / HTTP/1.1\r\nNo colon\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut response))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(
+        response.contains("HTTP/1.1 400 Bad Request\r\n"),
+        "{response}"
+    );
+    let failed = format!(
+        r#"response_total{{{},status_code="400",classification="failure"}}"#,
+        outbound(target, "")
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(&proxy.metrics().await, &failed) != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{failed} never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `authority` is whatever a client writes: a `Host` that would break the text format
+/// (label values are not escaped) is labelled `invalid`, and the scrape stays valid.
+#[tokio::test]
+async fn a_hostile_host_header_keeps_the_metrics_valid() {
+    let (target, _) = server(false, |_req| async { Response::new(full("ok")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\"} 1\\\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, b"ok").await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        value(
+            &m,
+            &format!("request_total{{{}}}", outbound(target, "invalid"))
+        ),
+        1.0
+    );
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package) is needed for this test");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(m.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{m}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// HTTP/1 chunked trailers pass both ways (the client's `TE: trailers` is kept, so
+/// the server may send them).
+#[tokio::test]
+async fn http1_trailers_pass_both_ways() {
+    let (target, _) = server(false, |req: Request<Incoming>| async move {
+        let collected = req.into_body().collect().await.unwrap();
+        let echoed = collected
+            .trailers()
+            .and_then(|t| t.get("x-checksum").cloned())
+            .expect("the request's trailer arrived");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-echoed", echoed);
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(collected.to_bytes())),
+            Ok(Frame::trailers(trailers)),
+        ];
+        // HTTP/1 senders (hyper too) send only the trailers `Trailer` declares.
+        Response::builder()
+            .header("trailer", "x-echoed")
+            .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+            .unwrap()
+    })
+    .await;
+    let proxy = proxy_to(target, |_| {}).await;
+    let mut client = h1_client(proxy.outbound()).await;
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", "abc123".parse().unwrap());
+    let frames = vec![
+        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"payload"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let request = Request::post("/t")
+        .header("host", "trailers.test")
+        .header("te", "trailers")
+        .header("trailer", "x-checksum")
+        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("the response's trailers");
+    assert_eq!(trailers["x-echoed"], "abc123");
+    assert_eq!(&collected.to_bytes()[..], b"payload");
+}
+
+/// A client that stalls in the middle of a request head (or keeps a connection idle)
+/// is closed after the header read timeout, a minute, instead of holding the
+/// connection forever. (Paused clock: tokio jumps to the timeout once all is idle.)
+#[tokio::test(start_paused = true)]
+async fn a_stalled_request_head_and_an_idle_connection_are_closed_after_a_minute() {
+    let (target, _) = server(false, |_req| async { Response::new(full("ok")) }).await;
+    let proxy = proxy_to(target, |_| {}).await;
+
+    // The request line (detected as HTTP/1), then nothing.
+    let mut stalled = TcpStream::connect(proxy.outbound()).await.unwrap();
+    stalled
+        .write_all(b"GET / HTTP/1.1\r\nHost: slow")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    stalled.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "closed without an answer: {rest:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(60) && waited < Duration::from_secs(70),
+        "{waited:?}"
+    );
+
+    // A kept-alive connection after its first request, idle.
+    let mut idle = TcpStream::connect(proxy.outbound()).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: idle.test\r\n\r\n")
+        .await
+        .unwrap();
+    // No `read_until`: its own 10 s timeout would be the first timer the paused
+    // clock jumps to.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"ok") {
+        let n = idle.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "closed before the answer: {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}

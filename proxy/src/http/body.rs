@@ -61,7 +61,7 @@ impl Recorder {
             grpc_status,
             failure,
         };
-        self.metrics.response(&self.series, labels, latency);
+        self.metrics.response(&self.series, labels, Some(latency));
         if let Some(observer) = self.observer {
             observer.observe(latency, failure);
         }

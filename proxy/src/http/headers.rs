@@ -128,17 +128,34 @@ impl Upgrade {
 
 /// The `authority` label of an outbound request: the URI's authority (absolute-form
 /// HTTP/1 targets and HTTP/2's `:authority`), else the `Host` header; empty without
-/// either.
+/// either, and [`INVALID_AUTHORITY`] when it is not one.
+///
+/// The label is whatever a client writes, and the text format does not escape label
+/// values: a `"` or `\` in a `Host` header would break every later scrape. So only a
+/// host name or address with an optional port (at most [`MAX_AUTHORITY`] bytes) is
+/// used as is.
 pub fn authority_of(request: &Parts) -> &str {
-    if let Some(authority) = request.uri.authority() {
-        return authority.as_str();
+    let authority = match request.uri.authority() {
+        Some(authority) => authority.as_str(),
+        None => request
+            .headers
+            .get(header::HOST)
+            .map_or(Some(""), |host| host.to_str().ok())
+            .unwrap_or(INVALID_AUTHORITY),
+    };
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._:[]%".contains(&b);
+    if authority.len() <= MAX_AUTHORITY && authority.bytes().all(allowed) {
+        authority
+    } else {
+        INVALID_AUTHORITY
     }
-    request
-        .headers
-        .get(header::HOST)
-        .and_then(|host| host.to_str().ok())
-        .unwrap_or("")
 }
+
+/// The `authority` label of a request whose authority is not a host and port.
+pub const INVALID_AUTHORITY: &str = "invalid";
+
+/// The longest `authority` label: a DNS name (253) and a port.
+pub const MAX_AUTHORITY: usize = 253 + 6;
 
 /// Whether a message is gRPC (`content-type: application/grpc` or `application/grpc+…`).
 pub fn is_grpc(headers: &HeaderMap) -> bool {
@@ -256,5 +273,22 @@ mod tests {
         assert_eq!(authority_of(&origin.into_parts().0), "b.example");
         let none = Request::get("/").body(()).unwrap();
         assert_eq!(authority_of(&none.into_parts().0), "");
+        let v6 = Request::get("/")
+            .header("host", "[fd00::1]:8080")
+            .body(())
+            .unwrap();
+        assert_eq!(authority_of(&v6.into_parts().0), "[fd00::1]:8080");
+        // What would break the text format, or bloat it, is not a label value.
+        for bad in ["a\"b", "a\\b", "a b", "user@host"] {
+            let request = Request::get("/").header("host", bad).body(()).unwrap();
+            assert_eq!(
+                authority_of(&request.into_parts().0),
+                INVALID_AUTHORITY,
+                "{bad}"
+            );
+        }
+        let long = "a".repeat(MAX_AUTHORITY + 1);
+        let request = Request::get("/").header("host", &long).body(()).unwrap();
+        assert_eq!(authority_of(&request.into_parts().0), INVALID_AUTHORITY);
     }
 }

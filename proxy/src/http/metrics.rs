@@ -258,9 +258,12 @@ impl HttpMetrics {
         series.last_active.store(self.now(), Ordering::Relaxed);
     }
 
-    /// Counts a response, finished after `latency`.
-    pub fn response(&self, series: &Series, response: ResponseLabels, latency: Duration) {
-        series.latency.observe(latency.as_secs_f64());
+    /// Counts a response, finished after `latency` (`None` when it is not known: the
+    /// response is then counted in `response_total` only).
+    pub fn response(&self, series: &Series, response: ResponseLabels, latency: Option<Duration>) {
+        if let Some(latency) = latency {
+            series.latency.observe(latency.as_secs_f64());
+        }
         series.last_active.store(self.now(), Ordering::Relaxed);
         if count_response(series, response, || {
             self.0
@@ -380,5 +383,145 @@ impl Collector for Families {
                 .encode(family.encode_family(&series.labels)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(n: usize) -> RequestLabels {
+        RequestLabels {
+            direction: Direction::Outbound,
+            target_addr: "198.18.0.1:80".to_string(),
+            authority: Some(format!("host-{n}.test")),
+            tls: false,
+            peer_id: None,
+            dst: None,
+        }
+    }
+
+    fn ok() -> ResponseLabels {
+        ResponseLabels {
+            status: 200,
+            grpc_status: None,
+            failure: false,
+        }
+    }
+
+    /// The registry's text for these families alone.
+    fn encode(metrics: &HttpMetrics) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(metrics.collector());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    fn sum(text: &str, prefix: &str) -> f64 {
+        text.lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invented_authorities_are_capped_and_counted_as_overflow() {
+        let metrics = HttpMetrics::new(Duration::from_secs(600));
+        let requests = MAX_REQUEST_LABEL_SETS + 100;
+        for n in 0..requests {
+            let series = metrics.series(labels(n));
+            metrics.request(&series);
+            metrics.response(&series, ok(), Some(Duration::from_millis(3)));
+        }
+        let text = encode(&metrics);
+        let request_lines = text
+            .lines()
+            .filter(|l| l.starts_with("request_total{"))
+            .count();
+        assert_eq!(
+            request_lines,
+            MAX_REQUEST_LABEL_SETS + 1,
+            "the cap and overflow"
+        );
+        let overflow = r#"request_total{direction="outbound",target_addr="overflow",authority="overflow",tls="false"} 100"#;
+        assert!(text.contains(overflow), "{text}");
+        // Every request and response counted once, capped or not.
+        assert_eq!(sum(&text, "request_total{"), requests as f64);
+        assert_eq!(sum(&text, "response_total{"), requests as f64);
+        assert_eq!(
+            sum(&text, "response_latency_seconds_count{"),
+            requests as f64
+        );
+        // 3 ms falls in the 0.003 bucket (le is inclusive) of every label set.
+        let first = r#"response_latency_seconds_bucket{le="0.003",direction="outbound",target_addr="198.18.0.1:80",authority="host-0.test",tls="false"} 1"#;
+        assert!(text.contains(first), "{text}");
+        // Linkerd's boundaries, exactly, then +Inf.
+        let bounds: Vec<String> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("response_latency_seconds_bucket{") && l.contains("host-0.test")
+            })
+            .filter_map(|l| Some(l.split("le=\"").nth(1)?.split('"').next()?.to_string()))
+            .collect();
+        let mut want: Vec<String> = LATENCY_BUCKETS.iter().map(|b| format!("{b:?}")).collect();
+        want.push("+Inf".to_string());
+        assert_eq!(bounds, want);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn response_label_sets_are_capped_too() {
+        let metrics = HttpMetrics::new(Duration::from_secs(600));
+        let series = metrics.series(labels(0));
+        // Every status code, with and without a gRPC status: more than the cap.
+        let mut responses = 0;
+        for status in 100..1000 {
+            for grpc_status in [None, Some(2), Some(5)] {
+                let response = ResponseLabels {
+                    status,
+                    grpc_status,
+                    failure: status >= 500,
+                };
+                metrics.response(&series, response, Some(Duration::from_millis(1)));
+                responses += 1;
+            }
+        }
+        let text = encode(&metrics);
+        let mine = text
+            .lines()
+            .filter(|l| l.starts_with("response_total{") && l.contains("host-0.test"))
+            .count();
+        assert_eq!(mine, MAX_RESPONSE_LABEL_SETS);
+        assert!(text.contains(r#"authority="overflow""#), "{text}");
+        assert_eq!(sum(&text, "response_total{"), f64::from(responses));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_label_sets_are_dropped_unless_a_connection_holds_them() {
+        let metrics = HttpMetrics::new(Duration::from_secs(600));
+        let held = metrics.series(labels(1));
+        metrics.request(&held);
+        let dropped = metrics.series(labels(2));
+        metrics.request(&dropped);
+        drop(dropped);
+        tokio::time::advance(Duration::from_secs(601)).await;
+        let text = encode(&metrics);
+        assert!(text.contains("host-1.test"), "{text}");
+        assert!(!text.contains("host-2.test"), "{text}");
+    }
+
+    #[test]
+    fn grpc_status_and_classification_are_labels() {
+        let metrics = HttpMetrics::new(Duration::from_secs(600));
+        let series = metrics.series(labels(0));
+        let failed = ResponseLabels {
+            status: 200,
+            grpc_status: Some(5),
+            failure: true,
+        };
+        metrics.response(&series, failed, Some(Duration::from_millis(1)));
+        let text = encode(&metrics);
+        let line = r#"response_total{direction="outbound",target_addr="198.18.0.1:80",authority="host-0.test",tls="false",status_code="200",classification="failure",grpc_status="5"} 1"#;
+        assert!(text.contains(line), "{text}");
     }
 }

@@ -27,7 +27,7 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -38,7 +38,7 @@ use super::headers::{self, Upgrade};
 use super::metrics::{RequestLabels, ResponseLabels, Series};
 use super::upstream::pool::Key;
 use super::upstream::Observe;
-use super::{Client, HttpProxy, Version};
+use super::{ClientConn, HttpProxy, Version};
 use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
 use crate::route::Direction;
@@ -58,7 +58,7 @@ type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub async fn serve<I>(
     proxy: HttpProxy,
     io: I,
-    client: Client,
+    client: ClientConn,
     counters: Counters,
 ) -> Result<(), hyper::Error>
 where
@@ -66,6 +66,7 @@ where
 {
     let (tunnels_tx, tunnels_rx) = mpsc::unbounded_channel();
     let version = client.version;
+    let draining = proxy.draining.subscribe();
     let cx = Arc::new(ConnCx {
         proxy,
         client,
@@ -101,7 +102,12 @@ where
                 .max_buf_size(MAX_HEAD)
                 .serve_connection(io, service)
                 .with_upgrades();
-            drive(connection, tunnels_rx).await
+            let graceful = http1::UpgradeableConnection::graceful_shutdown;
+            let served = drive(connection, tunnels_rx, draining, graceful).await;
+            if let Err(error) = &served {
+                cx.count_hyper_answer(error);
+            }
+            served
         }
         Version::Http2 => {
             let io = TokioIo::new(io);
@@ -111,7 +117,8 @@ where
                 .max_header_list_size(MAX_HEAD as u32)
                 .enable_connect_protocol()
                 .serve_connection(io, service);
-            drive(connection, tunnels_rx).await
+            let graceful = http2::Connection::graceful_shutdown;
+            drive(connection, tunnels_rx, draining, graceful).await
         }
     }
 }
@@ -143,25 +150,35 @@ where
     };
     cx.proxy
         .metrics
-        .response(&series, response, started.elapsed());
+        .response(&series, response, Some(started.elapsed()));
     Ok(())
 }
 
-/// Runs the connection and the tunnels its requests open, until all are done.
+/// Runs the connection and the tunnels its requests open, until all are done; asks
+/// the connection to finish gracefully once the proxy drains.
 async fn drive<C>(
     connection: C,
     mut tunnels_rx: mpsc::UnboundedReceiver<Tunnel>,
+    mut draining: watch::Receiver<bool>,
+    graceful_shutdown: fn(Pin<&mut C>),
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
     let mut tunnels = JoinSet::new();
     tokio::pin!(connection);
+    let mut asked = false;
     let result = loop {
         tokio::select! {
             result = &mut connection => break result,
             Some(tunnel) = tunnels_rx.recv() => {
                 tunnels.spawn(tunnel);
+            }
+            drained = draining.wait_for(|d| *d), if !asked => {
+                asked = true;
+                // The sender lives as long as the proxy; gone means the same.
+                let _ = drained;
+                graceful_shutdown(connection.as_mut());
             }
         }
     };
@@ -176,7 +193,7 @@ where
 /// What the requests of one connection share.
 struct ConnCx {
     proxy: HttpProxy,
-    client: Client,
+    client: ClientConn,
     /// The label set of the last request: most connections send every request to
     /// the same authority, so most requests skip the label-set lookup.
     series: Mutex<Option<Arc<Series>>>,
@@ -205,8 +222,8 @@ impl ConnCx {
         };
         let observer = pick.observer.take();
         let key = Key {
+            version: pick.endpoint.transport.version_for(self.client.version),
             endpoint: pick.endpoint,
-            version: self.client.version,
         };
         let request = Request::from_parts(parts, body);
         let mut response = match self.proxy.pool.send(key, request).await {
@@ -270,6 +287,25 @@ impl ConnCx {
             observer,
         };
         Response::from_parts(parts, ResponseBody::local(Some(bytes), recorder))
+    }
+
+    /// Counts the answer hyper itself gave to a later request of a kept-alive HTTP/1
+    /// connection that did not parse (400, or 431 for a head too large): a request and
+    /// a failed response, whose latency is unknown (hyper measured nothing).
+    fn count_hyper_answer(&self, error: &hyper::Error) {
+        if !error.is_parse() || error.is_parse_version_h2() {
+            return;
+        }
+        let status = if error.is_parse_too_large() { 431 } else { 400 };
+        let authority = (self.client.direction == Direction::Outbound).then_some("");
+        let series = self.series(authority, None);
+        self.proxy.metrics.request(&series);
+        let response = ResponseLabels {
+            status,
+            grpc_status: None,
+            failure: true,
+        };
+        self.proxy.metrics.response(&series, response, None);
     }
 
     /// The label set of a request, from the connection's cache when it matches.

@@ -8,11 +8,14 @@
 //!   [`Pick::observer`] how each one went.
 //! - An [`Endpoint`] is an address and the [`Transport`] that reaches it; it is the
 //!   unit of connection pooling ([`pool::Key`]). Plain TCP today; a mesh peer reached
-//!   over mTLS is one more `Transport` variant, with its own connector in `pool`.
+//!   over mTLS is one more `Transport` variant (which may speak HTTP/2 whatever the
+//!   client spoke: [`Transport::version_for`]), with its stream in [`io::Io`] and its
+//!   handshake in `pool`'s connect.
 //! - The [`pool::Pool`] sends the request over a pooled connection to the endpoint and
 //!   returns the response head, or the [`ProxyError`] the client is answered with.
 
 pub mod balanced;
+pub mod io;
 pub mod pool;
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,12 +25,23 @@ use std::time::Duration;
 use http::request::Parts;
 
 use super::errors::ProxyError;
+use super::Version;
 
 /// How the proxy reaches an endpoint.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum Transport {
     /// A TCP connection to the endpoint's address, speaking the client's HTTP version.
     Plain,
+}
+
+impl Transport {
+    /// The HTTP version spoken to the endpoint for a client that spoke `client`: the
+    /// same over plain TCP (a transport between proxies may always speak HTTP/2).
+    pub fn version_for(&self, client: Version) -> Version {
+        match self {
+            Transport::Plain => client,
+        }
+    }
 }
 
 /// One place a request can be sent.

@@ -70,7 +70,7 @@ pub(crate) async fn forward(
             None,
             Some((service.name.clone(), Arc::from(""))),
         ));
-        let routed = http::Client {
+        let routed = http::ClientConn {
             direction: Direction::Outbound,
             target: original,
             version,

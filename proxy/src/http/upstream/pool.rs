@@ -20,14 +20,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::io::Io;
 use super::{Endpoint, Transport};
 use crate::connect::connect_from;
 use crate::http::errors::ProxyError;
@@ -56,49 +57,65 @@ pub struct Key {
     pub version: Version,
 }
 
-/// The request body type the pool sends: the client's, streamed.
-pub type Body = Incoming;
+/// What a request body must be for the pool to send it: the client's `Incoming`,
+/// streamed, in the proxy; any body in tests (and for whoever wraps bodies later).
+pub trait SendBody:
+    http_body::Body<Data = Bytes, Error = Self::E> + Send + Unpin + 'static
+{
+    type E: Into<Box<dyn std::error::Error + Send + Sync>>;
+}
 
-/// The connections to every endpoint.
-pub struct Pool {
+impl<B> SendBody for B
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type E = B::Error;
+}
+
+/// The connections to every endpoint, sending request bodies of type `B`.
+pub struct Pool<B = Incoming> {
     connect_timeout: Duration,
-    state: Mutex<State>,
+    state: Mutex<State<B>>,
     /// Whether the reaper task runs (started with the first idle connection, so that
     /// a pool can be built outside a runtime).
     reaper: std::sync::Once,
 }
 
-#[derive(Default)]
-struct State {
-    idle: HashMap<Key, Vec<Idle>>,
+struct State<B> {
+    idle: HashMap<Key, Vec<Idle<B>>>,
     idle_count: usize,
-    h2: HashMap<Key, Arc<H2Slot>>,
+    h2: HashMap<Key, Arc<H2Slot<B>>>,
 }
 
-struct Idle {
-    sender: http1::SendRequest<Body>,
+struct Idle<B> {
+    sender: http1::SendRequest<B>,
     since: Instant,
 }
 
 /// The one HTTP/2 connection of a key.
-struct H2Slot {
-    sender: Mutex<Option<http2::SendRequest<Body>>>,
+struct H2Slot<B> {
+    sender: Mutex<Option<http2::SendRequest<B>>>,
     /// Held while connecting, so concurrent first requests share one connection.
     connecting: tokio::sync::Mutex<()>,
     last_used: Mutex<Instant>,
 }
 
-impl Pool {
+impl<B: SendBody> Pool<B> {
     /// A pool whose connects give up after `connect_timeout` (`--connect-timeout`).
-    pub fn new(connect_timeout: Duration) -> Arc<Pool> {
+    pub fn new(connect_timeout: Duration) -> Arc<Pool<B>> {
         Arc::new(Pool {
             connect_timeout,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                idle: HashMap::new(),
+                idle_count: 0,
+                h2: HashMap::new(),
+            }),
             reaper: std::sync::Once::new(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -107,7 +124,7 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         key: Key,
-        request: Request<Body>,
+        request: Request<B>,
     ) -> Result<Response<Incoming>, ProxyError> {
         self.start_reaper();
         match key.version {
@@ -119,7 +136,7 @@ impl Pool {
     async fn send_h1(
         self: &Arc<Self>,
         key: Key,
-        mut request: Request<Body>,
+        mut request: Request<B>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let addr = key.endpoint.addr;
         loop {
@@ -146,7 +163,7 @@ impl Pool {
     }
 
     /// An idle, usable connection of `key`, the most recently used first.
-    fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+    fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<B>> {
         let mut state = self.lock();
         let state = &mut *state;
         let list = state.idle.get_mut(key)?;
@@ -166,7 +183,7 @@ impl Pool {
 
     /// Puts the connection back once its response has been read to the end (or drops
     /// it, when it closed or was upgraded).
-    fn checkin_when_ready(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>) {
+    fn checkin_when_ready(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<B>) {
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             if sender.ready().await.is_err() {
@@ -189,7 +206,7 @@ impl Pool {
         });
     }
 
-    async fn connect_h1(&self, key: &Key) -> Result<http1::SendRequest<Body>, ProxyError> {
+    async fn connect_h1(&self, key: &Key) -> Result<http1::SendRequest<B>, ProxyError> {
         let io = self.connect(&key.endpoint).await?;
         let addr = key.endpoint.addr;
         let (sender, connection) = http1::Builder::new()
@@ -208,7 +225,7 @@ impl Pool {
     async fn send_h2(
         self: &Arc<Self>,
         key: Key,
-        request: Request<Body>,
+        request: Request<B>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let addr = key.endpoint.addr;
         let slot = self
@@ -244,7 +261,7 @@ impl Pool {
             .map_err(|e| ProxyError::upstream(addr, e))
     }
 
-    async fn connect_h2(&self, key: &Key) -> Result<http2::SendRequest<Body>, ProxyError> {
+    async fn connect_h2(&self, key: &Key) -> Result<http2::SendRequest<B>, ProxyError> {
         let io = self.connect(&key.endpoint).await?;
         let addr = key.endpoint.addr;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -261,12 +278,12 @@ impl Pool {
     }
 
     /// Opens the transport to `endpoint`, within the connect timeout.
-    async fn connect(&self, endpoint: &Endpoint) -> Result<TcpStream, ProxyError> {
+    async fn connect(&self, endpoint: &Endpoint) -> Result<Io, ProxyError> {
         let addr = endpoint.addr;
         match endpoint.transport {
             Transport::Plain => {
                 let from = endpoint.source.map(|ip| std::net::SocketAddr::new(ip, 0));
-                connect_from(addr, from, self.connect_timeout)
+                let stream = connect_from(addr, from, self.connect_timeout)
                     .await
                     .map_err(|error| match error.raw_os_error() {
                         // `connect` times out with the kernel's own errno for it.
@@ -275,7 +292,8 @@ impl Pool {
                             timeout: self.connect_timeout,
                         },
                         _ => ProxyError::connect(addr, error),
-                    })
+                    })?;
+                Ok(Io::Plain(stream))
             }
         }
     }
@@ -319,9 +337,23 @@ impl Pool {
     }
 }
 
-impl H2Slot {
+#[cfg(test)]
+impl<B: SendBody> Pool<B> {
+    /// Idle HTTP/1 connections, and open HTTP/2 ones.
+    fn counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        let h2 = state
+            .h2
+            .values()
+            .filter(|slot| lock(&slot.sender).is_some())
+            .count();
+        (state.idle_count, h2)
+    }
+}
+
+impl<B> H2Slot<B> {
     /// A handle on the open connection, if it is still usable.
-    fn ready(&self) -> Option<http2::SendRequest<Body>> {
+    fn ready(&self) -> Option<http2::SendRequest<B>> {
         let sender = lock(&self.sender);
         sender.as_ref().filter(|s| !s.is_closed()).cloned()
     }
@@ -331,7 +363,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn reap(pool: Weak<Pool>) {
+async fn reap<B: SendBody>(pool: Weak<Pool<B>>) {
     let mut interval = tokio::time::interval(REAP_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -340,3 +372,6 @@ async fn reap(pool: Weak<Pool>) {
         pool.reap_idle(Instant::now());
     }
 }
+
+#[cfg(test)]
+mod tests;

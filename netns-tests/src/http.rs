@@ -1,0 +1,208 @@
+//! The set-up the HTTP tests share (`tests/http*.rs`): the ports of the real servers, both
+//! pods meshed in plaintext ([`mesh_both`], a [`Pair`] of proxies that a request passes),
+//! waiting for a metric at a proxy ([`expect`]), nginx with the sites the tests use
+//! ([`nginx_sites`]), and small helpers for curl runs, files, memory and promtool.
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::apps::{self, curl, url, App};
+use crate::mesh::Scratch;
+use crate::netns::Netns;
+use crate::pods::Pods;
+use crate::process::Run;
+use crate::proxy::{MeshProxy, Metrics};
+
+/// nginx, HTTP/1.1 (a port meshproxy detects: not in the opaque list).
+pub const HTTP1: u16 = 8080;
+/// nginx, HTTP/2 with prior knowledge (`listen … http2` without TLS).
+pub const H2C: u16 = 8081;
+/// nghttpd, HTTP/2 with prior knowledge.
+pub const NGHTTPD: u16 = 8082;
+/// The Python upload sink (http.server).
+pub const SINK: u16 = 8090;
+/// Nothing listens here.
+pub const NOBODY: u16 = 8099;
+/// The Python gRPC server (grpcio).
+pub const GRPC: u16 = 50051;
+/// The Python WebSocket echo server (websockets).
+pub const WS: u16 = 8765;
+
+/// A mebibyte.
+pub const MIB: u64 = 1 << 20;
+/// How long a proxy may take to count what a finished client saw.
+pub const METRICS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The proxies a request passes: the pod's outbound one, then the peer's inbound one.
+pub struct Pair<'p> {
+    pub outbound: MeshProxy<'p>,
+    pub inbound: MeshProxy<'p>,
+}
+
+/// meshinit's default rules and a plaintext meshproxy in both namespaces.
+pub fn mesh_both(pods: &Pods) -> Pair<'_> {
+    pods.pod.meshinit(&["apply"]).expect_ok();
+    pods.peer.meshinit(&["apply"]).expect_ok();
+    Pair {
+        inbound: pods.peer.start_meshproxy(&[]),
+        outbound: pods.pod.start_meshproxy(&[]),
+    }
+}
+
+impl Pair<'_> {
+    /// Waits until the samples of `name` for `target` with `labels` sum to `want` at both
+    /// proxies (with `direction` outbound at the pod's, inbound at the peer's); returns both
+    /// scrapes.
+    #[track_caller]
+    pub fn expect(
+        &self,
+        name: &str,
+        target: SocketAddr,
+        labels: &[(&str, &str)],
+        want: f64,
+    ) -> (Metrics, Metrics) {
+        (
+            expect(&self.outbound, "outbound", name, target, labels, want),
+            expect(&self.inbound, "inbound", name, target, labels, want),
+        )
+    }
+}
+
+/// Waits until `name{direction, target_addr=target, labels…}` sums to `want` at `proxy`.
+#[track_caller]
+pub fn expect(
+    proxy: &MeshProxy<'_>,
+    direction: &str,
+    name: &str,
+    target: SocketAddr,
+    labels: &[(&str, &str)],
+    want: f64,
+) -> Metrics {
+    let target = target.to_string();
+    let mut all = vec![("direction", direction), ("target_addr", target.as_str())];
+    all.extend_from_slice(labels);
+    proxy.wait_for_metric(name, &all, want, METRICS_TIMEOUT)
+}
+
+/// nginx's sites: HTTP/1.1 on [`HTTP1`] and HTTP/2 on [`H2C`], both families, serving the
+/// files of `www`, with fixed answers on a few paths.
+pub fn nginx_sites(ns: &Netns, scratch: &Scratch) -> App {
+    let www = scratch.join("www");
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("small"), "a small file\n").unwrap();
+    let locations = "\
+        location = /ok { return 200 \"ok\\n\"; }\n\
+        location = /fail { return 503 \"unavailable\\n\"; }\n\
+        location = /missing { return 404 \"missing\\n\"; }\n\
+        location = /echo { return 200 \"$http_host $request_method $request_uri $http_x_custom $server_protocol\\n\"; }\n\
+        location / { }\n";
+    let sites = format!(
+        "server {{\n listen {HTTP1}; listen [::]:{HTTP1};\n root {www};\n client_max_body_size 200m;\n{locations}}}\n\
+         server {{\n listen {H2C} http2; listen [::]:{H2C} http2;\n root {www};\n{locations}}}\n",
+        www = www.display(),
+    );
+    apps::nginx(ns, scratch.path(), &sites, HTTP1)
+}
+
+/// The `%{http_code}` of each transfer of a curl run with `-w '%{http_code}\n' -o /dev/null`.
+pub fn codes(run: &Run) -> Vec<&str> {
+    run.stdout.lines().collect()
+}
+
+/// curl arguments fetching `path` from `to` `n` times, discarding the bodies.
+pub fn repeat(to: SocketAddr, path: &str, n: usize) -> Vec<String> {
+    let target = url(to, path);
+    (0..n)
+        .flat_map(|_| ["-o".to_string(), "/dev/null".to_string(), target.clone()])
+        .collect()
+}
+
+/// The `&str`s of `args`, for a command line.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// SHA-256 of `path` in hex, by `sha256sum`.
+pub fn sha256_file(path: &Path) -> String {
+    let run = Run::of(Command::new("sha256sum").arg(path)).expect_ok();
+    run.stdout.split_whitespace().next().unwrap().to_string()
+}
+
+/// The peak resident memory (`VmHWM`) of process `pid`, in MiB.
+pub fn peak_rss_mib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+/// A file of `size` random bytes in `scratch/www` (so nginx serves it as `/big`), and its
+/// SHA-256.
+pub fn random_file(scratch: &Scratch, size: u64) -> (PathBuf, String) {
+    let big = scratch.join("www/big");
+    Run::of(
+        Command::new("head")
+            .args(["-c", &size.to_string(), "/dev/urandom"])
+            .stdout(fs::File::create(&big).unwrap()),
+    )
+    .expect_ok();
+    let sha = sha256_file(&big);
+    (big, sha)
+}
+
+/// `promtool check metrics` (Debian's prometheus package) must accept `text`.
+#[track_caller]
+pub fn promtool_check(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run promtool (package prometheus): {e}"));
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let output = child.wait_with_output().expect("wait for promtool");
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\n{text}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `curl -i` (the response head and body), with its status code.
+pub fn curl_head(ns: &Netns, to: SocketAddr, path: &str) -> (u16, String) {
+    let run = curl(ns, &["-g", "-i", &url(to, path)]).expect_ok();
+    let status = run
+        .stdout
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line\n{run}"));
+    (status, run.stdout)
+}
+
+/// The value of header `name` in a response head, case-insensitively.
+pub fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response
+        .split("\r\n\r\n")
+        .next()?
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}

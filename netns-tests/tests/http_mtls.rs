@@ -1,0 +1,193 @@
+//! HTTP between meshed proxies, through meshinit's real rules: pod A and pod B with
+//! identities from a throwaway CA (`netns_tests::mesh::Mesh`), so a request from A to B
+//! crosses A's outbound proxy, mTLS, and B's inbound proxy.
+//!
+//! - 200 client connections making one request each share a handful of mTLS connections
+//!   between the proxies (HTTP multiplexed over pooled HTTP/2 between them).
+//! - HTTP/1.1 reaches nginx unchanged, gRPC statuses and a bidirectional stream and a
+//!   WebSocket cross the mTLS hop, counted with `tls="true"` (for an outbound request, as in
+//!   Linkerd and in the TCP metrics: the hop to the destination is mTLS).
+
+use std::net::SocketAddr;
+
+use netns_tests::apps::{self, curl, h2load, h2load_requests, url};
+use netns_tests::http::*;
+use netns_tests::mesh::Mesh;
+use netns_tests::{Family, Pods};
+
+#[test]
+fn over_mtls_200_client_connections_share_a_handful_of_proxy_connections() {
+    const CLIENTS: u64 = 200;
+    /// "A handful": the pool may race a few connections open at first, never one per client.
+    const MAX_MTLS_CONNECTIONS: f64 = 5.0;
+    let pods = Pods::new("http_mtls_pool");
+    let mesh = Mesh::new("http_mtls_pool", &pods);
+    let _nginx = nginx_sites(&pods.peer, &mesh.scratch);
+    let b = mesh.start_b(&pods, &[]);
+    let a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
+    let to = SocketAddr::new(Family::V4.peer(), HTTP1);
+
+    // 200 HTTP/1.1 connections at once, one request each.
+    let clients = CLIENTS.to_string();
+    let run = h2load(
+        &pods.pod,
+        &["--h1", "-n", &clients, "-c", &clients],
+        to,
+        "/ok",
+    );
+    assert_eq!(h2load_requests(&run, "succeeded"), CLIENTS, "{run}");
+
+    expect(&a, "outbound", "request_total", to, &[], CLIENTS as f64);
+    expect(
+        &a,
+        "outbound",
+        "tcp_open_total",
+        to,
+        &[("protocol", "http1")],
+        CLIENTS as f64,
+    );
+    // B's inbound proxy: which address it labels a request that came over mTLS with is
+    // its own business; it has no other inbound traffic.
+    let inbound = [("direction", "inbound")];
+    let metrics = b.wait_for_metric("request_total", &inbound, CLIENTS as f64, METRICS_TIMEOUT);
+    b.wait_for_metric(
+        "response_total",
+        &[
+            ("direction", "inbound"),
+            ("status_code", "200"),
+            ("classification", "success"),
+            ("tls", "true"),
+        ],
+        CLIENTS as f64,
+        METRICS_TIMEOUT,
+    );
+    // The mTLS connections B's inbound proxy accepted from A's.
+    let mtls = metrics.sum(
+        "tcp_open_total",
+        &[("direction", "inbound"), ("tls", "true")],
+    );
+    assert!(
+        (1.0..=MAX_MTLS_CONNECTIONS).contains(&mtls),
+        "{mtls} mTLS connections between the proxies for {CLIENTS} client connections\n{metrics}"
+    );
+}
+
+#[test]
+fn over_mtls_http1_grpc_and_websocket_reach_the_application_unchanged_and_are_counted() {
+    let pods = Pods::new("http_mtls_apps");
+    let mesh = Mesh::new("http_mtls_apps", &pods);
+    let _nginx = nginx_sites(&pods.peer, &mesh.scratch);
+    let _grpc = apps::python_server(
+        &pods.peer,
+        mesh.scratch.path(),
+        "grpc_echo.py",
+        &["serve", &GRPC.to_string()],
+        GRPC,
+    );
+    let _ws = apps::python_server(
+        &pods.peer,
+        mesh.scratch.path(),
+        "ws_echo.py",
+        &["serve", &WS.to_string()],
+        WS,
+    );
+    let b = mesh.start_b(&pods, &[]);
+    let a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
+    let tls = [("tls", "true")];
+
+    // HTTP/1.1, carried between the proxies however they like, reaches nginx as the
+    // client sent it: Host with its case, method, path and query, a custom header, the
+    // protocol version.
+    let to = SocketAddr::new(Family::V4.peer(), HTTP1);
+    let run = curl(
+        &pods.pod,
+        &[
+            "-X",
+            "PATCH",
+            "-H",
+            "Host: Shop.Example:8080",
+            "-H",
+            "X-Custom: kept as is",
+            &url(to, "/echo?a=1&b=%20"),
+        ],
+    )
+    .expect_ok();
+    assert_eq!(
+        run.stdout, "Shop.Example:8080 PATCH /echo?a=1&b=%20 kept as is HTTP/1.1\n",
+        "{run}"
+    );
+    let run = curl(
+        &pods.pod,
+        &["-w", "%{http_code}", "-o", "/dev/null", &url(to, "/fail")],
+    )
+    .expect_ok();
+    assert_eq!(run.stdout, "503", "{run}");
+    expect(&a, "outbound", "request_total", to, &tls, 2.0);
+    expect(
+        &a,
+        "outbound",
+        "response_total",
+        to,
+        &[
+            ("status_code", "503"),
+            ("classification", "failure"),
+            ("tls", "true"),
+        ],
+        1.0,
+    );
+    b.wait_for_metric(
+        "response_total",
+        &[
+            ("direction", "inbound"),
+            ("status_code", "503"),
+            ("classification", "failure"),
+            ("tls", "true"),
+        ],
+        1.0,
+        METRICS_TIMEOUT,
+    );
+
+    // gRPC: statuses in trailers and a bidirectional stream, across the mTLS hop.
+    let to = SocketAddr::new(Family::V4.peer(), GRPC);
+    let run =
+        apps::python_client(&pods.pod, "grpc_echo.py", &["call", &to.to_string()]).expect_ok();
+    let result: serde_json::Value =
+        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    assert_eq!(result["echo"], "hello through the mesh", "{run}");
+    assert_eq!(result["missing"]["code"], 5, "{run}");
+    assert_eq!(result["chat"]["code"], 0, "{run}");
+    assert_eq!(result["chat"]["echoed"], result["chat"]["sent"], "{run}");
+    expect(
+        &a,
+        "outbound",
+        "response_total",
+        to,
+        &[
+            ("grpc_status", "5"),
+            ("classification", "failure"),
+            ("tls", "true"),
+        ],
+        1.0,
+    );
+    b.wait_for_metric(
+        "response_total",
+        &[
+            ("direction", "inbound"),
+            ("grpc_status", "5"),
+            ("classification", "failure"),
+            ("tls", "true"),
+        ],
+        1.0,
+        METRICS_TIMEOUT,
+    );
+
+    // A WebSocket, upgraded across the mTLS hop.
+    let to = SocketAddr::new(Family::V4.peer(), WS);
+    let run =
+        apps::python_client(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")]).expect_ok();
+    let result: serde_json::Value =
+        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    assert_eq!(result["status"], 101, "{run}");
+    assert_eq!(result["echoed"], result["sent"], "{run}");
+    expect(&a, "outbound", "request_total", to, &tls, 1.0);
+}
