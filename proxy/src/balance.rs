@@ -298,12 +298,18 @@ impl Service {
 
     /// The endpoints one connection or request tries, in order (see [`Attempts`]).
     pub fn attempts(&self, load: Load) -> Attempts<'_> {
+        self.attempts_after(load, &[])
+    }
+
+    /// [`Service::attempts`] of a request that already tried `tried` (a retry: the
+    /// backend is chosen again by weight among those with an untried endpoint).
+    pub fn attempts_after(&self, load: Load, tried: &[SocketAddr]) -> Attempts<'_> {
         Attempts {
             service: self,
             load,
             backend: None,
             exhausted: Vec::new(),
-            tried: Vec::new(),
+            tried: tried.to_vec(),
         }
     }
 }

@@ -76,6 +76,17 @@ impl ProxyError {
         }
     }
 
+    /// Whether the connect failed, so that nothing of the request was sent.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Refused { .. }
+                | ProxyError::Unreachable { .. }
+                | ProxyError::Connect { .. }
+                | ProxyError::ConnectTimeout { .. }
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,

@@ -36,8 +36,8 @@ use super::errors::{self, ProxyError};
 use super::head::{self, BadHead, Head};
 use super::headers::{self, Upgrade};
 use super::metrics::{RequestLabels, ResponseLabels, Series};
-use super::upstream::pool::Key;
-use super::upstream::Observe;
+use super::upstream::pool::{Key, SendError};
+use super::upstream::{Observe, MAX_CONNECT_ATTEMPTS};
 use super::{ClientConn, HttpProxy, Version};
 use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
@@ -220,15 +220,44 @@ impl ConnCx {
             Ok(pick) => pick,
             Err(error) => return self.answer(error, series, started, None),
         };
-        let observer = pick.observer.take();
-        let key = Key {
+        let mut observer = pick.observer.take();
+        let mut key = Key {
             version: pick.endpoint.transport.version_for(self.client.version),
             endpoint: pick.endpoint,
         };
-        let request = Request::from_parts(parts, body);
-        let mut response = match self.proxy.pool.send(key, request).await {
-            Ok(response) => response,
-            Err(error) => return self.answer(error, series, started, observer),
+        let mut request = Request::from_parts(parts, body);
+        // A failed connect sent nothing, so the upstream may offer another endpoint (a
+        // balanced service does; the labels stay those of the first pick).
+        let mut failed = Vec::new();
+        let mut response = loop {
+            let addr = key.endpoint.addr;
+            let error = match self.proxy.pool.send_or_return(key, request).await {
+                Ok(response) => break response,
+                Err(SendError {
+                    error,
+                    unsent: Some(unsent),
+                }) if error.is_connect() && failed.len() + 1 < MAX_CONNECT_ATTEMPTS => {
+                    failed.push(addr);
+                    let (parts, body) = unsent.into_parts();
+                    match self.client.upstream.retry(&parts, &failed) {
+                        Some(mut next) => {
+                            if let Some(observer) = observer.take() {
+                                observer.observe(started.elapsed(), true);
+                            }
+                            observer = next.observer.take();
+                            key = Key {
+                                version: next.endpoint.transport.version_for(self.client.version),
+                                endpoint: next.endpoint,
+                            };
+                            request = Request::from_parts(parts, body);
+                            continue;
+                        }
+                        None => error,
+                    }
+                }
+                Err(SendError { error, .. }) => error,
+            };
+            return self.answer(error, series, started, observer);
         };
         let upgraded = match (upgrade, client_upgrade) {
             (Some(kind), Some(client)) if kind.accepted(&response) => {

@@ -14,6 +14,10 @@
 //! error, a broken stream, the proxy's own 502/504) counts as at least
 //! `balance::FAILURE_RTT`, so an endpoint that fails fast does not look fast.
 //!
+//! A request whose connect fails was not sent: the server loop asks [`Balanced::retry`]
+//! for another endpoint (up to `MAX_CONNECT_ATTEMPTS` in all), which counts the failure
+//! toward setting the endpoint aside and picks again among those not yet tried.
+//!
 //! All-zero weights answer 503 (`no backend`). A service removed from the file while the
 //! connection is open sends its requests where the client dialled, as a new connection
 //! would be. An endpoint with an `identity` is only reached over mTLS, which the pool does
@@ -30,7 +34,9 @@ use http::request::Parts;
 use tokio::time::Instant;
 
 use super::{Endpoint, Observe, Pick, Upstream};
-use crate::balance::{Balancer, InFlight, Load, Rng};
+use crate::balance::{
+    Backend, Balancer, Endpoint as BalancedEndpoint, EndpointState, InFlight, Load, Rng,
+};
 use crate::http::ProxyError;
 
 /// The requests of one client connection to the service address `original`.
@@ -61,25 +67,61 @@ impl Upstream for Balanced {
                 ),
             });
         }
-        Ok(Pick {
-            endpoint: Endpoint::plain(endpoint.addr),
-            dst: Some((service.name.clone(), backend.name.clone())),
-            observer: Some(Box::new(Observer(endpoint.state.latency.start(now)))),
-        })
+        Ok(pick(&service.name, backend, endpoint, now))
+    }
+
+    /// After failed connects (nothing was sent): the last endpoint's failure counts
+    /// toward setting it aside (three in a row, as for TCP), and the request is picked
+    /// again, by weight and latency, among the backends and endpoints not yet tried.
+    fn retry(&self, _request: &Parts, failed: &[SocketAddr]) -> Option<Pick> {
+        let table = self.balancer.table();
+        let service = table.service(self.original)?;
+        let now = Instant::now();
+        let endpoints = || service.backends.iter().flat_map(|b| &b.endpoints);
+        if let Some(last) = failed.last() {
+            for endpoint in endpoints().filter(|e| e.addr == *last) {
+                endpoint.state.failed(now);
+            }
+        }
+        let mut rng = Rng::thread();
+        let (backend, endpoint) = service
+            .attempts_after(Load::Latency, failed)
+            .next(now, &mut rng)?;
+        endpoint
+            .identity
+            .is_none()
+            .then(|| pick(&service.name, backend, endpoint, now))
+    }
+}
+
+/// The pick of `endpoint`, in flight from `now`.
+fn pick(service: &Arc<str>, backend: &Backend, endpoint: &BalancedEndpoint, now: Instant) -> Pick {
+    Pick {
+        endpoint: Endpoint::plain(endpoint.addr),
+        dst: Some((service.clone(), backend.name.clone())),
+        observer: Some(Box::new(Observer {
+            in_flight: endpoint.state.latency.start(now),
+            state: endpoint.state.clone(),
+        })),
     }
 }
 
 /// One balanced request in flight, reported to its endpoint's estimate when it ends.
-pub struct Observer(InFlight);
+pub struct Observer {
+    in_flight: InFlight,
+    state: Arc<EndpointState>,
+}
 
 impl Observe for Observer {
     fn observe(self: Box<Self>, _latency: Duration, failure: bool) {
         // Timed from the pick (`InFlight`), on tokio's clock like the rest of `balance`.
         let now = Instant::now();
         if failure {
-            self.0.failed(now);
+            self.in_flight.failed(now);
         } else {
-            self.0.responded(now);
+            // It answered: whatever connect failures it had are behind it.
+            self.state.succeeded();
+            self.in_flight.responded(now);
         }
     }
 }
