@@ -252,6 +252,41 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_retry_skips_the_failed_endpoints_then_the_backend_and_counts_the_failure() {
+        let file = File::new("retry", &web(1, 1));
+        let upstream = upstream(&file);
+        let table = upstream.balancer.table();
+        let service = table.service(upstream.original).unwrap();
+        let a: Vec<SocketAddr> = service.backends[0]
+            .endpoints
+            .iter()
+            .map(|e| e.addr)
+            .collect();
+        // Both endpoints of a failed: the retry goes to b's only endpoint.
+        for _ in 0..20 {
+            let pick = upstream.retry(&parts(), &a).unwrap();
+            assert_eq!(pick.endpoint.addr, "198.18.2.1:80".parse().unwrap());
+            assert_eq!(&*pick.dst.unwrap().1, "b");
+        }
+        // Each retry counted a failure of the last failed endpoint: it is set aside.
+        let last = &service.backends[0].endpoints[1].state;
+        assert!(!last.is_ready(Instant::now()));
+        // Every endpoint tried: nothing left.
+        let all = [a[0], a[1], "198.18.2.1:80".parse().unwrap()];
+        assert!(upstream.retry(&parts(), &all).is_none());
+        // A request it answers clears the record.
+        let backend = &service.backends[0];
+        let answered = pick(
+            &service.name,
+            backend,
+            &backend.endpoints[1],
+            Instant::now(),
+        );
+        answered.observer.unwrap().observe(Duration::ZERO, false);
+        assert!(last.is_ready(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_service_removed_mid_connection_sends_requests_where_the_client_dialled() {
         let file = File::new("removed", &web(1, 1));
         let upstream = upstream(&file);
