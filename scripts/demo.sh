@@ -293,7 +293,8 @@ metrics a >"$WORK/metrics-a.mid"; metrics b >"$WORK/metrics-b.mid"
 changed a outbound "$WORK/metrics-a.before" "$WORK/metrics-a.mid"
 say "pod B's inbound proxy counted:"
 changed b inbound "$WORK/metrics-b.before" "$WORK/metrics-b.mid"
-say "protocol: http1 detected from the request line; opaque for Redis (no detection);"
+say "protocol: http1 detected from the request line; opaque for Redis (no detection); on B,"
+say "http2 for the pooled mTLS connection that carries A's HTTP requests (one per destination);"
 say "tls=\"true\": the hop between the pods was mutual TLS, with the peer's verified identity"
 say "(server_id on A, client_id on B); the unmeshed namespace's request is tls=\"false\"."
 if grep -q 'tls="true",client_id="a.demo.mesh.local"' "$WORK/metrics-b.mid"; then
@@ -306,12 +307,13 @@ http_lines() { # http_lines DIRECTION FILE: the request-level counters of HTTP t
 }
 say "each HTTP request is counted as well (request_total, response_total: Linkerd's names):"
 say "pod A outbound:"
-if grep -q '^request_total{direction="outbound"' "$WORK/metrics-a.mid"; then
+if grep -q '^request_total{direction="outbound".*tls="true"' "$WORK/metrics-a.mid"; then
   http_lines outbound "$WORK/metrics-a.mid"
 else
-  say "(none: the mTLS hop between the pods still carries HTTP as opaque bytes, counted by tcp_*)"
+  say "no meshed request_total on A: HTTP to a mesh peer is not proxied request by request"; exit 1
 fi
-say "pod B inbound (the unmeshed namespace's request reached B in plaintext):"
+say "pod B inbound (A's requests over mTLS, HTTP/1 carried as HTTP/2 with l5d-orig-proto;"
+say "the unmeshed namespace's request in plaintext):"
 http_lines inbound "$WORK/metrics-b.mid"
 
 greeting_ms() { # time until the banner service's greeting arrives, from pod A

@@ -8,7 +8,7 @@ mod iptables;
 mod nft;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use meshinit_rules::{Family, Ruleset};
 use thiserror::Error;
@@ -97,6 +97,24 @@ pub(crate) fn run(
     stdin: Option<&[u8]>,
     hint: &'static str,
 ) -> Result<String, BackendError> {
+    start(program, args, stdin, hint)?.output()
+}
+
+/// A process started by [`start`]: several reads can run at once (each
+/// process costs milliseconds of start-up, most of an apply's time), then
+/// [`Running::output`] waits for each.
+pub(crate) struct Running {
+    command: String,
+    child: Child,
+}
+
+/// Starts `program args...`, feeding it `stdin`; [`Running::output`] waits for it.
+pub(crate) fn start(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    hint: &'static str,
+) -> Result<Running, BackendError> {
     let command = format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
         .args(args)
@@ -123,20 +141,28 @@ pub(crate) fn run(
         // stderr below say why, so a write error here is not the story.
         let _ = pipe.write_all(input);
     }
-    let output = child
-        .wait_with_output()
-        .map_err(|source| BackendError::Io {
-            command: command.clone(),
-            source,
-        })?;
-    if !output.status.success() {
-        return Err(BackendError::Failed {
-            command,
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
+    Ok(Running { command, child })
+}
+
+impl Running {
+    /// Waits for the process and returns its stdout, or its failure.
+    pub(crate) fn output(self) -> Result<String, BackendError> {
+        let Running { command, child } = self;
+        let output = child
+            .wait_with_output()
+            .map_err(|source| BackendError::Io {
+                command: command.clone(),
+                source,
+            })?;
+        if !output.status.success() {
+            return Err(BackendError::Failed {
+                command,
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Every backend, for cleaning up after a switch.

@@ -323,14 +323,19 @@ fn nat_tables(pods: &Pods, backend: Backend) -> Vec<String> {
         .collect()
 }
 
-/// When the IPv6 restore fails after the IPv4 one succeeded, apply exits 1 with the tool's
-/// message and the rules are what they were: nothing (from an empty namespace), the older
+/// When one family's restore fails and the other's succeeds (the two run at the same
+/// time, so either may be the one that commits), apply exits 1 with the tool's message
+/// and the rules are what they were: nothing (from an empty namespace), the older
 /// ruleset of the same backend, or the older ruleset of another backend (a failed switch
 /// removes nothing), which still work.
-fn ipv6_failure_rolls_back_ipv4(backend: Backend) {
+fn one_family_failing_rolls_back_the_other(backend: Backend, failing: Family) {
+    let (name, tools) = match failing {
+        Family::V4 => ("ip4", ["iptables-legacy-restore", "iptables-nft-restore"]),
+        Family::V6 => ("ip6", ["ip6tables-legacy-restore", "ip6tables-nft-restore"]),
+    };
     let failing = FaultyTools::new(
-        &format!("ip6-restore-fails-{}", backend.name()),
-        &["ip6tables-legacy-restore", "ip6tables-nft-restore"],
+        &format!("{name}-restore-fails-{}", backend.name()),
+        &tools,
         fault::FAILS,
     );
     let older = "--outbound-ports-to-ignore=5555";
@@ -340,7 +345,7 @@ fn ipv6_failure_rolls_back_ipv4(backend: Backend) {
     ];
     for installed in [None, Some(backend), Some(Backend::Nft)] {
         let context = format!("{backend}, installed before: {installed:?}");
-        let pods = Pods::new(&backend.test_name("ipv6_failure_rolls_back"));
+        let pods = Pods::new(&backend.test_name(&format!("{name}_failure_rolls_back")));
         if let Some(earlier) = installed {
             pods.pod.meshinit_on(earlier, &["apply", older]).expect_ok();
         }
@@ -359,7 +364,7 @@ fn ipv6_failure_rolls_back_ipv4(backend: Backend) {
         assert_eq!(
             (nat_tables(&pods, backend), pods.pod.meshinit_table()),
             before,
-            "{context}: the IPv4 half was not rolled back\n{run}"
+            "{context}: the family that committed was not rolled back\n{run}"
         );
         let Some(earlier) = installed else {
             for other in Backend::ALL {
@@ -391,10 +396,20 @@ fn ipv6_failure_rolls_back_ipv4(backend: Backend) {
 
 #[test]
 fn iptables_nft_ipv6_failure_rolls_back_ipv4() {
-    ipv6_failure_rolls_back_ipv4(Backend::IptablesNft);
+    one_family_failing_rolls_back_the_other(Backend::IptablesNft, Family::V6);
 }
 
 #[test]
 fn iptables_legacy_ipv6_failure_rolls_back_ipv4() {
-    ipv6_failure_rolls_back_ipv4(Backend::IptablesLegacy);
+    one_family_failing_rolls_back_the_other(Backend::IptablesLegacy, Family::V6);
+}
+
+#[test]
+fn iptables_nft_ipv4_failure_rolls_back_ipv6() {
+    one_family_failing_rolls_back_the_other(Backend::IptablesNft, Family::V4);
+}
+
+#[test]
+fn iptables_legacy_ipv4_failure_rolls_back_ipv6() {
+    one_family_failing_rolls_back_the_other(Backend::IptablesLegacy, Family::V4);
 }

@@ -3,7 +3,7 @@
 //! ```text
 //! accept (server) -> route (pure, before any byte) -> Route::Forward -> detect? (hop::detects)
 //!   -> classify (read the first bytes, within budget) -> hop (pure, after detection)
-//!   -> run the hop: opaque | http | inbound::terminate | outbound::mtls
+//!   -> run the hop: opaque | http | inbound::terminate | outbound::mtls | mesh_http
 //!   -> outcome::record (errno label, refusal and handshake counters, one log line)
 //! ```
 //!
@@ -30,11 +30,13 @@ use crate::connect::{connect_from, set_keepalive};
 use crate::detect::{detect, Detected, Protocol};
 use crate::duplex::{duplex_tcp, Totals};
 use crate::hop::{self, Hop, HttpVersion, MeshPolicy};
+use crate::http::upstream::{MeshConnect, Transport};
 use crate::http::{self, Direct, Endpoint, HttpMetrics, HttpProxy};
 use crate::identity::IdentityError;
 use crate::mesh::Mesh;
 use crate::mesh_peers::MeshPeersError;
 use crate::metrics::{ConnMetrics, Metrics};
+use crate::outbound::mesh_http::MeshConnector;
 use crate::outcome::{record, HopError, Outcome};
 use crate::prefixed::Prefixed;
 use crate::route::{Direction, Route};
@@ -131,6 +133,15 @@ impl Forwarder {
             Some(path) => Some(Balancer::new(path, mesh.is_some(), metrics.clone())?),
             None => None,
         };
+        let mesh_connector = mesh.as_ref().map(|mesh| {
+            Arc::new(MeshConnector {
+                identity: mesh.identity.clone(),
+                metrics: metrics.clone(),
+                peer_port: mesh.peer_inbound_port,
+                connect_timeout: config.connect_timeout,
+                handshake_timeout: config.handshake_timeout,
+            }) as Arc<dyn MeshConnect>
+        });
         let http_metrics = HttpMetrics::new(config.metrics_retain_idle);
         metrics.register(http_metrics.collector());
         Ok(Forwarder {
@@ -145,7 +156,7 @@ impl Forwarder {
             listeners: Listeners::default(),
             balancer,
             inbound_transparent: config.inbound_transparent,
-            http: HttpProxy::new(config.connect_timeout, http_metrics),
+            http: HttpProxy::new(config.connect_timeout, http_metrics, mesh_connector),
         })
     }
 
@@ -233,8 +244,14 @@ impl Forwarder {
             (Hop::MtlsOut { server_id }, Some(mesh)) => {
                 outbound::mtls(self, mesh, client, target, classified, server_id, conn).await
             }
+            (Hop::MeshHttp { version, server_id }, Some(_)) => {
+                self.mesh_http(client, target, classified, version, server_id, conn)
+                    .await
+            }
             // `hop` only decides mTLS hops with a mesh.
-            (Hop::MtlsIn | Hop::MtlsOut { .. }, None) => Err(HopError::NoIdentity),
+            (Hop::MtlsIn | Hop::MtlsOut { .. } | Hop::MeshHttp { .. }, None) => {
+                Err(HopError::NoIdentity)
+            }
             // Detected HTTP, in plaintext: proxied request by request (see `http`).
             (Hop::Http(version), _) => {
                 self.http(client, direction, target, classified, version, conn)
@@ -374,6 +391,72 @@ impl Forwarder {
         let client = Prefixed::new(classified.prefix, client);
         self.http.serve(client, routed, conn.counters()).await?;
         // The bytes are in the connection's counters; HTTP has no copy totals.
+        Ok(Totals::default())
+    }
+
+    /// Serves an HTTP client whose destination is a mesh peer: each request goes over
+    /// the pool's one mTLS HTTP/2 connection to the peer's proxy (see `http::orig_proto`
+    /// and `outbound::mesh_http`). The connection counts `tls="true"` and
+    /// `server_id`, like the opaque mTLS hop's.
+    async fn mesh_http(
+        &self,
+        client: TcpStream,
+        target: SocketAddr,
+        classified: Classified,
+        version: HttpVersion,
+        server_id: String,
+        conn: &mut Option<ConnMetrics>,
+    ) -> Outcome {
+        let direction = Direction::Outbound;
+        let protocol = classified.protocol();
+        let conn = conn.insert(self.open(direction, target, protocol, Some(&server_id), None));
+        let server_id: Arc<str> = server_id.into();
+        let upstream = Direct(Endpoint {
+            addr: target,
+            transport: Transport::Mesh {
+                server_id: server_id.clone(),
+            },
+            source: None,
+        });
+        let routed = http::ClientConn {
+            direction,
+            target,
+            version,
+            upstream: Arc::new(upstream),
+            peer_id: Some(server_id),
+        };
+        let client = Prefixed::new(classified.prefix, client);
+        self.http.serve(client, routed, conn.counters()).await?;
+        Ok(Totals::default())
+    }
+
+    /// Serves the HTTP/2 connection of a peer proxy, `tls`, its mTLS terminated and its
+    /// transport header read (session protocol HTTP/2): each request goes to the
+    /// application at `destination` (from `from` with `--inbound-transparent`), in
+    /// HTTP/2, or in HTTP/1 when the peer marked it so (`http::orig_proto`).
+    pub(crate) async fn serve_peer_http<I>(
+        &self,
+        tls: I,
+        destination: SocketAddr,
+        from: Option<SocketAddr>,
+        client_id: &str,
+        conn: &ConnMetrics,
+    ) -> Outcome
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let upstream = Direct(Endpoint {
+            source: from.map(|from| from.ip()),
+            ..Endpoint::plain(destination)
+        });
+        let routed = http::ClientConn {
+            direction: Direction::Inbound,
+            target: destination,
+            version: HttpVersion::Http2,
+            upstream: Arc::new(upstream),
+            peer_id: Some(client_id.into()),
+        };
+        self.http.serve(tls, routed, conn.counters()).await?;
         Ok(Totals::default())
     }
 

@@ -6,8 +6,9 @@
 //! balanced); for a forwarded connection, [`detects`] says whether to read its first
 //! bytes at all, and [`hop`] what to do with what they were: refuse a plaintext client
 //! on a port that requires an identity, terminate an mTLS session that names our
-//! identity, carry it over mTLS to a mesh peer, or forward it in plaintext, as HTTP when
-//! detection found HTTP and as opaque bytes otherwise.
+//! identity, carry it to a mesh peer over mTLS (request by request over a pooled
+//! HTTP/2 connection when detection found HTTP, as bytes otherwise), or forward it in
+//! plaintext, as HTTP when detection found HTTP and as opaque bytes otherwise.
 
 use std::net::SocketAddr;
 
@@ -26,8 +27,16 @@ pub(crate) enum Hop {
     Opaque,
     /// Detected HTTP, in plaintext to the original destination.
     Http(HttpVersion),
-    /// Over mTLS to the destination's proxy, a mesh peer that must prove `server_id`.
+    /// Over mTLS to the destination's proxy, a mesh peer that must prove `server_id`:
+    /// the connection's bytes as they come (opaque, TLS, undetected).
     MtlsOut { server_id: String },
+    /// Detected HTTP to a mesh peer: proxied request by request, each request over
+    /// the one pooled mTLS HTTP/2 connection to the peer's proxy, which must prove
+    /// `server_id` (see `http::orig_proto`).
+    MeshHttp {
+        version: HttpVersion,
+        server_id: String,
+    },
     /// Terminate the client's mTLS here: its ClientHello names our identity (SNI).
     MtlsIn,
 }
@@ -100,15 +109,26 @@ pub(crate) fn hop(
             }
             Direction::Outbound => {
                 if let Some(server_id) = (mesh.peer_identity)(target) {
-                    return Hop::MtlsOut { server_id };
+                    return match http_version(detected) {
+                        Some(version) => Hop::MeshHttp { version, server_id },
+                        None => Hop::MtlsOut { server_id },
+                    };
                 }
             }
         }
     }
+    match http_version(detected) {
+        Some(version) => Hop::Http(version),
+        None => Hop::Opaque,
+    }
+}
+
+/// The HTTP version detection found, if it found HTTP.
+fn http_version(detected: Option<&Detected>) -> Option<HttpVersion> {
     match detected {
-        Some(Detected::Http1) => Hop::Http(HttpVersion::Http1),
-        Some(Detected::Http2) => Hop::Http(HttpVersion::Http2),
-        _ => Hop::Opaque,
+        Some(Detected::Http1) => Some(HttpVersion::Http1),
+        Some(Detected::Http2) => Some(HttpVersion::Http2),
+        _ => None,
     }
 }
 

@@ -10,12 +10,15 @@
 //!   HTTP/1, one multiplexed connection for HTTP/2.
 //! - `headers`: the hop-by-hop rules of RFC 9110 §7.6.1, upgrades, gRPC statuses.
 //! - `upgrade`: `Upgrade` and `CONNECT`, which leave HTTP for opaque bytes.
+//! - `orig_proto`: HTTP/1 requests carried as HTTP/2 between meshed proxies, marked
+//!   `l5d-orig-proto`, and restored by the inbound proxy.
 //! - `errors`: what the proxy answers itself (502, 504, 400) and the
 //!   `meshproxy-error` header that says why.
 //! - `body` and `metrics`: the response body that records its request once it ends,
 //!   and the metric families, with their label sets bounded.
 //!
-//! The proxy speaks to the destination the HTTP version the client spoke, and never
+//! The proxy speaks to the destination the HTTP version the client spoke (to a mesh
+//! peer's proxy: HTTP/2, over one pooled mTLS connection), and never
 //! rewrites the request target, `Host`/`:authority`, the method, the body or the
 //! trailers: the application must not notice the proxy.
 
@@ -24,6 +27,7 @@ mod errors;
 mod head;
 mod headers;
 pub mod metrics;
+mod orig_proto;
 mod server;
 mod upgrade;
 pub mod upstream;
@@ -78,10 +82,15 @@ pub struct ClientConn {
 }
 
 impl HttpProxy {
-    /// A proxy whose connects give up after `connect_timeout`.
-    pub fn new(connect_timeout: Duration, metrics: HttpMetrics) -> HttpProxy {
+    /// A proxy whose connects give up after `connect_timeout`, and that reaches mesh
+    /// peers ([`upstream::Transport::Mesh`]) through `mesh`, when given.
+    pub fn new(
+        connect_timeout: Duration,
+        metrics: HttpMetrics,
+        mesh: Option<Arc<dyn upstream::MeshConnect>>,
+    ) -> HttpProxy {
         HttpProxy {
-            pool: Pool::new(connect_timeout),
+            pool: Pool::new(connect_timeout, mesh),
             metrics,
             errors: Arc::new(ErrorLog::default()),
             draining: Arc::new(tokio::sync::watch::Sender::new(false)),

@@ -15,11 +15,18 @@
 //! header together must then finish within `--handshake-timeout` again: a peer that
 //! stalls in either must not hold a connection slot forever.
 //!
+//! A header whose session protocol is HTTP/2 comes from a peer proxy's pooled HTTP
+//! connection: it is served request by request (`Forwarder::serve_peer_http`), each
+//! request sent to the application in HTTP/2, or in HTTP/1 when the peer marked it
+//! `l5d-orig-proto` (`http::orig_proto`), with the golden metrics labelled
+//! `tls="true"` and `client_id`. Any other session protocol (HTTP/1: an upgrade the
+//! peer carries on a connection of its own) is forwarded as bytes, as before.
+//!
 //! Each hop returns an [`Outcome`]; `outcome::record` counts and logs it.
 
 use std::net::SocketAddr;
 
-use tokio::io::BufReader;
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
@@ -35,6 +42,9 @@ use crate::prefixed::Prefixed;
 use crate::route::{own_listener, Context, Direction};
 use crate::tls::{self, HandshakeFailure};
 use crate::transport_header::{self, SessionProtocol, TransportHeader};
+
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A peer proxy's direct connection to our inbound listener at `local`: waits, holding
 /// an inbound detection permit, for its ClientHello, then terminates its mTLS.
@@ -141,6 +151,27 @@ pub(crate) async fn terminate(
         Some(&client_id),
         None,
     ));
+    if protocol == Protocol::Http2 {
+        // A peer proxy's HTTP connection (`outbound::mesh_http`): its requests are
+        // served one by one. It must start with the HTTP/2 preface in time, like any
+        // silent client.
+        let mut tls = tls;
+        let mut preface = [0u8; PREFACE.len()];
+        match tokio::time::timeout(fwd.handshake_timeout, tls.read_exact(&mut preface)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(HopError::ClientClosed),
+            Err(_elapsed) => {
+                return Err(HopError::ClientHandshake {
+                    reason: HandshakeFailure::Timeout,
+                })
+            }
+        }
+        debug!(%destination, %client_id, "mTLS terminated, serving HTTP/2");
+        let tls = Prefixed::new(preface.to_vec(), tls);
+        return fwd
+            .serve_peer_http(tls, destination, from, &client_id, conn)
+            .await;
+    }
     let app = connect_from(destination, from, fwd.connect_timeout)
         .await
         .map_err(|error| HopError::Connect {

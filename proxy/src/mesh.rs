@@ -4,6 +4,7 @@
 //! mTLS hops (`inbound`, `outbound`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tracing::info;
 
@@ -20,7 +21,8 @@ pub(crate) const TLS_READ_BUF: usize = 16 * 1024;
 
 /// The mTLS part of the configuration, loaded.
 pub(crate) struct Mesh {
-    pub(crate) identity: IdentityWatch,
+    /// Shared with the HTTP pool's connections to peers (`outbound::mesh_http`).
+    pub(crate) identity: Arc<IdentityWatch>,
     peers: Option<MeshPeersWatch>,
     pub(crate) peer_inbound_port: u16,
     pub(crate) require_identity_ports: PortSet,
@@ -32,7 +34,7 @@ impl Mesh {
         let Some(files) = &config.identity else {
             return Ok(None);
         };
-        let identity = IdentityWatch::new(files)?;
+        let identity = Arc::new(IdentityWatch::new(files)?);
         let peers = match &config.mesh_peers {
             Some(path) => Some(MeshPeersWatch::new(path)?),
             None => None,

@@ -12,10 +12,14 @@
 //! Each hop returns an [`Outcome`]; `outcome::record` counts and logs it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
@@ -31,6 +35,7 @@ use crate::tls::HandshakeFailure;
 use crate::transport_header::{self, SessionProtocol, TransportHeader};
 
 pub(crate) mod balanced;
+pub(crate) mod mesh_http;
 
 /// Carries `client` to `target` over mTLS to its peer proxy, which must prove
 /// `server_id`.
@@ -78,17 +83,42 @@ pub(crate) async fn over(
 ) -> Outcome {
     let protocol = classified.protocol();
     let peer = tcp.peer_addr().ok();
-    let failed = |reason| HopError::PeerHandshake {
+    let client_config = mesh.identity.current().client_config();
+    let header = header(target, protocol);
+    let tls = handshake(
+        client_config,
+        tcp,
+        server_id,
+        &header,
+        fwd.handshake_timeout,
+    )
+    .await
+    .map_err(|reason| HopError::PeerHandshake {
         reason,
         peer,
         peer_id: server_id.to_string(),
-    };
+    })?;
+    debug!(%target, ?peer, %server_id, "mTLS established");
+    Ok(duplex(client, tls, classified.prefix, conn.counters()).await?)
+}
+
+/// The client side of the mTLS session with a peer proxy over `tcp`: handshake with
+/// SNI = `server_id` and ALPN `transport.l5d.io/v1`, verify that the peer proves
+/// `server_id`, write `header`. All within `timeout`. Shared by the opaque hop above
+/// and the HTTP pool's connections to peers (`mesh_http`).
+pub(crate) async fn handshake(
+    client_config: Arc<ClientConfig>,
+    tcp: TcpStream,
+    server_id: &str,
+    header: &TransportHeader,
+    timeout: Duration,
+) -> Result<TlsStream<BufReader<TcpStream>>, HandshakeFailure> {
     let Ok(server_name) = ServerName::try_from(server_id.to_string()) else {
         // Checked when the peers file was parsed; kept as a guard, not a panic.
-        return Err(failed(HandshakeFailure::Other));
+        return Err(HandshakeFailure::Other);
     };
-    let connector = TlsConnector::from(mesh.identity.current().client_config());
-    let handshake = tokio::time::timeout(fwd.handshake_timeout, async {
+    let connector = TlsConnector::from(client_config);
+    let handshake = tokio::time::timeout(timeout, async {
         let mut tls = connector
             .connect(server_name, BufReader::with_capacity(TLS_READ_BUF, tcp))
             .await
@@ -99,19 +129,16 @@ pub(crate) async fn over(
         }
         // The header is ours, not the client's, so it is written here rather than
         // replayed by `duplex` (which counts its prefix as bytes read from the client).
-        tls.write_all(&header(target, protocol).encode())
+        tls.write_all(&header.encode())
             .await
             .map_err(|e| HandshakeFailure::of(&e))?;
         Ok(tls)
     })
     .await;
-    let tls = match handshake {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(reason)) => return Err(failed(reason)),
-        Err(_elapsed) => return Err(failed(HandshakeFailure::Timeout)),
-    };
-    debug!(%target, ?peer, %server_id, "mTLS established");
-    Ok(duplex(client, tls, classified.prefix, conn.counters()).await?)
+    match handshake {
+        Ok(result) => result,
+        Err(_elapsed) => Err(HandshakeFailure::Timeout),
+    }
 }
 
 /// The transport header for `target`'s port and the detected `protocol`.

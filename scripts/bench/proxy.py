@@ -15,6 +15,9 @@ Ctrl-C). Paths, all measured in ONE interleaved run (A B C.., A B C.., ...):
                      `mode tcp`, `server orig 0.0.0.0:0` (original destination),
                      `option splice-auto`
   Cn HAProxy         same on 4151 without splicing
+  B0 meshproxy       with --baseline PATH only: another meshproxy binary (the code
+                     before a change), same flags, outbound on 4160, measured in
+                     the same rounds as B for a before/after comparison
 
 Measures: iperf3 1 stream and 8 streams (IPv4 for all paths, IPv6 for A and B: HAProxy
 2.6 cannot recover an IPv6 original destination); 64-byte ping-pong over one
@@ -23,6 +26,7 @@ persistent connection (p50/p99, scripts/bench/netbench); new connections per sec
 10,000 open idle connections through it (HAProxy alongside for comparison).
 
 Usage: scripts/bench/proxy.py [--quick] [--rounds N] [--meshinit PATH] [--meshproxy PATH]
+                              [--baseline PATH] [--profile | --profile-only]
 Needs root. Installs iperf3, haproxy, conntrack, procps, util-linux if missing. Builds
 scripts/bench/netbench and scripts/bench/connrate (std-only, not workspace members).
 Prints a Markdown section for BENCHMARKS.md (also written to --out if given).
@@ -56,6 +60,7 @@ OPAQUE_PORT = 7000  # in meshproxy's --opaque-ports
 DETECT_PORT = 8080  # not opaque: goes through detection
 HOLD_PORT = 9000    # opaque; the peer accepts and holds
 MESH_PORT, HAP_SPLICE_PORT, HAP_PLAIN_PORT = 4140, 4150, 4151
+BASE_PORT = 4160  # --baseline's meshproxy (outbound; inbound 4163, admin 4192)
 PACKAGES = {"iperf3": "iperf3", "haproxy": "haproxy", "conntrack": "conntrack",
             "ss": "iproute2", "nft": "nftables", "setpriv": "util-linux",
             "prlimit": "util-linux", "uptime": "procps"}
@@ -105,13 +110,16 @@ def setup_netns():
 
 
 
-def start_meshproxy(bin_path):
+def start_meshproxy(bin_path, baseline=False):
+    ports = (["--outbound-addr", f"127.0.0.1:{BASE_PORT}", "--inbound-addr", "0.0.0.0:4163",
+              "--admin-addr", "127.0.0.1:4192"] if baseline else ["--admin-addr", "127.0.0.1:4191"])
     p = spawn(in_ns(POD, *as_proxy(bin_path, "--opaque-ports", f"{IPERF_PORT},{OPAQUE_PORT},{HOLD_PORT}",
-                                   "--admin-addr", "127.0.0.1:4191")),
-              stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmpdir, "meshproxy.log"), "ab"),
+                                   *ports)),
+              stdout=subprocess.DEVNULL,
+              stderr=open(os.path.join(tmpdir, "meshproxy-baseline.log" if baseline else "meshproxy.log"), "ab"),
               env=dict(os.environ, RUST_LOG="warn"))
-    wait_port(POD, MESH_PORT)
-    wait_port(POD, 4191)
+    wait_port(POD, BASE_PORT if baseline else MESH_PORT)
+    wait_port(POD, 4192 if baseline else 4191)
     return p
 
 
@@ -224,16 +232,24 @@ class Bench:
         self.rules.set(port)
         # Forget the previous runs' TIME_WAIT conntrack entries (pod namespace only).
         subprocess.run(in_ns(POD, "conntrack", "-F"), capture_output=True)
+        pid = self.pids.get(port)
+        c0 = cpu_ticks(pid) if pid else 0
         out = sh(*in_ns(POD, "prlimit", NOFILE, self.connrate_bin, "--connect", f"{PEER4}:{dport}",
                         "--seconds", str(self.a.conn_seconds)), timeout=self.a.conn_seconds + 60)
-        self.add(("conn", path), float(out.split()[2]))
+        rate = float(out.split()[2])
+        self.add(("conn", path), rate)
+        if pid and rate > 0:
+            # Proxy CPU per connection, µs: the proxy's cost independent of how fast
+            # the (shared, loaded) machine let the client go.
+            secs = (cpu_ticks(pid) - c0) / os.sysconf("SC_CLK_TCK")
+            self.cpu.setdefault(("conn_us", path), []).append(secs / (rate * self.a.conn_seconds) * 1e6)
 
 
-def profile_connrate(bench, pid, seconds):
-    """`perf record -e cpu-clock -g` of meshproxy during one connection-rate run on path B;
-    returns the top frames by self time (software clock: works without hardware counters,
-    as in most VMs) and the connections/s of that run."""
-    bench.rules.set(MESH_PORT)
+def profile_connrate(bench, pid, seconds, port=MESH_PORT):
+    """`perf record -e cpu-clock -g` of meshproxy during one connection-rate run on path B
+    (B0 with `port` = BASE_PORT); returns the top frames by self time (software clock:
+    works without hardware counters, as in most VMs) and the connections/s of that run."""
+    bench.rules.set(port)
     subprocess.run(in_ns(POD, "conntrack", "-F"), capture_output=True)
     data = os.path.join(tmpdir, "perf.data")
     rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid),
@@ -258,7 +274,7 @@ def verify_paths(rules, netbench):
         line = p.stdout.readline()
         if not line.startswith("ready"):
             raise RuntimeError(f"path {path} ({label}): no echo through it")
-        seen = {q: proxy_sockets(q) for q in (MESH_PORT, HAP_SPLICE_PORT, HAP_PLAIN_PORT)}
+        seen = {q: proxy_sockets(q) for q in (MESH_PORT, HAP_SPLICE_PORT, HAP_PLAIN_PORT, BASE_PORT)}
         p.stdin.close()
         p.wait()
         expect = {q: (1 if q == port else 0) for q in seen}
@@ -311,7 +327,7 @@ def report(a, bench, mem, meta):
     g = lambda v: f"{v:.1f}" if v >= 10 else f"{v:.2f}"
     us = lambda v: f"{v:.0f}"
     n = lambda v: f"{v:,.0f}"
-    cols = ["A", "B", "Bd", "C", "Cn"]
+    cols = ["A", "B", "Bd", "C", "Cn"] + (["B0"] if "B0" in PATHS else [])
     lines = []
     w = lines.append
     w("### Proxy datapath: direct vs meshproxy vs HAProxy (pod → peer over veth)")
@@ -331,8 +347,10 @@ def report(a, bench, mem, meta):
       "the same `meshinit apply` rules (only `--outgoing-proxy-port` differs: 4140 / 4150 / 4151) and the "
       "proxy runs as uid 2102.")
     w("")
-    w("| measure | A direct | B meshproxy | Bd meshproxy, detected port | C HAProxy splice | Cn HAProxy no splice | target (B) |")
-    w("|---|---|---|---|---|---|---|")
+    base_col = " B0 meshproxy, baseline binary |" if "B0" in cols else ""
+    w("| measure | A direct | B meshproxy | Bd meshproxy, detected port | C HAProxy splice | Cn HAProxy no splice |"
+      + base_col + " target (B) |")
+    w("|---|---|---|---|---|---|---|" + ("---|" if base_col else ""))
 
     def row(title, measure, f, ratio=True, added=False, target="", paths=cols, na=None):
         cells = []
@@ -352,21 +370,32 @@ def report(a, bench, mem, meta):
         w(f"| {title} | " + " | ".join(cells) + f" | {target} |")
 
     na6 = {"C": "n/a: HAProxy 2.6 has no IPv6 original destination", "Cn": "n/a"}
-    row("iperf3 1 stream, IPv4, Gbit/s", "iperf1v4", g, target="≥ 0.80×")
-    row("iperf3 8 streams, IPv4, Gbit/s", "iperf8v4", g, target="≥ 0.85×")
-    row("iperf3 1 stream, IPv6, Gbit/s", "iperf1v6", g, na=na6)
+    if ("iperf1v4", "A") in r:
+        row("iperf3 1 stream, IPv4, Gbit/s", "iperf1v4", g, target="≥ 0.80×")
+        row("iperf3 8 streams, IPv4, Gbit/s", "iperf8v4", g, target="≥ 0.85×")
+        row("iperf3 1 stream, IPv6, Gbit/s", "iperf1v6", g, na=na6)
     if ("iperf8v6", "A") in r:
         row("iperf3 8 streams, IPv6, Gbit/s", "iperf8v6", g, na=na6)
-    row("64-byte request/response p50, µs (added vs direct)", "p50", us, added=True, target="≤ +15 µs")
-    row("64-byte request/response p99, µs (added vs direct)", "p99", us, added=True)
-    row("new connections/s (connect, 1-byte exchange, close)", "conn", n, target="≥ 0.60×")
+    if ("p50", "A") in r:
+        row("64-byte request/response p50, µs (added vs direct)", "p50", us, added=True, target="≤ +15 µs")
+        row("64-byte request/response p99, µs (added vs direct)", "p99", us, added=True)
+    if ("conn", "A") in r:
+        row("new connections/s (connect, 1-byte exchange, close)", "conn", n, target="≥ 0.60×")
     w("")
     cpu_rows = [(m, t) for m, t in (("iperf1v4", "1 stream"), ("iperf8v4", "8 streams")) if (m, "B") in bench.cpu]
     if cpu_rows:
+        base_cpu = lambda m: (f", baseline meshproxy {statistics.median(bench.cpu[(m, 'B0')]):.0f}%"
+                              if (m, "B0") in bench.cpu else "")
         w("Proxy process CPU during iperf3 (% of one CPU, median of rounds; 200% = both vCPUs): "
-          + "; ".join(f"{t}: meshproxy {statistics.median(bench.cpu[(m, 'B')]):.0f}%, "
+          + "; ".join(f"{t}: meshproxy {statistics.median(bench.cpu[(m, 'B')]):.0f}%{base_cpu(m)}, "
                       f"HAProxy splice {statistics.median(bench.cpu[(m, 'C')]):.0f}%, "
                       f"no splice {statistics.median(bench.cpu[(m, 'Cn')]):.0f}%" for m, t in cpu_rows) + ".")
+        w("")
+    conn_cpu = [p for p in cols if ("conn_us", p) in bench.cpu]
+    if conn_cpu:
+        w("Proxy CPU per new connection during the connection-rate runs (µs of CPU time, median of rounds; "
+          "clock ticks of the proxy process / connections made): "
+          + ", ".join(f"{PATHS[p][0]} {statistics.median(bench.cpu[('conn_us', p)]):.0f} µs" for p in conn_cpu) + ".")
         w("")
     if mem:
         c = a.connections
@@ -407,6 +436,10 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also profile meshproxy (perf record -e cpu-clock -g) during a connection-rate run")
     ap.add_argument("--profile-only", action="store_true", help="only the profile: no rounds, no memory test")
+    ap.add_argument("--baseline", help="another meshproxy binary measured as path B0 in the same rounds")
+    ap.add_argument("--no-memory", action="store_true", help="skip the idle-connections memory test")
+    ap.add_argument("--measures", default="iperf,latency,conn",
+                    help="comma-separated subset of iperf,latency,conn to run in each round")
     a = ap.parse_args()
     a.rounds = a.rounds or (1 if a.quick else 4)
     a.connections = a.connections or (1000 if a.quick else 10000)
@@ -452,45 +485,59 @@ def main():
         for port in (OPAQUE_PORT, DETECT_PORT, HOLD_PORT, IPERF_PORT):
             wait_port(PEER, port)
         mp = start_meshproxy(a.meshproxy)
+        pids = {MESH_PORT: mp.pid}
+        if a.baseline:
+            PATHS["B0"] = ("meshproxy, baseline binary", BASE_PORT, OPAQUE_PORT)
+            pids[BASE_PORT] = start_meshproxy(a.baseline, baseline=True).pid
         hap = start_haproxy()
         rules = Rules(a.meshinit)
         verify_paths(rules, netbench)
         log("paths verified")
         bench = Bench(a, rules, netbench, connrate,
-                      {MESH_PORT: mp.pid, HAP_SPLICE_PORT: hap.pid, HAP_PLAIN_PORT: hap.pid})
+                      {**pids, HAP_SPLICE_PORT: hap.pid, HAP_PLAIN_PORT: hap.pid})
         profile = None
         if a.profile or a.profile_only:
             ensure_packages({"perf": "linux-perf"})
             profile = profile_connrate(bench, mp.pid, max(a.conn_seconds, 5))
             log(f"profiled: {profile[0]:,.0f} conn/s under perf")
         if a.profile_only:
-            print(f"meshproxy during {max(a.conn_seconds, 5)} s of connrate on path B "
-                  f"({profile[0]:,.0f} conn/s under perf; {profile[1].lstrip('# ')}), self time by symbol:\n")
-            print("```\n" + "\n".join(profile[2]) + "\n```")
+            profiled = [("B", profile)]
+            if a.baseline:
+                profiled.append(("B0 (baseline)", profile_connrate(bench, pids[BASE_PORT], max(a.conn_seconds, 5),
+                                                                    BASE_PORT)))
+            for path, prof in profiled:
+                print(f"meshproxy during {max(a.conn_seconds, 5)} s of connrate on path {path} "
+                      f"({prof[0]:,.0f} conn/s under perf; {prof[1].lstrip('# ')}), self time by symbol:\n")
+                print("```\n" + "\n".join(prof[2]) + "\n```")
             return
         for i in range(a.rounds):
             t = time.time()
-            for streams in (1, 8):
-                for p in ("A", "B", "C", "Cn"):
-                    bench.iperf(p, streams, 4)
-            for p in ("A", "B"):
-                bench.iperf(p, 1, 6)
-            if a.ipv6_8_streams:
+            measures = a.measures.split(",")
+            if "iperf" in measures:
+                for streams in (1, 8):
+                    for p in ("A", "B", "C", "Cn") + (("B0",) if a.baseline else ()):
+                        bench.iperf(p, streams, 4)
                 for p in ("A", "B"):
-                    bench.iperf(p, 8, 6)
-            for p in PATHS:
-                bench.latency(p)
-            for p in PATHS:
-                bench.connrate(p)
+                    bench.iperf(p, 1, 6)
+                if a.ipv6_8_streams:
+                    for p in ("A", "B"):
+                        bench.iperf(p, 8, 6)
+            if "latency" in measures:
+                for p in PATHS:
+                    bench.latency(p)
+            if "conn" in measures:
+                for p in PATHS:
+                    bench.connrate(p)
             log(f"round {i + 1}/{a.rounds} done in {time.time() - t:.0f} s; load {open('/proc/loadavg').read().split()[0]}")
         mp.terminate()
         mp.wait(timeout=35)
-        log(f"memory test: {a.connections} connections")
-        try:
-            mem = memory(a.meshproxy, rules, netbench, a.connections, hap.pid)
-        except Exception as e:  # keep the datapath figures
-            log(f"memory test failed: {e}")
-            mem = None
+        mem = None
+        if not a.no_memory:
+            log(f"memory test: {a.connections} connections")
+            try:
+                mem = memory(a.meshproxy, rules, netbench, a.connections, hap.pid)
+            except Exception as e:  # keep the datapath figures
+                log(f"memory test failed: {e}")
         meta["load_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
         text = report(a, bench, mem, meta)
         if profile:

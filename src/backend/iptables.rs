@@ -2,9 +2,10 @@
 //!
 //! Each family is one `*-restore --noflush` call with a single COMMIT. The
 //! two families cannot share a transaction, so apply reads each family's
-//! state first and, when the IPv6 restore fails after the IPv4 one
-//! succeeded, restores the IPv4 state it read: a failed apply never leaves
-//! one family on the new rules and the other on the old ones.
+//! state first (the reads, and then the two restores, run at the same time)
+//! and, when one family's restore fails while the other's succeeded,
+//! restores the state it read for the one that succeeded: a failed apply
+//! never leaves one family on the new rules and the other on the old ones.
 //!
 //! In `tproxy` mode one family's document has two sections, mangle (the
 //! TPROXY chain and the replies chain) then nat (outbound); iptables commits
@@ -18,7 +19,7 @@
 use meshinit_rules::iptables::{chains_in, Table};
 use meshinit_rules::{iptables, Family, Installed, Jumps, Ruleset};
 
-use super::{run, Applied, Backend, BackendError};
+use super::{run, start, Applied, Backend, BackendError, Running};
 
 /// Which iptables implementation writes the rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,13 +84,18 @@ impl Iptables {
 
     /// What of ours `table` of `family` holds.
     fn installed_in(&self, family: Family, table: Table) -> Result<Installed, BackendError> {
-        let save = run(
+        let save = self.start_save(family, table)?.output()?;
+        Ok(Installed::parse_table(&save, table))
+    }
+
+    /// Starts `*-save -t TABLE` of `family`, for [`Installed::parse_table`].
+    fn start_save(&self, family: Family, table: Table) -> Result<Running, BackendError> {
+        start(
             &self.binary(family, "save"),
             &["-t", table.name()],
             None,
             HINT,
-        )?;
-        Ok(Installed::parse_table(&save, table))
+        )
     }
 
     /// The tables of `family` to read (and rewrite) for `ruleset`: nat always;
@@ -107,8 +113,13 @@ impl Iptables {
     }
 
     fn restore(&self, family: Family, document: &str) -> Result<(), BackendError> {
+        self.start_restore(family, document)?.output().map(drop)
+    }
+
+    /// Starts `*-restore --noflush` of `family` with `document`.
+    fn start_restore(&self, family: Family, document: &str) -> Result<Running, BackendError> {
         tracing::debug!(family = ?family, document, "restoring");
-        run(
+        start(
             &self.binary(family, "restore"),
             // -w: wait for the xtables lock that kube-proxy and other
             // iptables writers hold, instead of failing at once.
@@ -116,7 +127,6 @@ impl Iptables {
             Some(document.as_bytes()),
             HINT,
         )
-        .map(drop)
     }
 
     /// Puts one family back to `before`; failures are logged, the caller is
@@ -151,8 +161,8 @@ impl Iptables {
     ///
     /// Legacy tables are listed in `/proc/net/ip{,6}_tables_names` (per
     /// namespace; absent when the module is not loaded). iptables-nft tables
-    /// are nf_tables tables of family `ip` / `ip6`; when `nft` cannot tell, we
-    /// assume they may exist.
+    /// are nf_tables tables of family `ip` / `ip6` named like the iptables table
+    /// (`table ip nat`); when `nft` cannot tell, we assume they may exist.
     fn may_have_tables(&self) -> Tables {
         self.may_have_tables_given(None)
     }
@@ -179,12 +189,19 @@ impl Iptables {
                 |listing| Ok(listing.to_string()),
             ) {
                 Ok(tables) => {
-                    let has = |prefix: &str| tables.lines().any(|l| l.trim().starts_with(prefix));
-                    let (v4, v6) = (has("table ip "), has("table ip6 "));
+                    // Reading a mangle table that is not there costs a `*-save` each.
+                    let has = |family: &str, name: Option<&str>| {
+                        tables.lines().any(|line| {
+                            let mut words = line.split_whitespace();
+                            words.next() == Some("table")
+                                && words.next() == Some(family)
+                                && name.is_none_or(|name| words.next() == Some(name))
+                        })
+                    };
                     Tables {
-                        any: v4 || v6,
-                        nat: [v4, v6],
-                        mangle: [v4, v6],
+                        any: has("ip", None) || has("ip6", None),
+                        nat: [has("ip", Some("nat")), has("ip6", Some("nat"))],
+                        mangle: [has("ip", Some("mangle")), has("ip6", Some("mangle"))],
                     }
                 }
                 Err(_) => Tables {
@@ -238,18 +255,34 @@ impl Backend for Iptables {
         // iptables-nft that is one `nft list tables`, handed on in `Applied` so the
         // leftover checks after the apply run no second one: the restore below
         // changes only `ip`/`ip6` tables, and no other backend's check reads those.
-        let nf_tables = match self.flavor {
-            Flavor::Nft => run("nft", &["list", "tables"], None, super::nft::HINT).ok(),
+        // Each family's nat table is read whatever the listing says (the ruleset
+        // always has nat chains), so those reads run at the same time as the
+        // listing: the processes' start-up, not their work, is most of an apply.
+        let listing = match self.flavor {
+            Flavor::Nft => start("nft", &["list", "tables"], None, super::nft::HINT).ok(),
             Flavor::Legacy => None,
         };
+        let nat_reads = Self::families(ruleset.ipv6)
+            .iter()
+            .map(|&family| (family, self.start_save(family, Table::Nat)))
+            .collect::<Vec<_>>();
+        let nf_tables = listing.and_then(|listing| listing.output().ok());
         let tables = self.may_have_tables_given(nf_tables.as_deref());
         // Read every family first: the states to roll back to.
         let mut steps = Vec::new();
-        for &family in Self::families(ruleset.ipv6) {
+        for (family, nat) in nat_reads {
+            let mut nat = Some(nat);
             let mut before = Vec::new();
             let mut document = String::new();
             for table in self.tables_for(Some(ruleset), family, &tables) {
-                let installed = self.installed_in(family, table)?;
+                let started = match table {
+                    Table::Nat => nat.take(),
+                    Table::Mangle => None,
+                };
+                let installed = match started {
+                    Some(read) => Installed::parse_table(&read?.output()?, table),
+                    None => self.installed_in(family, table)?,
+                };
                 // Nothing of ours in a table the ruleset does not use: leave it be.
                 if chains_in(ruleset, table).is_empty() && installed.is_empty() {
                     continue;
@@ -281,19 +314,37 @@ impl Backend for Iptables {
                 steps.push((Family::V6, before, document));
             }
         }
-        for (i, (family, before, document)) in steps.iter().enumerate() {
-            if let Err(err) = self.restore(*family, document) {
-                for (done, before, _) in &steps[..i] {
-                    self.roll_back(*done, before);
+        // The families' restores run at the same time. Each commits on its own
+        // either way; running them together saves a process's start-up and, with
+        // iptables-nft, a wait: a commit that deletes rules (replacing ours does)
+        // waits for an RCU grace period when its netlink socket closes, and two
+        // commits at once wait for the same one. (iptables-nft retries a commit
+        // that raced another; iptables-legacy's take turns on the xtables lock.)
+        let results = steps
+            .iter()
+            .map(|(family, _, document)| self.start_restore(*family, document))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|started| started.and_then(Running::output).map(drop))
+            .collect::<Vec<_>>();
+        if results.iter().all(Result::is_ok) {
+            return Ok(Applied { nf_tables });
+        }
+        let mut first_error = None;
+        for ((family, before, _), result) in steps.iter().zip(results) {
+            // A family that committed goes back to what it had; so does one whose
+            // document of two tables failed, which may have committed the first.
+            match result {
+                Ok(()) => self.roll_back(*family, before),
+                Err(err) => {
+                    if before.len() > 1 {
+                        self.roll_back(*family, before);
+                    }
+                    first_error.get_or_insert(err);
                 }
-                // A document of two tables may have committed the first.
-                if before.len() > 1 {
-                    self.roll_back(*family, before);
-                }
-                return Err(err);
             }
         }
-        Ok(Applied { nf_tables })
+        first_error.map_or(Ok(Applied { nf_tables }), Err)
     }
 
     fn cleanup(&self) -> Result<(), BackendError> {
@@ -361,5 +412,26 @@ impl Backend for Iptables {
             }
         }
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mangle tables are read only where nft lists one: each read is a `*-save`
+    /// process, and redirect mode has none.
+    #[test]
+    fn the_nft_listing_says_which_iptables_nft_tables_to_read() {
+        let iptables = Iptables::new(Flavor::Nft);
+        let listing = "table ip nat\ntable ip6 filter\ntable inet meshinit\ntable ip mangler\n";
+        let tables = iptables.may_have_tables_given(Some(listing));
+        assert!(tables.any);
+        assert_eq!(tables.nat, [true, false]);
+        assert_eq!(tables.mangle, [false, false]);
+        let tables = iptables.may_have_tables_given(Some("table ip6 mangle\n"));
+        assert_eq!((tables.nat, tables.mangle), ([false, false], [false, true]));
+        let tables = iptables.may_have_tables_given(Some("table inet meshinit\n"));
+        assert!(!tables.any);
     }
 }

@@ -114,15 +114,28 @@ fn outbound_connections_to_mesh_peers_go_over_mtls_whatever_they_speak() {
     use Direction::Outbound;
     let server_id = PEER.to_string();
     for detected in [
-        Some(Detected::Http1),
-        Some(Detected::Http2),
         Some(Detected::Opaque),
+        Some(Detected::Timeout),
         Some(tls(Some("example.com"))),
         None,
     ] {
         assert_eq!(
             meshed(Outbound, "198.18.1.7:80", detected.as_ref()),
             Hop::MtlsOut {
+                server_id: server_id.clone()
+            },
+            "{detected:?}"
+        );
+    }
+    // HTTP to a peer is proxied request by request over the pooled mTLS connection.
+    for (detected, version) in [
+        (Detected::Http1, HttpVersion::Http1),
+        (Detected::Http2, HttpVersion::Http2),
+    ] {
+        assert_eq!(
+            meshed(Outbound, "198.18.1.7:80", Some(&detected)),
+            Hop::MeshHttp {
+                version,
                 server_id: server_id.clone()
             },
             "{detected:?}"
@@ -162,4 +175,25 @@ fn opaque_ports_skip_detection_unless_an_identity_is_required_there() {
     assert!(detects(Direction::Inbound, mysql, &opaque, Some(&mesh)));
     // Outbound, `--require-identity-ports` does not apply.
     assert!(!detects(Direction::Outbound, mysql, &opaque, Some(&mesh)));
+}
+
+#[test]
+fn http_to_a_mesh_peer_needs_an_identity_and_an_outbound_connection() {
+    // Without an identity, HTTP to the same address is plaintext HTTP.
+    assert_eq!(
+        hop(
+            Direction::Outbound,
+            addr("198.18.1.7:80"),
+            Some(&Detected::Http1),
+            None
+        ),
+        Hop::Http(HttpVersion::Http1)
+    );
+    // On an opaque port (detection skipped), a peer still gets the bytes over mTLS.
+    assert_eq!(
+        meshed(Direction::Outbound, "198.18.1.7:3306", None),
+        Hop::MtlsOut {
+            server_id: PEER.to_string()
+        }
+    );
 }

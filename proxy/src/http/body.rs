@@ -123,7 +123,10 @@ impl Body for ResponseBody {
                 {
                     recorder.saw_trailers(trailers);
                 }
-                if this.is_end_stream() {
+                // Trailers are always the last frame, but an HTTP/1 body does not
+                // say it has ended once they are read, and an HTTP/2 server sends
+                // them with END_STREAM and drops the body without polling it again.
+                if frame.is_trailers() || this.is_end_stream() {
                     this.finish(false);
                 }
             }

@@ -13,6 +13,8 @@
 //! | every backend of the `--discovery` service has weight 0 | 503 | `no backend` |
 //! | the client's request does not parse | 400 | `bad request` |
 //! | the client's request head is larger than 64 KiB | 431 | `request header too large` |
+//! | the mTLS handshake with a mesh peer's proxy failed (wrong identity, untrusted, ...) | 502 | `peer handshake failed` |
+//! | a mesh peer, but no identity configured (a guard: `hop` decides no such hop) | 502 | `no identity` |
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +24,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 
 use super::head::BadHead;
+use crate::tls::HandshakeFailure;
 
 /// The response header that marks a response as the proxy's own.
 pub const HEADER: &str = "meshproxy-error";
@@ -52,6 +55,15 @@ pub enum ProxyError {
     /// A balanced service (`--discovery`) whose backends all have weight 0.
     #[error("every backend of service {service} has weight 0")]
     NoBackend { service: std::sync::Arc<str> },
+    #[error("mTLS handshake with {addr}, expected to be {server_id}, failed: {}", reason.as_str())]
+    PeerHandshake {
+        /// The peer proxy's address.
+        addr: SocketAddr,
+        server_id: String,
+        reason: HandshakeFailure,
+    },
+    #[error("{addr} is a mesh peer, but no identity is configured")]
+    NoIdentity { addr: SocketAddr },
 }
 
 impl ProxyError {
@@ -64,6 +76,15 @@ impl ProxyError {
                 ProxyError::Unreachable { addr, source }
             }
             _ => ProxyError::Connect { addr, source },
+        }
+    }
+
+    /// The error of a connect to `addr` given up after `timeout`, which fails with
+    /// `ETIMEDOUT` (see `connect`): a 504, any other error as [`ProxyError::connect`].
+    pub fn connect_within(addr: SocketAddr, source: io::Error, timeout: Duration) -> ProxyError {
+        match source.raw_os_error() {
+            Some(nix::libc::ETIMEDOUT) => ProxyError::ConnectTimeout { addr, timeout },
+            _ => ProxyError::connect(addr, source),
         }
     }
 
@@ -111,6 +132,8 @@ impl ProxyError {
             ProxyError::BadRequest(BadHead::TooLarge) => "request header too large",
             ProxyError::BadRequest(BadHead::Malformed(_)) => "bad request",
             ProxyError::NoBackend { .. } => "no backend",
+            ProxyError::PeerHandshake { .. } => "peer handshake failed",
+            ProxyError::NoIdentity { .. } => "no identity",
         }
     }
 

@@ -36,6 +36,8 @@ use super::errors::{self, ProxyError};
 use super::head::{self, BadHead, Head};
 use super::headers::{self, Upgrade};
 use super::metrics::{RequestLabels, ResponseLabels, Series};
+use super::orig_proto::{self, Carried};
+use super::upstream::pool::MESH_KEEP_ALIVE;
 use super::upstream::pool::{Key, SendError};
 use super::upstream::{Observe, MAX_CONNECT_ATTEMPTS};
 use super::{ClientConn, HttpProxy, Version};
@@ -50,6 +52,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The largest HTTP/1 request head, and HTTP/2 header list, a client may send.
 pub const MAX_HEAD: usize = 64 * 1024;
+
+/// Most concurrent streams on one HTTP/2 connection, from a client or a peer proxy
+/// (whose one connection carries all its clients' requests to us): each holds buffers
+/// and a task, so an unauthenticated client cannot open more.
+pub const MAX_CONCURRENT_STREAMS: u32 = 512;
 
 /// A tunnel to run beside the connection once its upgrade completes.
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -66,6 +73,8 @@ where
 {
     let (tunnels_tx, tunnels_rx) = mpsc::unbounded_channel();
     let version = client.version;
+    let meshed = client.peer_id.is_some();
+    let direction = client.direction;
     let draining = proxy.draining.subscribe();
     let cx = Arc::new(ConnCx {
         proxy,
@@ -92,6 +101,9 @@ where
             };
             let connection = http1::Builder::new()
                 .preserve_header_case(true)
+                // Responses from a mesh peer came over HTTP/2, which lowercases header
+                // names: they are written in Title-Case, as HTTP/1 servers write them.
+                .title_case_headers(meshed && direction == Direction::Outbound)
                 // Nothing is added to responses: the destination's `Date`, or none.
                 .auto_date_header(false)
                 .half_close(true)
@@ -111,12 +123,21 @@ where
         }
         Version::Http2 => {
             let io = TokioIo::new(io);
-            let connection = http2::Builder::new(TokioExecutor::new())
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
                 .auto_date_header(false)
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEAD as u32)
-                .enable_connect_protocol()
-                .serve_connection(io, service);
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .enable_connect_protocol();
+            if meshed {
+                // A peer proxy's pooled connection lives long: one whose peer
+                // vanished is found by pings, not kept until the process ends.
+                builder
+                    .keep_alive_interval(MESH_KEEP_ALIVE)
+                    .keep_alive_timeout(MESH_KEEP_ALIVE);
+            }
+            let connection = builder.serve_connection(io, service);
             let graceful = http2::Connection::graceful_shutdown;
             drive(connection, tunnels_rx, draining, graceful).await
         }
@@ -221,8 +242,14 @@ impl ConnCx {
             Err(error) => return self.answer(error, series, started, None),
         };
         let mut observer = pick.observer.take();
+        let carried = orig_proto::carry(
+            &self.client,
+            &mut parts,
+            &pick.endpoint.transport,
+            upgrade.is_some(),
+        );
         let mut key = Key {
-            version: pick.endpoint.transport.version_for(self.client.version),
+            version: carried.version(&pick.endpoint.transport, self.client.version),
             endpoint: pick.endpoint,
         };
         let mut request = Request::from_parts(parts, body);
@@ -231,6 +258,7 @@ impl ConnCx {
         let mut failed = Vec::new();
         let mut response = loop {
             let addr = key.endpoint.addr;
+            let key_transport = key.endpoint.transport.clone();
             let error = match self.proxy.pool.send_or_return(key, request).await {
                 Ok(response) => break response,
                 Err(SendError {
@@ -239,14 +267,22 @@ impl ConnCx {
                 }) if error.is_connect() && failed.len() + 1 < MAX_CONNECT_ATTEMPTS => {
                     failed.push(addr);
                     let (parts, body) = unsent.into_parts();
-                    match self.client.upstream.retry(&parts, &failed) {
+                    // Only to an endpoint reached the same way: the request was
+                    // already prepared (`carried`) for this transport.
+                    let transport = key_transport.clone();
+                    match self
+                        .client
+                        .upstream
+                        .retry(&parts, &failed)
+                        .filter(|next| next.endpoint.transport == transport)
+                    {
                         Some(mut next) => {
                             if let Some(observer) = observer.take() {
                                 observer.observe(started.elapsed(), true);
                             }
                             observer = next.observer.take();
                             key = Key {
-                                version: next.endpoint.transport.version_for(self.client.version),
+                                version: carried.version(&transport, self.client.version),
                                 endpoint: next.endpoint,
                             };
                             request = Request::from_parts(parts, body);
@@ -280,6 +316,17 @@ impl ConnCx {
                 http::header::CONNECTION,
                 http::HeaderValue::from_static("close"),
             );
+        }
+        match carried {
+            Carried::Upgraded(version) => {
+                orig_proto::restore_response(response.headers_mut());
+                *response.version_mut() = version;
+            }
+            Carried::Downgraded => {
+                let version = response.version();
+                orig_proto::mark_response(response.headers_mut(), version);
+            }
+            Carried::AsIs | Carried::Dedicated => {}
         }
         let grpc =
             headers::is_grpc(response.headers()).then(|| headers::grpc_status(response.headers()));

@@ -7,10 +7,9 @@
 //!   service answers a different endpoint per request and learns from
 //!   [`Pick::observer`] how each one went.
 //! - An [`Endpoint`] is an address and the [`Transport`] that reaches it; it is the
-//!   unit of connection pooling ([`pool::Key`]). Plain TCP today; a mesh peer reached
-//!   over mTLS is one more `Transport` variant (which may speak HTTP/2 whatever the
-//!   client spoke: [`Transport::version_for`]), with its stream in [`io::Io`] and its
-//!   handshake in `pool`'s connect.
+//!   unit of connection pooling ([`pool::Key`]): plain TCP, or [`Transport::Mesh`], the
+//!   peer proxy of a meshed destination over mTLS (HTTP/2 whatever the client spoke:
+//!   [`Transport::version_for`]), its stream in [`io::Io`], opened by a [`MeshConnect`].
 //! - The [`pool::Pool`] sends the request over a pooled connection to the endpoint and
 //!   returns the response head, or the [`ProxyError`] the client is answered with.
 
@@ -18,12 +17,15 @@ pub mod balanced;
 pub mod io;
 pub mod pool;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
 
+use self::io::MeshStream;
 use super::errors::ProxyError;
 use super::Version;
 
@@ -32,14 +34,38 @@ use super::Version;
 pub enum Transport {
     /// A TCP connection to the endpoint's address, speaking the client's HTTP version.
     Plain,
+    /// The endpoint is a mesh peer: an mTLS connection to its proxy, which must prove
+    /// `server_id`, with a transport header naming the endpoint's port. Requests travel
+    /// as HTTP/2 (HTTP/1 ones marked with `l5d-orig-proto`, see `orig_proto`), all of a
+    /// key's over one connection; HTTP/1 upgrades over a dedicated HTTP/1 one.
+    Mesh { server_id: Arc<str> },
+}
+
+/// A connection being opened by a [`MeshConnect`].
+pub type Connecting<'a> = Pin<Box<dyn Future<Output = Result<MeshStream, ProxyError>> + Send + 'a>>;
+
+/// Opens mTLS connections to peer proxies ([`Transport::Mesh`]). Implemented by
+/// `outbound::mesh_http`, which holds the identity and the peers' inbound port.
+pub trait MeshConnect: Send + Sync {
+    /// An mTLS connection to the proxy of `target`, which must prove `server_id`, its
+    /// transport header already sent: `target`'s port and the session protocol
+    /// `session`.
+    fn connect<'a>(
+        &'a self,
+        target: SocketAddr,
+        server_id: &'a str,
+        session: Version,
+    ) -> Connecting<'a>;
 }
 
 impl Transport {
     /// The HTTP version spoken to the endpoint for a client that spoke `client`: the
-    /// same over plain TCP (a transport between proxies may always speak HTTP/2).
+    /// same over plain TCP; HTTP/2 to a mesh peer, whose one pooled connection carries
+    /// every request (except upgrades: `orig_proto::carry`).
     pub fn version_for(&self, client: Version) -> Version {
         match self {
             Transport::Plain => client,
+            Transport::Mesh { .. } => Version::Http2,
         }
     }
 }

@@ -6,7 +6,14 @@
 //!   key, [`MAX_IDLE`] in all), and is closed after [`IDLE_TIMEOUT`] unused.
 //! - **HTTP/2**: one connection per key carries every request, multiplexed; it is
 //!   opened by the first request (the others wait for it rather than open their own)
-//!   and closed after [`IDLE_TIMEOUT`] without a request.
+//!   and closed after [`IDLE_TIMEOUT`] without a request. A connection that fails is
+//!   dropped: the requests on it get a 502 (`upstream closed`), the next request opens
+//!   a new one.
+//! - **Mesh peers** ([`Transport::Mesh`]): the key is (the peer's address and port,
+//!   the identity it must prove), so every client connection to the same meshed
+//!   destination shares one mTLS HTTP/2 connection (pinged every [`MESH_KEEP_ALIVE`])
+//!   and pays no handshake. HTTP/1 upgrades take a dedicated HTTP/1 mTLS connection
+//!   of the same key, which the upgrade consumes.
 //!
 //! The pool is built on hyper's connection-level client (`hyper::client::conn`), not
 //! hyper-util's pooled `Client`: that one rewrites the request target to origin form
@@ -29,7 +36,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::io::Io;
-use super::{Endpoint, Transport};
+use super::{Endpoint, MeshConnect, Transport};
 use crate::connect::connect_from;
 use crate::http::errors::ProxyError;
 use crate::http::Version;
@@ -45,6 +52,10 @@ pub const MAX_IDLE_PER_KEY: usize = 64;
 /// Most idle HTTP/1 connections kept in all: the pool must not hold descriptors a
 /// client could make it open (one idle connection per destination it tried).
 pub const MAX_IDLE: usize = 1024;
+
+/// How often the HTTP/2 connection to a mesh peer is pinged, and how long a ping may
+/// go unanswered before the connection is given up (and replaced by the next request).
+pub const MESH_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// How often idle connections are looked at.
 const REAP_INTERVAL: Duration = Duration::from_secs(10);
@@ -101,6 +112,8 @@ where
 /// The connections to every endpoint, sending request bodies of type `B`.
 pub struct Pool<B = Incoming> {
     connect_timeout: Duration,
+    /// Opens [`Transport::Mesh`] connections; `None` without an identity.
+    mesh: Option<Arc<dyn MeshConnect>>,
     state: Mutex<State<B>>,
     /// Whether the reaper task runs (started with the first idle connection, so that
     /// a pool can be built outside a runtime).
@@ -127,10 +140,12 @@ struct H2Slot<B> {
 }
 
 impl<B: SendBody> Pool<B> {
-    /// A pool whose connects give up after `connect_timeout` (`--connect-timeout`).
-    pub fn new(connect_timeout: Duration) -> Arc<Pool<B>> {
+    /// A pool whose connects give up after `connect_timeout` (`--connect-timeout`), and
+    /// that opens [`Transport::Mesh`] connections with `mesh`, when given.
+    pub fn new(connect_timeout: Duration, mesh: Option<Arc<dyn MeshConnect>>) -> Arc<Pool<B>> {
         Arc::new(Pool {
             connect_timeout,
+            mesh,
             state: Mutex::new(State {
                 idle: HashMap::new(),
                 idle_count: 0,
@@ -248,10 +263,14 @@ impl<B: SendBody> Pool<B> {
     }
 
     async fn connect_h1(&self, key: &Key) -> Result<http1::SendRequest<B>, ProxyError> {
-        let io = self.connect(&key.endpoint).await?;
+        let io = self.connect(&key.endpoint, key.version).await?;
         let addr = key.endpoint.addr;
         let (sender, connection) = http1::Builder::new()
             .preserve_header_case(true)
+            // A request without the case of its header names (one a peer proxy
+            // carried as HTTP/2, whose names are lowercase) gets them in Title-Case,
+            // the way HTTP/1 clients write them; the others keep theirs.
+            .title_case_headers(true)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::upstream(addr, e))?;
@@ -306,10 +325,21 @@ impl<B: SendBody> Pool<B> {
     }
 
     async fn connect_h2(&self, key: &Key) -> Result<http2::SendRequest<B>, ProxyError> {
-        let io = self.connect(&key.endpoint).await?;
+        let io = self.connect(&key.endpoint, key.version).await?;
         let addr = key.endpoint.addr;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        if matches!(key.endpoint.transport, Transport::Mesh { .. }) {
+            // The connection every request to the peer shares: a peer that stopped
+            // answering must be noticed, so that the next request opens a new one,
+            // rather than when a request times out.
+            builder
+                .keep_alive_interval(MESH_KEEP_ALIVE)
+                .keep_alive_timeout(MESH_KEEP_ALIVE)
+                .keep_alive_while_idle(true)
+                .max_header_list_size(crate::http::server::MAX_HEAD as u32);
+        }
+        let (sender, connection) = builder
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::upstream(addr, e))?;
@@ -321,24 +351,27 @@ impl<B: SendBody> Pool<B> {
         Ok(sender)
     }
 
-    /// Opens the transport to `endpoint`, within the connect timeout.
-    async fn connect(&self, endpoint: &Endpoint) -> Result<Io, ProxyError> {
+    /// Opens the transport to `endpoint` for `version`, within the connect timeout
+    /// (and, to a mesh peer, the handshake timeout).
+    async fn connect(&self, endpoint: &Endpoint, version: Version) -> Result<Io, ProxyError> {
         let addr = endpoint.addr;
-        match endpoint.transport {
+        match &endpoint.transport {
             Transport::Plain => {
                 let from = endpoint.source.map(|ip| std::net::SocketAddr::new(ip, 0));
                 let stream = connect_from(addr, from, self.connect_timeout)
                     .await
-                    .map_err(|error| match error.raw_os_error() {
-                        // `connect` times out with the kernel's own errno for it.
-                        Some(nix::libc::ETIMEDOUT) => ProxyError::ConnectTimeout {
-                            addr,
-                            timeout: self.connect_timeout,
-                        },
-                        _ => ProxyError::connect(addr, error),
+                    .map_err(|error| {
+                        ProxyError::connect_within(addr, error, self.connect_timeout)
                     })?;
                 Ok(Io::Plain(stream))
             }
+            Transport::Mesh { server_id } => match &self.mesh {
+                Some(mesh) => Ok(Io::Mesh(Box::new(
+                    mesh.connect(addr, server_id, version).await?,
+                ))),
+                // `hop` only decides a mesh hop with an identity, which builds `mesh`.
+                None => Err(ProxyError::NoIdentity { addr }),
+            },
         }
     }
 

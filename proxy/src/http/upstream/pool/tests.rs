@@ -92,7 +92,7 @@ async fn eventually(what: &str, done: impl Fn() -> bool) {
 #[tokio::test]
 async fn http1_connections_are_reused_then_closed_after_the_idle_timeout() {
     let (addr, seen) = server(false, false, open_gate()).await;
-    let pool = TestPool::new(Duration::from_secs(1));
+    let pool = TestPool::new(Duration::from_secs(1), None);
     let key = key(addr, Version::Http1);
     for _ in 0..3 {
         get(&pool, &key).await;
@@ -114,7 +114,7 @@ async fn http1_connections_are_reused_then_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn a_connection_the_server_closes_is_not_reused() {
     let (addr, seen) = server(false, true, open_gate()).await;
-    let pool = TestPool::new(Duration::from_secs(1));
+    let pool = TestPool::new(Duration::from_secs(1), None);
     let key = key(addr, Version::Http1);
     for n in 1..=5 {
         get(&pool, &key).await;
@@ -126,7 +126,7 @@ async fn a_connection_the_server_closes_is_not_reused() {
 async fn idle_http1_connections_per_key_are_capped() {
     let gate = Arc::new(Semaphore::new(0));
     let (addr, seen) = server(false, false, gate.clone()).await;
-    let pool = TestPool::new(Duration::from_secs(1));
+    let pool = TestPool::new(Duration::from_secs(1), None);
     let key = key(addr, Version::Http1);
     let wanted = MAX_IDLE_PER_KEY + 6;
     let mut requests = tokio::task::JoinSet::new();
@@ -154,7 +154,7 @@ async fn idle_http1_connections_per_key_are_capped() {
 async fn http2_requests_share_one_connection_opened_once() {
     let gate = Arc::new(Semaphore::new(0));
     let (addr, seen) = server(true, false, gate.clone()).await;
-    let pool = TestPool::new(Duration::from_secs(1));
+    let pool = TestPool::new(Duration::from_secs(1), None);
     let key = key(addr, Version::Http2);
     let mut requests = tokio::task::JoinSet::new();
     // Concurrent first requests: they wait for one connection instead of each
@@ -184,7 +184,7 @@ async fn a_refused_connect_is_a_proxy_error() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    let pool = TestPool::new(Duration::from_secs(1));
+    let pool = TestPool::new(Duration::from_secs(1), None);
     let request = Request::get("/").body(Full::new(Bytes::new())).unwrap();
     let error = pool
         .send(key(addr, Version::Http1), request)
