@@ -12,7 +12,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use netns_tests::mesh::Scratch;
+use netns_tests::mesh::{contains, Capture, Mesh, Scratch, PEER_ID, POD_ID};
 use netns_tests::{MeshProxy, Netns, Pods, Run, Spawned};
 
 const SERVICE: &str = "198.18.100.10:8080";
@@ -531,5 +531,66 @@ fn a_refusing_http_endpoint_or_backend_costs_no_request_a_failure() {
         ),
         0.0,
         "{metrics}"
+    );
+}
+
+/// An endpoint with an `identity` is a mesh peer per request too: 50 requests on one
+/// keep-alive connection to the service go over pod A's pooled mTLS HTTP/2 connection to
+/// pod B's proxy (no `--mesh-peers`: only the discovery file says so), the answer never
+/// crosses the veth in plaintext, and B's inbound proxy counts them with A's identity.
+#[test]
+fn an_endpoint_with_an_identity_gets_its_requests_over_mtls() {
+    let pods = Pods::new("dh-mtls");
+    let mesh = Mesh::new("dh-mtls", &pods);
+    pods.pod
+        .ip(&["route", "add", "198.18.100.0/24", "via", "198.18.0.2"])
+        .expect_ok();
+    let _server = start_http(&pods.peer, 8081, "secret-endpoint-b", 0);
+    let file = mesh.scratch.join("discovery.toml");
+    write_discovery(
+        &file,
+        &web(&[("b", 1, &[8081])]).replace(
+            r#"{ addr = "198.18.0.2:8081" }"#,
+            &format!(r#"{{ addr = "198.18.0.2:8081", identity = "{PEER_ID}" }}"#),
+        ),
+    );
+    let b = mesh.start_b(&pods, &[]);
+    let path = file.to_str().expect("a UTF-8 path");
+    let a = mesh.start_a(&pods, None, &["--discovery", path]);
+
+    let capture = Capture::start(&pods.pod, mesh.scratch.join("wire.pcap"));
+    let mut client = KeepAlive::connect(&pods);
+    for i in 0..50 {
+        let response = client.get();
+        assert!(
+            matches!(&response, Ok(r) if r.status == 200 && r.body == "secret-endpoint-b"),
+            "request {i}: {response:?}\n{}\n{}",
+            a.report(),
+            b.report()
+        );
+    }
+    drop(client);
+    let wire = capture.stop();
+    assert!(!wire.is_empty());
+    assert!(
+        !contains(&wire, b"secret-endpoint-b"),
+        "the answer crossed in plaintext"
+    );
+    a.wait_for_metric(
+        "response_total",
+        &[
+            ("direction", "outbound"),
+            ("dst_service", "web"),
+            ("dst_backend", "b"),
+            ("status_code", "200"),
+        ],
+        50.0,
+        METRIC_TIMEOUT,
+    );
+    b.wait_for_metric(
+        "request_total",
+        &[("direction", "inbound"), ("client_id", POD_ID)],
+        50.0,
+        METRIC_TIMEOUT,
     );
 }

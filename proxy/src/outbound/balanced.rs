@@ -8,9 +8,8 @@
 //!
 //! A connection detected as HTTP/1 or HTTP/2 is balanced per request instead
 //! (`http::Balanced`): it is served by the HTTP proxy, and each of its requests picks a
-//! backend by weight and an endpoint by peak-EWMA latency. Unless an endpoint of the
-//! service has an identity: the HTTP pool does not speak mTLS yet, so such a service
-//! stays balanced per connection, encrypted.
+//! backend by weight and an endpoint by peak-EWMA latency (an endpoint with an identity
+//! over the pool's mTLS HTTP/2 connection to its proxy).
 //!
 //! The connection metrics keep the address the client dialled as `target_addr` (the
 //! service address, as bounded as the file) and add `dst_service` and `dst_backend` (empty
@@ -57,12 +56,7 @@ pub(crate) async fn forward(
         Protocol::Http2 => Some(http::Version::Http2),
         Protocol::Opaque | Protocol::Tls => None,
     };
-    let meshed = service
-        .backends
-        .iter()
-        .flat_map(|b| &b.endpoints)
-        .any(|e| e.identity.is_some());
-    if let (Some(version), Some(balancer), false) = (version, &fwd.balancer, meshed) {
+    if let (Some(version), Some(balancer)) = (version, &fwd.balancer) {
         let conn = conn.insert(fwd.open(
             Direction::Outbound,
             original,

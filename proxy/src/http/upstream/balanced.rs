@@ -20,12 +20,9 @@
 //!
 //! All-zero weights answer 503 (`no backend`). A service removed from the file while the
 //! connection is open sends its requests where the client dialled, as a new connection
-//! would be. An endpoint with an `identity` is only reached over mTLS, which the pool does
-//! not speak yet: connections to a service with one are balanced per connection instead
-//! (see `outbound::balanced`), and if a reload adds one mid-connection, a request picked
-//! for it is answered 502 rather than sent in plaintext.
+//! would be. An endpoint with an `identity` is a mesh peer: its requests go over the
+//! pool's mTLS HTTP/2 connection to its proxy (`Transport::Mesh`), never in plaintext.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +30,7 @@ use std::time::Duration;
 use http::request::Parts;
 use tokio::time::Instant;
 
-use super::{Endpoint, Observe, Pick, Upstream};
+use super::{Endpoint, Observe, Pick, Transport, Upstream};
 use crate::balance::{
     Backend, Balancer, Endpoint as BalancedEndpoint, EndpointState, InFlight, Load, Rng,
 };
@@ -59,14 +56,6 @@ impl Upstream for Balanced {
                 service: service.name.clone(),
             });
         };
-        if endpoint.identity.is_some() {
-            return Err(ProxyError::Connect {
-                addr: endpoint.addr,
-                source: io::Error::other(
-                    "the endpoint has an identity (mTLS), which request-level balancing does not speak",
-                ),
-            });
-        }
         Ok(pick(&service.name, backend, endpoint, now))
     }
 
@@ -87,17 +76,26 @@ impl Upstream for Balanced {
         let (backend, endpoint) = service
             .attempts_after(Load::Latency, failed)
             .next(now, &mut rng)?;
-        endpoint
-            .identity
-            .is_none()
-            .then(|| pick(&service.name, backend, endpoint, now))
+        Some(pick(&service.name, backend, endpoint, now))
     }
 }
 
 /// The pick of `endpoint`, in flight from `now`.
 fn pick(service: &Arc<str>, backend: &Backend, endpoint: &BalancedEndpoint, now: Instant) -> Pick {
+    // An endpoint with an identity is a mesh peer: its requests go over the pool's
+    // mTLS HTTP/2 connection to its proxy, which must prove that identity.
+    let transport = match &endpoint.identity {
+        Some(identity) => Transport::Mesh {
+            server_id: identity.as_str().into(),
+        },
+        None => Transport::Plain,
+    };
     Pick {
-        endpoint: Endpoint::plain(endpoint.addr),
+        endpoint: Endpoint {
+            addr: endpoint.addr,
+            transport,
+            source: None,
+        },
         dst: Some((service.clone(), backend.name.clone())),
         observer: Some(Box::new(Observer {
             in_flight: endpoint.state.latency.start(now),
