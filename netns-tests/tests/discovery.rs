@@ -417,6 +417,39 @@ endpoints = [ {{ addr = "198.18.0.2:6390" }}, {{ addr = "198.18.0.2:6379" }} ]
     assert_eq!(closed, closed_ok, "{metrics}");
 }
 
+/// Backend `a`'s only endpoint refuses connections (nothing listens on 6390): a connection
+/// given to `a` moves on to backend `b` instead of failing, so every client is answered
+/// (by `b`), and the connections are counted under the backend that served them.
+#[test]
+fn a_backend_whose_endpoints_all_refuse_hands_its_connections_to_another_backend() {
+    let pods = Pods::new("disc-refuse-backend");
+    let setup = setup("disc-refuse-backend", &pods);
+    let file = setup.scratch.join("discovery.toml");
+    write_discovery(
+        &file,
+        &two_backends(50, 50).replace("198.18.0.2:6379", "198.18.0.2:6390"),
+    );
+    let proxy = start_proxy(&pods, &file);
+    for i in 0..100 {
+        match get_backend(&pods, service_v4()) {
+            Ok(name) if name == "b" => {}
+            other => panic!("connection {i}: {other:?}\n{}", proxy.report()),
+        }
+    }
+    let metrics = proxy.wait_for_metric(
+        "tcp_close_total",
+        &[("dst_service", "redis"), ("dst_backend", "b")],
+        100.0,
+        METRIC_TIMEOUT,
+    );
+    let closed = metrics.sum("tcp_close_total", &[("dst_service", "redis")]);
+    let closed_ok = metrics.sum(
+        "tcp_close_total",
+        &[("dst_service", "redis"), ("errno", "")],
+    );
+    assert_eq!((closed, closed_ok), (100.0, 100.0), "{metrics}");
+}
+
 /// An endpoint with an `identity` is reached over mTLS through its proxy, with no
 /// `--mesh-peers` at all: the value never crosses the veth in plaintext, and both proxies
 /// count the mTLS hop with the other's identity.

@@ -1,10 +1,14 @@
 //! Services from the discovery file (`--discovery`), and the per-connection balancer.
 //!
 //! - `balance/discovery`: the file's model and its validation (pure).
+//! - `balance/p2c`: power-of-two-choices over any cost.
+//! - `balance/ewma`: the peak-EWMA latency estimate per endpoint (per-request cost).
 //! - here: the loaded table (which original destinations are services), reloaded when
 //!   the file changes, and the pickers: a backend by weight, then an endpoint by
-//!   power-of-two-choices over open connections, skipping endpoints set aside after
-//!   failing to connect.
+//!   power-of-two-choices over open connections (per connection) or over peak-EWMA
+//!   latency (per HTTP request), skipping endpoints set aside after failing to
+//!   connect; a failed connect moves on to another endpoint and, once the backend has
+//!   none left, to another backend ([`Attempts`]).
 //!
 //! # Reloading
 //!
@@ -37,8 +41,13 @@ use crate::metrics::{EndpointGauge, Metrics};
 use crate::reload::{stamps, Stamp};
 
 mod discovery;
+mod ewma;
+mod p2c;
 
 pub use self::discovery::{Discovery, DiscoveryError, ServiceProtocol};
+#[cfg(test)]
+pub use self::ewma::FAILURE_RTT;
+pub use self::ewma::{InFlight, PeakEwma};
 
 /// How often, at most, a new connection checks whether the file changed.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(250);
@@ -286,6 +295,85 @@ impl Service {
     pub fn pick_backend(&self, rng: &mut Rng) -> Option<&Backend> {
         pick_weighted(self.backends.iter().map(|b| b.weight), rng).map(|i| &self.backends[i])
     }
+
+    /// The endpoints one connection or request tries, in order (see [`Attempts`]).
+    pub fn attempts(&self, load: Load) -> Attempts<'_> {
+        self.attempts_after(load, &[])
+    }
+
+    /// [`Service::attempts`] of a request that already tried `tried` (a retry: the
+    /// backend is chosen again by weight among those with an untried endpoint).
+    pub fn attempts_after(&self, load: Load, tried: &[SocketAddr]) -> Attempts<'_> {
+        Attempts {
+            service: self,
+            load,
+            backend: None,
+            exhausted: Vec::new(),
+            tried: tried.to_vec(),
+        }
+    }
+}
+
+/// What power-of-two-choices compares endpoints by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    /// Open connections (opaque TCP, one pick per connection).
+    Connections,
+    /// Peak-EWMA latency × requests in flight (HTTP, one pick per request).
+    Latency,
+}
+
+/// One connection's (or request's) way through a service. The first endpoint comes
+/// from a backend chosen by weight; a refused or timed-out connect (always safe to
+/// retry: nothing was sent) moves on to another untried endpoint of the same backend
+/// and, when that backend has none left, to another backend chosen by weight among
+/// those not yet exhausted. Backends of weight 0 are never used: the operator drained
+/// them, and a drained backend may be gone.
+#[derive(Debug)]
+pub struct Attempts<'a> {
+    service: &'a Service,
+    load: Load,
+    backend: Option<usize>,
+    exhausted: Vec<usize>,
+    tried: Vec<SocketAddr>,
+}
+
+impl<'a> Attempts<'a> {
+    /// The next backend and endpoint to try; `None` when every backend of positive
+    /// weight has been exhausted (on the first call: every weight is zero).
+    pub fn next(&mut self, now: Instant, rng: &mut Rng) -> Option<(&'a Backend, &'a Endpoint)> {
+        let backends = &self.service.backends;
+        loop {
+            let index = match self.backend {
+                Some(index) => index,
+                None => {
+                    let exhausted = &self.exhausted;
+                    let weights = backends.iter().enumerate().map(|(i, b)| {
+                        if exhausted.contains(&i) {
+                            0
+                        } else {
+                            b.weight
+                        }
+                    });
+                    let index = pick_weighted(weights, rng)?;
+                    self.backend = Some(index);
+                    index
+                }
+            };
+            let backend = backends.get(index)?;
+            if let Some(endpoint) = backend.pick_endpoint_by(&self.tried, now, rng, self.load) {
+                self.tried.push(endpoint.addr);
+                return Some((backend, endpoint));
+            }
+            self.exhausted.push(index);
+            self.backend = None;
+        }
+    }
+
+    /// How many endpoints were handed out so far.
+    pub fn tried(&self) -> usize {
+        self.tried.len()
+    }
 }
 
 #[derive(Debug)]
@@ -296,16 +384,42 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// An endpoint for a new connection: of those not in `tried` and not set aside,
-    /// the less loaded of two chosen at random. When every untried endpoint is set
-    /// aside they are used anyway (a backend that may be broken beats no backend);
-    /// `None` once all have been tried.
+    /// An endpoint for a new connection: [`Backend::pick_endpoint_by`] open
+    /// connections.
     pub fn pick_endpoint(
         &self,
         tried: &[SocketAddr],
         now: Instant,
         rng: &mut Rng,
     ) -> Option<&Endpoint> {
+        self.pick_endpoint_by(tried, now, rng, Load::Connections)
+    }
+
+    /// An endpoint for a new connection or request: of those not in `tried` and not
+    /// set aside, the less loaded (by `load`) of two chosen at random. When every
+    /// untried endpoint is set aside they are used anyway (a backend that may be
+    /// broken beats no backend); `None` once all have been tried.
+    pub fn pick_endpoint_by(
+        &self,
+        tried: &[SocketAddr],
+        now: Instant,
+        rng: &mut Rng,
+        load: Load,
+    ) -> Option<&Endpoint> {
+        let cost = |e: &Endpoint| match load {
+            Load::Connections => e.state.open() as f64,
+            Load::Latency => e.state.latency.cost(now),
+        };
+        // The common case without a scan (per request, over many endpoints): nothing
+        // tried yet, and the two drawn are both ready. Conditioned on that, the pair is
+        // uniform over the ready pairs, exactly as drawn below after the scan.
+        if tried.is_empty() && self.endpoints.len() >= 2 {
+            let drawn = p2c::draw(self.endpoints.len(), rng);
+            let (a, b) = (&self.endpoints[drawn.0], &self.endpoints[drawn.1]);
+            if a.state.is_ready(now) && b.state.is_ready(now) {
+                return Some(if cost(b) < cost(a) { b } else { a });
+            }
+        }
         let untried = || self.endpoints.iter().filter(|e| !tried.contains(&e.addr));
         let ready: Vec<&Endpoint> = untried().filter(|e| e.state.is_ready(now)).collect();
         let candidates = if ready.is_empty() {
@@ -313,21 +427,7 @@ impl Backend {
         } else {
             ready
         };
-        match candidates.len() {
-            0 => None,
-            1 => Some(candidates[0]),
-            n => {
-                let a = rng.below(n as u64) as usize;
-                // A second index distinct from the first.
-                let b = (a + 1 + rng.below(n as u64 - 1) as usize) % n;
-                let (a, b) = (candidates[a], candidates[b]);
-                Some(if b.state.open() < a.state.open() {
-                    b
-                } else {
-                    a
-                })
-            }
-        }
+        p2c::pick(&candidates, rng, |e| cost(e))
     }
 }
 
@@ -344,6 +444,8 @@ pub struct Endpoint {
 pub struct EndpointState {
     open: AtomicUsize,
     health: Mutex<Health>,
+    /// Latency and requests in flight, for per-request balancing.
+    pub latency: Arc<PeakEwma>,
 }
 
 #[derive(Debug, Default)]

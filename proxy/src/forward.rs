@@ -61,11 +61,11 @@ pub struct Forwarder {
     /// Our listeners, which a transport header must not name (see `inbound`).
     pub(crate) listeners: Listeners,
     /// The services of `--discovery`, when configured (see `outbound::balanced`).
-    balancer: Option<Arc<Balancer>>,
+    pub(crate) balancer: Option<Arc<Balancer>>,
     /// `--inbound-transparent`: connect to the application from the client's address.
     inbound_transparent: bool,
     /// Connections detected as HTTP are proxied request by request (see `http`).
-    http: HttpProxy,
+    pub(crate) http: HttpProxy,
 }
 
 /// The addresses the proxy listens on, by direction.

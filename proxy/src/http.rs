@@ -45,6 +45,7 @@ use crate::route::Direction;
 
 pub use self::errors::ProxyError;
 pub use self::metrics::HttpMetrics;
+pub use self::upstream::balanced::Balanced;
 pub use self::upstream::pool::Pool;
 pub use self::upstream::{Direct, Endpoint, Upstream};
 

@@ -55,8 +55,11 @@
 //! Services (`--discovery`) add a `Route::Balanced` and these:
 //!
 //! - `balance`: the discovery file (`balance/discovery`), reloaded on change, and the
-//!   pickers: a backend by weight, an endpoint by power-of-two-choices, failing
-//!   endpoints set aside; `outbound/balanced` connects and copies.
+//!   pickers: a backend by weight, an endpoint by power-of-two-choices (`balance/p2c`)
+//!   over open connections or peak-EWMA latency (`balance/ewma`), failing endpoints set
+//!   aside, a failed connect moved on to another endpoint or backend;
+//!   `outbound/balanced` connects and copies, or serves an HTTP connection whose
+//!   requests are balanced one by one (`http/upstream/balanced`).
 
 #![deny(rust_2018_idioms)]
 // No module needs `unsafe`: nix wraps the one raw getsockopt we make (orig_dst).

@@ -85,7 +85,9 @@ fn p2c_prefers_the_endpoint_with_fewer_open_connections() {
     let now = Instant::now();
     let mut counts = [0; 3];
     for _ in 0..3000 {
-        let e = backend.pick_endpoint(&[], now, &mut rng).unwrap();
+        let e = backend
+            .pick_endpoint_by(&[], now, &mut rng, Load::Connections)
+            .unwrap();
         counts[backend
             .endpoints
             .iter()
@@ -104,11 +106,15 @@ fn tried_endpoints_are_skipped_and_none_is_left_after_all() {
     let now = Instant::now();
     let mut tried = Vec::new();
     for _ in 0..3 {
-        let e = backend.pick_endpoint(&tried, now, &mut rng).unwrap();
+        let e = backend
+            .pick_endpoint_by(&tried, now, &mut rng, Load::Connections)
+            .unwrap();
         assert!(!tried.contains(&e.addr));
         tried.push(e.addr);
     }
-    assert!(backend.pick_endpoint(&tried, now, &mut rng).is_none());
+    assert!(backend
+        .pick_endpoint_by(&tried, now, &mut rng, Load::Connections)
+        .is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -128,7 +134,7 @@ async fn an_endpoint_that_keeps_failing_is_set_aside_for_the_penalty_then_put_ba
         (0..300)
             .filter(|_| {
                 backend
-                    .pick_endpoint(&[], Instant::now(), rng)
+                    .pick_endpoint_by(&[], Instant::now(), rng, Load::Connections)
                     .unwrap()
                     .addr
                     == bad.addr
@@ -159,14 +165,14 @@ async fn all_set_aside_are_used_anyway() {
     }
     let mut rng = Rng::seeded(9);
     assert!(backend
-        .pick_endpoint(&[], Instant::now(), &mut rng)
+        .pick_endpoint_by(&[], Instant::now(), &mut rng, Load::Connections)
         .is_some());
     // Though an untried ready endpoint is still preferred over set-aside ones.
     backend.endpoints[2].state.succeeded();
     let tried = [backend.endpoints[0].addr];
     for _ in 0..50 {
         let e = backend
-            .pick_endpoint(&tried, Instant::now(), &mut rng)
+            .pick_endpoint_by(&tried, Instant::now(), &mut rng, Load::Connections)
             .unwrap();
         assert_eq!(e.addr, backend.endpoints[2].addr);
     }
@@ -299,6 +305,193 @@ proptest! {
                 let got = *c as f64 / PICKS as f64;
                 prop_assert!((expected - got).abs() < 0.03, "weight {} of {}: {} vs {}", w, total, got, expected);
                 if *w == 0 { prop_assert_eq!(*c, 0); }
+            }
+        }
+    }
+}
+
+/// A service of backends named b0, b1, … each with endpoints 198.18.<backend+1>.<n>:80.
+fn service_of(backends: &[(u32, usize)]) -> Table {
+    let mut text = String::from("[[service]]\nname = \"s\"\naddrs = [\"198.18.100.10:80\"]\n");
+    for (b, (weight, endpoints)) in backends.iter().enumerate() {
+        let endpoints: Vec<String> = (1..=*endpoints)
+            .map(|n| format!("{{ addr = \"198.18.{}.{n}:80\" }}", b + 1))
+            .collect();
+        text += &format!(
+            "[[service.backend]]\nname = \"b{b}\"\nweight = {weight}\nendpoints = [ {} ]\n",
+            endpoints.join(", ")
+        );
+    }
+    table(&text)
+}
+
+#[test]
+fn attempts_move_to_another_endpoint_then_another_backend_never_a_drained_one() {
+    let t = service_of(&[(1, 2), (0, 1), (1, 1)]);
+    let s = service(&t);
+    for seed in 0..50 {
+        let mut rng = Rng::seeded(seed);
+        let mut attempts = s.attempts(Load::Connections);
+        let now = Instant::now();
+        let (first, _) = attempts.next(now, &mut rng).unwrap();
+        let mut backends = vec![first.name.to_string()];
+        let mut endpoints = 1;
+        while let Some((backend, _)) = attempts.next(now, &mut rng) {
+            if backends.last().map(String::as_str) != Some(&*backend.name) {
+                backends.push(backend.name.to_string());
+            }
+            endpoints += 1;
+        }
+        // Every endpoint of b0 and b2 once, backend by backend; b1 (weight 0) never.
+        assert_eq!(endpoints, 3, "seed {seed}");
+        assert_eq!(attempts.tried(), 3);
+        backends.sort();
+        assert_eq!(backends, ["b0", "b2"], "seed {seed}");
+    }
+}
+
+#[test]
+fn all_zero_weights_give_no_attempt_at_all() {
+    let t = service_of(&[(0, 2), (0, 1)]);
+    let mut rng = Rng::seeded(1);
+    let mut attempts = service(&t).attempts(Load::Latency);
+    assert!(attempts.next(Instant::now(), &mut rng).is_none());
+}
+
+/// Index of `endpoint` among all endpoints of the service, backend by backend.
+fn position(s: &Service, endpoint: &Endpoint) -> usize {
+    s.backends
+        .iter()
+        .flat_map(|b| &b.endpoints)
+        .position(|e| e.addr == endpoint.addr)
+        .unwrap()
+}
+
+/// Sends `requests` requests one after another (one keep-alive client) on the paused
+/// clock, each answered after `latency[endpoint]`; returns the requests per endpoint.
+async fn sequential(s: &Service, latency: &[Duration], requests: usize, seed: u64) -> Vec<usize> {
+    let mut rng = Rng::seeded(seed);
+    let mut counts = vec![0; latency.len()];
+    for _ in 0..requests {
+        let (_, endpoint) = s
+            .attempts(Load::Latency)
+            .next(Instant::now(), &mut rng)
+            .unwrap();
+        let i = position(s, endpoint);
+        let sent = endpoint.state.latency.start(Instant::now());
+        tokio::time::advance(latency[i]).await;
+        sent.responded(Instant::now());
+        counts[i] += 1;
+    }
+    counts
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_request_the_endpoint_20ms_slower_gets_a_small_share_but_is_probed() {
+    let ms = Duration::from_millis;
+    for seed in 0..5 {
+        let t = service_of(&[(1, 2)]);
+        let s = service(&t);
+        let latency = [ms(1), ms(21)];
+        let counts = sequential(s, &latency, 300, seed).await;
+        // Both are tried once (unmeasured endpoints are free), then the fast one
+        // takes the rest: the slow one's estimate needs ~30 s to decay below 1 ms.
+        assert_eq!(counts[1], 1, "seed {seed}: {counts:?}");
+        // Over a minute the slow one is probed again now and then, never abandoned.
+        let counts = sequential(s, &latency, 60_000, seed).await;
+        assert!((1..=10).contains(&counts[1]), "seed {seed}: {counts:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_request_an_endpoint_that_turns_slow_loses_its_share_at_once() {
+    let ms = Duration::from_millis;
+    let t = service_of(&[(1, 2)]);
+    let s = service(&t);
+    let counts = sequential(s, &[ms(2), ms(1)], 100, 7).await;
+    assert!(counts[1] >= 95, "{counts:?}");
+    // Endpoint 1 turns 50 ms slow: its very next response moves traffic over.
+    let counts = sequential(s, &[ms(2), ms(50)], 100, 7).await;
+    assert!(counts[1] <= 1 && counts[0] >= 99, "{counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_request_a_burst_spreads_over_equal_endpoints_and_a_new_one_gets_one_probe() {
+    let ms = Duration::from_millis;
+    let t = service_of(&[(1, 2)]);
+    let s = service(&t);
+    let mut rng = Rng::seeded(3);
+    // Endpoint 0 is measured at 5 ms; endpoint 1 is new. A burst of 8 requests (all in
+    // flight at once) sends one probe to the new endpoint and the rest to the known one.
+    let e0 = &s.backends[0].endpoints[0];
+    e0.state
+        .latency
+        .start(Instant::now())
+        .responded(Instant::now() + ms(5));
+    tokio::time::advance(ms(5)).await;
+    let burst = |rng: &mut Rng| {
+        let mut counts = [0, 0];
+        let in_flight: Vec<InFlight> = (0..8)
+            .map(|_| {
+                let (_, e) = s.attempts(Load::Latency).next(Instant::now(), rng).unwrap();
+                counts[position(s, e)] += 1;
+                e.state.latency.start(Instant::now())
+            })
+            .collect();
+        (counts, in_flight)
+    };
+    let (counts, in_flight) = burst(&mut rng);
+    assert_eq!(counts, [7, 1]);
+    tokio::time::advance(ms(5)).await;
+    for sent in in_flight {
+        sent.responded(Instant::now());
+    }
+    // Now both answer in 5 ms: requests in flight split a burst evenly.
+    tokio::time::advance(ms(1)).await;
+    let (counts, _in_flight) = burst(&mut rng);
+    assert_eq!(counts, [4, 4]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_request_a_failing_endpoint_is_avoided() {
+    let t = service_of(&[(1, 2)]);
+    let s = service(&t);
+    let [e0, e1] = [&s.backends[0].endpoints[0], &s.backends[0].endpoints[1]];
+    let now = Instant::now();
+    e0.state
+        .latency
+        .start(now)
+        .responded(now + Duration::from_millis(3));
+    // Endpoint 1 refuses at once: fast, but a failure counts as FAILURE_RTT.
+    e1.state.latency.start(now).failed(now);
+    tokio::time::advance(Duration::from_millis(3)).await;
+    let counts = sequential(s, &[Duration::from_millis(3); 2], 200, 5).await;
+    assert_eq!(counts, [200, 0]);
+}
+
+proptest! {
+    /// Per request, the first backend chosen follows the weights as closely as
+    /// `pick_weighted` does (same tolerance as above), whatever the endpoints' load.
+    #[test]
+    fn per_request_attempts_honour_weights(weights in prop::collection::vec(0u32..1000, 1..5), seed: u64) {
+        let t = service_of(&weights.iter().map(|&w| (w, 2)).collect::<Vec<_>>());
+        let s = service(&t);
+        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        let mut rng = Rng::seeded(seed);
+        let mut counts = vec![0u64; weights.len()];
+        const PICKS: u64 = 10_000;
+        let now = Instant::now();
+        for _ in 0..PICKS {
+            match s.attempts(Load::Latency).next(now, &mut rng) {
+                Some((b, _)) => counts[s.backends.iter().position(|x| x.name == b.name).unwrap()] += 1,
+                None => prop_assert_eq!(total, 0),
+            }
+        }
+        if total > 0 {
+            for (w, c) in weights.iter().zip(&counts) {
+                let got = *c as f64 / PICKS as f64;
+                let expected = *w as f64 / total as f64;
+                prop_assert!((expected - got).abs() < 0.03, "weight {} of {}: {} vs {}", w, total, got, expected);
             }
         }
     }

@@ -10,6 +10,7 @@
 //! | no connection within `--connect-timeout` | 504 | `connect timeout` |
 //! | the destination closed or reset before answering | 502 | `upstream closed` |
 //! | the destination answered something that is not HTTP | 502 | `upstream protocol error` |
+//! | every backend of the `--discovery` service has weight 0 | 503 | `no backend` |
 //! | the client's request does not parse | 400 | `bad request` |
 //! | the client's request head is larger than 64 KiB | 431 | `request header too large` |
 //! | the mTLS handshake with a mesh peer's proxy failed (wrong identity, untrusted, ...) | 502 | `peer handshake failed` |
@@ -51,6 +52,9 @@ pub enum ProxyError {
     },
     #[error("the client's request does not parse: {0}")]
     BadRequest(BadHead),
+    /// A balanced service (`--discovery`) whose backends all have weight 0.
+    #[error("every backend of service {service} has weight 0")]
+    NoBackend { service: std::sync::Arc<str> },
     #[error("mTLS handshake with {addr}, expected to be {server_id}, failed: {}", reason.as_str())]
     PeerHandshake {
         /// The peer proxy's address.
@@ -93,9 +97,21 @@ impl ProxyError {
         }
     }
 
+    /// Whether the connect failed, so that nothing of the request was sent.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Refused { .. }
+                | ProxyError::Unreachable { .. }
+                | ProxyError::Connect { .. }
+                | ProxyError::ConnectTimeout { .. }
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest(BadHead::TooLarge) => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
@@ -115,6 +131,7 @@ impl ProxyError {
             ProxyError::UpstreamProtocol { .. } => "upstream protocol error",
             ProxyError::BadRequest(BadHead::TooLarge) => "request header too large",
             ProxyError::BadRequest(BadHead::Malformed(_)) => "bad request",
+            ProxyError::NoBackend { .. } => "no backend",
             ProxyError::PeerHandshake { .. } => "peer handshake failed",
             ProxyError::NoIdentity { .. } => "no identity",
         }

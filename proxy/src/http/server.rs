@@ -37,9 +37,9 @@ use super::head::{self, BadHead, Head};
 use super::headers::{self, Upgrade};
 use super::metrics::{RequestLabels, ResponseLabels, Series};
 use super::orig_proto::{self, Carried};
-use super::upstream::pool::Key;
 use super::upstream::pool::MESH_KEEP_ALIVE;
-use super::upstream::Observe;
+use super::upstream::pool::{Key, SendError};
+use super::upstream::{Observe, MAX_CONNECT_ATTEMPTS};
 use super::{ClientConn, HttpProxy, Version};
 use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
@@ -241,21 +241,59 @@ impl ConnCx {
             Ok(pick) => pick,
             Err(error) => return self.answer(error, series, started, None),
         };
-        let observer = pick.observer.take();
+        let mut observer = pick.observer.take();
         let carried = orig_proto::carry(
             &self.client,
             &mut parts,
             &pick.endpoint.transport,
             upgrade.is_some(),
         );
-        let key = Key {
+        let mut key = Key {
             version: carried.version(&pick.endpoint.transport, self.client.version),
             endpoint: pick.endpoint,
         };
-        let request = Request::from_parts(parts, body);
-        let mut response = match self.proxy.pool.send(key, request).await {
-            Ok(response) => response,
-            Err(error) => return self.answer(error, series, started, observer),
+        let mut request = Request::from_parts(parts, body);
+        // A failed connect sent nothing, so the upstream may offer another endpoint (a
+        // balanced service does; the labels stay those of the first pick).
+        let mut failed = Vec::new();
+        let mut response = loop {
+            let addr = key.endpoint.addr;
+            let key_transport = key.endpoint.transport.clone();
+            let error = match self.proxy.pool.send_or_return(key, request).await {
+                Ok(response) => break response,
+                Err(SendError {
+                    error,
+                    unsent: Some(unsent),
+                }) if error.is_connect() && failed.len() + 1 < MAX_CONNECT_ATTEMPTS => {
+                    failed.push(addr);
+                    let (parts, body) = unsent.into_parts();
+                    // Only to an endpoint reached the same way: the request was
+                    // already prepared (`carried`) for this transport.
+                    let transport = key_transport.clone();
+                    match self
+                        .client
+                        .upstream
+                        .retry(&parts, &failed)
+                        .filter(|next| next.endpoint.transport == transport)
+                    {
+                        Some(mut next) => {
+                            if let Some(observer) = observer.take() {
+                                observer.observe(started.elapsed(), true);
+                            }
+                            observer = next.observer.take();
+                            key = Key {
+                                version: carried.version(&transport, self.client.version),
+                                endpoint: next.endpoint,
+                            };
+                            request = Request::from_parts(parts, body);
+                            continue;
+                        }
+                        None => error,
+                    }
+                }
+                Err(SendError { error, .. }) => error,
+            };
+            return self.answer(error, series, started, observer);
         };
         let upgraded = match (upgrade, client_upgrade) {
             (Some(kind), Some(client)) if kind.accepted(&response) => {

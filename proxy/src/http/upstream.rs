@@ -13,6 +13,7 @@
 //! - The [`pool::Pool`] sends the request over a pooled connection to the endpoint and
 //!   returns the response head, or the [`ProxyError`] the client is answered with.
 
+pub mod balanced;
 pub mod io;
 pub mod pool;
 
@@ -122,7 +123,18 @@ pub trait Upstream: Send + Sync {
     /// The endpoint for the request whose head is `request`, or the error the client
     /// is answered with (a service without a usable backend, ...).
     fn pick(&self, request: &Parts) -> Result<Pick, ProxyError>;
+
+    /// Another endpoint for a request whose connects to `failed` (in order) failed, so
+    /// that nothing of it was sent; `None` when there is none to try (the default: a
+    /// destination is one endpoint).
+    fn retry(&self, _request: &Parts, _failed: &[SocketAddr]) -> Option<Pick> {
+        None
+    }
 }
+
+/// How many endpoints one request tries when connects fail (as for a balanced TCP
+/// connection).
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 
 /// The original destination, for every request: plaintext forwarding.
 #[derive(Clone, Debug)]

@@ -60,6 +60,31 @@ pub const MESH_KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// How often idle connections are looked at.
 const REAP_INTERVAL: Duration = Duration::from_secs(10);
 
+/// A request the pool could not send: why, and the request itself when none of it left
+/// (its connect failed), so that it can be tried on another endpoint.
+pub struct SendError<B> {
+    pub error: ProxyError,
+    pub unsent: Option<Request<B>>,
+}
+
+impl<B> SendError<B> {
+    fn unsent(error: ProxyError, request: Request<B>) -> SendError<B> {
+        SendError {
+            error,
+            unsent: Some(request),
+        }
+    }
+}
+
+impl<B> From<ProxyError> for SendError<B> {
+    fn from(error: ProxyError) -> SendError<B> {
+        SendError {
+            error,
+            unsent: None,
+        }
+    }
+}
+
 /// What a pooled connection is for.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Key {
@@ -135,12 +160,25 @@ impl<B: SendBody> Pool<B> {
     }
 
     /// Sends `request` to the endpoint of `key` and returns the response head; its
-    /// body streams from the connection.
+    /// body streams from the connection. (The proxy uses [`Pool::send_or_return`].)
+    #[cfg(test)]
     pub async fn send(
         self: &Arc<Self>,
         key: Key,
         request: Request<B>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        self.send_or_return(key, request)
+            .await
+            .map_err(|failed| failed.error)
+    }
+
+    /// [`Pool::send`], which hands the request back when the connect failed (nothing of
+    /// it was sent), so that the caller may try another endpoint.
+    pub async fn send_or_return(
+        self: &Arc<Self>,
+        key: Key,
+        request: Request<B>,
+    ) -> Result<Response<Incoming>, SendError<B>> {
         self.start_reaper();
         match key.version {
             Version::Http1 => self.send_h1(key, request).await,
@@ -152,12 +190,15 @@ impl<B: SendBody> Pool<B> {
         self: &Arc<Self>,
         key: Key,
         mut request: Request<B>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, SendError<B>> {
         let addr = key.endpoint.addr;
         loop {
             let (mut sender, reused) = match self.checkout_h1(&key) {
                 Some(sender) => (sender, true),
-                None => (self.connect_h1(&key).await?, false),
+                None => match self.connect_h1(&key).await {
+                    Ok(sender) => (sender, false),
+                    Err(error) => return Err(SendError::unsent(error, request)),
+                },
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -171,7 +212,7 @@ impl<B: SendBody> Pool<B> {
                         debug!(%addr, error = %error.error(), "idle connection was closed, retrying");
                         request = unsent;
                     }
-                    _ => return Err(ProxyError::upstream(addr, error.into_error())),
+                    _ => return Err(ProxyError::upstream(addr, error.into_error()).into()),
                 },
             }
         }
@@ -245,7 +286,7 @@ impl<B: SendBody> Pool<B> {
         self: &Arc<Self>,
         key: Key,
         request: Request<B>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, SendError<B>> {
         let addr = key.endpoint.addr;
         let slot = self
             .lock()
@@ -267,7 +308,10 @@ impl<B: SendBody> Pool<B> {
                 match slot.ready() {
                     Some(sender) => sender,
                     None => {
-                        let sender = self.connect_h2(&key).await?;
+                        let sender = match self.connect_h2(&key).await {
+                            Ok(sender) => sender,
+                            Err(error) => return Err(SendError::unsent(error, request)),
+                        };
                         *lock(&slot.sender) = Some(sender.clone());
                         sender
                     }
@@ -277,7 +321,7 @@ impl<B: SendBody> Pool<B> {
         sender
             .send_request(request)
             .await
-            .map_err(|e| ProxyError::upstream(addr, e))
+            .map_err(|e| ProxyError::upstream(addr, e).into())
     }
 
     async fn connect_h2(&self, key: &Key) -> Result<http2::SendRequest<B>, ProxyError> {
