@@ -226,8 +226,9 @@ for pod in peer web; do
   done
 done
 http() { in_ns curl -sS --max-time 5 "$@"; }
-wait_for() { # URL: until it answers (the app starts behind `meshproxy await`)
-  for _ in $(seq 100); do http -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
+wait_for() { # URL: until the app answers (it starts behind `meshproxy await`); -f: the
+  # inbound proxy itself answers 502 while nothing listens on the app's port yet
+  for _ in $(seq 100); do http -f -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
   pm logs web-app || true; fail "nothing answers $1"
 }
 wait_for "http://$SUBNET.10:8080/"
@@ -249,8 +250,12 @@ expect "web outbound, mTLS" "$web_metrics" \
   "^tcp_open_total\\{direction=\"outbound\",target_addr=\"$SUBNET.20:8080\",protocol=\"http1\",tls=\"true\",server_id=\"peer.default.mesh.local\"\\} [2-9]"
 expect "web inbound" "$web_metrics" \
   "^tcp_open_total\\{direction=\"inbound\",target_addr=\"$SUBNET.10:8080\",protocol=\"http1\",tls=\"false\"\\} [1-9]"
+# Between the proxies the app's HTTP/1 requests share one pooled mTLS HTTP/2
+# connection, and the peer's inbound proxy counts each request under web's identity.
 expect "peer inbound, mTLS" "$peer_metrics" \
-  "^tcp_open_total\\{direction=\"inbound\",target_addr=\"$SUBNET.20:8080\",protocol=\"http1\",tls=\"true\",client_id=\"web.default.mesh.local\"\\} [2-9]"
+  "^tcp_open_total\\{direction=\"inbound\",target_addr=\"$SUBNET.20:8080\",protocol=\"http2\",tls=\"true\",client_id=\"web.default.mesh.local\"\\} [1-9]"
+expect "peer inbound, mTLS requests" "$peer_metrics" \
+  "^request_total\\{direction=\"inbound\",target_addr=\"$SUBNET.20:8080\",.*tls=\"true\",.*client_id=\"web.default.mesh.local\".*\\} [2-9]"
 pm pod rm --force --time 0 web peer >/dev/null 2>&1
 
 # ---------------------------------------------------------------------------
