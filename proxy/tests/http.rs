@@ -4,7 +4,6 @@
 //! admin server. No redirect rules here: the netns tests cover those.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,67 +11,29 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshproxy::{BoundAddrs, Config, Proxy, ProxyArgs, ServerError};
+use hyper_util::rt::TokioIo;
+use meshproxy::{Config, Proxy, ProxyArgs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 #[path = "support/admin.rs"]
 mod admin;
+#[path = "support/http.rs"]
+mod support;
 
-struct Running {
-    addrs: BoundAddrs,
-    _shutdown: oneshot::Sender<()>,
-    _task: JoinHandle<Result<(), ServerError>>,
-}
-
-impl Running {
-    fn outbound(&self) -> SocketAddr {
-        self.addrs.outbound[0]
-    }
-
-    fn inbound(&self) -> SocketAddr {
-        self.addrs.inbound[0]
-    }
-
-    async fn metrics(&self) -> String {
-        admin::get_metrics(self.addrs.admin).await
-    }
-}
+use support::{
+    assert_counted, full, h1_client, h2_client, outbound, read_until, sample, start, with_status,
+    BoxError, Count, Running, ServerBody,
+};
 
 /// A proxy on loopback that sends every connection to `target`.
 async fn proxy_to(target: SocketAddr, tweak: impl FnOnce(&mut ProxyArgs)) -> Running {
-    let mut args = ProxyArgs {
-        inbound_addr: Some("127.0.0.1:0".into()),
-        outbound_addr: Some("127.0.0.1:0".into()),
-        admin_addr: Some("127.0.0.1:0".into()),
-        ..ProxyArgs::default()
-    };
+    let mut args = support::loopback_args();
     tweak(&mut args);
-    let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
-    let proxy = Proxy::bind(config).await.unwrap();
-    let addrs = proxy.local_addrs();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(proxy.serve_with(move |_| Ok(target), async {
-        let _ = rx.await;
-    }));
-    Running {
-        addrs,
-        _shutdown: tx,
-        _task: task,
-    }
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type ServerBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
-
-fn full(bytes: impl Into<Bytes>) -> ServerBody {
-    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+    start(args, Some(target)).await
 }
 
 /// A hyper server (HTTP/1 with upgrades, or HTTP/2) answering with `handle`; counts
@@ -82,89 +43,7 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<ServerBody>> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            let handle = handle.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let handle = handle.clone();
-                    async move { Ok::<_, Infallible>(handle(req).await) }
-                });
-                let io = TokioIo::new(stream);
-                if http2 {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, service)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .preserve_header_case(true)
-                        .serve_connection(io, service)
-                        .with_upgrades()
-                        .await;
-                }
-            });
-        }
-    });
-    (addr, accepted)
-}
-
-async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<ServerBody> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn.with_upgrades());
-    sender
-}
-
-async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<ServerBody> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-/// The value of the sample whose line starts with `prefix` (name and labels).
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(prefix) && line[prefix.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-}
-
-fn value(metrics: &str, prefix: &str) -> f64 {
-    sample(metrics, prefix).unwrap_or_else(|| panic!("no sample {prefix} in:\n{metrics}"))
-}
-
-/// The labels of outbound requests to `target` with `authority`.
-fn outbound(target: SocketAddr, authority: &str) -> String {
-    format!(r#"direction="outbound",target_addr="{target}",authority="{authority}",tls="false""#)
-}
-
-/// Reads from `stream` until `until` appears in what was read (or EOF).
-async fn read_until(stream: &mut TcpStream, until: &[u8]) -> Vec<u8> {
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !seen.windows(until.len()).any(|w| w == until) {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-            .await
-            .expect("no answer within 10 s")
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        seen.extend_from_slice(&buf[..n]);
-    }
-    seen
+    support::serve(Count::Connections, http2, handle).await
 }
 
 #[tokio::test]
@@ -184,23 +63,18 @@ async fn a_thousand_requests_on_one_keep_alive_connection_are_a_thousand_request
     }
     let m = proxy.metrics().await;
     let labels = outbound(target, "web.test");
-    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1000.0);
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="200",classification="success"}}"#)
-        ),
-        1000.0
+    assert_counted(&m, "request_total", &labels, 1000.0);
+    assert_counted(
+        &m,
+        "response_total",
+        &with_status(&labels, 200, "success"),
+        1000.0,
     );
-    assert_eq!(
-        value(&m, &format!("response_latency_seconds_count{{{labels}}}")),
-        1000.0
-    );
+    assert_counted(&m, "response_latency_seconds_count", &labels, 1000.0);
     // The TCP metrics of the client's connection are still there, labelled http1.
-    let conn = format!(
-        r#"tcp_open_total{{direction="outbound",target_addr="{target}",protocol="http1",tls="false"}}"#
-    );
-    assert_eq!(value(&m, &conn), 1.0);
+    let conn =
+        format!(r#"direction="outbound",target_addr="{target}",protocol="http1",tls="false""#);
+    assert_counted(&m, "tcp_open_total", &conn, 1.0);
     // One pooled connection to the destination carried all of them.
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
@@ -226,12 +100,11 @@ async fn a_503_is_a_failure() {
     response.into_body().collect().await.unwrap();
     let m = proxy.metrics().await;
     let labels = outbound(target, "busy.test");
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="503",classification="failure"}}"#)
-        ),
-        1.0
+    assert_counted(
+        &m,
+        "response_total",
+        &with_status(&labels, 503, "failure"),
+        1.0,
     );
 }
 
@@ -285,19 +158,15 @@ async fn grpc_status_in_trailers_is_a_labelled_failure_and_trailers_pass() {
 
     let m = proxy.metrics().await;
     let labels = outbound(target, "grpc.test");
-    assert_eq!(
-        value(
-            &m,
-            &format!(
-                r#"response_total{{{labels},status_code="200",classification="failure",grpc_status="5"}}"#
-            )
-        ),
-        1.0
+    assert_counted(
+        &m,
+        "response_total",
+        &format!(r#"{labels},status_code="200",classification="failure",grpc_status="5""#),
+        1.0,
     );
-    let conn = format!(
-        r#"tcp_open_total{{direction="outbound",target_addr="{target}",protocol="http2",tls="false"}}"#
-    );
-    assert_eq!(value(&m, &conn), 1.0);
+    let conn =
+        format!(r#"direction="outbound",target_addr="{target}",protocol="http2",tls="false""#);
+    assert_counted(&m, "tcp_open_total", &conn, 1.0);
 }
 
 /// Many concurrent streams on one client connection are served concurrently, over one
@@ -335,13 +204,7 @@ async fn http2_streams_are_multiplexed_over_one_connection() {
     );
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     let m = proxy.metrics().await;
-    assert_eq!(
-        value(
-            &m,
-            &format!("request_total{{{}}}", outbound(target, "mux.test"))
-        ),
-        50.0
-    );
+    assert_counted(&m, "request_total", &outbound(target, "mux.test"), 50.0);
 }
 
 #[tokio::test]
@@ -362,12 +225,11 @@ async fn a_refused_connect_is_a_502_with_the_cause() {
     response.into_body().collect().await.unwrap();
     let m = proxy.metrics().await;
     let labels = outbound(target, "gone.test");
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="502",classification="failure"}}"#)
-        ),
-        1.0
+    assert_counted(
+        &m,
+        "response_total",
+        &with_status(&labels, 502, "failure"),
+        1.0,
     );
 }
 
@@ -385,7 +247,7 @@ async fn inbound_requests_have_no_authority_label() {
     response.into_body().collect().await.unwrap();
     let m = proxy.metrics().await;
     let labels = format!(r#"direction="inbound",target_addr="{target}",tls="false""#);
-    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
+    assert_counted(&m, "request_total", &labels, 1.0);
 }
 
 /// What a hand-written HTTP/1 server received: the head of each request.
@@ -484,13 +346,12 @@ async fn a_request_that_does_not_parse_is_a_400_with_the_cause() {
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was forwarded");
     let m = proxy.metrics().await;
     let labels = outbound(target, "");
-    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="400",classification="failure"}}"#)
-        ),
-        1.0
+    assert_counted(&m, "request_total", &labels, 1.0);
+    assert_counted(
+        &m,
+        "response_total",
+        &with_status(&labels, 400, "failure"),
+        1.0,
     );
 }
 
@@ -533,12 +394,11 @@ async fn a_connect_timeout_is_a_504_with_the_cause() {
     );
     let m = proxy.metrics().await;
     let labels = outbound(target, "slow.test");
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="504",classification="failure"}}"#)
-        ),
-        1.0
+    assert_counted(
+        &m,
+        "response_total",
+        &with_status(&labels, 504, "failure"),
+        1.0,
     );
 }
 
@@ -631,13 +491,7 @@ async fn pipelined_requests_are_answered_in_order() {
         .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{responses}");
     let m = proxy.metrics().await;
-    assert_eq!(
-        value(
-            &m,
-            &format!("request_total{{{}}}", outbound(target, "p.test"))
-        ),
-        3.0
-    );
+    assert_counted(&m, "request_total", &outbound(target, "p.test"), 3.0);
 }
 
 /// 128 MiB chunked upload to a server that does not read for a while: the client can
@@ -808,13 +662,12 @@ async fn an_upgraded_connection_echoes_and_is_one_request() {
     }
     let m = proxy.metrics().await;
     let labels = outbound(target, "ws.test");
-    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="101",classification="success"}}"#)
-        ),
-        1.0
+    assert_counted(&m, "request_total", &labels, 1.0);
+    assert_counted(
+        &m,
+        "response_total",
+        &with_status(&labels, 101, "success"),
+        1.0,
     );
 }
 
@@ -841,7 +694,7 @@ async fn a_connect_tunnel_carries_opaque_bytes() {
     assert_eq!(&echoed, b"\x16\x03\x01 tls-ish bytes");
     let m = proxy.metrics().await;
     let labels = outbound(target, "tunnel.test:443");
-    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
+    assert_counted(&m, "request_total", &labels, 1.0);
 }
 
 /// A response whose body the destination cuts short is a failure, whatever its status.
@@ -1020,13 +873,7 @@ async fn a_hostile_host_header_keeps_the_metrics_valid() {
         .unwrap();
     read_until(&mut client, b"ok").await;
     let m = proxy.metrics().await;
-    assert_eq!(
-        value(
-            &m,
-            &format!("request_total{{{}}}", outbound(target, "invalid"))
-        ),
-        1.0
-    );
+    assert_counted(&m, "request_total", &outbound(target, "invalid"), 1.0);
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
