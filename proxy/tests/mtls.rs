@@ -6,8 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,62 +24,12 @@ use tokio_rustls::TlsConnector;
 #[path = "support/admin.rs"]
 mod admin_support;
 use admin_support::get_metrics;
+#[path = "support/pki.rs"]
+mod pki;
+use pki::Pki;
 
 const A: &str = "a.default.mesh.local";
 const B: &str = "b.default.mesh.local";
-
-/// A directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("meshproxy-{test}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A dev CA and the identities it issues, in a temporary directory.
-struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    fn new(test: &str) -> Pki {
-        let dir = TempDir::new(test);
-        meshproxy::new_ca(&dir.0.join("ca")).unwrap();
-        Pki { dir }
-    }
-
-    fn anchors(&self) -> PathBuf {
-        self.dir.0.join("ca/ca.crt")
-    }
-
-    /// Issues (or re-issues, replacing the files) the identity `name`.
-    fn issue(&self, name: &str) -> IdentityFiles {
-        let issued = meshproxy::issue(&self.dir.0.join("ca"), name, &self.dir.0).unwrap();
-        IdentityFiles {
-            cert: issued.cert,
-            key: issued.key,
-            trust_anchors: self.anchors(),
-        }
-    }
-
-    fn write(&self, file: &str, contents: &str) -> PathBuf {
-        let path = self.dir.0.join(file);
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
-}
 
 struct Running {
     addrs: BoundAddrs,
@@ -96,16 +45,7 @@ impl Running {
 }
 
 fn args(identity: &IdentityFiles, tweak: impl FnOnce(&mut ProxyArgs)) -> ProxyArgs {
-    let mut args = ProxyArgs {
-        inbound_addr: Some("127.0.0.1:0".into()),
-        outbound_addr: Some("127.0.0.1:0".into()),
-        admin_addr: Some("127.0.0.1:0".into()),
-        identity_cert: Some(identity.cert.display().to_string()),
-        identity_key: Some(identity.key.display().to_string()),
-        trust_anchors: Some(identity.trust_anchors.display().to_string()),
-        detect_timeout: Some("2s".into()),
-        ..ProxyArgs::default()
-    };
+    let mut args = pki::identity_args(identity);
     tweak(&mut args);
     args
 }
