@@ -38,14 +38,7 @@ fn over_mtls_200_client_connections_share_a_handful_of_proxy_connections() {
     assert_eq!(h2load_requests(&run, "succeeded"), CLIENTS, "{run}");
 
     expect(&a, "outbound", "request_total", to, &[], CLIENTS as f64);
-    expect(
-        &a,
-        "outbound",
-        "tcp_open_total",
-        to,
-        &[("protocol", "http1")],
-        CLIENTS as f64,
-    );
+    expect_connections(&a, "outbound", to, "http1", CLIENTS as f64);
     // B's inbound proxy: which address it labels a request that came over mTLS with is
     // its own business; it has no other inbound traffic.
     let inbound = [("direction", "inbound")];
