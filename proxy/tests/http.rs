@@ -25,8 +25,8 @@ mod admin;
 mod support;
 
 use support::{
-    assert_counted, full, h1_client, h2_client, outbound, read_until, sample, start, with_status,
-    BoxError, Count, Running, ServerBody,
+    assert_counted, assert_responses, full, h1_client, h2_client, outbound, read_until, sample,
+    start, BoxError, Count, Running, ServerBody,
 };
 
 /// A proxy on loopback that sends every connection to `target`.
@@ -34,6 +34,19 @@ async fn proxy_to(target: SocketAddr, tweak: impl FnOnce(&mut ProxyArgs)) -> Run
     let mut args = support::loopback_args();
     tweak(&mut args);
     start(args, Some(target)).await
+}
+
+/// The response to `GET path` with `Host: host` on `client`.
+async fn get(
+    client: &mut hyper::client::conn::http1::SendRequest<ServerBody>,
+    host: &str,
+    path: &str,
+) -> Response<Incoming> {
+    let request = Request::get(path)
+        .header("host", host)
+        .body(full(""))
+        .unwrap();
+    client.send_request(request).await.unwrap()
 }
 
 /// A hyper server (HTTP/1 with upgrades, or HTTP/2) answering with `handle`; counts
@@ -52,11 +65,7 @@ async fn a_thousand_requests_on_one_keep_alive_connection_are_a_thousand_request
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
     for _ in 0..1000 {
-        let request = Request::get("/hello")
-            .header("host", "web.test")
-            .body(full(""))
-            .unwrap();
-        let response = client.send_request(request).await.unwrap();
+        let response = get(&mut client, "web.test", "/hello").await;
         assert_eq!(response.status(), StatusCode::OK);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -64,12 +73,7 @@ async fn a_thousand_requests_on_one_keep_alive_connection_are_a_thousand_request
     let m = proxy.metrics().await;
     let labels = outbound(target, "web.test");
     assert_counted(&m, "request_total", &labels, 1000.0);
-    assert_counted(
-        &m,
-        "response_total",
-        &with_status(&labels, 200, "success"),
-        1000.0,
-    );
+    assert_responses(&m, &labels, 200, "success", 1000.0);
     assert_counted(&m, "response_latency_seconds_count", &labels, 1000.0);
     // The TCP metrics of the client's connection are still there, labelled http1.
     let conn =
@@ -89,23 +93,14 @@ async fn a_503_is_a_failure() {
     .await;
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
-    let request = Request::get("/")
-        .header("host", "busy.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "busy.test", "/").await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     // The application's own error passes unchanged: no proxy header.
     assert!(!response.headers().contains_key("meshproxy-error"));
     response.into_body().collect().await.unwrap();
     let m = proxy.metrics().await;
     let labels = outbound(target, "busy.test");
-    assert_counted(
-        &m,
-        "response_total",
-        &with_status(&labels, 503, "failure"),
-        1.0,
-    );
+    assert_responses(&m, &labels, 503, "failure", 1.0);
 }
 
 /// A gRPC-shaped exchange over HTTP/2: the request streams frames and trailers, the
@@ -215,22 +210,13 @@ async fn a_refused_connect_is_a_502_with_the_cause() {
     drop(closed);
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
-    let request = Request::get("/")
-        .header("host", "gone.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "gone.test", "/").await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(response.headers()["meshproxy-error"], "connection refused");
     response.into_body().collect().await.unwrap();
     let m = proxy.metrics().await;
     let labels = outbound(target, "gone.test");
-    assert_counted(
-        &m,
-        "response_total",
-        &with_status(&labels, 502, "failure"),
-        1.0,
-    );
+    assert_responses(&m, &labels, 502, "failure", 1.0);
 }
 
 /// Inbound requests are labelled without `authority`.
@@ -239,11 +225,7 @@ async fn inbound_requests_have_no_authority_label() {
     let (target, _) = server(false, |_req| async { Response::new(full("in")) }).await;
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.inbound()).await;
-    let request = Request::get("/")
-        .header("host", "in.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "in.test", "/").await;
     response.into_body().collect().await.unwrap();
     let m = proxy.metrics().await;
     let labels = format!(r#"direction="inbound",target_addr="{target}",tls="false""#);
@@ -347,12 +329,7 @@ async fn a_request_that_does_not_parse_is_a_400_with_the_cause() {
     let m = proxy.metrics().await;
     let labels = outbound(target, "");
     assert_counted(&m, "request_total", &labels, 1.0);
-    assert_counted(
-        &m,
-        "response_total",
-        &with_status(&labels, 400, "failure"),
-        1.0,
-    );
+    assert_responses(&m, &labels, 400, "failure", 1.0);
 }
 
 /// A listener whose accept queue is full: the kernel drops further SYNs, so a connect
@@ -380,11 +357,7 @@ async fn a_connect_timeout_is_a_504_with_the_cause() {
     let proxy = proxy_to(target, |a| a.connect_timeout = Some("300ms".into())).await;
     let mut client = h1_client(proxy.outbound()).await;
     let started = std::time::Instant::now();
-    let request = Request::get("/")
-        .header("host", "slow.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "slow.test", "/").await;
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(response.headers()["meshproxy-error"], "connect timeout");
     let elapsed = started.elapsed();
@@ -394,12 +367,7 @@ async fn a_connect_timeout_is_a_504_with_the_cause() {
     );
     let m = proxy.metrics().await;
     let labels = outbound(target, "slow.test");
-    assert_counted(
-        &m,
-        "response_total",
-        &with_status(&labels, 504, "failure"),
-        1.0,
-    );
+    assert_responses(&m, &labels, 504, "failure", 1.0);
 }
 
 #[tokio::test]
@@ -579,11 +547,7 @@ async fn a_large_response_streams_with_backpressure() {
     .await;
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
-    let request = Request::get("/download")
-        .header("host", "down.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "down.test", "/download").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stalled_at = produced.load(Ordering::SeqCst);
     assert!(
@@ -651,24 +615,11 @@ async fn an_upgraded_connection_echoes_and_is_one_request() {
         head.contains("\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
         "{head}"
     );
-    for message in [&b"\x81\x05hello"[..], b"opaque bytes, both ways"] {
-        client.write_all(message).await.unwrap();
-        let mut echoed = vec![0; message.len()];
-        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(echoed, message);
-    }
+    support::assert_echoed(&mut client, &[b"\x81\x05hello", b"opaque bytes, both ways"]).await;
     let m = proxy.metrics().await;
     let labels = outbound(target, "ws.test");
     assert_counted(&m, "request_total", &labels, 1.0);
-    assert_counted(
-        &m,
-        "response_total",
-        &with_status(&labels, 101, "success"),
-        1.0,
-    );
+    assert_responses(&m, &labels, 101, "success", 1.0);
 }
 
 #[tokio::test]
@@ -703,11 +654,7 @@ async fn a_body_cut_short_is_a_failure() {
     let (target, _) = raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello").await;
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
-    let request = Request::get("/")
-        .header("host", "cut.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "cut.test", "/").await;
     assert_eq!(response.status(), StatusCode::OK);
     assert!(
         response.into_body().collect().await.is_err(),

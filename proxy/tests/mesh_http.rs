@@ -447,15 +447,7 @@ async fn an_http1_upgrade_to_a_peer_takes_a_dedicated_mtls_connection_and_echoes
         head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
         "{head}"
     );
-    for message in [&b"\x81\x05hello"[..], b"opaque bytes, both ways"] {
-        client.write_all(message).await.unwrap();
-        let mut echoed = vec![0; message.len()];
-        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(echoed, message);
-    }
+    support::assert_echoed(&mut client, &[b"\x81\x05hello", b"opaque bytes, both ways"]).await;
     let a_metrics = a.metrics().await;
     assert_eq!(
         sample(

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshproxy::{BoundAddrs, Config, Proxy, ProxyArgs, ServerError};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -204,8 +204,30 @@ pub fn outbound(target: SocketAddr, authority: &str) -> String {
     format!(r#"direction="outbound",target_addr="{target}",authority="{authority}",tls="false""#)
 }
 
-/// The labels of a response with `status` classified as `classification`, after the
-/// request's `labels`.
-pub fn with_status(labels: &str, status: u16, classification: &str) -> String {
-    format!(r#"{labels},status_code="{status}",classification="{classification}""#)
+/// Asserts that `metrics` counts `expected` responses with the request's `labels`,
+/// `status` and `classification`.
+#[track_caller]
+pub fn assert_responses(
+    metrics: &str,
+    labels: &str,
+    status: u16,
+    classification: &str,
+    expected: f64,
+) {
+    let labels = format!(r#"{labels},status_code="{status}",classification="{classification}""#);
+    assert_counted(metrics, "response_total", &labels, expected);
+}
+
+/// Writes each of `messages` to `stream` and reads it back (an echo at the far end);
+/// panics after 10 s without it.
+pub async fn assert_echoed(stream: &mut TcpStream, messages: &[&[u8]]) {
+    for message in messages {
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0; message.len()];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&echoed, message);
+    }
 }
