@@ -10,20 +10,21 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meshproxy::{BoundAddrs, Config, IdentityFiles, Proxy, ProxyArgs, ServerError};
+use meshproxy::{Config, IdentityFiles, ProxyArgs};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 #[path = "support/admin.rs"]
-mod admin_support;
-use admin_support::get_metrics;
+mod admin;
+use admin::get_metrics;
+#[path = "support/http.rs"]
+mod support;
+use support::{start, Running};
 #[path = "support/pki.rs"]
 mod pki;
 use pki::Pki;
@@ -31,45 +32,10 @@ use pki::Pki;
 const A: &str = "a.default.mesh.local";
 const B: &str = "b.default.mesh.local";
 
-struct Running {
-    addrs: BoundAddrs,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), ServerError>>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        self.shutdown.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-}
-
 fn args(identity: &IdentityFiles, tweak: impl FnOnce(&mut ProxyArgs)) -> ProxyArgs {
     let mut args = pki::identity_args(identity);
     tweak(&mut args);
     args
-}
-
-/// Starts a proxy; `target` fixes every destination, `None` uses the real
-/// `SO_ORIGINAL_DST` (on loopback: "not redirected", which the inbound listener
-/// treats as a direct connection).
-async fn start(args: ProxyArgs, target: Option<SocketAddr>) -> Running {
-    let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
-    let proxy = Proxy::bind(config).await.unwrap();
-    let addrs = proxy.local_addrs();
-    let (tx, rx) = oneshot::channel::<()>();
-    let shutdown = async {
-        let _ = rx.await;
-    };
-    let task = match target {
-        Some(target) => tokio::spawn(proxy.serve_with(move |_| Ok(target), shutdown)),
-        None => tokio::spawn(proxy.serve(shutdown)),
-    };
-    Running {
-        addrs,
-        shutdown: Some(tx),
-        task,
-    }
 }
 
 /// The inbound proxy `b` and the outbound proxy `a` meshed with it, `a` sending every
@@ -84,10 +50,7 @@ async fn mesh(pki: &Pki, app: SocketAddr, tap: bool) -> (Running, Running, Optio
         None
     };
     let peer_port = tap.as_ref().map_or(b_inbound.port(), |t| t.addr.port());
-    let peers = pki.write(
-        "peers.toml",
-        &format!("[[peer]]\nnet = \"127.0.0.1/32\"\nidentity = \"{B}\"\n"),
-    );
+    let peers = pki.peers(B);
     let a_args = args(&pki.issue(A), |a| {
         a.mesh_peers = Some(peers.display().to_string());
         a.peer_inbound_port = Some(peer_port.to_string());

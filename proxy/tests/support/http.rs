@@ -51,7 +51,7 @@ impl Running {
 
     /// Shuts the proxy down (its grace period, then whatever is left is closed).
     pub async fn stop(self) {
-        let _ = self.shutdown.send(());
+        self.shutdown.send(()).expect("the proxy is still serving");
         self.task.await.unwrap().unwrap();
     }
 }
