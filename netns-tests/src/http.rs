@@ -200,6 +200,39 @@ pub fn assert_fetched_sha256(ns: &Netns, client: &str, url: &str, sha: &str) {
     );
 }
 
+/// The JSON that a client script (`grpc_echo.py call`, `ws_echo.py call`) prints, and its
+/// run; the run must succeed.
+#[track_caller]
+pub fn python_call(ns: &Netns, name: &str, args: &[&str]) -> (serde_json::Value, Run) {
+    let run = apps::python_client(ns, name, args).expect_ok();
+    let result = serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    (result, run)
+}
+
+/// A request reaches nginx's `/echo` as the client sent it: Host with its case, method,
+/// path and query, a custom header, the protocol version (HTTP/1.1 to `to`).
+#[track_caller]
+pub fn assert_echo_unchanged(ns: &Netns, to: SocketAddr) {
+    let run = curl(
+        ns,
+        &[
+            "-g",
+            "-X",
+            "PATCH",
+            "-H",
+            "Host: Shop.Example:8080",
+            "-H",
+            "X-Custom: kept as is",
+            &url(to, "/echo?a=1&b=%20"),
+        ],
+    )
+    .expect_ok();
+    assert_eq!(
+        run.stdout, "Shop.Example:8080 PATCH /echo?a=1&b=%20 kept as is HTTP/1.1\n",
+        "{run}"
+    );
+}
+
 /// The peak resident memory (`VmHWM`) of process `pid`, in MiB.
 pub fn peak_rss_mib(pid: u32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -36,10 +36,7 @@ fn grpc_not_found_is_a_failure_with_grpc_status_5_and_bidi_streaming_flows_both_
     let pair = mesh_both(&pods);
     for family in Family::ALL {
         let to = SocketAddr::new(family.peer(), GRPC);
-        let run =
-            apps::python_client(&pods.pod, "grpc_echo.py", &["call", &to.to_string()]).expect_ok();
-        let result: serde_json::Value =
-            serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+        let (result, run) = python_call(&pods.pod, "grpc_echo.py", &["call", &to.to_string()]);
         assert_eq!(result["echo"], "hello through the mesh", "{run}");
         assert_eq!(result["missing"]["code"], 5, "{run}");
         assert_eq!(result["missing"]["details"], "no such thing", "{run}");
@@ -182,10 +179,7 @@ fn a_websocket_echoes_after_the_upgrade_and_counts_as_one_request() {
     let pair = mesh_both(&pods);
     for family in Family::ALL {
         let to = SocketAddr::new(family.peer(), WS);
-        let run = apps::python_client(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")])
-            .expect_ok();
-        let result: serde_json::Value =
-            serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+        let (result, run) = python_call(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")]);
         assert_eq!(result["status"], 101, "{run}");
         assert_eq!(result["echoed"], result["sent"], "{run}");
         assert!(result.get("mismatch_at").is_none(), "{run}");

@@ -92,23 +92,7 @@ fn over_mtls_http1_grpc_and_websocket_reach_the_application_unchanged_and_are_co
     // client sent it: Host with its case, method, path and query, a custom header, the
     // protocol version.
     let to = SocketAddr::new(Family::V4.peer(), HTTP1);
-    let run = curl(
-        &pods.pod,
-        &[
-            "-X",
-            "PATCH",
-            "-H",
-            "Host: Shop.Example:8080",
-            "-H",
-            "X-Custom: kept as is",
-            &url(to, "/echo?a=1&b=%20"),
-        ],
-    )
-    .expect_ok();
-    assert_eq!(
-        run.stdout, "Shop.Example:8080 PATCH /echo?a=1&b=%20 kept as is HTTP/1.1\n",
-        "{run}"
-    );
+    assert_echo_unchanged(&pods.pod, to);
     let run = curl(
         &pods.pod,
         &["-w", "%{http_code}", "-o", "/dev/null", &url(to, "/fail")],
@@ -142,10 +126,7 @@ fn over_mtls_http1_grpc_and_websocket_reach_the_application_unchanged_and_are_co
 
     // gRPC: statuses in trailers and a bidirectional stream, across the mTLS hop.
     let to = SocketAddr::new(Family::V4.peer(), GRPC);
-    let run =
-        apps::python_client(&pods.pod, "grpc_echo.py", &["call", &to.to_string()]).expect_ok();
-    let result: serde_json::Value =
-        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    let (result, run) = python_call(&pods.pod, "grpc_echo.py", &["call", &to.to_string()]);
     assert_eq!(result["echo"], "hello through the mesh", "{run}");
     assert_eq!(result["missing"]["code"], 5, "{run}");
     assert_eq!(result["chat"]["code"], 0, "{run}");
@@ -176,10 +157,7 @@ fn over_mtls_http1_grpc_and_websocket_reach_the_application_unchanged_and_are_co
 
     // A WebSocket, upgraded across the mTLS hop.
     let to = SocketAddr::new(Family::V4.peer(), WS);
-    let run =
-        apps::python_client(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")]).expect_ok();
-    let result: serde_json::Value =
-        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    let (result, run) = python_call(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")]);
     assert_eq!(result["status"], 101, "{run}");
     assert_eq!(result["echoed"], result["sent"], "{run}");
     expect(&a, "outbound", "request_total", to, &tls, 1.0);
