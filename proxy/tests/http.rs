@@ -26,7 +26,7 @@ mod support;
 
 use support::{
     assert_counted, assert_responses, full, h1_client, h2_client, outbound, read_until, sample,
-    start, BoxError, Count, Running, ServerBody,
+    start, with_trailers, BoxError, Count, Running, ServerBody,
 };
 
 /// A proxy on loopback that sends every connection to `target`.
@@ -118,11 +118,7 @@ async fn grpc_status_in_trailers_is_a_labelled_failure_and_trailers_pass() {
         if let Some(value) = request_trailers.get("x-request-trailer") {
             trailers.insert("x-echoed-trailer", value.clone());
         }
-        let frames = vec![
-            Ok::<_, BoxError>(Frame::data(echoed)),
-            Ok(Frame::trailers(trailers)),
-        ];
-        let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let body = with_trailers(echoed, trailers);
         Response::builder()
             .header("content-type", "application/grpc")
             .body(body)
@@ -133,14 +129,13 @@ async fn grpc_status_in_trailers_is_a_labelled_failure_and_trailers_pass() {
     let mut client = h2_client(proxy.outbound()).await;
     let mut request_trailers = HeaderMap::new();
     request_trailers.insert("x-request-trailer", "sent".parse().unwrap());
-    let frames = vec![
-        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"\0\0\0\0\x05hello"))),
-        Ok(Frame::trailers(request_trailers)),
-    ];
     let request = Request::post("http://grpc.test/pkg.Service/Method")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .body(with_trailers(
+            Bytes::from_static(b"\0\0\0\0\x05hello"),
+            request_trailers,
+        ))
         .unwrap();
     let response = client.send_request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -596,18 +591,7 @@ async fn an_upgraded_connection_echoes_and_is_one_request() {
     let (target, _) = server(false, upgrading_handler).await;
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
-    client
-        .write_all(
-            b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let head = String::from_utf8(read_until(&mut client, b"\r\n\r\n").await).unwrap();
-    assert!(
-        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
-        "{head}"
-    );
+    let head = support::upgrade_to_websocket(&mut client).await;
     // (hyper's server in the test writes header names in lower case.)
     assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
     assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
@@ -856,14 +840,10 @@ async fn http1_trailers_pass_both_ways() {
             .expect("the request's trailer arrived");
         let mut trailers = HeaderMap::new();
         trailers.insert("x-echoed", echoed);
-        let frames = vec![
-            Ok::<_, BoxError>(Frame::data(collected.to_bytes())),
-            Ok(Frame::trailers(trailers)),
-        ];
         // HTTP/1 senders (hyper too) send only the trailers `Trailer` declares.
         Response::builder()
             .header("trailer", "x-echoed")
-            .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+            .body(with_trailers(collected.to_bytes(), trailers))
             .unwrap()
     })
     .await;
@@ -871,15 +851,11 @@ async fn http1_trailers_pass_both_ways() {
     let mut client = h1_client(proxy.outbound()).await;
     let mut trailers = HeaderMap::new();
     trailers.insert("x-checksum", "abc123".parse().unwrap());
-    let frames = vec![
-        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"payload"))),
-        Ok(Frame::trailers(trailers)),
-    ];
     let request = Request::post("/t")
         .header("host", "trailers.test")
         .header("te", "trailers")
         .header("trailer", "x-checksum")
-        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .body(with_trailers(Bytes::from_static(b"payload"), trailers))
         .unwrap();
     let response = client.send_request(request).await.unwrap();
     let collected = response.into_body().collect().await.unwrap();

@@ -27,7 +27,9 @@ mod pki;
 mod support;
 
 use pki::{identity_args as args, Pki};
-use support::{full, h1_client, h2_client, sample, start, BoxError, Count, Running, ServerBody};
+use support::{
+    full, h1_client, h2_client, sample, start, with_trailers, BoxError, Count, Running, ServerBody,
+};
 
 const A: &str = "a.default.mesh.local";
 const B: &str = "b.default.mesh.local";
@@ -352,13 +354,9 @@ async fn grpc_like(req: Request<Incoming>) -> Response<ServerBody> {
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", "5".parse().unwrap());
     trailers.insert("grpc-message", "not found".parse().unwrap());
-    let frames = vec![
-        Ok::<_, BoxError>(Frame::data(body)),
-        Ok(Frame::trailers(trailers)),
-    ];
     Response::builder()
         .header("content-type", "application/grpc")
-        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .body(with_trailers(body, trailers))
         .unwrap()
 }
 
@@ -435,18 +433,7 @@ async fn an_http1_upgrade_to_a_peer_takes_a_dedicated_mtls_connection_and_echoes
     let (app_addr, _) = app(false, upgrading).await;
     let (a, b) = mesh(&pki, app_addr, B).await;
     let mut client = TcpStream::connect(a.addrs.outbound[0]).await.unwrap();
-    client
-        .write_all(
-            b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let head = String::from_utf8(read_until(&mut client, b"\r\n\r\n").await).unwrap();
-    assert!(
-        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
-        "{head}"
-    );
+    support::upgrade_to_websocket(&mut client).await;
     support::assert_echoed(&mut client, &[b"\x81\x05hello", b"opaque bytes, both ways"]).await;
     let a_metrics = a.metrics().await;
     assert_eq!(

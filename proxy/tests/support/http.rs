@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshproxy::{BoundAddrs, Config, Proxy, ProxyArgs, ServerError};
@@ -138,6 +138,33 @@ where
         }
     });
     (addr, counter)
+}
+
+/// A body of `data`, then `trailers`.
+pub fn with_trailers(data: impl Into<Bytes>, trailers: http::HeaderMap) -> ServerBody {
+    let frames = vec![
+        Ok::<_, BoxError>(Frame::data(data.into())),
+        Ok(Frame::trailers(trailers)),
+    ];
+    StreamBody::new(futures_util::stream::iter(frames)).boxed()
+}
+
+/// Asks for a WebSocket upgrade of `/chat` at `ws.test` on `stream`; the head of the
+/// answer, which must be a `101`.
+pub async fn upgrade_to_websocket(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = String::from_utf8(read_until(stream, b"\r\n\r\n").await).unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{head}"
+    );
+    head
 }
 
 pub async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<ServerBody> {
