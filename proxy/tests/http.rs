@@ -25,8 +25,8 @@ mod admin;
 mod support;
 
 use support::{
-    assert_counted, assert_responses, full, h1_client, h2_client, outbound, read_until, sample,
-    start, with_trailers, BoxError, Count, Running, ServerBody,
+    assert_counted, assert_responses, full, h1_client, h2_client, outbound, read_until, start,
+    with_trailers, BoxError, Count, Running, ServerBody,
 };
 
 /// A proxy on loopback that sends every connection to `target`.
@@ -645,16 +645,7 @@ async fn a_body_cut_short_is_a_failure() {
         "the client sees the body end in an error, not a clean end"
     );
     let labels = outbound(target, "cut.test");
-    let series =
-        format!(r#"response_total{{{labels},status_code="200",classification="failure"}}"#);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sample(&proxy.metrics().await, &series) != Some(1.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{series} never counted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_for_responses(&proxy, &labels, 200, "failure", 1.0).await;
 }
 
 /// HTTP/2 `CONNECT` (a tunnel over one stream of a multiplexed connection): opaque
@@ -777,18 +768,8 @@ async fn a_later_request_that_does_not_parse_is_counted_as_a_failure() {
         response.contains("HTTP/1.1 400 Bad Request\r\n"),
         "{response}"
     );
-    let failed = format!(
-        r#"response_total{{{},status_code="400",classification="failure"}}"#,
-        outbound(target, "")
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sample(&proxy.metrics().await, &failed) != Some(1.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{failed} never counted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let labels = outbound(target, "");
+    support::wait_for_responses(&proxy, &labels, 400, "failure", 1.0).await;
 }
 
 /// `authority` is whatever a client writes: a `Host` that would break the text format

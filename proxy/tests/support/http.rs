@@ -245,6 +245,29 @@ pub fn assert_responses(
     assert_counted(metrics, "response_total", &labels, expected);
 }
 
+/// Scrapes `proxy` until it counts `expected` responses with the request's `labels`,
+/// `status` and `classification` (a response is counted when its body ends, which may
+/// be a moment after the client saw it end); panics after 10 s.
+pub async fn wait_for_responses(
+    proxy: &Running,
+    labels: &str,
+    status: u16,
+    classification: &str,
+    expected: f64,
+) {
+    let series = format!(
+        r#"response_total{{{labels},status_code="{status}",classification="{classification}"}}"#
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(&proxy.metrics().await, &series) != Some(expected) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} never counted {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Writes each of `messages` to `stream` and reads it back (an echo at the far end);
 /// panics after 10 s without it.
 pub async fn assert_echoed(stream: &mut TcpStream, messages: &[&[u8]]) {
