@@ -70,6 +70,20 @@ impl Pair<'_> {
             expect(&self.inbound, "inbound", name, target, labels, want),
         )
     }
+
+    /// Waits until both proxies count `want` responses from `target` with `status_code`
+    /// `status`, classified `classification`.
+    #[track_caller]
+    pub fn expect_responses(
+        &self,
+        target: SocketAddr,
+        status: &str,
+        classification: &str,
+        want: f64,
+    ) -> (Metrics, Metrics) {
+        let labels = [("status_code", status), ("classification", classification)];
+        self.expect("response_total", target, &labels, want)
+    }
 }
 
 /// Waits until `name{direction, target_addr=target, labels…}` sums to `want` at `proxy`.
@@ -86,6 +100,40 @@ pub fn expect(
     let mut all = vec![("direction", direction), ("target_addr", target.as_str())];
     all.extend_from_slice(labels);
     proxy.wait_for_metric(name, &all, want, METRICS_TIMEOUT)
+}
+
+/// Waits until `proxy` counts `want` responses from `target` with `status_code` `status`,
+/// classified `classification`.
+#[track_caller]
+pub fn expect_responses(
+    proxy: &MeshProxy<'_>,
+    direction: &str,
+    target: SocketAddr,
+    status: &str,
+    classification: &str,
+    want: f64,
+) -> Metrics {
+    let labels = [("status_code", status), ("classification", classification)];
+    expect(proxy, direction, "response_total", target, &labels, want)
+}
+
+/// Waits until `proxy` counts `want` connections to `target` detected as `protocol`.
+#[track_caller]
+pub fn expect_connections(
+    proxy: &MeshProxy<'_>,
+    direction: &str,
+    target: SocketAddr,
+    protocol: &str,
+    want: f64,
+) -> Metrics {
+    expect(
+        proxy,
+        direction,
+        "tcp_open_total",
+        target,
+        &[("protocol", protocol)],
+        want,
+    )
 }
 
 /// nginx's sites: HTTP/1.1 on [`HTTP1`] and HTTP/2 on [`H2C`], both families, serving the
@@ -130,6 +178,59 @@ pub fn strs(args: &[String]) -> Vec<&str> {
 pub fn sha256_file(path: &Path) -> String {
     let run = Run::of(Command::new("sha256sum").arg(path)).expect_ok();
     run.stdout.split_whitespace().next().unwrap().to_string()
+}
+
+/// Runs `client "$url" | sha256sum` in `ns` (bash, `pipefail`: the client must succeed)
+/// and asserts that what the client wrote has the SHA-256 `sha`.
+#[track_caller]
+pub fn assert_fetched_sha256(ns: &Netns, client: &str, url: &str, sha: &str) {
+    let script = format!(r#"set -o pipefail; {client} "$1" | sha256sum"#);
+    let run = Run::of(
+        ns.command("bash")
+            .arg("-c")
+            .arg(script)
+            .arg("bash")
+            .arg(url),
+    )
+    .expect_ok();
+    assert_eq!(
+        run.stdout.split_whitespace().next(),
+        Some(sha),
+        "{client} {url}\n{run}"
+    );
+}
+
+/// The JSON that a client script (`grpc_echo.py call`, `ws_echo.py call`) prints, and its
+/// run; the run must succeed.
+#[track_caller]
+pub fn python_call(ns: &Netns, name: &str, args: &[&str]) -> (serde_json::Value, Run) {
+    let run = apps::python_client(ns, name, args).expect_ok();
+    let result = serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    (result, run)
+}
+
+/// A request reaches nginx's `/echo` as the client sent it: Host with its case, method,
+/// path and query, a custom header, the protocol version (HTTP/1.1 to `to`).
+#[track_caller]
+pub fn assert_echo_unchanged(ns: &Netns, to: SocketAddr) {
+    let run = curl(
+        ns,
+        &[
+            "-g",
+            "-X",
+            "PATCH",
+            "-H",
+            "Host: Shop.Example:8080",
+            "-H",
+            "X-Custom: kept as is",
+            &url(to, "/echo?a=1&b=%20"),
+        ],
+    )
+    .expect_ok();
+    assert_eq!(
+        run.stdout, "Shop.Example:8080 PATCH /echo?a=1&b=%20 kept as is HTTP/1.1\n",
+        "{run}"
+    );
 }
 
 /// The peak resident memory (`VmHWM`) of process `pid`, in MiB.

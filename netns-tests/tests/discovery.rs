@@ -11,6 +11,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use netns_tests::http::promtool_check;
 use netns_tests::mesh::{contains, Capture, Mesh, Scratch, PEER_ID, POD_ID};
 use netns_tests::{MeshProxy, Netns, Pods, Run, Spawned};
 
@@ -211,32 +212,6 @@ fn a_fifty_fifty_split_of_1000_connections_lands_40_to_60_percent_on_each() {
     );
     // The new families and labels are valid Prometheus text.
     promtool_check(&metrics.text);
-}
-
-/// `promtool check metrics` (Debian's prometheus package) must accept `text`.
-#[track_caller]
-fn promtool_check(text: &str) {
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run promtool (package prometheus): {e}"));
-    child
-        .stdin
-        .take()
-        .expect("promtool's stdin")
-        .write_all(text.as_bytes())
-        .expect("write to promtool");
-    let output = child.wait_with_output().expect("wait for promtool");
-    assert!(
-        output.status.success(),
-        "promtool check metrics failed ({}):\n{}{}\n{text}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// Opaque from discovery: a service with `protocol = "opaque"` on a port that is NOT an

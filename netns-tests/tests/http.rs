@@ -69,22 +69,10 @@ fn http1_1000_requests_on_one_keep_alive_connection_count_1000_at_each_proxy() {
         assert!(lines.iter().all(|l| l.ends_with(" 200")), "{run}");
 
         // The client's one connection, as the outbound proxy saw it.
-        expect(
-            &pair.outbound,
-            "outbound",
-            "tcp_open_total",
-            to,
-            &[("protocol", "http1")],
-            1.0,
-        );
+        expect_connections(&pair.outbound, "outbound", to, "http1", 1.0);
         // Each request counted, at both proxies.
         pair.expect("request_total", to, &[], REQUESTS as f64);
-        pair.expect(
-            "response_total",
-            to,
-            &[("status_code", "200"), ("classification", "success")],
-            REQUESTS as f64,
-        );
+        pair.expect_responses(to, "200", "success", REQUESTS as f64);
 
         // Pipelining: h2load sends up to 10 requests before reading the first answer.
         let run = h2load(
@@ -95,14 +83,7 @@ fn http1_1000_requests_on_one_keep_alive_connection_count_1000_at_each_proxy() {
         );
         assert_eq!(h2load_requests(&run, "succeeded"), PIPELINED, "{run}");
         pair.expect("request_total", to, &[], REQUESTS as f64 + PIPELINED as f64);
-        expect(
-            &pair.outbound,
-            "outbound",
-            "tcp_open_total",
-            to,
-            &[("protocol", "http1")],
-            2.0,
-        );
+        expect_connections(&pair.outbound, "outbound", to, "http1", 2.0);
 
         // HTTP/1.0 (no keep-alive unless asked for), reaching nginx as HTTP/1.0.
         let run = curl(&pods.pod, &["-g", "--http1.0", &url(to, "/echo")]).expect_ok();
@@ -135,14 +116,7 @@ fn http1_1000_requests_from_an_unmeshed_client_count_1000_at_the_inbound_proxy()
         let lines = codes(&run);
         assert_eq!(lines.len(), REQUESTS, "{run}");
         assert!(lines.iter().all(|l| l.ends_with(" 200")), "{run}");
-        expect(
-            &inbound,
-            "inbound",
-            "tcp_open_total",
-            to,
-            &[("protocol", "http1")],
-            1.0,
-        );
+        expect_connections(&inbound, "inbound", to, "http1", 1.0);
         expect(
             &inbound,
             "inbound",
@@ -151,14 +125,7 @@ fn http1_1000_requests_from_an_unmeshed_client_count_1000_at_the_inbound_proxy()
             &[],
             REQUESTS as f64,
         );
-        expect(
-            &inbound,
-            "inbound",
-            "response_total",
-            to,
-            &[("status_code", "200"), ("classification", "success")],
-            REQUESTS as f64,
-        );
+        expect_responses(&inbound, "inbound", to, "200", "success", REQUESTS as f64);
     }
 }
 
@@ -184,55 +151,21 @@ fn responses_are_classified_by_status_over_http1_and_http2_and_requests_arrive_u
             ("503", "failure", 5.0),
             ("404", "success", 3.0),
         ] {
-            pair.expect(
-                "response_total",
-                to,
-                &[("status_code", code), ("classification", class)],
-                n,
-            );
+            pair.expect_responses(to, code, class, n);
         }
         pair.expect("request_total", to, &[], 18.0);
 
         // The application does not notice: Host (with its case), method, path and query,
         // a custom header reach nginx as the client sent them.
-        let run = curl(
-            &pods.pod,
-            &[
-                "-g",
-                "-X",
-                "PATCH",
-                "-H",
-                "Host: Shop.Example:8080",
-                "-H",
-                "X-Custom: kept as is",
-                &url(to, "/echo?a=1&b=%20"),
-            ],
-        )
-        .expect_ok();
-        assert_eq!(
-            run.stdout, "Shop.Example:8080 PATCH /echo?a=1&b=%20 kept as is HTTP/1.1\n",
-            "{run}"
-        );
+        assert_echo_unchanged(&pods.pod, to);
 
         // HTTP/2 with prior knowledge to nginx: 20 x 503 multiplexed on one connection.
         let to = SocketAddr::new(family.peer(), H2C);
         let run = h2load(&pods.pod, &["-n", "20", "-c", "1", "-m", "5"], to, "/fail");
         assert!(run.stdout.contains("20 5xx"), "{run}");
-        pair.expect(
-            "response_total",
-            to,
-            &[("status_code", "503"), ("classification", "failure")],
-            20.0,
-        );
+        pair.expect_responses(to, "503", "failure", 20.0);
         pair.expect("response_total", to, &[("classification", "success")], 0.0);
-        expect(
-            &pair.outbound,
-            "outbound",
-            "tcp_open_total",
-            to,
-            &[("protocol", "http2")],
-            1.0,
-        );
+        expect_connections(&pair.outbound, "outbound", to, "http2", 1.0);
     }
 }
 
@@ -417,21 +350,9 @@ fn http2_prior_knowledge_multiplexed_requests_are_counted_one_by_one() {
             "/hello",
         );
         assert_eq!(h2load_requests(&run, "succeeded"), REQUESTS, "{run}");
-        expect(
-            &pair.outbound,
-            "outbound",
-            "tcp_open_total",
-            to,
-            &[("protocol", "http2")],
-            2.0,
-        );
+        expect_connections(&pair.outbound, "outbound", to, "http2", 2.0);
         pair.expect("request_total", to, &[], REQUESTS as f64);
-        pair.expect(
-            "response_total",
-            to,
-            &[("status_code", "200"), ("classification", "success")],
-            REQUESTS as f64,
-        );
+        pair.expect_responses(to, "200", "success", REQUESTS as f64);
 
         // nghttp: the body as served.
         let run = netns_tests::Run::of(
@@ -445,19 +366,11 @@ fn http2_prior_knowledge_multiplexed_requests_are_counted_one_by_one() {
 
         // Flow control: nghttp announces 64 KiB windows (`-w 16 -W 16`, 2^16 - 1 bytes) for
         // the stream and the connection, so the proxy may only send as the client reads.
-        let run = netns_tests::Run::of(
-            pods.pod
-                .command("bash")
-                .arg("-c")
-                .arg(r#"set -o pipefail; nghttp -w 16 -W 16 --no-dep "$1" | sha256sum"#)
-                .arg("bash")
-                .arg(url(to, "/big")),
-        )
-        .expect_ok();
-        assert_eq!(
-            run.stdout.split_whitespace().next(),
-            Some(big_sha.as_str()),
-            "{run}"
+        assert_fetched_sha256(
+            &pods.pod,
+            r#"nghttp -w 16 -W 16 --no-dep"#,
+            &url(to, "/big"),
+            &big_sha,
         );
         pair.expect("request_total", to, &[], REQUESTS as f64 + 2.0);
     }
@@ -553,14 +466,7 @@ fn the_proxy_answers_502_with_meshproxy_error_for_a_refused_destination() {
             Some("connection refused"),
             "{to}\n{response}"
         );
-        expect(
-            &outbound,
-            "outbound",
-            "response_total",
-            to,
-            &[("status_code", "502"), ("classification", "failure")],
-            1.0,
-        );
+        expect_responses(&outbound, "outbound", to, "502", "failure", 1.0);
     }
 
     // Then the peer is meshed too: its inbound proxy meets the refusal, and the 502 it
@@ -575,22 +481,8 @@ fn the_proxy_answers_502_with_meshproxy_error_for_a_refused_destination() {
         Some("connection refused"),
         "{to}\n{response}"
     );
-    expect(
-        &outbound,
-        "outbound",
-        "response_total",
-        to,
-        &[("status_code", "502"), ("classification", "failure")],
-        2.0,
-    );
-    expect(
-        &inbound,
-        "inbound",
-        "response_total",
-        to,
-        &[("status_code", "502"), ("classification", "failure")],
-        1.0,
-    );
+    expect_responses(&outbound, "outbound", to, "502", "failure", 2.0);
+    expect_responses(&inbound, "inbound", to, "502", "failure", 1.0);
 }
 
 #[test]
@@ -630,14 +522,7 @@ fn the_proxy_answers_504_with_meshproxy_error_when_the_connect_times_out() {
             took < Duration::from_secs(5),
             "{to}: the 504 took {took:?} with a 300 ms connect timeout"
         );
-        expect(
-            &outbound,
-            "outbound",
-            "response_total",
-            to,
-            &[("status_code", "504"), ("classification", "failure")],
-            1.0,
-        );
+        expect_responses(&outbound, "outbound", to, "504", "failure", 1.0);
     }
 }
 
@@ -674,13 +559,6 @@ fn the_proxy_answers_400_with_meshproxy_error_for_a_request_that_does_not_parse(
             Some("bad request"),
             "{to}\n{response}"
         );
-        expect(
-            &outbound,
-            "outbound",
-            "response_total",
-            to,
-            &[("status_code", "400"), ("classification", "failure")],
-            1.0,
-        );
+        expect_responses(&outbound, "outbound", to, "400", "failure", 1.0);
     }
 }

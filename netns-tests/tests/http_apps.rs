@@ -36,10 +36,7 @@ fn grpc_not_found_is_a_failure_with_grpc_status_5_and_bidi_streaming_flows_both_
     let pair = mesh_both(&pods);
     for family in Family::ALL {
         let to = SocketAddr::new(family.peer(), GRPC);
-        let run =
-            apps::python_client(&pods.pod, "grpc_echo.py", &["call", &to.to_string()]).expect_ok();
-        let result: serde_json::Value =
-            serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+        let (result, run) = python_call(&pods.pod, "grpc_echo.py", &["call", &to.to_string()]);
         assert_eq!(result["echo"], "hello through the mesh", "{run}");
         assert_eq!(result["missing"]["code"], 5, "{run}");
         assert_eq!(result["missing"]["details"], "no such thing", "{run}");
@@ -61,14 +58,7 @@ fn grpc_not_found_is_a_failure_with_grpc_status_5_and_bidi_streaming_flows_both_
             &[("grpc_status", "0"), ("classification", "success")],
             2.0,
         );
-        expect(
-            &pair.outbound,
-            "outbound",
-            "tcp_open_total",
-            to,
-            &[("protocol", "http2")],
-            1.0,
-        );
+        expect_connections(&pair.outbound, "outbound", to, "http2", 1.0);
     }
 }
 
@@ -107,34 +97,17 @@ fn a_100_mib_upload_and_download_are_sha256_identical() {
         assert_eq!(run.stdout, format!("{SIZE} {sha}\n"), "{family:?} upload");
         assert!(run.stderr.contains("> Expect: 100-continue"), "{run}");
         assert!(run.stderr.contains("< HTTP/1.1 100 Continue"), "{run}");
-        pair.expect(
-            "response_total",
-            to,
-            &[("status_code", "200"), ("classification", "success")],
-            1.0,
-        );
+        pair.expect_responses(to, "200", "success", 1.0);
 
         // Down: nginx serves the file, curl hashes what arrives.
         let to = SocketAddr::new(family.peer(), HTTP1);
-        let run = netns_tests::Run::of(
-            pods.pod
-                .command("bash")
-                .arg("-c")
-                .arg(
-                    r#"set -o pipefail; curl -sS -g --fail --noproxy '*' --max-time 120 "$1" | sha256sum"#,
-                )
-                .arg("bash")
-                .arg(url(to, "/big")),
-        )
-        .expect_ok();
-        let got = run.stdout.split_whitespace().next().unwrap_or("");
-        assert_eq!(got, sha, "{family:?} download\n{run}");
-        pair.expect(
-            "response_total",
-            to,
-            &[("status_code", "200"), ("classification", "success")],
-            1.0,
+        assert_fetched_sha256(
+            &pods.pod,
+            r#"curl -sS -g --fail --noproxy '*' --max-time 120"#,
+            &url(to, "/big"),
+            &sha,
         );
+        pair.expect_responses(to, "200", "success", 1.0);
     }
 }
 
@@ -169,19 +142,11 @@ fn a_slow_client_and_a_slow_server_hold_neither_proxy_above_64_mib_for_100_mib_b
 
     // Down, to a client reading at 50 MB/s (2 s) while nginx could send far faster.
     let to = SocketAddr::new(Family::V4.peer(), HTTP1);
-    let run = netns_tests::Run::of(
-        pods.pod
-            .command("bash")
-            .arg("-c")
-            .arg(r#"set -o pipefail; curl -sS --fail --noproxy '*' --max-time 120 --limit-rate 50M "$1" | sha256sum"#)
-            .arg("bash")
-            .arg(url(to, "/big")),
-    )
-    .expect_ok();
-    assert_eq!(
-        run.stdout.split_whitespace().next(),
-        Some(sha.as_str()),
-        "{run}"
+    assert_fetched_sha256(
+        &pods.pod,
+        r#"curl -sS --fail --noproxy '*' --max-time 120 --limit-rate 50M"#,
+        &url(to, "/big"),
+        &sha,
     );
     assert_peaks("a 100 MiB download by a slow client");
 
@@ -214,19 +179,11 @@ fn a_websocket_echoes_after_the_upgrade_and_counts_as_one_request() {
     let pair = mesh_both(&pods);
     for family in Family::ALL {
         let to = SocketAddr::new(family.peer(), WS);
-        let run = apps::python_client(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")])
-            .expect_ok();
-        let result: serde_json::Value =
-            serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+        let (result, run) = python_call(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")]);
         assert_eq!(result["status"], 101, "{run}");
         assert_eq!(result["echoed"], result["sent"], "{run}");
         assert!(result.get("mismatch_at").is_none(), "{run}");
         pair.expect("request_total", to, &[], 1.0);
-        pair.expect(
-            "response_total",
-            to,
-            &[("status_code", "101"), ("classification", "success")],
-            1.0,
-        );
+        pair.expect_responses(to, "101", "success", 1.0);
     }
 }

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use netns_tests::apps::{self, curl, h2load, h2load_requests, url};
 use netns_tests::http::*;
 use netns_tests::mesh::Mesh;
-use netns_tests::{Family, Pods};
+use netns_tests::{Family, MeshProxy, Pods};
 
 #[test]
 fn over_mtls_200_client_connections_share_a_handful_of_proxy_connections() {
@@ -38,14 +38,7 @@ fn over_mtls_200_client_connections_share_a_handful_of_proxy_connections() {
     assert_eq!(h2load_requests(&run, "succeeded"), CLIENTS, "{run}");
 
     expect(&a, "outbound", "request_total", to, &[], CLIENTS as f64);
-    expect(
-        &a,
-        "outbound",
-        "tcp_open_total",
-        to,
-        &[("protocol", "http1")],
-        CLIENTS as f64,
-    );
+    expect_connections(&a, "outbound", to, "http1", CLIENTS as f64);
     // B's inbound proxy: which address it labels a request that came over mTLS with is
     // its own business; it has no other inbound traffic.
     let inbound = [("direction", "inbound")];
@@ -99,23 +92,7 @@ fn over_mtls_http1_grpc_and_websocket_reach_the_application_unchanged_and_are_co
     // client sent it: Host with its case, method, path and query, a custom header, the
     // protocol version.
     let to = SocketAddr::new(Family::V4.peer(), HTTP1);
-    let run = curl(
-        &pods.pod,
-        &[
-            "-X",
-            "PATCH",
-            "-H",
-            "Host: Shop.Example:8080",
-            "-H",
-            "X-Custom: kept as is",
-            &url(to, "/echo?a=1&b=%20"),
-        ],
-    )
-    .expect_ok();
-    assert_eq!(
-        run.stdout, "Shop.Example:8080 PATCH /echo?a=1&b=%20 kept as is HTTP/1.1\n",
-        "{run}"
-    );
+    assert_echo_unchanged(&pods.pod, to);
     let run = curl(
         &pods.pod,
         &["-w", "%{http_code}", "-o", "/dev/null", &url(to, "/fail")],
@@ -123,71 +100,37 @@ fn over_mtls_http1_grpc_and_websocket_reach_the_application_unchanged_and_are_co
     .expect_ok();
     assert_eq!(run.stdout, "503", "{run}");
     expect(&a, "outbound", "request_total", to, &tls, 2.0);
-    expect(
-        &a,
-        "outbound",
-        "response_total",
-        to,
-        &[
-            ("status_code", "503"),
-            ("classification", "failure"),
-            ("tls", "true"),
-        ],
-        1.0,
-    );
-    b.wait_for_metric(
-        "response_total",
-        &[
-            ("direction", "inbound"),
-            ("status_code", "503"),
-            ("classification", "failure"),
-            ("tls", "true"),
-        ],
-        1.0,
-        METRICS_TIMEOUT,
-    );
+    expect_one_mtls_failure(&a, &b, to, ("status_code", "503"));
 
     // gRPC: statuses in trailers and a bidirectional stream, across the mTLS hop.
     let to = SocketAddr::new(Family::V4.peer(), GRPC);
-    let run =
-        apps::python_client(&pods.pod, "grpc_echo.py", &["call", &to.to_string()]).expect_ok();
-    let result: serde_json::Value =
-        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    let (result, run) = python_call(&pods.pod, "grpc_echo.py", &["call", &to.to_string()]);
     assert_eq!(result["echo"], "hello through the mesh", "{run}");
     assert_eq!(result["missing"]["code"], 5, "{run}");
     assert_eq!(result["chat"]["code"], 0, "{run}");
     assert_eq!(result["chat"]["echoed"], result["chat"]["sent"], "{run}");
-    expect(
-        &a,
-        "outbound",
-        "response_total",
-        to,
-        &[
-            ("grpc_status", "5"),
-            ("classification", "failure"),
-            ("tls", "true"),
-        ],
-        1.0,
-    );
-    b.wait_for_metric(
-        "response_total",
-        &[
-            ("direction", "inbound"),
-            ("grpc_status", "5"),
-            ("classification", "failure"),
-            ("tls", "true"),
-        ],
-        1.0,
-        METRICS_TIMEOUT,
-    );
+    expect_one_mtls_failure(&a, &b, to, ("grpc_status", "5"));
 
     // A WebSocket, upgraded across the mTLS hop.
     let to = SocketAddr::new(Family::V4.peer(), WS);
-    let run =
-        apps::python_client(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")]).expect_ok();
-    let result: serde_json::Value =
-        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    let (result, run) = python_call(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")]);
     assert_eq!(result["status"], 101, "{run}");
     assert_eq!(result["echoed"], result["sent"], "{run}");
     expect(&a, "outbound", "request_total", to, &tls, 1.0);
+}
+
+/// Waits until `a` (outbound, to `to`) and `b` (inbound) each count one response over
+/// mTLS with `label`, classified as a failure.
+#[track_caller]
+fn expect_one_mtls_failure(
+    a: &MeshProxy<'_>,
+    b: &MeshProxy<'_>,
+    to: SocketAddr,
+    label: (&str, &str),
+) {
+    let labels = [label, ("classification", "failure"), ("tls", "true")];
+    expect(a, "outbound", "response_total", to, &labels, 1.0);
+    let mut inbound = vec![("direction", "inbound")];
+    inbound.extend_from_slice(&labels);
+    b.wait_for_metric("response_total", &inbound, 1.0, METRICS_TIMEOUT);
 }

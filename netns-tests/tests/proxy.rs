@@ -14,13 +14,13 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use netns_tests::http::promtool_check;
 use netns_tests::transfer::{receive, send, Exchange, Pattern};
-use netns_tests::{Accepted, Family, Listener, MeshProxy, Metrics, Netns, Pods, ACCEPT_TIMEOUT};
+use netns_tests::{Accepted, Family, Listener, MeshProxy, Netns, Pods, ACCEPT_TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 /// The bulk transfer of the issue: 100 MiB in each direction.
@@ -246,7 +246,7 @@ fn http1_and_http2_prior_knowledge_are_labelled_in_metrics() {
         );
     }
     // The scrape after real traffic, with every label set, is valid Prometheus text.
-    promtool_check(&metrics);
+    promtool_check(&metrics.text);
 }
 
 /// An empty HTTP/2 SETTINGS frame: length 0, type 4, no flags, stream 0.
@@ -570,30 +570,4 @@ fn exchange(client: TcpStream, server: &Listener, up: u64, down: u64) -> (Exchan
 /// Panics with what failed (the proxy's log follows when it is dropped).
 fn fail(side: &str, e: io::Error) -> ! {
     panic!("{side}: {e}");
-}
-
-/// `promtool check metrics` (Debian's prometheus package) must accept `metrics`.
-#[track_caller]
-fn promtool_check(metrics: &Metrics) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run promtool (package prometheus): {e}"));
-    child
-        .stdin
-        .take()
-        .expect("promtool's stdin")
-        .write_all(metrics.text.as_bytes())
-        .expect("write to promtool");
-    let output = child.wait_with_output().expect("wait for promtool");
-    assert!(
-        output.status.success(),
-        "promtool check metrics failed ({}):\n{}{}\n{metrics}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }

@@ -4,7 +4,6 @@
 //! admin server. No redirect rules here: the netns tests cover those.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,67 +11,42 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshproxy::{BoundAddrs, Config, Proxy, ProxyArgs, ServerError};
+use hyper_util::rt::TokioIo;
+use meshproxy::{Config, Proxy, ProxyArgs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 #[path = "support/admin.rs"]
 mod admin;
+#[path = "support/http.rs"]
+mod support;
 
-struct Running {
-    addrs: BoundAddrs,
-    _shutdown: oneshot::Sender<()>,
-    _task: JoinHandle<Result<(), ServerError>>,
-}
-
-impl Running {
-    fn outbound(&self) -> SocketAddr {
-        self.addrs.outbound[0]
-    }
-
-    fn inbound(&self) -> SocketAddr {
-        self.addrs.inbound[0]
-    }
-
-    async fn metrics(&self) -> String {
-        admin::get_metrics(self.addrs.admin).await
-    }
-}
+use support::{
+    assert_counted, assert_responses, full, h1_client, h2_client, outbound, read_until, start,
+    with_trailers, BoxError, Count, Running, ServerBody,
+};
 
 /// A proxy on loopback that sends every connection to `target`.
 async fn proxy_to(target: SocketAddr, tweak: impl FnOnce(&mut ProxyArgs)) -> Running {
-    let mut args = ProxyArgs {
-        inbound_addr: Some("127.0.0.1:0".into()),
-        outbound_addr: Some("127.0.0.1:0".into()),
-        admin_addr: Some("127.0.0.1:0".into()),
-        ..ProxyArgs::default()
-    };
+    let mut args = support::loopback_args();
     tweak(&mut args);
-    let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
-    let proxy = Proxy::bind(config).await.unwrap();
-    let addrs = proxy.local_addrs();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(proxy.serve_with(move |_| Ok(target), async {
-        let _ = rx.await;
-    }));
-    Running {
-        addrs,
-        _shutdown: tx,
-        _task: task,
-    }
+    start(args, Some(target)).await
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type ServerBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
-
-fn full(bytes: impl Into<Bytes>) -> ServerBody {
-    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+/// The response to `GET path` with `Host: host` on `client`.
+async fn get(
+    client: &mut hyper::client::conn::http1::SendRequest<ServerBody>,
+    host: &str,
+    path: &str,
+) -> Response<Incoming> {
+    let request = Request::get(path)
+        .header("host", host)
+        .body(full(""))
+        .unwrap();
+    client.send_request(request).await.unwrap()
 }
 
 /// A hyper server (HTTP/1 with upgrades, or HTTP/2) answering with `handle`; counts
@@ -82,89 +56,7 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<ServerBody>> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            let handle = handle.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let handle = handle.clone();
-                    async move { Ok::<_, Infallible>(handle(req).await) }
-                });
-                let io = TokioIo::new(stream);
-                if http2 {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, service)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .preserve_header_case(true)
-                        .serve_connection(io, service)
-                        .with_upgrades()
-                        .await;
-                }
-            });
-        }
-    });
-    (addr, accepted)
-}
-
-async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<ServerBody> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn.with_upgrades());
-    sender
-}
-
-async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<ServerBody> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-/// The value of the sample whose line starts with `prefix` (name and labels).
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(prefix) && line[prefix.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-}
-
-fn value(metrics: &str, prefix: &str) -> f64 {
-    sample(metrics, prefix).unwrap_or_else(|| panic!("no sample {prefix} in:\n{metrics}"))
-}
-
-/// The labels of outbound requests to `target` with `authority`.
-fn outbound(target: SocketAddr, authority: &str) -> String {
-    format!(r#"direction="outbound",target_addr="{target}",authority="{authority}",tls="false""#)
-}
-
-/// Reads from `stream` until `until` appears in what was read (or EOF).
-async fn read_until(stream: &mut TcpStream, until: &[u8]) -> Vec<u8> {
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !seen.windows(until.len()).any(|w| w == until) {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-            .await
-            .expect("no answer within 10 s")
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        seen.extend_from_slice(&buf[..n]);
-    }
-    seen
+    support::serve(Count::Connections, http2, handle).await
 }
 
 #[tokio::test]
@@ -173,34 +65,20 @@ async fn a_thousand_requests_on_one_keep_alive_connection_are_a_thousand_request
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
     for _ in 0..1000 {
-        let request = Request::get("/hello")
-            .header("host", "web.test")
-            .body(full(""))
-            .unwrap();
-        let response = client.send_request(request).await.unwrap();
+        let response = get(&mut client, "web.test", "/hello").await;
         assert_eq!(response.status(), StatusCode::OK);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
     }
     let m = proxy.metrics().await;
     let labels = outbound(target, "web.test");
-    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1000.0);
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="200",classification="success"}}"#)
-        ),
-        1000.0
-    );
-    assert_eq!(
-        value(&m, &format!("response_latency_seconds_count{{{labels}}}")),
-        1000.0
-    );
+    assert_counted(&m, "request_total", &labels, 1000.0);
+    assert_responses(&m, &labels, 200, "success", 1000.0);
+    assert_counted(&m, "response_latency_seconds_count", &labels, 1000.0);
     // The TCP metrics of the client's connection are still there, labelled http1.
-    let conn = format!(
-        r#"tcp_open_total{{direction="outbound",target_addr="{target}",protocol="http1",tls="false"}}"#
-    );
-    assert_eq!(value(&m, &conn), 1.0);
+    let conn =
+        format!(r#"direction="outbound",target_addr="{target}",protocol="http1",tls="false""#);
+    assert_counted(&m, "tcp_open_total", &conn, 1.0);
     // One pooled connection to the destination carried all of them.
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
@@ -215,24 +93,14 @@ async fn a_503_is_a_failure() {
     .await;
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
-    let request = Request::get("/")
-        .header("host", "busy.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "busy.test", "/").await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     // The application's own error passes unchanged: no proxy header.
     assert!(!response.headers().contains_key("meshproxy-error"));
     response.into_body().collect().await.unwrap();
     let m = proxy.metrics().await;
     let labels = outbound(target, "busy.test");
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="503",classification="failure"}}"#)
-        ),
-        1.0
-    );
+    assert_responses(&m, &labels, 503, "failure", 1.0);
 }
 
 /// A gRPC-shaped exchange over HTTP/2: the request streams frames and trailers, the
@@ -250,11 +118,7 @@ async fn grpc_status_in_trailers_is_a_labelled_failure_and_trailers_pass() {
         if let Some(value) = request_trailers.get("x-request-trailer") {
             trailers.insert("x-echoed-trailer", value.clone());
         }
-        let frames = vec![
-            Ok::<_, BoxError>(Frame::data(echoed)),
-            Ok(Frame::trailers(trailers)),
-        ];
-        let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let body = with_trailers(echoed, trailers);
         Response::builder()
             .header("content-type", "application/grpc")
             .body(body)
@@ -265,14 +129,13 @@ async fn grpc_status_in_trailers_is_a_labelled_failure_and_trailers_pass() {
     let mut client = h2_client(proxy.outbound()).await;
     let mut request_trailers = HeaderMap::new();
     request_trailers.insert("x-request-trailer", "sent".parse().unwrap());
-    let frames = vec![
-        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"\0\0\0\0\x05hello"))),
-        Ok(Frame::trailers(request_trailers)),
-    ];
     let request = Request::post("http://grpc.test/pkg.Service/Method")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .body(with_trailers(
+            Bytes::from_static(b"\0\0\0\0\x05hello"),
+            request_trailers,
+        ))
         .unwrap();
     let response = client.send_request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -285,19 +148,15 @@ async fn grpc_status_in_trailers_is_a_labelled_failure_and_trailers_pass() {
 
     let m = proxy.metrics().await;
     let labels = outbound(target, "grpc.test");
-    assert_eq!(
-        value(
-            &m,
-            &format!(
-                r#"response_total{{{labels},status_code="200",classification="failure",grpc_status="5"}}"#
-            )
-        ),
-        1.0
+    assert_counted(
+        &m,
+        "response_total",
+        &format!(r#"{labels},status_code="200",classification="failure",grpc_status="5""#),
+        1.0,
     );
-    let conn = format!(
-        r#"tcp_open_total{{direction="outbound",target_addr="{target}",protocol="http2",tls="false"}}"#
-    );
-    assert_eq!(value(&m, &conn), 1.0);
+    let conn =
+        format!(r#"direction="outbound",target_addr="{target}",protocol="http2",tls="false""#);
+    assert_counted(&m, "tcp_open_total", &conn, 1.0);
 }
 
 /// Many concurrent streams on one client connection are served concurrently, over one
@@ -335,13 +194,7 @@ async fn http2_streams_are_multiplexed_over_one_connection() {
     );
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     let m = proxy.metrics().await;
-    assert_eq!(
-        value(
-            &m,
-            &format!("request_total{{{}}}", outbound(target, "mux.test"))
-        ),
-        50.0
-    );
+    assert_counted(&m, "request_total", &outbound(target, "mux.test"), 50.0);
 }
 
 #[tokio::test]
@@ -352,23 +205,13 @@ async fn a_refused_connect_is_a_502_with_the_cause() {
     drop(closed);
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
-    let request = Request::get("/")
-        .header("host", "gone.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "gone.test", "/").await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(response.headers()["meshproxy-error"], "connection refused");
     response.into_body().collect().await.unwrap();
     let m = proxy.metrics().await;
     let labels = outbound(target, "gone.test");
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="502",classification="failure"}}"#)
-        ),
-        1.0
-    );
+    assert_responses(&m, &labels, 502, "failure", 1.0);
 }
 
 /// Inbound requests are labelled without `authority`.
@@ -377,15 +220,11 @@ async fn inbound_requests_have_no_authority_label() {
     let (target, _) = server(false, |_req| async { Response::new(full("in")) }).await;
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.inbound()).await;
-    let request = Request::get("/")
-        .header("host", "in.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "in.test", "/").await;
     response.into_body().collect().await.unwrap();
     let m = proxy.metrics().await;
     let labels = format!(r#"direction="inbound",target_addr="{target}",tls="false""#);
-    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
+    assert_counted(&m, "request_total", &labels, 1.0);
 }
 
 /// What a hand-written HTTP/1 server received: the head of each request.
@@ -484,14 +323,8 @@ async fn a_request_that_does_not_parse_is_a_400_with_the_cause() {
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was forwarded");
     let m = proxy.metrics().await;
     let labels = outbound(target, "");
-    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="400",classification="failure"}}"#)
-        ),
-        1.0
-    );
+    assert_counted(&m, "request_total", &labels, 1.0);
+    assert_responses(&m, &labels, 400, "failure", 1.0);
 }
 
 /// A listener whose accept queue is full: the kernel drops further SYNs, so a connect
@@ -519,11 +352,7 @@ async fn a_connect_timeout_is_a_504_with_the_cause() {
     let proxy = proxy_to(target, |a| a.connect_timeout = Some("300ms".into())).await;
     let mut client = h1_client(proxy.outbound()).await;
     let started = std::time::Instant::now();
-    let request = Request::get("/")
-        .header("host", "slow.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "slow.test", "/").await;
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(response.headers()["meshproxy-error"], "connect timeout");
     let elapsed = started.elapsed();
@@ -533,13 +362,7 @@ async fn a_connect_timeout_is_a_504_with_the_cause() {
     );
     let m = proxy.metrics().await;
     let labels = outbound(target, "slow.test");
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="504",classification="failure"}}"#)
-        ),
-        1.0
-    );
+    assert_responses(&m, &labels, 504, "failure", 1.0);
 }
 
 #[tokio::test]
@@ -631,13 +454,7 @@ async fn pipelined_requests_are_answered_in_order() {
         .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{responses}");
     let m = proxy.metrics().await;
-    assert_eq!(
-        value(
-            &m,
-            &format!("request_total{{{}}}", outbound(target, "p.test"))
-        ),
-        3.0
-    );
+    assert_counted(&m, "request_total", &outbound(target, "p.test"), 3.0);
 }
 
 /// 128 MiB chunked upload to a server that does not read for a while: the client can
@@ -725,11 +542,7 @@ async fn a_large_response_streams_with_backpressure() {
     .await;
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
-    let request = Request::get("/download")
-        .header("host", "down.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "down.test", "/download").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stalled_at = produced.load(Ordering::SeqCst);
     assert!(
@@ -778,18 +591,7 @@ async fn an_upgraded_connection_echoes_and_is_one_request() {
     let (target, _) = server(false, upgrading_handler).await;
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
-    client
-        .write_all(
-            b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let head = String::from_utf8(read_until(&mut client, b"\r\n\r\n").await).unwrap();
-    assert!(
-        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
-        "{head}"
-    );
+    let head = support::upgrade_to_websocket(&mut client).await;
     // (hyper's server in the test writes header names in lower case.)
     assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
     assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
@@ -797,25 +599,11 @@ async fn an_upgraded_connection_echoes_and_is_one_request() {
         head.contains("\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
         "{head}"
     );
-    for message in [&b"\x81\x05hello"[..], b"opaque bytes, both ways"] {
-        client.write_all(message).await.unwrap();
-        let mut echoed = vec![0; message.len()];
-        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(echoed, message);
-    }
+    support::assert_echoed(&mut client, &[b"\x81\x05hello", b"opaque bytes, both ways"]).await;
     let m = proxy.metrics().await;
     let labels = outbound(target, "ws.test");
-    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
-    assert_eq!(
-        value(
-            &m,
-            &format!(r#"response_total{{{labels},status_code="101",classification="success"}}"#)
-        ),
-        1.0
-    );
+    assert_counted(&m, "request_total", &labels, 1.0);
+    assert_responses(&m, &labels, 101, "success", 1.0);
 }
 
 #[tokio::test]
@@ -841,7 +629,7 @@ async fn a_connect_tunnel_carries_opaque_bytes() {
     assert_eq!(&echoed, b"\x16\x03\x01 tls-ish bytes");
     let m = proxy.metrics().await;
     let labels = outbound(target, "tunnel.test:443");
-    assert_eq!(value(&m, &format!("request_total{{{labels}}}")), 1.0);
+    assert_counted(&m, "request_total", &labels, 1.0);
 }
 
 /// A response whose body the destination cuts short is a failure, whatever its status.
@@ -850,27 +638,14 @@ async fn a_body_cut_short_is_a_failure() {
     let (target, _) = raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello").await;
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
-    let request = Request::get("/")
-        .header("host", "cut.test")
-        .body(full(""))
-        .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    let response = get(&mut client, "cut.test", "/").await;
     assert_eq!(response.status(), StatusCode::OK);
     assert!(
         response.into_body().collect().await.is_err(),
         "the client sees the body end in an error, not a clean end"
     );
     let labels = outbound(target, "cut.test");
-    let series =
-        format!(r#"response_total{{{labels},status_code="200",classification="failure"}}"#);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sample(&proxy.metrics().await, &series) != Some(1.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{series} never counted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_for_responses(&proxy, &labels, 200, "failure", 1.0).await;
 }
 
 /// HTTP/2 `CONNECT` (a tunnel over one stream of a multiplexed connection): opaque
@@ -993,18 +768,8 @@ async fn a_later_request_that_does_not_parse_is_counted_as_a_failure() {
         response.contains("HTTP/1.1 400 Bad Request\r\n"),
         "{response}"
     );
-    let failed = format!(
-        r#"response_total{{{},status_code="400",classification="failure"}}"#,
-        outbound(target, "")
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sample(&proxy.metrics().await, &failed) != Some(1.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{failed} never counted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let labels = outbound(target, "");
+    support::wait_for_responses(&proxy, &labels, 400, "failure", 1.0).await;
 }
 
 /// `authority` is whatever a client writes: a `Host` that would break the text format
@@ -1020,13 +785,7 @@ async fn a_hostile_host_header_keeps_the_metrics_valid() {
         .unwrap();
     read_until(&mut client, b"ok").await;
     let m = proxy.metrics().await;
-    assert_eq!(
-        value(
-            &m,
-            &format!("request_total{{{}}}", outbound(target, "invalid"))
-        ),
-        1.0
-    );
+    assert_counted(&m, "request_total", &outbound(target, "invalid"), 1.0);
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -1062,14 +821,10 @@ async fn http1_trailers_pass_both_ways() {
             .expect("the request's trailer arrived");
         let mut trailers = HeaderMap::new();
         trailers.insert("x-echoed", echoed);
-        let frames = vec![
-            Ok::<_, BoxError>(Frame::data(collected.to_bytes())),
-            Ok(Frame::trailers(trailers)),
-        ];
         // HTTP/1 senders (hyper too) send only the trailers `Trailer` declares.
         Response::builder()
             .header("trailer", "x-echoed")
-            .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+            .body(with_trailers(collected.to_bytes(), trailers))
             .unwrap()
     })
     .await;
@@ -1077,15 +832,11 @@ async fn http1_trailers_pass_both_ways() {
     let mut client = h1_client(proxy.outbound()).await;
     let mut trailers = HeaderMap::new();
     trailers.insert("x-checksum", "abc123".parse().unwrap());
-    let frames = vec![
-        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"payload"))),
-        Ok(Frame::trailers(trailers)),
-    ];
     let request = Request::post("/t")
         .header("host", "trailers.test")
         .header("te", "trailers")
         .header("trailer", "x-checksum")
-        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .body(with_trailers(Bytes::from_static(b"payload"), trailers))
         .unwrap();
     let response = client.send_request(request).await.unwrap();
     let collected = response.into_body().collect().await.unwrap();

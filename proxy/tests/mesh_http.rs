@@ -5,136 +5,34 @@
 //! Requests travel from a to b over mTLS as HTTP/2, HTTP/1 ones marked
 //! `l5d-orig-proto`. Certificates are made at test time by the dev CA helpers.
 
-use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshproxy::{BoundAddrs, Config, IdentityFiles, Proxy, ProxyArgs, ServerError};
+use hyper_util::rt::TokioIo;
+use meshproxy::{IdentityFiles, ProxyArgs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 #[path = "support/admin.rs"]
 mod admin;
+#[path = "support/pki.rs"]
+mod pki;
+#[path = "support/http.rs"]
+mod support;
+
+use pki::{identity_args as args, Pki};
+use support::{
+    full, h1_client, h2_client, sample, start, with_trailers, BoxError, Count, Running, ServerBody,
+};
 
 const A: &str = "a.default.mesh.local";
 const B: &str = "b.default.mesh.local";
-
-type ServerBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
-
-/// A directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "meshproxy-mesh-http-{test}-{}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A dev CA and the identities it issues.
-struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    fn new(test: &str) -> Pki {
-        let dir = TempDir::new(test);
-        meshproxy::new_ca(&dir.0.join("ca")).unwrap();
-        Pki { dir }
-    }
-
-    fn issue(&self, name: &str) -> IdentityFiles {
-        let issued = meshproxy::issue(&self.dir.0.join("ca"), name, &self.dir.0).unwrap();
-        IdentityFiles {
-            cert: issued.cert,
-            key: issued.key,
-            trust_anchors: self.dir.0.join("ca/ca.crt"),
-        }
-    }
-
-    /// A mesh peers file saying 127.0.0.1 runs a proxy that is `identity`.
-    fn peers(&self, identity: &str) -> PathBuf {
-        let path = self.dir.0.join("peers.toml");
-        let peers = format!("[[peer]]\nnet = \"127.0.0.1/32\"\nidentity = \"{identity}\"\n");
-        std::fs::write(&path, peers).unwrap();
-        path
-    }
-}
-
-struct Running {
-    addrs: BoundAddrs,
-    shutdown: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServerError>>,
-}
-
-impl Running {
-    /// Shuts the proxy down (its grace period, then whatever is left is closed).
-    async fn stop(self) {
-        let _ = self.shutdown.send(());
-        self.task.await.unwrap().unwrap();
-    }
-
-    async fn metrics(&self) -> String {
-        admin::get_metrics(self.addrs.admin).await
-    }
-}
-
-fn args(identity: &IdentityFiles) -> ProxyArgs {
-    ProxyArgs {
-        inbound_addr: Some("127.0.0.1:0".into()),
-        outbound_addr: Some("127.0.0.1:0".into()),
-        admin_addr: Some("127.0.0.1:0".into()),
-        identity_cert: Some(identity.cert.display().to_string()),
-        identity_key: Some(identity.key.display().to_string()),
-        trust_anchors: Some(identity.trust_anchors.display().to_string()),
-        detect_timeout: Some("2s".into()),
-        ..ProxyArgs::default()
-    }
-}
-
-async fn start(args: ProxyArgs, target: Option<SocketAddr>) -> Running {
-    let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
-    let proxy = Proxy::bind(config).await.unwrap();
-    let addrs = proxy.local_addrs();
-    let (tx, rx) = oneshot::channel::<()>();
-    let shutdown = async {
-        let _ = rx.await;
-    };
-    let task = match target {
-        Some(target) => tokio::spawn(proxy.serve_with(move |_| Ok(target), shutdown)),
-        None => tokio::spawn(proxy.serve(shutdown)),
-    };
-    Running {
-        addrs,
-        shutdown: tx,
-        task,
-    }
-}
 
 /// The inbound proxy `b` (proving `b_identity`) and the outbound proxy `a`, which
 /// expects `B` at 127.0.0.1 and sends every connection to `app`.
@@ -147,10 +45,6 @@ async fn mesh(pki: &Pki, app: SocketAddr, b_identity: &str) -> (Running, Running
     (a, b)
 }
 
-fn full(bytes: impl Into<Bytes>) -> ServerBody {
-    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
-}
-
 /// A hyper application server (HTTP/1 with upgrades, or HTTP/2) answering with
 /// `handle`; counts the requests it gets.
 async fn app<F, Fut>(http2: bool, handle: F) -> (SocketAddr, Arc<AtomicUsize>)
@@ -158,36 +52,7 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<ServerBody>> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicUsize::new(0));
-    let count = requests.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let handle = handle.clone();
-            let count = count.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let handle = handle.clone();
-                    async move { Ok::<_, Infallible>(handle(req).await) }
-                });
-                let io = TokioIo::new(stream);
-                if http2 {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, service)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .with_upgrades()
-                        .await;
-                }
-            });
-        }
-    });
-    (addr, requests)
+    support::serve(Count::Requests, http2, handle).await
 }
 
 /// Answers `<version> <Host> <method> <path> <body>` and the trailer `x-echo: done`
@@ -208,7 +73,7 @@ async fn echo(req: Request<Incoming>) -> Response<ServerBody> {
         .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let text = format!("{head} {}", String::from_utf8_lossy(&body));
-    let mut frames = vec![Ok::<_, Infallible>(Frame::data(Bytes::from(text)))];
+    let mut frames = vec![Ok::<_, BoxError>(Frame::data(Bytes::from(text)))];
     if wants_trailers {
         let mut trailers = HeaderMap::new();
         trailers.insert("x-echo", "done".parse().unwrap());
@@ -222,14 +87,6 @@ async fn echo(req: Request<Incoming>) -> Response<ServerBody> {
     response
         .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
         .unwrap()
-}
-
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 /// The sum of the samples of `name` whose labels include all of `labels`.
@@ -268,11 +125,7 @@ fn mtls_accepted(b_metrics: &str) -> f64 {
 /// One HTTP/1.1 connection to `a`, one POST with `TE: trailers`: the response's
 /// status, body and `x-echo` trailer.
 async fn one_request(a: SocketAddr, i: usize) -> (StatusCode, String, Option<String>) {
-    let stream = TcpStream::connect(a).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h1_client(a).await;
     let request = Request::post(format!("/item/{i}?q={i}"))
         .header("Host", format!("svc-{i}.example:8080"))
         .header("TE", "trailers")
@@ -501,13 +354,9 @@ async fn grpc_like(req: Request<Incoming>) -> Response<ServerBody> {
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", "5".parse().unwrap());
     trailers.insert("grpc-message", "not found".parse().unwrap());
-    let frames = vec![
-        Ok::<_, Infallible>(Frame::data(body)),
-        Ok(Frame::trailers(trailers)),
-    ];
     Response::builder()
         .header("content-type", "application/grpc")
-        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .body(with_trailers(body, trailers))
         .unwrap()
 }
 
@@ -516,12 +365,7 @@ async fn http2_trailers_and_grpc_statuses_cross_the_mesh() {
     let pki = Pki::new("h2");
     let (app_addr, _) = app(true, grpc_like).await;
     let (a, b) = mesh(&pki, app_addr, B).await;
-    let stream = TcpStream::connect(a.addrs.outbound[0]).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(a.addrs.outbound[0]).await;
     for i in 0..3 {
         let request = Request::post(format!("http://grpc.test/pkg.Svc/Get{i}"))
             .header("content-type", "application/grpc")
@@ -589,27 +433,8 @@ async fn an_http1_upgrade_to_a_peer_takes_a_dedicated_mtls_connection_and_echoes
     let (app_addr, _) = app(false, upgrading).await;
     let (a, b) = mesh(&pki, app_addr, B).await;
     let mut client = TcpStream::connect(a.addrs.outbound[0]).await.unwrap();
-    client
-        .write_all(
-            b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let head = String::from_utf8(read_until(&mut client, b"\r\n\r\n").await).unwrap();
-    assert!(
-        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
-        "{head}"
-    );
-    for message in [&b"\x81\x05hello"[..], b"opaque bytes, both ways"] {
-        client.write_all(message).await.unwrap();
-        let mut echoed = vec![0; message.len()];
-        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(echoed, message);
-    }
+    support::upgrade_to_websocket(&mut client).await;
+    support::assert_echoed(&mut client, &[b"\x81\x05hello", b"opaque bytes, both ways"]).await;
     let a_metrics = a.metrics().await;
     assert_eq!(
         sample(
@@ -704,11 +529,7 @@ async fn a_broken_pooled_connection_fails_its_requests_with_502_and_is_replaced(
 
     // A request in flight on the pooled connection when b goes away.
     let hanging = tokio::spawn(async move {
-        let stream = TcpStream::connect(outbound).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut sender = h1_client(outbound).await;
         let request = Request::get("/hang")
             .header("Host", "hang.example")
             .body(full(""))

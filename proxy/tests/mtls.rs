@@ -6,130 +6,36 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meshproxy::{BoundAddrs, Config, IdentityFiles, Proxy, ProxyArgs, ServerError};
+use meshproxy::{Config, IdentityFiles, ProxyArgs};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 #[path = "support/admin.rs"]
-mod admin_support;
-use admin_support::get_metrics;
+mod admin;
+use admin::get_metrics;
+#[path = "support/http.rs"]
+mod support;
+use support::{start, Running};
+#[path = "support/pki.rs"]
+mod pki;
+use pki::Pki;
 
 const A: &str = "a.default.mesh.local";
 const B: &str = "b.default.mesh.local";
 
-/// A directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("meshproxy-{test}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A dev CA and the identities it issues, in a temporary directory.
-struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    fn new(test: &str) -> Pki {
-        let dir = TempDir::new(test);
-        meshproxy::new_ca(&dir.0.join("ca")).unwrap();
-        Pki { dir }
-    }
-
-    fn anchors(&self) -> PathBuf {
-        self.dir.0.join("ca/ca.crt")
-    }
-
-    /// Issues (or re-issues, replacing the files) the identity `name`.
-    fn issue(&self, name: &str) -> IdentityFiles {
-        let issued = meshproxy::issue(&self.dir.0.join("ca"), name, &self.dir.0).unwrap();
-        IdentityFiles {
-            cert: issued.cert,
-            key: issued.key,
-            trust_anchors: self.anchors(),
-        }
-    }
-
-    fn write(&self, file: &str, contents: &str) -> PathBuf {
-        let path = self.dir.0.join(file);
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
-}
-
-struct Running {
-    addrs: BoundAddrs,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), ServerError>>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        self.shutdown.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-}
-
 fn args(identity: &IdentityFiles, tweak: impl FnOnce(&mut ProxyArgs)) -> ProxyArgs {
-    let mut args = ProxyArgs {
-        inbound_addr: Some("127.0.0.1:0".into()),
-        outbound_addr: Some("127.0.0.1:0".into()),
-        admin_addr: Some("127.0.0.1:0".into()),
-        identity_cert: Some(identity.cert.display().to_string()),
-        identity_key: Some(identity.key.display().to_string()),
-        trust_anchors: Some(identity.trust_anchors.display().to_string()),
-        detect_timeout: Some("2s".into()),
-        ..ProxyArgs::default()
-    };
+    let mut args = pki::identity_args(identity);
     tweak(&mut args);
     args
-}
-
-/// Starts a proxy; `target` fixes every destination, `None` uses the real
-/// `SO_ORIGINAL_DST` (on loopback: "not redirected", which the inbound listener
-/// treats as a direct connection).
-async fn start(args: ProxyArgs, target: Option<SocketAddr>) -> Running {
-    let config = Config::from_sources(&args, &HashMap::new(), None).unwrap();
-    let proxy = Proxy::bind(config).await.unwrap();
-    let addrs = proxy.local_addrs();
-    let (tx, rx) = oneshot::channel::<()>();
-    let shutdown = async {
-        let _ = rx.await;
-    };
-    let task = match target {
-        Some(target) => tokio::spawn(proxy.serve_with(move |_| Ok(target), shutdown)),
-        None => tokio::spawn(proxy.serve(shutdown)),
-    };
-    Running {
-        addrs,
-        shutdown: Some(tx),
-        task,
-    }
 }
 
 /// The inbound proxy `b` and the outbound proxy `a` meshed with it, `a` sending every
@@ -144,10 +50,7 @@ async fn mesh(pki: &Pki, app: SocketAddr, tap: bool) -> (Running, Running, Optio
         None
     };
     let peer_port = tap.as_ref().map_or(b_inbound.port(), |t| t.addr.port());
-    let peers = pki.write(
-        "peers.toml",
-        &format!("[[peer]]\nnet = \"127.0.0.1/32\"\nidentity = \"{B}\"\n"),
-    );
+    let peers = pki.peers(B);
     let a_args = args(&pki.issue(A), |a| {
         a.mesh_peers = Some(peers.display().to_string());
         a.peer_inbound_port = Some(peer_port.to_string());

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (proxy.py, mtls.py).
+"""Helpers shared by the benchmark scripts (proxy.py, mtls.py, discovery*.py, ...).
 
 Processes started with `spawn` are remembered in `procs` and stopped by
 `stop_all`; `log` prefixes lines with the script's name (set `NAME`).
@@ -112,3 +112,30 @@ def cpu_ticks(pid):
 def fmt_range(vals, fmt):
     """median (min–max), each formatted with fmt."""
     return f"{fmt(statistics.median(vals))} ({fmt(min(vals))}–{fmt(max(vals))})"
+
+
+def pod_and_peer(pod, peer, extra_peer_ips=(), pod_routes=()):
+    """Fresh namespaces `pod` (198.18.0.1) and `peer` (198.18.0.2, and each of
+    `extra_peer_ips` as a /32) joined by a veth pair, the pod routing each net of
+    `pod_routes` via the peer. Namespaces left by an earlier run are replaced."""
+    for ns in (pod, peer):
+        sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer)
+    sh("ip", "-n", pod, "addr", "add", "198.18.0.1/24", "dev", "eth0")
+    sh("ip", "-n", peer, "addr", "add", "198.18.0.2/24", "dev", "eth0")
+    for ip in extra_peer_ips:
+        sh("ip", "-n", peer, "addr", "add", f"{ip}/32", "dev", "eth0")
+    for ns in (pod, peer):
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+    for net in pod_routes:
+        sh("ip", "-n", pod, "route", "add", net, "via", "198.18.0.2")
+
+
+def down(*namespaces):
+    """Stops every spawned process and deletes `namespaces`."""
+    stop_all()
+    procs.clear()
+    for ns in namespaces:
+        sh("ip", "netns", "del", ns, check=False)

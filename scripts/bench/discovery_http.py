@@ -29,8 +29,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (as_proxy, fmt_range, in_ns, procs, sh,  # noqa: E402
-                      show_logs, spawn, stop_all, wait_port)
+import benchlib  # noqa: E402
+from benchlib import (as_proxy, fmt_range, in_ns, pod_and_peer, sh,  # noqa: E402
+                      show_logs, spawn, wait_port)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POD, PEER = "mi-bench-dh-pod", "mi-bench-dh-peer"
@@ -85,19 +86,7 @@ endpoints = [ {many} ]
 
 
 def up(meshinit, meshproxy, path, tmp):
-    for ns in (POD, PEER):
-        sh("ip", "netns", "del", ns, check=False)
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-    sh("ip", "-n", POD, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", PEER)
-    sh("ip", "-n", POD, "addr", "add", "198.18.0.1/24", "dev", "eth0")
-    sh("ip", "-n", PEER, "addr", "add", "198.18.0.2/24", "dev", "eth0")
-    for ip in ENDPOINTS:
-        sh("ip", "-n", PEER, "addr", "add", f"{ip}/32", "dev", "eth0")
-    for ns in (POD, PEER):
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-    for net in ("198.18.2.0/24", "198.18.100.0/24"):
-        sh("ip", "-n", POD, "route", "add", net, "via", "198.18.0.2")
+    pod_and_peer(POD, PEER, ENDPOINTS, ("198.18.2.0/24", "198.18.100.0/24"))
     sh(meshinit, "apply", "--netns", f"/var/run/netns/{POD}")
     conf = os.path.join(tmp, "nginx.conf")
     with open(conf, "w") as f:
@@ -111,10 +100,7 @@ def up(meshinit, meshproxy, path, tmp):
 
 
 def down():
-    stop_all()
-    procs.clear()
-    for ns in (POD, PEER):
-        sh("ip", "netns", "del", ns, check=False)
+    benchlib.down(POD, PEER)
 
 
 def rate(to, seconds):
