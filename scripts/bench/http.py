@@ -32,7 +32,7 @@ runs, as vCPU and MiB per 1,000 requests/s.
 Usage: scripts/bench/http.py [--quick] [--rounds N] [--seconds S] [--oha PATH] [--out FILE]
                              [--profile]
 Needs root. Installs nginx, haproxy, curl, util-linux if missing; `oha` from
-target/bench-tools/bin/oha (`cargo install oha --locked --no-default-features --root
+target/bench-tools/bin/oha (`cargo install oha --locked --no-default-features --features native-tls --root
 target/bench-tools`) or PATH. Prints a Markdown section for BENCHMARKS.md.
 """
 import argparse
@@ -251,9 +251,8 @@ def url(h2):
     return f"http://{PEER4}:{H2_PORT if h2 else H1_PORT}/1k"
 
 
-def verify_paths(rules, hap_pid):
+def verify_paths(rules):
     """Each path goes where it should: 20 requests per protocol, counted where they must be."""
-    del hap_pid
     counters = {
         "B": lambda: metric(POD, 4191, 'request_total{direction="outbound"'),
         "P": lambda: (metric(POD, 4291, 'request_total{direction="outbound"')
@@ -426,7 +425,7 @@ def targets(a, bench):
     r = bench.results
     med = lambda k: statistics.median(r[k])
     q = a.rates[0]
-    out = ["Targets (PERFORMANCE.md, HTTP request level):", ""]
+    out = ["", "Targets (PERFORMANCE.md, HTTP request level):", ""]
     for proto, name in (("h1", "HTTP/1.1"), ("h2", "HTTP/2")):
         base = med((f"{proto}@{q}/p99", "A"))
         b = med((f"{proto}@{q}/p99", "B")) - base
@@ -451,7 +450,7 @@ def find_oha(given):
     for c in (given, os.path.join(ROOT, "target/bench-tools/bin/oha"), shutil.which("oha")):
         if c and os.access(c, os.X_OK):
             return os.path.abspath(c)
-    sys.exit("http.py: no oha: cargo install oha --locked --no-default-features --root target/bench-tools")
+    sys.exit("http.py: no oha: cargo install oha --locked --no-default-features --features native-tls --root target/bench-tools")
 
 
 def main():
@@ -509,7 +508,7 @@ def main():
                                (anchors, ids[ID_PEER], POD4, ID_POD))
         hap = start_haproxy()
         rules = Rules(a.meshinit)
-        verify_paths(rules, hap.pid)
+        verify_paths(rules)
         log("paths verified")
         bench = Bench(a, rules, {"B": [b.pid], "P": [p_out.pid, p_in.pid], "H": [hap.pid]})
         for path in PATHS:  # warm-up: connections, pools, page cache
@@ -536,7 +535,7 @@ def main():
             text += (f"\nmeshproxy (one hop) profile, 5 s of HTTP/1.1 at the most requests/s "
                      f"({prof[0]:,.0f} rps under perf), self time by symbol:\n\n```\n" + "\n".join(prof[1]) + "\n```\n")
         raw = {f"{m}/{p}": v for (m, p), v in bench.results.items()}
-        text += ("\n<details><summary>raw values per round</summary>\n\n```json\n" + json.dumps(raw, indent=1)
+        text += ("\n\n<details><summary>raw values per round</summary>\n\n```json\n" + json.dumps(raw, indent=1)
                  + "\n```\n</details>\n")
         print(text)
         if a.out:
