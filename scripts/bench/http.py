@@ -50,8 +50,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (NOFILE, PROXY_UID, as_proxy, cpu_ticks, ensure_packages, fmt_range, in_ns, log,  # noqa: E402
-                      sh, show_logs, spawn, stop_all, wait_port)
+from benchlib import (NOFILE, PROXY_UID, as_proxy, cpu_ticks, down, ensure_packages, fmt_range, in_ns,  # noqa: E402
+                      log, pod_and_peer, sh, show_logs, spawn, wait_port)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAG = f"{os.getpid()}"
@@ -70,23 +70,11 @@ tmpdir = None
 
 
 def cleanup():
-    stop_all()
-    for ns in (POD, PEER):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    down(POD, PEER)
     if tmpdir and sys.exc_info()[0] is not None:
         show_logs(tmpdir, LOGS)
     if tmpdir:
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def setup_netns():
-    for ns in (POD, PEER):
-        sh("ip", "netns", "add", ns)
-    sh("ip", "-n", POD, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", PEER)
-    for ns, a4 in ((POD, POD4), (PEER, PEER4)):
-        sh("ip", "-n", ns, "addr", "add", f"{a4}/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
 
 
 def start_nginx():
@@ -498,7 +486,7 @@ def main():
             "uptime_start": sh("uptime").strip(),
             "others": a.others,
         }
-        setup_netns()
+        pod_and_peer(POD, PEER)
         start_nginx()
         anchors, ids = make_identities(a.meshproxy)
         b = start_meshproxy(a.meshproxy, POD, ONE_HOP, 4191, "meshproxy-b.log")
