@@ -360,13 +360,7 @@ impl Forwarder {
     ) -> Outcome {
         let conn = conn.insert(self.open(direction, target, classified.protocol(), None, None));
         let from = self.source_for(direction, client.peer_addr().ok());
-        let target_stream = connect_from(target, from, self.connect_timeout)
-            .await
-            .map_err(|error| HopError::Connect {
-                what: "destination",
-                addr: target,
-                error,
-            })?;
+        let target_stream = self.connect_hop("destination", target, from).await?;
         // Both ends are plain TCP sockets: bulk bytes can be spliced.
         Ok(duplex_tcp(client, target_stream, classified.prefix, conn.counters()).await?)
     }
@@ -481,6 +475,19 @@ impl Forwarder {
         let peer_id = peer_id.map(|id| direction.peer_id(id));
         self.metrics
             .open_balanced(direction, target, protocol, peer_id, dst)
+    }
+
+    /// Opens the hop's connection to `addr` (from `from`, see [`Self::source_for`])
+    /// within `--connect-timeout`; `what` names the far end in the error.
+    pub(crate) async fn connect_hop(
+        &self,
+        what: &'static str,
+        addr: SocketAddr,
+        from: Option<SocketAddr>,
+    ) -> Result<TcpStream, HopError> {
+        connect_from(addr, from, self.connect_timeout)
+            .await
+            .map_err(|error| HopError::Connect { what, addr, error })
     }
 
     /// The address the connection to `target` is made from: the client's, for

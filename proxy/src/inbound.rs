@@ -31,7 +31,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use crate::connect::connect_from;
 use crate::detect::{detect, Detected, Protocol};
 use crate::duplex::duplex;
 use crate::forward::Forwarder;
@@ -172,13 +171,7 @@ pub(crate) async fn terminate(
             .serve_peer_http(tls, destination, from, &client_id, conn)
             .await;
     }
-    let app = connect_from(destination, from, fwd.connect_timeout)
-        .await
-        .map_err(|error| HopError::Connect {
-            what: "application",
-            addr: destination,
-            error,
-        })?;
+    let app = fwd.connect_hop("application", destination, from).await?;
     debug!(%destination, %client_id, "mTLS terminated");
     Ok(duplex(tls, app, Vec::new(), conn.counters()).await?)
 }

@@ -23,7 +23,6 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use crate::connect::connect;
 use crate::detect::Protocol;
 use crate::duplex::duplex;
 use crate::forward::{Classified, Forwarder};
@@ -57,13 +56,7 @@ pub(crate) async fn mtls(
         None,
     ));
     let peer = SocketAddr::new(target.ip(), mesh.peer_inbound_port);
-    let tcp = connect(peer, fwd.connect_timeout)
-        .await
-        .map_err(|error| HopError::Connect {
-            what: "peer proxy",
-            addr: peer,
-            error,
-        })?;
+    let tcp = fwd.connect_hop("peer proxy", peer, None).await?;
     over(fwd, mesh, client, tcp, target, classified, &server_id, conn).await
 }
 
