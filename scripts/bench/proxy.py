@@ -104,6 +104,15 @@ def setup_netns():
         sh("ip", "-n", ns, "addr", "add", f"{a6}/64", "dev", "eth0", "nodad")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
+    # The veths' link-local addresses stay tentative (duplicate address detection) for
+    # about a second after the link comes up, and an IPv6 SYN sent meanwhile can be lost
+    # to neighbour discovery: meshproxy's 1 s connect timeout would then fail the first
+    # proxied IPv6 connection. Wait until no address is tentative.
+    deadline = time.time() + 10
+    while any(sh("ip", "-n", ns, "-6", "addr", "show", "tentative").strip() for ns in (POD, PEER)):
+        if time.time() > deadline:
+            raise RuntimeError("IPv6 addresses still tentative after 10 s")
+        time.sleep(0.1)
     # Client side of many short connections: both are per-namespace sysctls.
     sh(*in_ns(POD, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000"))
     sh(*in_ns(POD, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"))
@@ -117,7 +126,7 @@ def start_meshproxy(bin_path, baseline=False):
                                    *ports)),
               stdout=subprocess.DEVNULL,
               stderr=open(os.path.join(tmpdir, "meshproxy-baseline.log" if baseline else "meshproxy.log"), "ab"),
-              env=dict(os.environ, RUST_LOG="warn"))
+              env=dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn")))
     wait_port(POD, BASE_PORT if baseline else MESH_PORT)
     wait_port(POD, 4192 if baseline else 4191)
     return p
@@ -282,8 +291,9 @@ def verify_paths(rules, netbench):
             raise RuntimeError(f"path {path} ({label}): sockets on proxy ports {seen}, expected {expect}")
     rules.set(MESH_PORT)
     out = sh(*in_ns(POD, "iperf3", "-6", "-c", PEER6, "-p", str(IPERF_PORT), "-t", "1", "-J"), timeout=30)
-    if json.loads(out)["end"]["sum_received"]["bytes"] <= 0:
-        raise RuntimeError("IPv6 through meshproxy moved no bytes")
+    result = json.loads(out)
+    if result.get("error") or result["end"]["sum_received"]["bytes"] <= 0:
+        raise RuntimeError(f"IPv6 through meshproxy moved no bytes: {result.get('error')}")
 
 
 def memory(meshproxy_bin, rules, netbench, count, hap_pid):
