@@ -5,6 +5,7 @@
 //! where nftables cannot be used.
 
 mod iptables;
+mod nf_tables;
 mod nft;
 
 use std::io::Write;
@@ -70,21 +71,34 @@ pub struct Applied {
     /// listed before its restore (which changes only `ip`/`ip6` tables, read by no
     /// other backend's check); `None` from iptables-legacy.
     pub nf_tables: Option<String>,
+    /// True when our rules were already exactly in place, so nothing was written
+    /// (no rule deleted and re-added, no nf_tables commit to wait for).
+    pub unchanged: bool,
 }
 
 impl Applied {
-    /// Makes sure the nf_tables tables are known, listing them with one `nft list
-    /// tables` when the apply did not (the iptables backends): the nft and
-    /// iptables-nft leftover checks then share that one process. Left unknown when
-    /// `nft` cannot list them; each check then runs its own look.
+    /// Makes sure the nf_tables tables are known, listing them (in process, see
+    /// [`nf_tables_listing`]) when the apply did not: the nft and iptables-nft
+    /// leftover checks then share that one listing. Left unknown when neither
+    /// netlink nor `nft` can list them; each check then runs its own look.
     pub fn with_nf_tables(self) -> Applied {
         if self.nf_tables.is_some() {
             return self;
         }
         Applied {
-            nf_tables: run("nft", &["list", "tables"], None, nft::HINT).ok(),
+            nf_tables: nf_tables_listing().ok(),
+            ..self
         }
     }
+}
+
+/// The nf_tables tables of this namespace as `nft list tables` prints them: read
+/// over netlink in this process, or, when that fails, by running `nft list tables`.
+pub(crate) fn nf_tables_listing() -> Result<String, BackendError> {
+    nf_tables::list_tables().or_else(|err| {
+        tracing::debug!("listing nf_tables tables over netlink failed ({err}); running nft");
+        run("nft", &["list", "tables"], None, nft::HINT)
+    })
 }
 
 /// Runs `program args...`, feeding `stdin`, and returns its stdout.

@@ -75,6 +75,7 @@ impl Backend for Nft {
         let listing = self.batch_listing_tables(&nft_json::apply_batch(ruleset))?;
         Ok(Applied {
             nf_tables: Some(listing),
+            unchanged: false,
         })
     }
 

@@ -356,6 +356,16 @@ impl Installed {
         out
     }
 
+    /// True when [`apply_text`](Self::apply_text) would leave this table exactly as
+    /// it is: our chains hold the expected rules in order, each expected chain has
+    /// its one jump, and nothing else of ours (another chain, another jump) is here.
+    pub fn is_exactly(&self, ruleset: &Ruleset, family: Family) -> bool {
+        self.diff(ruleset, family).is_empty()
+            && self
+                .surplus_jumps(&chains_in(ruleset, self.table))
+                .is_empty()
+    }
+
     /// Our chains in this table that `expected` does not hold.
     fn stale<'s>(&'s self, expected: &[&crate::Chain]) -> Vec<&'s str> {
         self.chains

@@ -416,3 +416,41 @@ fn in_tproxy_mode_the_nat_inbound_chain_of_redirect_mode_is_removed() {
         "{differences:?}"
     );
 }
+
+/// A re-apply writes nothing when the table is exactly what its document would leave; any
+/// difference `check` reports, and a jump of ours from elsewhere (which apply deletes but
+/// `check` does not count), makes it write.
+#[test]
+fn only_a_table_exactly_as_applied_is_left_unwritten() {
+    let rules = Ruleset::from(&Spec::default());
+    let applied = iptables::restore_text(&rules, Family::V4, Jumps::BOTH);
+    assert!(iptables::Installed::parse(&applied).is_exactly(&rules, Family::V4));
+    assert!(!iptables::Installed::parse("*nat\nCOMMIT\n").is_exactly(&rules, Family::V4));
+    assert!(!iptables::Installed::parse(SAVED).is_exactly(&rules, Family::V4));
+    let other = Ruleset::from(&Spec {
+        outgoing_proxy_port: 4141,
+        ..Spec::default()
+    });
+    assert!(!iptables::Installed::parse(&applied).is_exactly(&other, Family::V4));
+    let tampered = [
+        applied.replace("-j REDIRECT --to-ports 4140", "-j RETURN"),
+        applied.replace("COMMIT", "-A MESHINIT_OUTPUT -j RETURN\nCOMMIT"),
+        applied.replace("COMMIT", "-A POSTROUTING -j MESHINIT_OUTPUT\nCOMMIT"),
+        applied.replace("COMMIT", ":MESHINIT_REPLIES - [0:0]\nCOMMIT"),
+    ];
+    for text in tampered {
+        assert!(
+            !iptables::Installed::parse(&text).is_exactly(&rules, Family::V4),
+            "{text}"
+        );
+    }
+    // Only the order of two rules changed.
+    let lines: Vec<&str> = applied.lines().collect();
+    let outputs: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("-A MESHINIT_OUTPUT"))
+        .collect();
+    let mut swapped = lines.clone();
+    swapped.swap(outputs[0], outputs[1]);
+    let swapped = swapped.join("\n");
+    assert!(!iptables::Installed::parse(&swapped).is_exactly(&rules, Family::V4));
+}
