@@ -179,6 +179,31 @@ impl Running {
     }
 }
 
+/// Whether native nft works here: the kernel answers an nf_tables dump and `nft` is
+/// an executable in PATH. Answered in process, so that an apply with `auto` (the
+/// default) runs one `nft`, the apply's own; when the dump fails, running `nft list
+/// tables` decides, as it always did.
+fn nft_usable() -> Result<(), BackendError> {
+    if let Err(err) = nf_tables::list_tables() {
+        tracing::debug!("listing nf_tables tables over netlink failed ({err}); running nft");
+        return run("nft", &["list", "tables"], None, nft::HINT).map(drop);
+    }
+    let executable = |dir: std::path::PathBuf| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.join("nft"))
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(executable) {
+        Ok(())
+    } else {
+        Err(BackendError::Missing {
+            binary: "nft".to_string(),
+            hint: nft::HINT,
+        })
+    }
+}
+
 /// Every backend, for cleaning up after a switch.
 pub fn all() -> Vec<Box<dyn Backend>> {
     vec![
@@ -222,8 +247,8 @@ pub fn auto() -> Result<Box<dyn Backend>, BackendError> {
             tracing::info!("auto: cannot list iptables-legacy rules ({err}); skipping that check")
         }
     }
-    match run("nft", &["list", "tables"], None, nft::HINT) {
-        Ok(_) => {
+    match nft_usable() {
+        Ok(()) => {
             tracing::info!(
                 backend = "nft",
                 "auto: nft and the kernel's nf_tables work; using native nft"

@@ -176,12 +176,13 @@ fn an_nft_apply_runs_one_nft_process_when_there_is_nothing_to_clean() {
         logged.meshinit(&pods.pod, args).expect_ok();
         std::fs::read_to_string(&log).unwrap_or_default()
     };
-    // First apply (no table yet), then a re-apply replacing it.
-    for round in ["first", "again"] {
+    // First apply (no table yet), then a re-apply replacing it, then one with `auto` (the
+    // default), whose choice of nft is made in process: the apply's `nft` is the only one.
+    for (round, backend) in [("first", "nft"), ("again", "nft"), ("auto", "auto")] {
         let tools = ran(&[
             "apply",
             "--backend",
-            "nft",
+            backend,
             "--outbound-ports-to-ignore=5555",
         ]);
         assert_eq!(tools, "nft\n", "{round} apply");
