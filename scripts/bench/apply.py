@@ -199,7 +199,7 @@ def main():
         sys.exit("apply.py: needs root (it creates network namespaces)")
     os.environ["PATH"] = CONTAINER_PATH
     BACKENDS = args.backends.split(",")
-    scenarios = args.scenarios.split(",")
+    scenarios = [s for s in args.scenarios.split(",") if s]
     binaries = [("meshinit", os.path.abspath(args.bin))]
     if args.baseline_bin:
         binaries.append(("baseline", os.path.abspath(args.baseline_bin)))
