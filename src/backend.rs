@@ -5,6 +5,7 @@
 //! where nftables cannot be used.
 
 mod iptables;
+mod nf_tables;
 mod nft;
 
 use std::io::Write;
@@ -70,21 +71,34 @@ pub struct Applied {
     /// listed before its restore (which changes only `ip`/`ip6` tables, read by no
     /// other backend's check); `None` from iptables-legacy.
     pub nf_tables: Option<String>,
+    /// True when our rules were already exactly in place, so nothing was written
+    /// (no rule deleted and re-added, no nf_tables commit to wait for).
+    pub unchanged: bool,
 }
 
 impl Applied {
-    /// Makes sure the nf_tables tables are known, listing them with one `nft list
-    /// tables` when the apply did not (the iptables backends): the nft and
-    /// iptables-nft leftover checks then share that one process. Left unknown when
-    /// `nft` cannot list them; each check then runs its own look.
+    /// Makes sure the nf_tables tables are known, listing them (in process, see
+    /// [`nf_tables_listing`]) when the apply did not: the nft and iptables-nft
+    /// leftover checks then share that one listing. Left unknown when neither
+    /// netlink nor `nft` can list them; each check then runs its own look.
     pub fn with_nf_tables(self) -> Applied {
         if self.nf_tables.is_some() {
             return self;
         }
         Applied {
-            nf_tables: run("nft", &["list", "tables"], None, nft::HINT).ok(),
+            nf_tables: nf_tables_listing().ok(),
+            ..self
         }
     }
+}
+
+/// The nf_tables tables of this namespace as `nft list tables` prints them: read
+/// over netlink in this process, or, when that fails, by running `nft list tables`.
+pub(crate) fn nf_tables_listing() -> Result<String, BackendError> {
+    nf_tables::list_tables().or_else(|err| {
+        tracing::debug!("listing nf_tables tables over netlink failed ({err}); running nft");
+        run("nft", &["list", "tables"], None, nft::HINT)
+    })
 }
 
 /// Runs `program args...`, feeding `stdin`, and returns its stdout.
@@ -165,6 +179,31 @@ impl Running {
     }
 }
 
+/// Whether native nft works here: the kernel answers an nf_tables dump and `nft` is
+/// an executable in PATH. Answered in process, so that an apply with `auto` (the
+/// default) runs one `nft`, the apply's own; when the dump fails, running `nft list
+/// tables` decides, as it always did.
+fn nft_usable() -> Result<(), BackendError> {
+    if let Err(err) = nf_tables::list_tables() {
+        tracing::debug!("listing nf_tables tables over netlink failed ({err}); running nft");
+        return run("nft", &["list", "tables"], None, nft::HINT).map(drop);
+    }
+    let executable = |dir: std::path::PathBuf| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.join("nft"))
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(executable) {
+        Ok(())
+    } else {
+        Err(BackendError::Missing {
+            binary: "nft".to_string(),
+            hint: nft::HINT,
+        })
+    }
+}
+
 /// Every backend, for cleaning up after a switch.
 pub fn all() -> Vec<Box<dyn Backend>> {
     vec![
@@ -208,8 +247,8 @@ pub fn auto() -> Result<Box<dyn Backend>, BackendError> {
             tracing::info!("auto: cannot list iptables-legacy rules ({err}); skipping that check")
         }
     }
-    match run("nft", &["list", "tables"], None, nft::HINT) {
-        Ok(_) => {
+    match nft_usable() {
+        Ok(()) => {
             tracing::info!(
                 backend = "nft",
                 "auto: nft and the kernel's nf_tables work; using native nft"

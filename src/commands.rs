@@ -229,6 +229,8 @@ pub fn install(config: &Config, ruleset: &Ruleset) -> Result<(), Failure> {
         } else {
             "redirect"
         },
+        // True when the rules were already exactly in place and nothing was written.
+        unchanged = applied.unchanged,
         "applied redirect rules"
     );
     // Rules of ours left by another backend would keep redirecting (or stop

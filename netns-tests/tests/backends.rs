@@ -176,12 +176,13 @@ fn an_nft_apply_runs_one_nft_process_when_there_is_nothing_to_clean() {
         logged.meshinit(&pods.pod, args).expect_ok();
         std::fs::read_to_string(&log).unwrap_or_default()
     };
-    // First apply (no table yet), then a re-apply replacing it.
-    for round in ["first", "again"] {
+    // First apply (no table yet), then a re-apply replacing it, then one with `auto` (the
+    // default), whose choice of nft is made in process: the apply's `nft` is the only one.
+    for (round, backend) in [("first", "nft"), ("again", "nft"), ("auto", "auto")] {
         let tools = ran(&[
             "apply",
             "--backend",
-            "nft",
+            backend,
             "--outbound-ports-to-ignore=5555",
         ]);
         assert_eq!(tools, "nft\n", "{round} apply");
@@ -208,29 +209,196 @@ fn an_nft_apply_runs_one_nft_process_when_there_is_nothing_to_clean() {
     let _ = std::fs::remove_file(&log);
 }
 
-/// After an iptables apply, the nft and iptables-nft leftover checks share one `nft`
-/// process (`nft list tables`) instead of one each.
-#[test]
-fn an_iptables_apply_runs_one_nft_process_for_the_leftover_checks() {
-    let pods = Pods::new("an_iptables_apply_one_nft");
-    let log = std::env::temp_dir().join(format!("netns-tests-{}-one-nft.log", std::process::id()));
+/// Runs `meshinit ARGS…` with every tool an apply may run wrapped to log its name, and
+/// returns the names, sorted (the families' tools run at the same time).
+fn tools_run(pods: &Pods, test: &str, args: &[&str]) -> Vec<String> {
+    let log = std::env::temp_dir().join(format!("netns-tests-{}-{test}.log", std::process::id()));
     let script = format!(
         "#!/bin/sh\nname=$(basename \"$0\")\necho \"$name\" >> {}\nexec /usr/sbin/\"$name\" \"$@\"\n",
         log.display()
     );
-    let logged = FaultyTools::new("one-nft", &TOOLS, &script);
+    let logged = FaultyTools::new(test, &TOOLS, &script);
+    let _ = std::fs::remove_file(&log);
+    logged.meshinit(&pods.pod, args).expect_ok();
+    let mut tools: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let _ = std::fs::remove_file(&log);
+    tools.sort();
+    tools
+}
+
+/// An iptables apply runs only the processes that have work (issue 14): the tables that
+/// exist are read from /proc (legacy) or listed over netlink (iptables-nft, and the nft
+/// leftover check), never by running `nft`. A first apply runs the two restores; a
+/// re-apply reads both families and restores only those that changed; a re-apply of the
+/// rules already in place restores nothing.
+fn an_iptables_apply_runs_only_the_tools_with_work(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("apply_tools"));
+    let tool = |family, name| backend.tool(family, name);
+    let (save4, save6) = (tool(Family::V4, "save"), tool(Family::V6, "save"));
+    let (restore4, restore6) = (tool(Family::V4, "restore"), tool(Family::V6, "restore"));
+    let sorted = |names: &[&String]| {
+        let mut names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+        names.sort();
+        names
+    };
+    let test = format!("{}-tools", backend.name());
+    let apply = |extra: &[&str]| {
+        let flag = backend.flag();
+        let mut args = vec!["apply", flag.as_str()];
+        args.extend_from_slice(extra);
+        tools_run(&pods, &test, &args)
+    };
+    assert_eq!(apply(&[]), sorted(&[&restore4, &restore6]), "first apply");
+    assert_eq!(
+        apply(&[]),
+        sorted(&[&save4, &save6]),
+        "the same rules again"
+    );
+    let changed = ["--outgoing-proxy-port", "4141"];
+    assert_eq!(
+        apply(&changed),
+        sorted(&[&save4, &save6, &restore4, &restore6]),
+        "changed rules"
+    );
+    // Only the family whose rules were changed by hand is written.
+    pods.pod
+        .exec(&[
+            &tool(Family::V6, ""),
+            "-t",
+            "nat",
+            "-D",
+            "MESHINIT_OUTPUT",
+            "1",
+        ])
+        .expect_ok();
+    assert_eq!(
+        apply(&changed),
+        sorted(&[&save4, &save6, &restore6]),
+        "after an IPv6 rule was deleted by hand"
+    );
+    assert_eq!(
+        apply(&[]),
+        sorted(&[&save4, &save6, &restore4, &restore6]),
+        "back to the first rules"
+    );
+    assert_only_in(&pods, backend, "after the applies");
+    assert_eq!(landings(&pods), REDIRECTED);
+}
+
+#[test]
+fn an_iptables_nft_apply_runs_only_the_tools_with_work() {
+    an_iptables_apply_runs_only_the_tools_with_work(Backend::IptablesNft)
+}
+
+#[test]
+fn an_iptables_legacy_apply_runs_only_the_tools_with_work() {
+    an_iptables_apply_runs_only_the_tools_with_work(Backend::IptablesLegacy)
+}
+
+/// After a switch from one iptables flavour to the other, the leftover checks still find
+/// and remove the old rules without running `nft` (the nf_tables listing is in process).
+#[test]
+fn an_iptables_apply_runs_no_nft_process_for_the_leftover_checks() {
+    let pods = Pods::new("an_iptables_apply_no_nft");
     // Legacy in an empty namespace, then iptables-nft (which removes legacy's rules).
     for backend in [Backend::IptablesLegacy, Backend::IptablesNft] {
-        let _ = std::fs::remove_file(&log);
-        logged
-            .meshinit(&pods.pod, &["apply", &backend.flag()])
-            .expect_ok();
-        let tools = std::fs::read_to_string(&log).unwrap_or_default();
-        let nft = tools.lines().filter(|tool| *tool == "nft").count();
-        assert_eq!(nft, 1, "{backend}: {tools}");
+        let tools = tools_run(&pods, "no-nft", &["apply", &backend.flag()]);
+        assert!(
+            !tools.iter().any(|tool| tool == "nft"),
+            "{backend}: {tools:?}"
+        );
         assert_only_in(&pods, backend, &format!("after the {backend} apply"));
     }
-    let _ = std::fs::remove_file(&log);
+}
+
+/// Our lines in both families' `*-save -c` of `backend`, counters included: a rule that is
+/// deleted and re-added comes back with its counters at zero.
+fn ours_with_counters(pods: &Pods, backend: Backend) -> String {
+    let mut out = String::new();
+    for family in Family::ALL {
+        let save = pods
+            .pod
+            .exec(&[&backend.tool(family, "save"), "-c"])
+            .expect_ok()
+            .stdout;
+        for line in save.lines().filter(|line| line.contains("MESHINIT_")) {
+            out.push_str(&format!("{family:?}: {line}\n"));
+        }
+    }
+    out
+}
+
+/// Re-applying the rules already in place writes nothing (issue 14): the rules are the
+/// same objects, counters and all, not deleted and re-added; a re-apply after someone
+/// changed them still repairs them (and leaves the untouched family as it was).
+fn a_reapply_of_the_rules_in_place_writes_nothing_and_repairs_a_tampered_one(backend: Backend) {
+    let pods = Pods::new(&backend.test_name("reapply_in_place"));
+    pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
+    // Connections through both chains in both families: our rules' counters are not zero.
+    assert_eq!(landings(&pods), REDIRECTED);
+    let before = ours_with_counters(&pods, backend);
+    assert!(
+        before
+            .lines()
+            .any(|line| !line.contains("[0:0]") && line.contains("REDIRECT")),
+        "traffic should have counted on our REDIRECT rules:\n{before}"
+    );
+    let firewall = pods.pod.firewall();
+    let run = pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
+    assert_eq!(
+        ours_with_counters(&pods, backend),
+        before,
+        "a re-apply of the same rules rewrote them"
+    );
+    assert!(run.stderr.contains("unchanged=true"), "{}", run.stderr);
+    assert_eq!(pods.pod.firewall(), firewall);
+
+    // Tampered with: IPv4's outbound redirect deleted, a second jump added.
+    let v4 = backend.tool(Family::V4, "");
+    pods.pod
+        .exec(&[&v4, "-t", "nat", "-D", "MESHINIT_OUTPUT", "3"])
+        .expect_ok();
+    pods.pod
+        .exec(&[&v4, "-t", "nat", "-A", "OUTPUT", "-j", "MESHINIT_OUTPUT"])
+        .expect_ok();
+    pods.pod.meshinit_on(backend, &["check"]).expect_code(1);
+    let run = pods.pod.meshinit_on(backend, &["apply"]).expect_ok();
+    assert!(run.stderr.contains("unchanged=false"), "{}", run.stderr);
+    pods.pod.meshinit_on(backend, &["check"]).expect_ok();
+    assert_eq!(
+        pods.pod.firewall(),
+        firewall,
+        "the repair restores every rule"
+    );
+    let after = ours_with_counters(&pods, backend);
+    let v6 = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|line| line.starts_with("V6"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        v6(&after),
+        v6(&before),
+        "the untouched family was rewritten"
+    );
+    assert_eq!(landings(&pods), REDIRECTED);
+}
+
+#[test]
+fn iptables_nft_reapply_of_the_rules_in_place_writes_nothing_and_repairs_a_tampered_one() {
+    a_reapply_of_the_rules_in_place_writes_nothing_and_repairs_a_tampered_one(Backend::IptablesNft)
+}
+
+#[test]
+fn iptables_legacy_reapply_of_the_rules_in_place_writes_nothing_and_repairs_a_tampered_one() {
+    a_reapply_of_the_rules_in_place_writes_nothing_and_repairs_a_tampered_one(
+        Backend::IptablesLegacy,
+    )
 }
 
 /// Legacy to nft, as the issue asks: no `MESHINIT_*` chain survives in legacy (either family),

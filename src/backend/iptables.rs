@@ -7,6 +7,12 @@
 //! restores the state it read for the one that succeeded: a failed apply
 //! never leaves one family on the new rules and the other on the old ones.
 //!
+//! Only the work there is gets done: a table that does not exist (listed in
+//! `/proc` for legacy, over netlink for iptables-nft) is not read, so a first
+//! apply in a new pod runs just the two restores; and a family whose rules are
+//! already exactly what its document would leave is not written, so re-applying
+//! the rules in place runs just the two reads and churns no rule.
+//!
 //! In `tproxy` mode one family's document has two sections, mangle (the
 //! TPROXY chain and the replies chain) then nat (outbound); iptables commits
 //! each table on its own, so a failure in the second section also rolls the
@@ -162,13 +168,14 @@ impl Iptables {
     /// Legacy tables are listed in `/proc/net/ip{,6}_tables_names` (per
     /// namespace; absent when the module is not loaded). iptables-nft tables
     /// are nf_tables tables of family `ip` / `ip6` named like the iptables table
-    /// (`table ip nat`); when `nft` cannot tell, we assume they may exist.
+    /// (`table ip nat`), listed in process (`nf_tables_listing`); when that
+    /// fails, we assume they may exist.
     fn may_have_tables(&self) -> Tables {
         self.may_have_tables_given(None)
     }
 
-    /// [`Iptables::may_have_tables`], taking `nft list tables` (lines `table FAMILY
-    /// NAME`) from `nf_tables` when this run already has it instead of running `nft`.
+    /// [`Iptables::may_have_tables`], taking the nf_tables listing (lines `table
+    /// FAMILY NAME`) from `nf_tables` when this run already has it.
     fn may_have_tables_given(&self, nf_tables: Option<&str>) -> Tables {
         match self.flavor {
             Flavor::Legacy => {
@@ -184,10 +191,9 @@ impl Iptables {
                     mangle: [has(&v4, "mangle"), has(&v6, "mangle")],
                 }
             }
-            Flavor::Nft => match nf_tables.map_or_else(
-                || run("nft", &["list", "tables"], None, super::nft::HINT),
-                |listing| Ok(listing.to_string()),
-            ) {
+            Flavor::Nft => match nf_tables
+                .map_or_else(super::nf_tables_listing, |listing| Ok(listing.to_string()))
+            {
                 Ok(tables) => {
                     // Reading a mangle table that is not there costs a `*-save` each.
                     let has = |family: &str, name: Option<&str>| {
@@ -251,44 +257,64 @@ impl Backend for Iptables {
     }
 
     fn apply(&self, ruleset: &Ruleset) -> Result<Applied, BackendError> {
-        // Which tables may hold ours (mangle too, for the other mode's chains). For
-        // iptables-nft that is one `nft list tables`, handed on in `Applied` so the
-        // leftover checks after the apply run no second one: the restore below
-        // changes only `ip`/`ip6` tables, and no other backend's check reads those.
-        // Each family's nat table is read whatever the listing says (the ruleset
-        // always has nat chains), so those reads run at the same time as the
-        // listing: the processes' start-up, not their work, is most of an apply.
-        let listing = match self.flavor {
-            Flavor::Nft => start("nft", &["list", "tables"], None, super::nft::HINT).ok(),
+        // Which tables exist (mangle too, for the other mode's chains): legacy's from
+        // /proc, iptables-nft's from the nf_tables listing, read in this process and
+        // handed on in `Applied` so the leftover checks after the apply list nothing
+        // again (the restore below changes only `ip`/`ip6` tables, which no other
+        // backend's check reads). A table that does not exist holds nothing of ours
+        // and is not read: in a new pod that is every table, so a first apply runs
+        // only the restores.
+        let nf_tables = match self.flavor {
+            Flavor::Nft => super::nf_tables_listing().ok(),
             Flavor::Legacy => None,
         };
-        let nat_reads = Self::families(ruleset.ipv6)
-            .iter()
-            .map(|&family| (family, self.start_save(family, Table::Nat)))
-            .collect::<Vec<_>>();
-        let nf_tables = listing.and_then(|listing| listing.output().ok());
         let tables = self.may_have_tables_given(nf_tables.as_deref());
-        // Read every family first: the states to roll back to.
+        // Read every family first: the states to roll back to, and what is already
+        // in place. The reads run at the same time: a process's start-up, not its
+        // work, is most of an apply.
+        let reads = Self::families(ruleset.ipv6)
+            .iter()
+            .map(|&family| {
+                let tables = self
+                    .tables_for(Some(ruleset), family, &tables)
+                    .into_iter()
+                    .map(|table| {
+                        let read = tables
+                            .has(table, family)
+                            .then(|| self.start_save(family, table));
+                        (table, read)
+                    })
+                    .collect::<Vec<_>>();
+                (family, tables)
+            })
+            .collect::<Vec<_>>();
         let mut steps = Vec::new();
-        for (family, nat) in nat_reads {
-            let mut nat = Some(nat);
+        for (family, reads) in reads {
             let mut before = Vec::new();
             let mut document = String::new();
-            for table in self.tables_for(Some(ruleset), family, &tables) {
-                let started = match table {
-                    Table::Nat => nat.take(),
-                    Table::Mangle => None,
-                };
-                let installed = match started {
+            let mut in_place = true;
+            for (table, read) in reads {
+                let installed = match read {
                     Some(read) => Installed::parse_table(&read?.output()?, table),
-                    None => self.installed_in(family, table)?,
+                    None => Installed {
+                        table,
+                        ..Installed::default()
+                    },
                 };
                 // Nothing of ours in a table the ruleset does not use: leave it be.
                 if chains_in(ruleset, table).is_empty() && installed.is_empty() {
                     continue;
                 }
+                in_place &= installed.is_exactly(ruleset, family);
                 document.push_str(&installed.apply_text(ruleset, family));
                 before.push(installed);
+            }
+            // Exactly what the document would leave is there already: writing it
+            // would delete and re-add the same rules (and, with iptables-nft, wait
+            // for the commit's RCU grace period) for nothing.
+            if in_place {
+                tracing::debug!(family = ?family, "rules already in place; not rewritten");
+                continue;
             }
             steps.push((family, before, document));
         }
@@ -327,8 +353,12 @@ impl Backend for Iptables {
             .into_iter()
             .map(|started| started.and_then(Running::output).map(drop))
             .collect::<Vec<_>>();
+        let unchanged = steps.is_empty();
         if results.iter().all(Result::is_ok) {
-            return Ok(Applied { nf_tables });
+            return Ok(Applied {
+                nf_tables,
+                unchanged,
+            });
         }
         let mut first_error = None;
         for ((family, before, _), result) in steps.iter().zip(results) {
@@ -344,7 +374,13 @@ impl Backend for Iptables {
                 }
             }
         }
-        first_error.map_or(Ok(Applied { nf_tables }), Err)
+        first_error.map_or(
+            Ok(Applied {
+                nf_tables,
+                unchanged,
+            }),
+            Err,
+        )
     }
 
     fn cleanup(&self) -> Result<(), BackendError> {

@@ -75,6 +75,7 @@ impl Backend for Nft {
         let listing = self.batch_listing_tables(&nft_json::apply_batch(ruleset))?;
         Ok(Applied {
             nf_tables: Some(listing),
+            unchanged: false,
         })
     }
 
@@ -83,7 +84,8 @@ impl Backend for Nft {
     }
 
     fn has_ours(&self) -> Result<bool, BackendError> {
-        Ok(self.list_ours()?.is_some())
+        // The tables are listed in process; only when that fails does `nft` run.
+        self.has_ours_after(&Applied::default().with_nf_tables())
     }
 
     fn has_ours_after(&self, applied: &Applied) -> Result<bool, BackendError> {
@@ -91,7 +93,7 @@ impl Backend for Nft {
             Some(listing) => Ok(listing
                 .lines()
                 .any(|line| line.trim() == format!("table inet {}", nft_json::TABLE))),
-            None => self.has_ours(),
+            None => Ok(self.list_ours()?.is_some()),
         }
     }
 

@@ -356,6 +356,39 @@ impl Installed {
         out
     }
 
+    /// True when [`apply_text`](Self::apply_text) would leave this table exactly as
+    /// it is: our chains hold the expected rules in order, each expected chain has
+    /// its one jump, and nothing else of ours (another chain, another jump) is here.
+    ///
+    /// The same verdict as an empty [`diff`](Self::diff) without a surplus jump, in
+    /// linear time: `diff` looks each rule up among all the others (quadratic, tens
+    /// of milliseconds for 10,000 scattered skip ports), fine for `check` but not
+    /// for every apply.
+    pub fn is_exactly(&self, ruleset: &Ruleset, family: Family) -> bool {
+        let expected = chains_in(ruleset, self.table);
+        let chains_match = self.chains.len() == expected.len()
+            && expected
+                .iter()
+                .all(|chain| self.chains.iter().any(|c| c == chain_name(chain.direction)));
+        if !chains_match
+            || expected
+                .iter()
+                .any(|chain| self.jump_count(chain.direction) != 1)
+            || !self.surplus_jumps(&expected).is_empty()
+        {
+            return false;
+        }
+        let mut lines = expected.iter().flat_map(|chain| chain_lines(chain, family));
+        let mut installed = self.rules.iter();
+        loop {
+            match (lines.next(), installed.next()) {
+                (None, None) => return true,
+                (Some(want), Some(have)) if tokens(&want) == tokens(have) => {}
+                _ => return false,
+            }
+        }
+    }
+
     /// Our chains in this table that `expected` does not hold.
     fn stale<'s>(&'s self, expected: &[&crate::Chain]) -> Vec<&'s str> {
         self.chains

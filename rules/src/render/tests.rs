@@ -301,6 +301,7 @@ fn real_listings_after_apply_have_no_diff() {
             "{save}"
         );
         assert!(installed.rules[0].contains("-m addrtype ! --dst-type LOCAL"));
+        assert!(installed.is_exactly(&mapped, family), "{save}");
     }
     // `tproxy` mode (the `tproxy` configuration above): the mark, `ct mark`,
     // `tproxy to` and `fib saddr` forms nft prints read back as ours.
@@ -362,8 +363,10 @@ fn real_iptables_listing_in_tproxy_mode_has_no_diff_and_redirect_mode_sees_it_as
                 Vec::<String>::new(),
                 "{table:?}\n{save}"
             );
+            assert!(installed.is_exactly(&rules, family), "{table:?}\n{save}");
         }
         let mangle = iptables::Installed::parse_table(save, Table::Mangle);
+        assert!(!mangle.is_exactly(&Ruleset::from(&Spec::default()), family));
         assert_eq!(mangle.chains, ["MESHINIT_INBOUND", "MESHINIT_REPLIES"]);
         // In redirect mode the mangle chains are the other mode's: drift, and apply
         // removes them with their jumps.
@@ -415,4 +418,68 @@ fn in_tproxy_mode_the_nat_inbound_chain_of_redirect_mode_is_removed() {
             .any(|d| d.contains("MESHINIT_INBOUND in table nat not expected")),
         "{differences:?}"
     );
+}
+
+/// A re-apply writes nothing when the table is exactly what its document would leave; any
+/// difference `check` reports, and a jump of ours from elsewhere (which apply deletes but
+/// `check` does not count), makes it write.
+#[test]
+fn only_a_table_exactly_as_applied_is_left_unwritten() {
+    let rules = Ruleset::from(&Spec::default());
+    let applied = iptables::restore_text(&rules, Family::V4, Jumps::BOTH);
+    assert!(iptables::Installed::parse(&applied).is_exactly(&rules, Family::V4));
+    assert!(!iptables::Installed::parse("*nat\nCOMMIT\n").is_exactly(&rules, Family::V4));
+    assert!(!iptables::Installed::parse(SAVED).is_exactly(&rules, Family::V4));
+    let other = Ruleset::from(&Spec {
+        outgoing_proxy_port: 4141,
+        ..Spec::default()
+    });
+    assert!(!iptables::Installed::parse(&applied).is_exactly(&other, Family::V4));
+    let tampered = [
+        applied.replace("-j REDIRECT --to-ports 4140", "-j RETURN"),
+        applied.replace("COMMIT", "-A MESHINIT_OUTPUT -j RETURN\nCOMMIT"),
+        applied.replace("COMMIT", "-A POSTROUTING -j MESHINIT_OUTPUT\nCOMMIT"),
+        applied.replace("COMMIT", ":MESHINIT_REPLIES - [0:0]\nCOMMIT"),
+    ];
+    for text in tampered {
+        assert!(
+            !iptables::Installed::parse(&text).is_exactly(&rules, Family::V4),
+            "{text}"
+        );
+    }
+    // A jump of ours from the wrong chain is not counted by `check`, but apply deletes it.
+    let stray = applied.replace("COMMIT", "-A POSTROUTING -j MESHINIT_OUTPUT\nCOMMIT");
+    assert!(iptables::Installed::parse(&stray)
+        .diff(&rules, Family::V4)
+        .is_empty());
+    // A rule twice, a rule dropped, a chain missing.
+    let lines: Vec<&str> = applied.lines().collect();
+    let redirect = lines
+        .iter()
+        .position(|line| line.contains("REDIRECT --to-ports 4140"))
+        .unwrap();
+    let mut twice = lines.clone();
+    twice.insert(redirect, lines[redirect]);
+    let mut dropped = lines.clone();
+    dropped.remove(redirect);
+    let no_inbound: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|line| !line.contains("MESHINIT_INBOUND"))
+        .collect();
+    for text in [twice, dropped, no_inbound] {
+        let text = text.join("\n");
+        let installed = iptables::Installed::parse(&text);
+        assert!(!installed.diff(&rules, Family::V4).is_empty(), "{text}");
+        assert!(!installed.is_exactly(&rules, Family::V4), "{text}");
+    }
+    // Only the order of two rules changed.
+    let lines: Vec<&str> = applied.lines().collect();
+    let outputs: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("-A MESHINIT_OUTPUT"))
+        .collect();
+    let mut swapped = lines.clone();
+    swapped.swap(outputs[0], outputs[1]);
+    let swapped = swapped.join("\n");
+    assert!(!iptables::Installed::parse(&swapped).is_exactly(&rules, Family::V4));
 }
