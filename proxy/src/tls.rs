@@ -119,10 +119,6 @@ pub(crate) fn configs(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key.clone_key())?;
     server.alpn_protocols = vec![transport_header::ALPN.to_vec()];
-    // One ticket per handshake, not rustls' two: a client uses one ticket per new
-    // connection and gets one back, so its store stays level; the second ticket is one
-    // more key derivation, cache entry and record on every connection, full or resumed.
-    server.send_tls13_tickets = 1;
 
     let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()?;
     let mut client = ClientConfig::builder_with_provider(provider)
