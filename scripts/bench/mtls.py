@@ -464,7 +464,12 @@ def report(a, bench, meta, info):
       "`sslVersionMin = TLSv1.3`, `TCP_NODELAY` both sides, otherwise Debian's defaults (threads; "
       "session resumption on). The app in A connects to stunnel's 127.0.0.1 port explicitly. "
       "meshinit's rules are removed from both pods for A and S and re-applied for M (the proxies of "
-      "the other path stay up, idle).")
+      "the other path stay up, idle)."
+      + (f" **M0** the same as M with the `--baseline` binary ({a.baseline}): a second pair on its own "
+         f"ports (outbound {BASE_OUTBOUND_PORT}, inbound {BASE_INBOUND_PORT}, `--peer-inbound-port "
+         f"{BASE_INBOUND_PORT}`), selected by `meshinit apply --outgoing-proxy-port {BASE_OUTBOUND_PORT} "
+         f"--incoming-proxy-port {BASE_INBOUND_PORT}` in both pods, measured after S in each round (A M S M0)."
+         if "M0" in PATHS else ""))
     w("")
     has0 = "M0" in PATHS
     w("| measure | A direct | M meshproxy mTLS |" + (" M0 meshproxy mTLS, baseline binary | M / M0 |" if has0 else "")
