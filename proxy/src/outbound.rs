@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -99,32 +99,49 @@ pub(crate) async fn over(
 /// SNI = `server_id` and ALPN `transport.l5d.io/v1`, verify that the peer proves
 /// `server_id`, write `header`. All within `timeout`. Shared by the opaque hop above
 /// and the HTTP pool's connections to peers (`mesh_http`).
-pub(crate) async fn handshake(
+pub(crate) async fn handshake<IO>(
     client_config: Arc<ClientConfig>,
-    tcp: TcpStream,
+    tcp: IO,
     server_id: &str,
     header: &TransportHeader,
     timeout: Duration,
-) -> Result<TlsStream<BufReader<TcpStream>>, HandshakeFailure> {
+) -> Result<TlsStream<BufReader<IO>>, HandshakeFailure>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
     let Ok(server_name) = ServerName::try_from(server_id.to_string()) else {
         // Checked when the peers file was parsed; kept as a guard, not a panic.
         return Err(HandshakeFailure::Other);
     };
     let connector = TlsConnector::from(client_config);
+    let encoded = header.encode();
     let handshake = tokio::time::timeout(timeout, async {
+        // The header is ours, not the client's, so it is written here rather than
+        // replayed by `duplex` (which counts its prefix as bytes read from the client).
+        // It is handed to rustls before the handshake: rustls holds application data
+        // until the handshake is complete (the server proved `server_id`) and then sends
+        // it in the same write as our Finished, so the server has the header with the
+        // handshake's last flight instead of one more packet, and one more wake-up,
+        // later. (Not early data: nothing is sent before the server is verified.)
+        let mut buffered = Ok(());
         let mut tls = connector
-            .connect(server_name, BufReader::with_capacity(TLS_READ_BUF, tcp))
+            .connect_with(
+                server_name,
+                BufReader::with_capacity(TLS_READ_BUF, tcp),
+                |conn| buffered = std::io::Write::write_all(&mut conn.writer(), &encoded),
+            )
             .await
             .map_err(|e| HandshakeFailure::of(&e))?;
-        // A server that ignored our ALPN would not understand the header either.
+        // Only copied into rustls' plaintext buffer (64 KiB), so this cannot fail for
+        // a header; checked rather than assumed.
+        buffered.map_err(|e| HandshakeFailure::of(&e))?;
+        // A server that ignored our ALPN does not understand the header: the session is
+        // refused (the header, a port number, went to a server that proved `server_id`).
         if tls.get_ref().1.alpn_protocol() != Some(transport_header::ALPN) {
             return Err(HandshakeFailure::BadAlpn);
         }
-        // The header is ours, not the client's, so it is written here rather than
-        // replayed by `duplex` (which counts its prefix as bytes read from the client).
-        tls.write_all(&header.encode())
-            .await
-            .map_err(|e| HandshakeFailure::of(&e))?;
+        // Whatever rustls did not manage to write yet goes now.
+        tls.flush().await.map_err(|e| HandshakeFailure::of(&e))?;
         Ok(tls)
     })
     .await;
@@ -143,5 +160,127 @@ fn header(target: SocketAddr, protocol: Protocol) -> TransportHeader {
         // TLS has no `SessionProtocol`: our field 1000 tells the inbound proxy, so both
         // label the connection `protocol="tls"`.
         Protocol::Tls => TransportHeader::tls(target.port()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncReadExt, ReadBuf};
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+
+    use super::*;
+    use crate::tls::testing;
+
+    /// A TCP stream that counts the writes made to it (each one a `write`/`writev`).
+    struct CountWrites {
+        tcp: TcpStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for CountWrites {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountWrites {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
+            if let Poll::Ready(Ok(_)) = polled {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            polled
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+            if let Poll::Ready(Ok(_)) = polled {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            polled
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.tcp.is_write_vectored()
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_transport_header_leaves_with_the_clients_finished() {
+        let mut mesh = testing::mesh(&["a.test.mesh.local", "b.test.mesh.local"]);
+        let b = mesh.pop().unwrap();
+        let a = mesh.pop().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(b.server);
+        let server = tokio::spawn(async move {
+            let mut sessions = Vec::new();
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                let header = TransportHeader::read(&mut tls).await.unwrap();
+                // The client's bytes after the header, up to its close.
+                let mut rest = Vec::new();
+                tls.read_to_end(&mut rest).await.unwrap();
+                sessions.push((header.port, rest));
+            }
+            sessions
+        });
+        // A full handshake, then a resumed one, as between two proxies.
+        let mut writes_per_handshake = Vec::new();
+        for _ in 0..2 {
+            let writes = Arc::new(AtomicUsize::new(0));
+            let tcp = CountWrites {
+                tcp: TcpStream::connect(addr).await.unwrap(),
+                writes: writes.clone(),
+            };
+            let header = TransportHeader::new(6379, None);
+            let mut tls = handshake(
+                a.client.clone(),
+                tcp,
+                "b.test.mesh.local",
+                &header,
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+            writes_per_handshake.push(writes.load(Ordering::Relaxed));
+            tls.write_all(b"PING\r\n").await.unwrap();
+            tls.shutdown().await.unwrap();
+        }
+        let sessions = server.await.unwrap();
+        for (port, rest) in &sessions {
+            assert_eq!(*port, 6379);
+            assert_eq!(rest, b"PING\r\n");
+        }
+        // The ClientHello, then the Finished with the header in one write: no packet of
+        // its own for the header (nor one more wake-up of the server for it).
+        assert_eq!(writes_per_handshake, [2, 2]);
     }
 }

