@@ -324,6 +324,10 @@ fn run(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    tracing::debug!(
+        workers = runtime.metrics().num_workers(),
+        "async runtime started"
+    );
     runtime.block_on(async {
         meshproxy::run(config, shutdown_signal()).await?;
         anyhow::Ok(())

@@ -284,6 +284,8 @@ def profile_connrate(bench, pid, seconds, port=MESH_PORT):
     out = sh(*in_ns(POD, "prlimit", NOFILE, bench.connrate_bin, "--connect", f"{PEER4}:{OPAQUE_PORT}",
                     "--seconds", str(seconds)), timeout=seconds + 60)
     rec.wait()
+    if os.environ.get("BENCH_PERF_DATA"):  # keep the recording for a closer look (perf report -i)
+        shutil.copy(data, f"{os.environ['BENCH_PERF_DATA']}.{port}")
     top = sh("perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "sym", "-g", "none",
              "--percent-limit", "0.7")
     lines = [l for l in top.splitlines() if l.strip() and not l.startswith("#")]
