@@ -34,6 +34,8 @@ Usage: scripts/bench/proxy.py [--quick] [--rounds N] [--meshinit PATH] [--meshpr
 Needs root. Installs iperf3, haproxy, conntrack, procps, util-linux if missing. Builds
 scripts/bench/netbench and scripts/bench/connrate (std-only, not workspace members).
 Prints a Markdown section for BENCHMARKS.md (also written to --out if given).
+With BENCH_PERF_DATA=PREFIX set, each connection-rate profile's perf.data is kept as
+PREFIX.PORT (4140 for B, 4160, 4170, ... for the baselines) for `perf report -i`.
 """
 import argparse
 import datetime
