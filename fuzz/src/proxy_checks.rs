@@ -236,6 +236,8 @@ pub fn proxy_config(data: &[u8]) {
     if let Ok(config) = Config::from_sources(&ProxyArgs::default(), &env, Some(toml)) {
         assert!(!config.inbound_addrs.is_empty() && !config.outbound_addrs.is_empty());
         assert!(config.max_connections >= 1 && config.max_detecting >= 1);
+        // A runtime of 0 workers (or thousands) must be refused, never built.
+        assert!((1..=256).contains(&config.cores), "{}", config.cores);
         // Every duration is in its documented range: above zero, at most a day.
         for d in [
             config.detect_timeout,

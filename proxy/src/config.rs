@@ -78,6 +78,11 @@ meshinit_settings::settings! {
         /// On SIGTERM/SIGINT, how long open connections may drain [default: 30s].
         #[setting(value_name = "DURATION", help_heading = "Lifecycle")]
         shutdown_grace,
+        /// Worker threads of the async runtime, 1 to 256: 1 runs everything on one
+        /// thread (no cross-thread wake-ups), more is a work-stealing pool of that many
+        /// [default: 1].
+        #[setting(value_name = "N", help_heading = "Lifecycle")]
+        cores,
         /// The UID meshproxy is meant to run as, meshinit's --proxy-uid, whose traffic is
         /// not redirected; a warning is logged at start-up when the effective UID differs
         /// [default: 2102].
@@ -188,6 +193,12 @@ pub struct Config {
     /// the client is. Needs CAP_NET_ADMIN (IP_TRANSPARENT); off by default, which keeps
     /// the proxy free of capabilities.
     pub inbound_transparent: bool,
+    /// Worker threads of the async runtime. 1 (the default) is a current-thread runtime:
+    /// a sidecar's cost is paid once per pod, and on a small node one thread that never
+    /// wakes another costs less CPU per connection than a work-stealing pool, which pays
+    /// a cross-thread wake-up (futex, context switch) on most events. Like Linkerd's
+    /// proxy (`LINKERD2_PROXY_CORES`), more cores are asked for, not assumed.
+    pub cores: usize,
 }
 
 /// Ports whose protocols are server-speaks-first (SMTP, MySQL, PostgreSQL, Redis,
@@ -208,6 +219,10 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 const DEFAULT_MAX_DETECTING: usize = 4_096;
 const DEFAULT_METRICS_RETAIN_IDLE: Duration = crate::metrics::DEFAULT_RETAIN_IDLE;
 const DEFAULT_PEER_INBOUND_PORT: u16 = 4143;
+const DEFAULT_CORES: usize = 1;
+/// Upper bound for `--cores`: more worker threads than this is a typo on any node a
+/// sidecar runs on, and each thread costs a stack.
+const MAX_CORES: usize = 256;
 /// Descriptors beyond the connections': listeners, admin clients, certificate and
 /// peers files being re-read, the bind probe of `orig_dst::is_local`, stdio, epoll.
 pub const DESCRIPTOR_MARGIN: u64 = 128;
@@ -316,6 +331,7 @@ impl Config {
             .get("peer_inbound_port", parse_port)?
             .unwrap_or(DEFAULT_PEER_INBOUND_PORT);
         let inbound_transparent = s.get("inbound_transparent", parse_bool)?.unwrap_or(false);
+        let cores = s.get("cores", parse_cores)?.unwrap_or(DEFAULT_CORES);
 
         // mTLS needs all three files; half an identity is a mistake, not "no mTLS".
         let identity = match (identity_cert, identity_key, trust_anchors) {
@@ -366,6 +382,7 @@ impl Config {
             peer_inbound_port,
             discovery,
             inbound_transparent,
+            cores,
         })
     }
 
@@ -457,6 +474,13 @@ fn parse_cap(input: &str) -> Result<usize, String> {
     match input.trim().parse::<usize>() {
         Ok(n) if (1..=MAX_CAP).contains(&n) => Ok(n),
         _ => Err(format!("expected a whole number from 1 to {MAX_CAP}")),
+    }
+}
+
+fn parse_cores(input: &str) -> Result<usize, String> {
+    match input.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_CORES).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {MAX_CORES}")),
     }
 }
 

@@ -28,12 +28,12 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 6;
 
 /// Enables [`KEEPALIVE_IDLE`] and friends on a forwarded connection's socket.
-pub(crate) fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
+pub(crate) fn set_keepalive(socket: &impl std::os::fd::AsFd) -> io::Result<()> {
     let keepalive = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
-    SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    SockRef::from(socket).set_tcp_keepalive(&keepalive)
 }
 
 /// Opens the proxy's own connection to a destination.

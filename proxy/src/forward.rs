@@ -26,7 +26,7 @@ use tracing::debug;
 
 use crate::balance::{Balancer, BalancerError, Table};
 use crate::config::{Config, PortSet};
-use crate::connect::{connect_from, set_keepalive};
+use crate::connect::connect_from;
 use crate::detect::{detect, Detected, Protocol};
 use crate::duplex::{duplex_tcp, Totals};
 use crate::hop::{self, Hop, HttpVersion, MeshPolicy};
@@ -182,15 +182,18 @@ impl Forwarder {
         self.mesh.is_some()
     }
 
-    /// Forwards `client`, accepted by the `direction` listener, as `route` decided, and
-    /// records how it ended. Errors end the connection and are counted and logged by
+    /// Forwards `client` (whose address `accept` gave as `client_addr`), accepted by the
+    /// `direction` listener, as `route` decided, and records how it ended. Errors end the connection and are counted and logged by
     /// `outcome::record`; there is nothing to return.
-    pub(crate) async fn forward(&self, client: TcpStream, direction: Direction, route: Route) {
-        // We forward what we read as soon as we read it; Nagle would only add delay.
-        let _ = client.set_nodelay(true);
-        // Best effort: a socket that refuses keepalive is still forwarded.
-        let _ = set_keepalive(&client);
-        let client_addr = client.peer_addr().ok();
+    pub(crate) async fn forward(
+        &self,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        direction: Direction,
+        route: Route,
+    ) {
+        // TCP_NODELAY and keepalive come from the listener (`server::bind`).
+        let client_addr = Some(client_addr);
         // The connection's metrics, once a hop counts it as open.
         let mut conn = None;
         let (target, outcome) = match route {
@@ -359,7 +362,7 @@ impl Forwarder {
         conn: &mut Option<ConnMetrics>,
     ) -> Outcome {
         let conn = conn.insert(self.open(direction, target, classified.protocol(), None, None));
-        let from = self.source_for(direction, client.peer_addr().ok());
+        let from = self.source_for(direction, &client);
         let target_stream = self.connect_hop("destination", target, from).await?;
         // Both ends are plain TCP sockets: bulk bytes can be spliced.
         Ok(duplex_tcp(client, target_stream, classified.prefix, conn.counters()).await?)
@@ -378,7 +381,7 @@ impl Forwarder {
         conn: &mut Option<ConnMetrics>,
     ) -> Outcome {
         let conn = conn.insert(self.open(direction, target, classified.protocol(), None, None));
-        let from = self.source_for(direction, client.peer_addr().ok());
+        let from = self.source_for(direction, &client);
         let upstream = Direct(Endpoint {
             source: from.map(|from| from.ip()),
             ..Endpoint::plain(target)
@@ -496,11 +499,14 @@ impl Forwarder {
     pub(crate) fn source_for(
         &self,
         direction: Direction,
-        client: Option<SocketAddr>,
+        client: &TcpStream,
     ) -> Option<SocketAddr> {
-        (direction == Direction::Inbound && self.inbound_transparent)
-            .then_some(client)
-            .flatten()
+        // Only then is the client's address needed: no `getpeername` otherwise.
+        if direction == Direction::Inbound && self.inbound_transparent {
+            client.peer_addr().ok()
+        } else {
+            None
+        }
     }
 }
 
@@ -520,7 +526,13 @@ mod tests {
         let client = TcpStream::connect(target).await.unwrap();
         let config = Config::default();
         let forwarder = Forwarder::new(&config, Arc::new(Metrics::new())).unwrap();
-        let future = forwarder.forward(client, Direction::Outbound, Route::Forward(target));
+        let client_addr = client.local_addr().unwrap();
+        let future = forwarder.forward(
+            client,
+            client_addr,
+            Direction::Outbound,
+            Route::Forward(target),
+        );
         let size = std::mem::size_of_val(&future);
         eprintln!("forward future: {size} bytes");
         assert!(size <= 4096, "a connection's future is {size} bytes");

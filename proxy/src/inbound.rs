@@ -91,7 +91,7 @@ pub(crate) async fn terminate(
 ) -> Outcome {
     let identity = mesh.identity.current();
     let acceptor = TlsAcceptor::from(identity.server_config());
-    let from = fwd.source_for(Direction::Inbound, client.get_ref().peer_addr().ok());
+    let from = fwd.source_for(Direction::Inbound, client.get_ref());
     let accepted = tokio::time::timeout(fwd.handshake_timeout, async {
         let mut tls = acceptor
             .accept(BufReader::with_capacity(TLS_READ_BUF, client))

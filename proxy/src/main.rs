@@ -310,7 +310,24 @@ fn raise_nofile_limit(needed: u64) {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // One core (the default) is a current-thread runtime: every task runs on this
+    // thread, so no event ever has to wake another one (see `Config::cores`). The
+    // blocking pool (metrics encoding) exists either way.
+    let mut builder = if config.cores == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(config.cores);
+        builder
+    };
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tracing::debug!(
+        workers = runtime.metrics().num_workers(),
+        "async runtime started"
+    );
     runtime.block_on(async {
         meshproxy::run(config, shutdown_signal()).await?;
         anyhow::Ok(())

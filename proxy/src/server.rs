@@ -344,11 +344,11 @@ async fn accept_loop<F>(
     F: Fn(&TcpStream) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
 {
     loop {
-        let stream = tokio::select! {
+        let (stream, client_addr) = tokio::select! {
             biased;
             () = set(&mut stop) => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     accept_failed(&error).await;
                     continue;
@@ -402,7 +402,7 @@ async fn accept_loop<F>(
             let _permit = permit;
             let mut abort = shared.abort.clone();
             tokio::select! {
-                () = shared.forwarder.forward(stream, direction, route) => {}
+                () = shared.forwarder.forward(stream, client_addr, direction, route) => {}
                 () = set(&mut abort) => {}
             }
         });
@@ -494,6 +494,13 @@ fn bind(addr: SocketAddr, transparent: bool) -> Result<TcpListener, ServerError>
         // and IPv4 clients must reach the IPv4 socket, where SO_ORIGINAL_DST works.
         socket.set_only_v6(true).map_err(bind_error)?;
     }
+    // Every accepted connection inherits these from its listener (Linux copies the
+    // listener's socket options, and arms the keepalive timer, when it creates the
+    // connection): set once here instead of five `setsockopt` calls per connection.
+    // We forward what we read as soon as we read it, so Nagle would only add delay;
+    // keepalive finds clients that vanished (`connect::set_keepalive`).
+    socket.set_nodelay(true).map_err(bind_error)?;
+    crate::connect::set_keepalive(&socket).map_err(bind_error)?;
     socket.set_nonblocking(true).map_err(bind_error)?;
     socket.bind(&addr.into()).map_err(bind_error)?;
     socket.listen(BACKLOG).map_err(bind_error)?;
@@ -604,5 +611,24 @@ mod tests {
         let taken = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = taken.local_addr().unwrap();
         assert!(bind_all(&[addr, missing], false).is_err());
+    }
+
+    /// Accepted connections take TCP_NODELAY and keepalive from their listener, which
+    /// is why `forward` no longer sets them on each client socket.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_and_keepalive_from_the_listener() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let listener = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(getsockopt(&accepted, sockopt::TcpNoDelay).unwrap());
+        assert!(getsockopt(&accepted, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&accepted, sockopt::TcpKeepIdle).unwrap(), 60);
+        assert_eq!(getsockopt(&accepted, sockopt::TcpKeepInterval).unwrap(), 10);
+        assert_eq!(getsockopt(&accepted, sockopt::TcpKeepCount).unwrap(), 6);
+        // The client's socket is not ours and stays untouched: the check can tell.
+        assert!(!getsockopt(&client, sockopt::KeepAlive).unwrap());
     }
 }

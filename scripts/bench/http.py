@@ -17,6 +17,9 @@ in the pod, as root, so the pod's rules redirect it. Paths, measured in ONE inte
                 in the pod has a dev-CA identity and --mesh-peers naming the peer; the peer
                 has `meshinit apply` (inbound to :4143) and its own meshproxy with identity.
                 HTTP travels pod -> peer over one pooled mTLS HTTP/2 connection. Two hops.
+  B0 meshproxy  with --baseline PATH only: the same one hop through another meshproxy binary
+                (the code before a change, or the same one with other --baseline-args), outbound
+                on :4340, measured in the same rounds as B for a before/after comparison
   H  HAProxy 2.6 `mode http` as a transparent original-destination proxy (`server orig
                 0.0.0.0:0`), uid 2102, outbound rules to :4150; HTTP/1.1 and h2c (prior
                 knowledge, detected from the preface) on the same bind; to nginx it speaks
@@ -30,7 +33,7 @@ and the proxies' CPU (utime + stime from /proc/PID/stat) and VmRSS during the fi
 runs, as vCPU and MiB per 1,000 requests/s.
 
 Usage: scripts/bench/http.py [--quick] [--rounds N] [--seconds S] [--oha PATH] [--out FILE]
-                             [--profile]
+                             [--profile] [--meshproxy-args ARGS] [--baseline PATH [--baseline-args ARGS]]
 Needs root. Installs nginx, haproxy, curl, util-linux if missing; `oha` from
 target/bench-tools/bin/oha (`cargo install oha --locked --no-default-features --features native-tls --root
 target/bench-tools`) or PATH. Prints a Markdown section for BENCHMARKS.md.
@@ -60,11 +63,13 @@ PEER = f"mi-bench-http-peer-{TAG}"
 POD4, PEER4 = "198.18.0.1", "198.18.0.2"
 ID_POD, ID_PEER = "pod.default.mesh.local", "peer.default.mesh.local"
 H1_PORT, H2_PORT = 8080, 8081
-ONE_HOP, PAIR_OUT, HAP = 4140, 4240, 4150
+ONE_HOP, PAIR_OUT, HAP, BASE = 4140, 4240, 4150, 4340
+BASE_ADMIN = 4391
 PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "curl": "curl", "nft": "nftables",
             "setpriv": "util-linux", "prlimit": "util-linux", "uptime": "procps"}
 PATHS = {"A": "direct", "B": "meshproxy one hop", "P": "meshproxy mTLS pair", "H": "HAProxy mode http"}
-LOGS = ("nginx.log", "meshproxy-b.log", "meshproxy-p-out.log", "meshproxy-p-in.log", "haproxy.log")
+LOGS = ("nginx.log", "meshproxy-b.log", "meshproxy-p-out.log", "meshproxy-p-in.log", "haproxy.log",
+        "meshproxy-b0.log")
 CLK = os.sysconf("SC_CLK_TCK")
 tmpdir = None
 
@@ -123,10 +128,11 @@ def make_identities(meshproxy):
     return os.path.join(ca, "ca.crt"), out
 
 
-def start_meshproxy(bin_path, ns, out_port, admin, logname, mesh=None):
-    """mesh: (anchors, (cert, key), peer net, peer identity) for an mTLS proxy, else None."""
+def start_meshproxy(bin_path, ns, out_port, admin, logname, mesh=None, extra=()):
+    """mesh: (anchors, (cert, key), peer net, peer identity) for an mTLS proxy, else None;
+    extra: more flags."""
     args = ["--outbound-addr", f"127.0.0.1:{out_port}", "--inbound-addr", f"0.0.0.0:{out_port + 3}",
-            "--admin-addr", f"127.0.0.1:{admin}"]
+            "--admin-addr", f"127.0.0.1:{admin}", *extra]
     if mesh:
         anchors, ident, peer_net, peer_id = mesh
         peers = os.path.join(tmpdir, f"peers-{logname}.toml")
@@ -203,7 +209,7 @@ class Rules:
         self.meshinit, self.pod, self.peer = meshinit, None, False
 
     def set(self, path):
-        pod = {"A": None, "B": ONE_HOP, "P": PAIR_OUT, "H": HAP}[path]
+        pod = {"A": None, "B": ONE_HOP, "P": PAIR_OUT, "H": HAP, "B0": BASE}[path]
         if pod != self.pod:
             ns = f"/var/run/netns/{POD}"
             if pod is None:
@@ -247,6 +253,8 @@ def verify_paths(rules):
                       + metric(PEER, 4191, 'request_total{direction="inbound"')),
         "H": lambda: haproxy_requests("orig_h1") + haproxy_requests("orig_h2"),
     }
+    if "B0" in PATHS:
+        counters["B0"] = lambda: metric(POD, BASE_ADMIN, 'request_total{direction="outbound"')
     for path in PATHS:
         rules.set(path)
         before = {p: c() for p, c in counters.items()}
@@ -361,8 +369,15 @@ def report(a, bench, meta):
       "(`server orig 0.0.0.0:0`, `proto h2` towards the h2c port). B, P and H use the same `meshinit apply` "
       "rules (only `--outgoing-proxy-port` differs); the proxies run as uid 2102.")
     w("")
-    w("| measure | A direct | B meshproxy | P meshproxy mTLS pair | H HAProxy `mode http` |")
-    w("|---|---|---|---|---|")
+    if a.meshproxy_args:
+        w(f"B and both proxies of P run `meshproxy {a.meshproxy_args}`.")
+    if "B0" in PATHS:
+        w(f"**B0**: the same one hop through `{a.baseline}`"
+          + (f" `{a.baseline_args}`" if a.baseline_args else "") + f" (outbound :{BASE}).")
+    w("")
+    w("| measure | A direct | B meshproxy | P meshproxy mTLS pair | H HAProxy `mode http` |"
+      + (" B0 meshproxy one hop, baseline |" if "B0" in PATHS else ""))
+    w("|---|---|---|---|---|" + ("---|" if "B0" in PATHS else ""))
 
     def row(title, key, f, added=False, higher=False):
         cells = []
@@ -398,6 +413,8 @@ def report(a, bench, meta):
     w("|---|" + "---|" * (2 * len(a.rates)) + "---|")
     names = (("B", 0, "meshproxy one hop"), ("P", 0, "meshproxy pair: pod outbound"),
              ("P", 1, "meshproxy pair: peer inbound"), ("H", 0, "HAProxy `mode http`"))
+    if "B0" in PATHS:
+        names += (("B0", 0, "meshproxy one hop, baseline"),)
     for path, i, label in names:
         cells = [fmt_range(r[(f"{p}@{q}/cpu{i}", path)], lambda v: f"{v:.3f}")
                  for p in ("h1", "h2") for q in a.rates]
@@ -454,6 +471,10 @@ def main():
     ap.add_argument("--others", default="", help="what else was running (stated in the report)")
     ap.add_argument("--profile", action="store_true", help="perf record meshproxy (one hop) at the most rps")
     ap.add_argument("--out", help="also write the Markdown here")
+    ap.add_argument("--meshproxy-args", default="",
+                    help="extra flags for the meshproxies of B and P, e.g. \"--cores 1\"")
+    ap.add_argument("--baseline", help="another meshproxy binary measured as one hop, path B0, in the same rounds")
+    ap.add_argument("--baseline-args", default="", help="extra flags for the baseline, e.g. \"--cores 2\"")
     a = ap.parse_args()
     a.rounds = a.rounds or (1 if a.quick else 3)
     a.seconds = a.seconds or (2 if a.quick else 6)
@@ -462,7 +483,10 @@ def main():
     a.meshinit, a.meshproxy = os.path.abspath(a.meshinit), os.path.abspath(a.meshproxy)
     if os.geteuid() != 0:
         sys.exit("http.py: needs root (it creates network namespaces)")
-    for b in (a.meshinit, a.meshproxy):
+    if a.baseline:
+        a.baseline = os.path.abspath(a.baseline)
+        PATHS["B0"] = "meshproxy one hop, baseline"
+    for b in (a.meshinit, a.meshproxy) + ((a.baseline,) if a.baseline else ()):
         if not os.access(b, os.X_OK):
             sys.exit(f"http.py: {b} not found: cargo build --release -p meshinit -p meshproxy (or pass the path)")
     ensure_packages(PACKAGES)
@@ -489,16 +513,21 @@ def main():
         pod_and_peer(POD, PEER)
         start_nginx()
         anchors, ids = make_identities(a.meshproxy)
-        b = start_meshproxy(a.meshproxy, POD, ONE_HOP, 4191, "meshproxy-b.log")
+        extra = a.meshproxy_args.split()
+        b = start_meshproxy(a.meshproxy, POD, ONE_HOP, 4191, "meshproxy-b.log", extra=extra)
         p_out = start_meshproxy(a.meshproxy, POD, PAIR_OUT, 4291, "meshproxy-p-out.log",
-                                (anchors, ids[ID_POD], PEER4, ID_PEER))
+                                (anchors, ids[ID_POD], PEER4, ID_PEER), extra=extra)
         p_in = start_meshproxy(a.meshproxy, PEER, ONE_HOP, 4191, "meshproxy-p-in.log",
-                               (anchors, ids[ID_PEER], POD4, ID_POD))
+                               (anchors, ids[ID_PEER], POD4, ID_POD), extra=extra)
+        pids = {"B": [b.pid], "P": [p_out.pid, p_in.pid]}
+        if a.baseline:
+            pids["B0"] = [start_meshproxy(a.baseline, POD, BASE, BASE_ADMIN, "meshproxy-b0.log",
+                                          extra=a.baseline_args.split()).pid]
         hap = start_haproxy()
         rules = Rules(a.meshinit)
         verify_paths(rules)
         log("paths verified")
-        bench = Bench(a, rules, {"B": [b.pid], "P": [p_out.pid, p_in.pid], "H": [hap.pid]})
+        bench = Bench(a, rules, {**pids, "H": [hap.pid]})
         for path in PATHS:  # warm-up: connections, pools, page cache
             for h2 in (False, True):
                 bench.oha(path, h2, qps=1000, seconds=1)

@@ -17,7 +17,10 @@ Ctrl-C). Paths, all measured in ONE interleaved run (A B C.., A B C.., ...):
   Cn HAProxy         same on 4151 without splicing
   B0 meshproxy       with --baseline PATH only: another meshproxy binary (the code
                      before a change), same flags, outbound on 4160, measured in
-                     the same rounds as B for a before/after comparison
+                     the same rounds as B for a before/after comparison; each further
+                     --baseline is B1, B2, ... (outbound on 4170, 4180, ...), and
+                     --baseline-args gives the Nth of them extra flags (e.g. "--cores 2"),
+                     as --meshproxy-args does for B and Bd
 
 Measures: iperf3 1 stream and 8 streams (IPv4 for all paths, IPv6 for A and B: HAProxy
 2.6 cannot recover an IPv6 original destination); 64-byte ping-pong over one
@@ -26,10 +29,13 @@ persistent connection (p50/p99, scripts/bench/netbench); new connections per sec
 10,000 open idle connections through it (HAProxy alongside for comparison).
 
 Usage: scripts/bench/proxy.py [--quick] [--rounds N] [--meshinit PATH] [--meshproxy PATH]
-                              [--baseline PATH] [--profile | --profile-only]
+                              [--meshproxy-args ARGS] [--baseline PATH [--baseline-args ARGS]]...
+                              [--profile | --profile-only]
 Needs root. Installs iperf3, haproxy, conntrack, procps, util-linux if missing. Builds
 scripts/bench/netbench and scripts/bench/connrate (std-only, not workspace members).
 Prints a Markdown section for BENCHMARKS.md (also written to --out if given).
+With BENCH_PERF_DATA=PREFIX set, each connection-rate profile's perf.data is kept as
+PREFIX.PORT (4140 for B, 4160, 4170, ... for the baselines) for `perf report -i`.
 """
 import argparse
 import datetime
@@ -60,7 +66,8 @@ OPAQUE_PORT = 7000  # in meshproxy's --opaque-ports
 DETECT_PORT = 8080  # not opaque: goes through detection
 HOLD_PORT = 9000    # opaque; the peer accepts and holds
 MESH_PORT, HAP_SPLICE_PORT, HAP_PLAIN_PORT = 4140, 4150, 4151
-BASE_PORT = 4160  # --baseline's meshproxy (outbound; inbound 4163, admin 4192)
+BASE_PORT = 4160  # --baseline's meshproxy (outbound; inbound 4163, admin 4192); the Nth
+                  # further one adds 10 * N to both ports and N to the admin port
 PACKAGES = {"iperf3": "iperf3", "haproxy": "haproxy", "conntrack": "conntrack",
             "ss": "iproute2", "nft": "nftables", "setpriv": "util-linux",
             "prlimit": "util-linux", "uptime": "procps"}
@@ -119,16 +126,28 @@ def setup_netns():
 
 
 
-def start_meshproxy(bin_path, baseline=False):
-    ports = (["--outbound-addr", f"127.0.0.1:{BASE_PORT}", "--inbound-addr", "0.0.0.0:4163",
-              "--admin-addr", "127.0.0.1:4192"] if baseline else ["--admin-addr", "127.0.0.1:4191"])
+def base_port(n):
+    """The outbound port of the Nth --baseline (path BN)."""
+    return BASE_PORT + 10 * n
+
+
+def start_meshproxy(bin_path, baseline=None, extra=()):
+    """meshproxy for path B, or with `baseline` = N for path BN; `extra` are more flags."""
+    if baseline is None:
+        port, admin, log_name = MESH_PORT, 4191, "meshproxy.log"
+        ports = ["--admin-addr", "127.0.0.1:4191"]
+    else:
+        port, admin = base_port(baseline), 4192 + baseline
+        log_name = "meshproxy-baseline.log" if baseline == 0 else f"meshproxy-baseline{baseline}.log"
+        ports = ["--outbound-addr", f"127.0.0.1:{port}", "--inbound-addr", f"0.0.0.0:{port + 3}",
+                 "--admin-addr", f"127.0.0.1:{admin}"]
     p = spawn(in_ns(POD, *as_proxy(bin_path, "--opaque-ports", f"{IPERF_PORT},{OPAQUE_PORT},{HOLD_PORT}",
-                                   *ports)),
+                                   *ports, *extra)),
               stdout=subprocess.DEVNULL,
-              stderr=open(os.path.join(tmpdir, "meshproxy-baseline.log" if baseline else "meshproxy.log"), "ab"),
+              stderr=open(os.path.join(tmpdir, log_name), "ab"),
               env=dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn")))
-    wait_port(POD, BASE_PORT if baseline else MESH_PORT)
-    wait_port(POD, 4192 if baseline else 4191)
+    wait_port(POD, port)
+    wait_port(POD, admin)
     return p
 
 
@@ -267,6 +286,8 @@ def profile_connrate(bench, pid, seconds, port=MESH_PORT):
     out = sh(*in_ns(POD, "prlimit", NOFILE, bench.connrate_bin, "--connect", f"{PEER4}:{OPAQUE_PORT}",
                     "--seconds", str(seconds)), timeout=seconds + 60)
     rec.wait()
+    if os.environ.get("BENCH_PERF_DATA"):  # keep the recording for a closer look (perf report -i)
+        shutil.copy(data, f"{os.environ['BENCH_PERF_DATA']}.{port}")
     top = sh("perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "sym", "-g", "none",
              "--percent-limit", "0.7")
     lines = [l for l in top.splitlines() if l.strip() and not l.startswith("#")]
@@ -283,7 +304,8 @@ def verify_paths(rules, netbench):
         line = p.stdout.readline()
         if not line.startswith("ready"):
             raise RuntimeError(f"path {path} ({label}): no echo through it")
-        seen = {q: proxy_sockets(q) for q in (MESH_PORT, HAP_SPLICE_PORT, HAP_PLAIN_PORT, BASE_PORT)}
+        proxy_ports = {q for _, q, _ in PATHS.values() if q} | {BASE_PORT}
+        seen = {q: proxy_sockets(q) for q in sorted(proxy_ports)}
         p.stdin.close()
         p.wait()
         expect = {q: (1 if q == port else 0) for q in seen}
@@ -296,10 +318,10 @@ def verify_paths(rules, netbench):
         raise RuntimeError(f"IPv6 through meshproxy moved no bytes: {result.get('error')}")
 
 
-def memory(meshproxy_bin, rules, netbench, count, hap_pid):
+def memory(meshproxy_bin, extra, rules, netbench, count, hap_pid):
     """meshproxy RSS: fresh and idle, with COUNT idle connections open, after they close."""
     res = {}
-    mp = start_meshproxy(meshproxy_bin)
+    mp = start_meshproxy(meshproxy_bin, extra=extra)
     time.sleep(1.0)
     res["mesh_idle"] = rss_kib(mp.pid)
     for name, port, pid in (("mesh", MESH_PORT, mp.pid), ("hap", HAP_PLAIN_PORT, hap_pid)):
@@ -337,7 +359,8 @@ def report(a, bench, mem, meta):
     g = lambda v: f"{v:.1f}" if v >= 10 else f"{v:.2f}"
     us = lambda v: f"{v:.0f}"
     n = lambda v: f"{v:,.0f}"
-    cols = ["A", "B", "Bd", "C", "Cn"] + (["B0"] if "B0" in PATHS else [])
+    bases = [p for p in PATHS if p.startswith("B") and p[1:].isdigit()]
+    cols = ["A", "B", "Bd", "C", "Cn"] + bases
     lines = []
     w = lines.append
     w("### Proxy datapath: direct vs meshproxy vs HAProxy (pod → peer over veth)")
@@ -345,6 +368,11 @@ def report(a, bench, mem, meta):
     w(f"Generated by `{meta['command']}` on {meta['date']}.")
     w(f"Machine: {meta['nproc']} vCPU {meta['cpu']}, kernel {meta['kernel']}; commit {meta['commit']}; "
       f"HAProxy {meta['haproxy']}, iperf3 {meta['iperf3']}.")
+    if a.meshproxy_args:
+        w(f"B and Bd run `meshproxy {a.meshproxy_args}`.")
+    for p in bases:
+        w(f"**{p}**: {PATHS[p][0]}: `{a.baseline[int(p[1:])]}`"
+          + (f" `{a.baseline_args[int(p[1:])]}`" if a.baseline_args[int(p[1:])] else "") + ".")
     w(f"Load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']} "
       f"(the 2 vCPUs are shared with other builds: absolute figures are noisy; compare ratios).")
     w(f"{a.rounds} interleaved rounds (A B Bd C Cn, A B Bd C Cn, …); each cell is the median (min–max) of the "
@@ -357,10 +385,10 @@ def report(a, bench, mem, meta):
       "the same `meshinit apply` rules (only `--outgoing-proxy-port` differs: 4140 / 4150 / 4151) and the "
       "proxy runs as uid 2102.")
     w("")
-    base_col = " B0 meshproxy, baseline binary |" if "B0" in cols else ""
+    base_col = "".join(f" {p} {PATHS[p][0]} |" for p in bases)
     w("| measure | A direct | B meshproxy | Bd meshproxy, detected port | C HAProxy splice | Cn HAProxy no splice |"
       + base_col + " target (B) |")
-    w("|---|---|---|---|---|---|---|" + ("---|" if base_col else ""))
+    w("|---|---|---|---|---|---|---|" + "---|" * len(bases))
 
     def row(title, measure, f, ratio=True, added=False, target="", paths=cols, na=None):
         cells = []
@@ -394,8 +422,8 @@ def report(a, bench, mem, meta):
     w("")
     cpu_rows = [(m, t) for m, t in (("iperf1v4", "1 stream"), ("iperf8v4", "8 streams")) if (m, "B") in bench.cpu]
     if cpu_rows:
-        base_cpu = lambda m: (f", baseline meshproxy {statistics.median(bench.cpu[(m, 'B0')]):.0f}%"
-                              if (m, "B0") in bench.cpu else "")
+        base_cpu = lambda m: "".join(f", {p} ({PATHS[p][0]}) {statistics.median(bench.cpu[(m, p)]):.0f}%"
+                                     for p in bases if (m, p) in bench.cpu)
         w("Proxy process CPU during iperf3 (% of one CPU, median of rounds; 200% = both vCPUs): "
           + "; ".join(f"{t}: meshproxy {statistics.median(bench.cpu[(m, 'B')]):.0f}%{base_cpu(m)}, "
                       f"HAProxy splice {statistics.median(bench.cpu[(m, 'C')]):.0f}%, "
@@ -446,11 +474,20 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also profile meshproxy (perf record -e cpu-clock -g) during a connection-rate run")
     ap.add_argument("--profile-only", action="store_true", help="only the profile: no rounds, no memory test")
-    ap.add_argument("--baseline", help="another meshproxy binary measured as path B0 in the same rounds")
+    ap.add_argument("--meshproxy-args", default="", help="extra flags for path B's meshproxy, e.g. \"--cores 1\"")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="another meshproxy binary measured as path B0 in the same rounds; "
+                         "repeat for B1, B2, ...")
+    ap.add_argument("--baseline-args", action="append", default=[],
+                    help="extra flags for the baseline of the same rank (the first for B0, ...), "
+                         "e.g. \"--cores 2\"")
     ap.add_argument("--no-memory", action="store_true", help="skip the idle-connections memory test")
     ap.add_argument("--measures", default="iperf,latency,conn",
                     help="comma-separated subset of iperf,latency,conn to run in each round")
     a = ap.parse_args()
+    if len(a.baseline_args) > len(a.baseline):
+        sys.exit("proxy.py: more --baseline-args than --baseline")
+    a.baseline_args += [""] * (len(a.baseline) - len(a.baseline_args))
     a.rounds = a.rounds or (1 if a.quick else 4)
     a.connections = a.connections or (1000 if a.quick else 10000)
     # The proxy holds two sockets per connection (client + target) plus its listeners.
@@ -461,7 +498,7 @@ def main():
     a.iperf_seconds, a.rr_seconds, a.conn_seconds = (1, 1, 1) if a.quick else (5, 3, 3)
     if os.geteuid() != 0:
         sys.exit("proxy.py: needs root (it creates network namespaces)")
-    for b in (a.meshinit, a.meshproxy):
+    for b in (a.meshinit, a.meshproxy, *a.baseline):
         if not os.access(b, os.X_OK):
             sys.exit(f"proxy.py: {b} not found: cargo build --release -p meshinit -p meshproxy (or pass the path)")
     ensure_packages(PACKAGES)
@@ -494,11 +531,12 @@ def main():
               stderr=subprocess.DEVNULL)
         for port in (OPAQUE_PORT, DETECT_PORT, HOLD_PORT, IPERF_PORT):
             wait_port(PEER, port)
-        mp = start_meshproxy(a.meshproxy)
+        mp = start_meshproxy(a.meshproxy, extra=a.meshproxy_args.split())
         pids = {MESH_PORT: mp.pid}
-        if a.baseline:
-            PATHS["B0"] = ("meshproxy, baseline binary", BASE_PORT, OPAQUE_PORT)
-            pids[BASE_PORT] = start_meshproxy(a.baseline, baseline=True).pid
+        for n, (path, args) in enumerate(zip(a.baseline, a.baseline_args)):
+            label = "meshproxy, baseline binary" + (f" {args}" if args else "")
+            PATHS[f"B{n}"] = (label, base_port(n), OPAQUE_PORT)
+            pids[base_port(n)] = start_meshproxy(path, baseline=n, extra=args.split()).pid
         hap = start_haproxy()
         rules = Rules(a.meshinit)
         verify_paths(rules, netbench)
@@ -512,9 +550,10 @@ def main():
             log(f"profiled: {profile[0]:,.0f} conn/s under perf")
         if a.profile_only:
             profiled = [("B", profile)]
-            if a.baseline:
-                profiled.append(("B0 (baseline)", profile_connrate(bench, pids[BASE_PORT], max(a.conn_seconds, 5),
-                                                                    BASE_PORT)))
+            for n in range(len(a.baseline)):
+                profiled.append((f"B{n} ({PATHS[f'B{n}'][0]})",
+                                 profile_connrate(bench, pids[base_port(n)], max(a.conn_seconds, 5),
+                                                  base_port(n))))
             for path, prof in profiled:
                 print(f"meshproxy during {max(a.conn_seconds, 5)} s of connrate on path {path} "
                       f"({prof[0]:,.0f} conn/s under perf; {prof[1].lstrip('# ')}), self time by symbol:\n")
@@ -525,7 +564,7 @@ def main():
             measures = a.measures.split(",")
             if "iperf" in measures:
                 for streams in (1, 8):
-                    for p in ("A", "B", "C", "Cn") + (("B0",) if a.baseline else ()):
+                    for p in ("A", "B", "C", "Cn") + tuple(f"B{n}" for n in range(len(a.baseline))):
                         bench.iperf(p, streams, 4)
                 for p in ("A", "B"):
                     bench.iperf(p, 1, 6)
@@ -545,7 +584,7 @@ def main():
         if not a.no_memory:
             log(f"memory test: {a.connections} connections")
             try:
-                mem = memory(a.meshproxy, rules, netbench, a.connections, hap.pid)
+                mem = memory(a.meshproxy, a.meshproxy_args.split(), rules, netbench, a.connections, hap.pid)
             except Exception as e:  # keep the datapath figures
                 log(f"memory test failed: {e}")
         meta["load_end"] = " ".join(open("/proc/loadavg").read().split()[:3])

@@ -426,3 +426,63 @@ fn inbound_transparent_is_off_by_default_and_comes_from_every_source() {
         "{err}"
     );
 }
+
+#[test]
+fn cores_default_to_one_and_come_from_every_source() {
+    assert_eq!(Config::default().cores, 1);
+    let flag = ProxyArgs {
+        cores: Some("4".into()),
+        ..ProxyArgs::default()
+    };
+    assert_eq!(
+        config(flag, &[("MESHPROXY_CORES", "3")], Some("cores = 2")).cores,
+        4,
+        "flag wins"
+    );
+    assert_eq!(
+        config(
+            ProxyArgs::default(),
+            &[("MESHPROXY_CORES", "3")],
+            Some("cores = 2")
+        )
+        .cores,
+        3,
+        "env beats file"
+    );
+    assert_eq!(
+        config(ProxyArgs::default(), &[], Some("cores = 2")).cores,
+        2,
+        "file"
+    );
+    assert_eq!(
+        config(ProxyArgs::default(), &[("MESHPROXY_CORES", "256")], None).cores,
+        256,
+        "the largest"
+    );
+}
+
+#[test]
+fn bad_cores_name_the_value_and_its_source() {
+    for bad in ["0", "257", "-1", "two", "1.5", ""] {
+        let flag = ProxyArgs {
+            cores: Some(bad.into()),
+            ..ProxyArgs::default()
+        };
+        let msg = error(flag, &[], None);
+        assert!(
+            msg.starts_with(&format!("--cores: invalid value \"{bad}\""))
+                && msg.contains("from 1 to 256"),
+            "{msg}"
+        );
+        let msg = error(ProxyArgs::default(), &[("MESHPROXY_CORES", bad)], None);
+        assert!(
+            msg.starts_with(&format!("MESHPROXY_CORES: invalid value \"{bad}\"")),
+            "{msg}"
+        );
+    }
+    let msg = error(ProxyArgs::default(), &[], Some("cores = 0"));
+    assert!(
+        msg.starts_with("config file: cores: invalid value \"0\""),
+        "{msg}"
+    );
+}
