@@ -402,7 +402,7 @@ fn kernel_pipe_size(fd: &impl std::os::fd::AsRawFd) -> usize {
 fn pipes_are_grown_to_pipe_size() {
     let pipe = Pipe::new().unwrap();
     assert_eq!(pipe.capacity(), splice::PIPE_SIZE);
-    assert_eq!(kernel_pipe_size(&pipe.write_end()), splice::PIPE_SIZE);
+    assert_eq!(kernel_pipe_size(pipe.write_end()), splice::PIPE_SIZE);
 }
 
 /// The kernel refuses to shrink a pipe below what it holds (`EBUSY`): the pipe keeps,
@@ -416,7 +416,7 @@ fn a_refused_resize_keeps_the_size_the_pipe_has() {
         held.len()
     );
     assert_eq!(pipe.resize_to(4096), 256 * 1024);
-    assert_eq!(kernel_pipe_size(&pipe.write_end()), 256 * 1024);
+    assert_eq!(kernel_pipe_size(pipe.write_end()), 256 * 1024);
 }
 
 /// Descriptors that are no pipe: no size to set or read, the default is assumed (and
