@@ -17,6 +17,12 @@
 //! unprivileged proxy's uid when many big pipes are open): the pipe then keeps the
 //! size it has, and splice works the same in smaller steps.
 //!
+//! That budget is shared by every pipe of the uid: 64 MiB by default, i.e. 1,024 pipes
+//! of the default size but only 64 of 1 MiB, and past it the kernel makes every new
+//! pipe of the uid 8 KiB. So at most [`MAX_GROWN`] pipes are grown at once (16 MiB of
+//! the budget, eight bulk transfers both ways); the others keep the default size, and a
+//! busy proxy never starves its own later pipes.
+//!
 //! Byte counters are added to from splice's return values, read side and write side
 //! separately, exactly where the copy loop adds after `read` and after `write`.
 //!
@@ -24,6 +30,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
@@ -40,6 +47,41 @@ pub(crate) const PIPE_SIZE: usize = 1024 * 1024;
 /// The kernel's default pipe capacity (16 pages), assumed when it cannot be read.
 const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 
+/// The most pipes grown past the default at once, process-wide (see the module doc).
+pub(crate) const MAX_GROWN: usize = 16;
+
+/// The process's grown pipes.
+static GROWN: Budget = Budget::new(MAX_GROWN);
+
+/// How many pipes may be grown past the default size at once.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    max: usize,
+    open: AtomicUsize,
+}
+
+impl Budget {
+    pub(crate) const fn new(max: usize) -> Budget {
+        Budget {
+            max,
+            open: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes a slot if one is free.
+    fn take(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                (open < self.max).then_some(open + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One direction's pipe. Both ends are non-blocking and close-on-exec; dropping it
 /// closes them (with whatever a failed direction left inside).
 #[derive(Debug)]
@@ -48,6 +90,8 @@ pub(crate) struct Pipe {
     write: OwnedFd,
     /// Bytes the pipe holds at most: the length asked of each filling splice.
     capacity: usize,
+    /// The budget whose slot it holds when grown, given back on drop.
+    grown: Option<&'static Budget>,
 }
 
 impl Pipe {
@@ -55,7 +99,24 @@ impl Pipe {
     /// refuses to grow it. Fails like `pipe2(2)`: `EMFILE`/`ENFILE` when out of
     /// descriptors, which the caller answers by copying instead.
     pub(crate) fn new() -> io::Result<Pipe> {
-        Pipe::with_size(PIPE_SIZE)
+        Pipe::within(&GROWN)
+    }
+
+    /// A fresh pipe, grown to [`PIPE_SIZE`] if `budget` has a slot free.
+    pub(crate) fn within(budget: &'static Budget) -> io::Result<Pipe> {
+        if !budget.take() {
+            return Pipe::with_size(DEFAULT_PIPE_SIZE);
+        }
+        match Pipe::with_size(PIPE_SIZE) {
+            Ok(mut pipe) if pipe.capacity > DEFAULT_PIPE_SIZE => {
+                pipe.grown = Some(budget);
+                Ok(pipe)
+            }
+            other => {
+                budget.give_back();
+                other
+            }
+        }
     }
 
     /// A fresh pipe grown to `size` bytes if the kernel allows (it rounds up to a power
@@ -67,6 +128,7 @@ impl Pipe {
             read,
             write,
             capacity,
+            grown: None,
         })
     }
 
@@ -78,6 +140,7 @@ impl Pipe {
             read,
             write,
             capacity,
+            grown: None,
         }
     }
 
@@ -95,6 +158,14 @@ impl Pipe {
     #[cfg(test)]
     pub(crate) fn resize_to(&self, size: usize) -> usize {
         resize(&self.write, size)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if let Some(budget) = self.grown {
+            budget.give_back();
+        }
     }
 }
 

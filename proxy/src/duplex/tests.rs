@@ -398,11 +398,40 @@ fn kernel_pipe_size(fd: &impl std::os::fd::AsRawFd) -> usize {
     usize::try_from(held).unwrap()
 }
 
+/// A budget of its own, so that pipes other tests open at the same time do not count.
+fn budget(max: usize) -> &'static splice::Budget {
+    Box::leak(Box::new(splice::Budget::new(max)))
+}
+
 #[test]
 fn pipes_are_grown_to_pipe_size() {
-    let pipe = Pipe::new().unwrap();
+    let pipe = Pipe::within(budget(1)).unwrap();
     assert_eq!(pipe.capacity(), splice::PIPE_SIZE);
     assert_eq!(kernel_pipe_size(pipe.write_end()), splice::PIPE_SIZE);
+}
+
+/// Past the budget, pipes keep the default size (the uid's pipe pages are shared by all
+/// its pipes: see the module doc of `splice`), and a slot given back is used again.
+#[test]
+fn only_the_budgets_number_of_pipes_are_grown_at_once() {
+    let budget = budget(2);
+    let mut pipes: Vec<Pipe> = (0..4).map(|_| Pipe::within(budget).unwrap()).collect();
+    let sizes: Vec<usize> = pipes
+        .iter()
+        .map(|p| kernel_pipe_size(p.write_end()))
+        .collect();
+    let (big, default) = (splice::PIPE_SIZE, 64 * 1024);
+    assert_eq!(sizes, [big, big, default, default]);
+    pipes.remove(0);
+    pipes.remove(2);
+    let again = Pipe::within(budget).unwrap();
+    assert_eq!(
+        kernel_pipe_size(again.write_end()),
+        big,
+        "a grown pipe's slot came back"
+    );
+    let over = Pipe::within(budget).unwrap();
+    assert_eq!(kernel_pipe_size(over.write_end()), default);
 }
 
 /// The kernel refuses to shrink a pipe below what it holds (`EBUSY`): the pipe keeps,
