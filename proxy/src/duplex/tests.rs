@@ -391,3 +391,116 @@ async fn a_reset_mid_splice_ends_the_copy_with_its_errno() {
     assert!(counters.read.get() == 0);
     streaming.abort();
 }
+
+/// The pipe's size as the kernel reports it, not as `Pipe` remembers it.
+fn kernel_pipe_size(fd: &impl std::os::fd::AsRawFd) -> usize {
+    let held = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
+    usize::try_from(held).unwrap()
+}
+
+/// A budget of its own, so that pipes other tests open at the same time do not count.
+fn budget(max: usize) -> &'static splice::Budget {
+    Box::leak(Box::new(splice::Budget::new(max)))
+}
+
+#[test]
+fn pipes_are_grown_to_pipe_size() {
+    let pipe = Pipe::within(budget(1)).unwrap();
+    assert_eq!(pipe.capacity(), splice::PIPE_SIZE);
+    assert_eq!(kernel_pipe_size(pipe.write_end()), splice::PIPE_SIZE);
+}
+
+/// Past the budget, pipes keep the default size (the uid's pipe pages are shared by all
+/// its pipes: see the module doc of `splice`), and a slot given back is used again.
+#[test]
+fn only_the_budgets_number_of_pipes_are_grown_at_once() {
+    let budget = budget(2);
+    let mut pipes: Vec<Pipe> = (0..4).map(|_| Pipe::within(budget).unwrap()).collect();
+    let sizes: Vec<usize> = pipes
+        .iter()
+        .map(|p| kernel_pipe_size(p.write_end()))
+        .collect();
+    let (big, default) = (splice::PIPE_SIZE, 64 * 1024);
+    assert_eq!(sizes, [big, big, default, default]);
+    pipes.remove(0);
+    pipes.remove(2);
+    let again = Pipe::within(budget).unwrap();
+    assert_eq!(
+        kernel_pipe_size(again.write_end()),
+        big,
+        "a grown pipe's slot came back"
+    );
+    let over = Pipe::within(budget).unwrap();
+    assert_eq!(kernel_pipe_size(over.write_end()), default);
+}
+
+/// The kernel refuses to shrink a pipe below what it holds (`EBUSY`): the pipe keeps,
+/// and reports, the size it has.
+#[test]
+fn a_refused_resize_keeps_the_size_the_pipe_has() {
+    let pipe = Pipe::with_size(256 * 1024).unwrap();
+    let held = vec![1; 128 * 1024];
+    assert_eq!(
+        nix::unistd::write(pipe.write_end(), &held).unwrap(),
+        held.len()
+    );
+    assert_eq!(pipe.resize_to(4096), 256 * 1024);
+    assert_eq!(kernel_pipe_size(pipe.write_end()), 256 * 1024);
+}
+
+/// Descriptors that are no pipe: no size to set or read, the default is assumed (and
+/// splice will refuse them: see `a_refused_splice_falls_back_to_copying`).
+#[test]
+fn a_non_pipe_gets_the_default_size() {
+    let null = std::fs::File::options()
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
+    let not_a_pipe = Pipe::from_fds(null.try_clone().unwrap().into(), null.into());
+    assert_eq!(not_a_pipe.capacity(), 64 * 1024);
+}
+
+/// A pipe that could not grow (here: one page) moves every byte in smaller steps, with
+/// exact counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_page_pipe_still_splices_every_byte() {
+    fn one_page() -> io::Result<Pipe> {
+        let pipe = Pipe::with_size(4096)?;
+        assert_eq!(pipe.capacity(), 4096);
+        Ok(pipe)
+    }
+    let totals = transfer_both_ways(&one_page, 3 << 20, 2 << 20 | 77).await;
+    assert!(totals.spliced >= (5 << 20) - 2 * 64 * 1024, "{totals:?}");
+}
+
+/// Half-close with the large pipe: several MiB each way, the request's FIN reaching the
+/// target only after every byte of it, counters exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_pipe_half_close_keeps_counters_exact() {
+    let (client, target, counters, copy) = spliced(&Pipe::new).await;
+    let (client_r, client_w) = client.into_split();
+    let (target_r, target_w) = target.into_split();
+    const UP: usize = 9 << 20 | 4321;
+    const DOWN: usize = 7 << 20 | 99;
+    let (sent, (got, len)) = within("request", async {
+        tokio::join!(send(client_w, 11, UP), receive(target_r))
+    })
+    .await;
+    assert_eq!((got, len), (sent, UP), "the whole request, then EOF");
+    let (sent, (got, len)) = within("response", async {
+        tokio::join!(send(target_w, 12, DOWN), receive(client_r))
+    })
+    .await;
+    assert_eq!((got, len), (sent, DOWN), "the whole response, then EOF");
+    let totals = copy.await.unwrap().unwrap();
+    assert_eq!(
+        (totals.client_to_target, totals.target_to_client),
+        (UP as u64, DOWN as u64)
+    );
+    assert!(
+        totals.spliced >= (UP + DOWN - 2 * 64 * 1024) as u64,
+        "{totals:?}"
+    );
+    assert_eq!(counters.read.get(), UP as u64);
+    assert_eq!(counters.written.get(), DOWN as u64);
+}

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Where the CPU goes during iperf3: whole-machine profile of direct vs proxied bulk TCP.
+
+Same namespaces, rules and proxies as proxy.py (it is imported): path A direct, B
+meshproxy (opaque port), C HAProxy splice-auto, and B0 with --baseline. For each path,
+one iperf3 run (1 stream by default, IPv4) with:
+
+  - throughput (Gbit/s),
+  - the machine's CPU split from /proc/stat (user, system, softirq, idle; 100% = one
+    vCPU), and the proxy process's own CPU,
+  - with --perf, `perf record -a -g -e cpu-clock` over the whole run (kernel included),
+    reported as self time by command and by symbol.
+
+Usage: scripts/bench/iperf_profile.py [--paths A,B,C] [--streams 1] [--seconds 5]
+                                      [--perf] [--baseline PATH] [--meshproxy PATH]
+Needs root; prints Markdown.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import proxy as bench  # noqa: E402
+from benchlib import build_tool, cpu_ticks, ensure_packages, in_ns, log, sh, spawn  # noqa: E402
+
+
+def cpu_split():
+    """Machine-wide jiffies: user(+nice), system, softirq(+irq), idle(+iowait, steal)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    return {"user": user + nice, "system": system, "softirq": softirq + irq, "idle": idle + iowait,
+            "steal": steal}
+
+
+def run(path, a, pids, rules, perf_dir):
+    _, port, _ = bench.PATHS[path]
+    rules.set(port)
+    pid = pids.get(port)
+    s0, c0, t0 = cpu_split(), cpu_ticks(pid) if pid else 0, time.time()
+    rec = None
+    if perf_dir:
+        data = os.path.join(perf_dir, f"{path}.data")
+        rec = subprocess.Popen(["perf", "record", "-a", "-g", "-e", "cpu-clock", "-F", "499", "-o", data,
+                                "--", "sleep", str(a.seconds)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = sh(*in_ns(bench.POD, "iperf3", "-c", bench.PEER4, "-p", str(bench.IPERF_PORT), "-t", str(a.seconds),
+                    "-P", str(a.streams), "-J"), timeout=a.seconds + 30)
+    if rec:
+        rec.wait()
+    dt = time.time() - t0
+    s1 = cpu_split()
+    hz = os.sysconf("SC_CLK_TCK")
+    split = {k: (s1[k] - s0[k]) / hz / dt * 100 for k in s0}
+    proxy_pct = (cpu_ticks(pid) - c0) / hz / dt * 100 if pid else 0.0
+    gbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    return gbps, split, proxy_pct
+
+
+def trace(path, a, pids, rules):
+    """One more iperf3 run on a meshproxy path with the proxy's splice and epoll_wait
+    exits recorded: how many, how many returned EAGAIN, bytes per successful splice."""
+    _, port, _ = bench.PATHS[path]
+    rules.set(port)
+    data = os.path.join(bench.tmpdir, f"{path}.trace")
+    rec = subprocess.Popen(["perf", "record", "-e", "syscalls:sys_exit_splice", "-e", "syscalls:sys_exit_epoll_wait",
+                            "-e", "sched:sched_switch", "-p", str(pids[port]), "-o", data, "--", "sleep",
+                            str(a.seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    out = sh(*in_ns(bench.POD, "iperf3", "-c", bench.PEER4, "-p", str(bench.IPERF_PORT), "-t", str(a.seconds),
+                    "-P", str(a.streams), "-J"), timeout=a.seconds + 30)
+    rec.wait()
+    text = sh("perf", "script", "-i", data, "-F", "event,trace")
+    sizes, eagain, waits, switches = [], 0, 0, 0
+    for line in text.splitlines():
+        if "sys_exit_splice" in line:
+            tok = line.split()[-1]
+            ret = int(tok, 16) if tok.startswith("0x") else int(tok)
+            if ret >= 1 << 63:
+                eagain += 1
+            elif ret > 0:
+                sizes.append(ret)
+        elif "sys_exit_epoll_wait" in line:
+            waits += 1
+        elif "sched_switch" in line:
+            switches += 1
+    sizes.sort()
+    return {"gbps": json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9,
+            "splices": len(sizes) + eagain, "EAGAIN": eagain,
+            "bytes per splice p50": sizes[len(sizes) // 2] if sizes else 0,
+            "mean": sum(sizes) // max(1, len(sizes)), "max": sizes[-1] if sizes else 0,
+            "epoll_wait": waits, "context switches": switches}
+
+
+def perf_report(perf_dir, path, sort, limit):
+    data = os.path.join(perf_dir, f"{path}.data")
+    top = sh("perf", "report", "-i", data, "--stdio", "--no-children", "--sort", sort, "-g", "none",
+             "--percent-limit", str(limit))
+    return [l for l in top.splitlines() if l.strip() and not l.startswith("#")]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--paths", default="A,B,C")
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--perf", action="store_true")
+    ap.add_argument("--baseline")
+    ap.add_argument("--trace", action="store_true",
+                    help="also count the proxy's splice/epoll_wait calls and splice sizes (perf tracepoints, "
+                         "one extra run per meshproxy path)")
+    ap.add_argument("--keep", help="write the perf data files into this directory (kept)")
+    ap.add_argument("--meshinit", default=os.path.join(bench.ROOT, "target/release/meshinit"))
+    ap.add_argument("--meshproxy", default=os.path.join(bench.ROOT, "target/release/meshproxy"))
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("iperf_profile.py: needs root")
+    ensure_packages(bench.PACKAGES)
+    if a.perf:
+        ensure_packages({"perf": "linux-perf"})
+    netbench = build_tool("netbench")
+    bench.tmpdir = tempfile.mkdtemp(prefix="mi-bench-iperfprof-")
+    os.chmod(bench.tmpdir, 0o755)
+    try:
+        bench.setup_netns()
+        spawn(in_ns(bench.PEER, "prlimit", bench.NOFILE, netbench, "serve", "--echo",
+                    f"[::]:{bench.OPAQUE_PORT},[::]:{bench.DETECT_PORT}", "--hold", f"[::]:{bench.HOLD_PORT}"),
+              stderr=subprocess.DEVNULL)
+        spawn(in_ns(bench.PEER, "iperf3", "-s", "-p", str(bench.IPERF_PORT)), stdout=subprocess.DEVNULL,
+              stderr=subprocess.DEVNULL)
+        for port in (bench.OPAQUE_PORT, bench.IPERF_PORT):
+            bench.wait_port(bench.PEER, port)
+        mp = bench.start_meshproxy(a.meshproxy)
+        pids = {bench.MESH_PORT: mp.pid}
+        if a.baseline:
+            bench.PATHS["B0"] = ("meshproxy, baseline binary", bench.BASE_PORT, bench.OPAQUE_PORT)
+            pids[bench.BASE_PORT] = bench.start_meshproxy(a.baseline, baseline=True).pid
+        hap = bench.start_haproxy()
+        pids[bench.HAP_SPLICE_PORT] = pids[bench.HAP_PLAIN_PORT] = hap.pid
+        rules = bench.Rules(a.meshinit)
+        perf_dir = a.keep or bench.tmpdir
+        if a.keep:
+            os.makedirs(a.keep, exist_ok=True)
+        load0 = open("/proc/loadavg").read().split()[:3]
+        rows = []
+        for r in range(a.rounds):
+            for path in a.paths.split(","):
+                gbps, split, proxy_pct = run(path, a, pids, rules, perf_dir if (a.perf and r == 0) else None)
+                rows.append((path, gbps, split, proxy_pct))
+                log(f"{path}: {gbps:.1f} Gbit/s, proxy {proxy_pct:.0f}%, {split}")
+        traces = []
+        if a.trace:
+            for path in a.paths.split(","):
+                port = bench.PATHS[path][1]
+                if port in (bench.MESH_PORT, bench.BASE_PORT):
+                    traces.append((path, trace(path, a, pids, rules)))
+        load1 = open("/proc/loadavg").read().split()[:3]
+        print(f"iperf3 -P {a.streams}, {a.seconds} s, IPv4; load {' '.join(load0)} -> {' '.join(load1)}\n")
+        print("| path | Gbit/s | user % | system % | softirq % | idle % | steal % | proxy % | proxy % per Gbit/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for path, gbps, s, p in rows:
+            print(f"| {path} {bench.PATHS[path][0]} | {gbps:.1f} | {s['user']:.0f} | {s['system']:.0f} | "
+                  f"{s['softirq']:.0f} | {s['idle']:.0f} | {s['steal']:.0f} | {p:.0f} | "
+                  f"{(p / gbps if p else 0):.1f} |")
+        for path, t in traces:
+            print(f"\n{path} ({bench.PATHS[path][0]}) syscalls during {a.seconds} s of iperf3 "
+                  f"({t['gbps']:.1f} Gbit/s under tracing): " + ", ".join(f"{k} {v}" for k, v in t.items()
+                                                                         if k != "gbps"))
+        if a.perf:
+            for path in a.paths.split(","):
+                print(f"\n#### {path} ({bench.PATHS[path][0]}): whole machine, self time by CPU and command\n\n```")
+                print("\n".join(perf_report(perf_dir, path, "cpu,comm", 1.0)[:16]))
+                print("```\n\nby symbol:\n\n```")
+                print("\n".join(perf_report(perf_dir, path, "comm,sym", 0.8)[:40]))
+                print("```")
+    finally:
+        bench.cleanup()
+
+
+if __name__ == "__main__":
+    main()
