@@ -11,7 +11,7 @@
 //! The pipe is grown to [`PIPE_SIZE`] (1 MiB) when it is made: each splice then moves
 //! whatever the socket holds, up to 1 MiB, instead of at most the default 64 KiB, which
 //! halves the splices and the sleeps and wake-ups between them during a bulk transfer
-//! (docs/bench/splice-notes.md). Pages are only taken while bytes sit in the pipe, so a
+//! (docs/bench/issue14-splice.md). Pages are only taken while bytes sit in the pipe, so a
 //! large pipe costs no memory while it is empty. The kernel may refuse to grow it
 //! (past `/proc/sys/fs/pipe-max-size`, or past the `pipe-user-pages-soft` budget of an
 //! unprivileged proxy's uid when many big pipes are open): the pipe then keeps the
