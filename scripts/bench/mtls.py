@@ -448,8 +448,8 @@ def report(a, bench, meta, info):
       f"{meta['stunnel']}; iperf3 {meta['iperf3']}.")
     loaded = max(float(meta['load_start'].split()[0]), float(meta['load_end'].split()[0])) > 1.0
     w(f"Load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']}"
-      + (": **a loaded machine** (the 2 vCPUs are shared with a fuzzer and other engineers' test runs), "
-         "so absolute figures are low and noisy; compare the ratios, measured in the same run." if loaded else "."))
+      + (" (the load includes the benchmark's own processes; anything else running is stated with the run): "
+         "absolute figures are noisy, compare the ratios, measured in the same run." if loaded else "."))
     w(f"{a.rounds} interleaved rounds (A M S, A M S, …); each cell is the median (min–max) of the rounds; "
       f"ratios are median / median in the same run (for M / S also the range of the per-round ratios). iperf3 {a.iperf_seconds} s per run, ping-pong "
       f"{a.rr_seconds} s, connection rate {a.conn_seconds} s (one client thread).")

@@ -374,7 +374,7 @@ def report(a, bench, mem, meta):
         w(f"**{p}**: {PATHS[p][0]}: `{a.baseline[int(p[1:])]}`"
           + (f" `{a.baseline_args[int(p[1:])]}`" if a.baseline_args[int(p[1:])] else "") + ".")
     w(f"Load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']} "
-      f"(the 2 vCPUs are shared with other builds: absolute figures are noisy; compare ratios).")
+      f"(the load includes the benchmark's own processes; anything else running is stated with the run: absolute figures are noisy, compare ratios).")
     w(f"{a.rounds} interleaved rounds (A B Bd C Cn, A B Bd C Cn, …); each cell is the median (min–max) of the "
       f"rounds; ratios are median / median of direct in the same run. iperf3 {a.iperf_seconds} s per run, "
       f"ping-pong {a.rr_seconds} s, connection rate {a.conn_seconds} s.")
