@@ -95,10 +95,13 @@ impl Applied {
 /// The nf_tables tables of this namespace as `nft list tables` prints them: read
 /// over netlink in this process, or, when that fails, by running `nft list tables`.
 pub(crate) fn nf_tables_listing() -> Result<String, BackendError> {
-    nf_tables::list_tables().or_else(|err| {
-        tracing::debug!("listing nf_tables tables over netlink failed ({err}); running nft");
-        run("nft", &["list", "tables"], None, nft::HINT)
-    })
+    nf_tables::list_tables().or_else(nft_list_tables)
+}
+
+/// `nft list tables`, run because the listing over netlink failed with `err`.
+fn nft_list_tables(err: String) -> Result<String, BackendError> {
+    tracing::debug!("listing nf_tables tables over netlink failed ({err}); running nft");
+    run("nft", &["list", "tables"], None, nft::HINT)
 }
 
 /// Runs `program args...`, feeding `stdin`, and returns its stdout.
@@ -185,8 +188,7 @@ impl Running {
 /// tables` decides, as it always did.
 fn nft_usable() -> Result<(), BackendError> {
     if let Err(err) = nf_tables::list_tables() {
-        tracing::debug!("listing nf_tables tables over netlink failed ({err}); running nft");
-        return run("nft", &["list", "tables"], None, nft::HINT).map(drop);
+        return nft_list_tables(err).map(drop);
     }
     let executable = |dir: std::path::PathBuf| {
         use std::os::unix::fs::PermissionsExt;

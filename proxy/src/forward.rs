@@ -183,8 +183,9 @@ impl Forwarder {
     }
 
     /// Forwards `client` (whose address `accept` gave as `client_addr`), accepted by the
-    /// `direction` listener, as `route` decided, and records how it ended. Errors end the connection and are counted and logged by
-    /// `outcome::record`; there is nothing to return.
+    /// `direction` listener, as `route` decided, and records how it ended. Errors end
+    /// the connection and are counted and logged by `outcome::record`; there is
+    /// nothing to return.
     pub(crate) async fn forward(
         &self,
         client: TcpStream,
