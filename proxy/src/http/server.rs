@@ -39,7 +39,7 @@ use super::metrics::{RequestLabels, ResponseLabels, Series};
 use super::orig_proto::{self, Carried};
 use super::upstream::pool::MESH_KEEP_ALIVE;
 use super::upstream::pool::{Key, SendError};
-use super::upstream::{Observe, MAX_CONNECT_ATTEMPTS};
+use super::upstream::{Observe, Pick, MAX_CONNECT_ATTEMPTS};
 use super::{ClientConn, HttpProxy, Version};
 use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
@@ -233,66 +233,101 @@ impl ConnCx {
             Direction::Outbound => Some(headers::authority_of(&parts)),
             Direction::Inbound => None,
         };
-        let pick = self.client.upstream.pick(&parts);
-        let dst = pick.as_ref().ok().and_then(|p| p.dst.clone());
-        let series = self.series(authority, dst);
-        self.proxy.metrics.request(&series);
-        let mut pick = match pick {
+        let pick = match self.client.upstream.pick(&parts) {
             Ok(pick) => pick,
-            Err(error) => return self.answer(error, series, started, None),
+            Err(error) => {
+                // A balanced service without a backend to pick: still a request to that
+                // service, counted under it with an empty backend.
+                let dst = error
+                    .service()
+                    .map(|service| (service.clone(), Arc::from("")));
+                let series = self.series(authority, dst);
+                self.proxy.metrics.request(&series);
+                return self.answer(error, series, started, None);
+            }
         };
-        let mut observer = pick.observer.take();
-        let carried = orig_proto::carry(
+        let Pick {
+            endpoint,
+            dst,
+            mut observer,
+        } = pick;
+        // The request's labels name the pick's backend; it is counted once connected
+        // (`on_connected`), so that a retry elsewhere counts it under the backend that
+        // answers, or, when every attempt fails, the last one tried.
+        let mut series = self.series(authority, dst);
+        let mut carried = orig_proto::carry(
             &self.client,
             &mut parts,
-            &pick.endpoint.transport,
+            &endpoint.transport,
             upgrade.is_some(),
         );
         let mut key = Key {
-            version: carried.version(&pick.endpoint.transport, self.client.version),
-            endpoint: pick.endpoint,
+            version: carried.version(&endpoint.transport, self.client.version),
+            endpoint,
         };
         let mut request = Request::from_parts(parts, body);
         // A failed connect sent nothing, so the upstream may offer another endpoint (a
-        // balanced service does; the labels stay those of the first pick).
+        // balanced service does).
         let mut failed = Vec::new();
         let mut response = loop {
             let addr = key.endpoint.addr;
-            let key_transport = key.endpoint.transport.clone();
-            let error = match self.proxy.pool.send_or_return(key, request).await {
+            let mut counted = false;
+            let on_connected = || {
+                self.proxy.metrics.request(&series);
+                counted = true;
+            };
+            let sent = self
+                .proxy
+                .pool
+                .send_or_return(key, request, on_connected)
+                .await;
+            let error = match sent {
                 Ok(response) => break response,
-                Err(SendError {
-                    error,
-                    unsent: Some(unsent),
-                }) if error.is_connect() && failed.len() + 1 < MAX_CONNECT_ATTEMPTS => {
-                    failed.push(addr);
-                    let (parts, body) = unsent.into_parts();
-                    // Only to an endpoint reached the same way: the request was
-                    // already prepared (`carried`) for this transport.
-                    let transport = key_transport.clone();
-                    match self
-                        .client
-                        .upstream
-                        .retry(&parts, &failed)
-                        .filter(|next| next.endpoint.transport == transport)
-                    {
-                        Some(mut next) => {
+                Err(SendError { error, unsent }) => {
+                    if error.is_connect() {
+                        self.client.upstream.connect_failed(addr);
+                    }
+                    let retry = unsent
+                        .filter(|_| error.is_connect() && failed.len() + 1 < MAX_CONNECT_ATTEMPTS)
+                        .and_then(|unsent| {
+                            failed.push(addr);
+                            let (parts, body) = unsent.into_parts();
+                            let next = self.client.upstream.retry(&parts, &failed)?;
+                            Some((next, parts, body))
+                        });
+                    match retry {
+                        Some((next, mut parts, body)) => {
                             if let Some(observer) = observer.take() {
                                 observer.observe(started.elapsed(), true);
                             }
-                            observer = next.observer.take();
+                            observer = next.observer;
+                            // Prepared for the failed endpoint's transport: prepared
+                            // again for the next one's (plain or a mesh peer).
+                            orig_proto::undo(carried, &mut parts);
+                            carried = orig_proto::carry(
+                                &self.client,
+                                &mut parts,
+                                &next.endpoint.transport,
+                                upgrade.is_some(),
+                            );
                             key = Key {
-                                version: carried.version(&transport, self.client.version),
+                                version: carried
+                                    .version(&next.endpoint.transport, self.client.version),
                                 endpoint: next.endpoint,
                             };
+                            let relabelled =
+                                self.series(series.labels().authority.as_deref(), next.dst);
+                            series = relabelled;
                             request = Request::from_parts(parts, body);
                             continue;
                         }
                         None => error,
                     }
                 }
-                Err(SendError { error, .. }) => error,
             };
+            if !counted {
+                self.proxy.metrics.request(&series);
+            }
             return self.answer(error, series, started, observer);
         };
         let upgraded = match (upgrade, client_upgrade) {

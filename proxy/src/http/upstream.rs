@@ -124,6 +124,11 @@ pub trait Upstream: Send + Sync {
     /// is answered with (a service without a usable backend, ...).
     fn pick(&self, request: &Parts) -> Result<Pick, ProxyError>;
 
+    /// Told of every failed connect to `endpoint` (refused, unreachable, timed out), the
+    /// last attempt's included: a balanced service counts it toward setting the
+    /// endpoint aside.
+    fn connect_failed(&self, _endpoint: SocketAddr) {}
+
     /// Another endpoint for a request whose connects to `failed` (in order) failed, so
     /// that nothing of it was sent; `None` when there is none to try (the default: a
     /// destination is one endpoint).

@@ -14,9 +14,12 @@
 //! error, a broken stream, the proxy's own 502/504) counts as at least
 //! `balance::FAILURE_RTT`, so an endpoint that fails fast does not look fast.
 //!
-//! A request whose connect fails was not sent: the server loop asks [`Balanced::retry`]
-//! for another endpoint (up to `MAX_CONNECT_ATTEMPTS` in all), which counts the failure
-//! toward setting the endpoint aside and picks again among those not yet tried.
+//! A request whose connect fails was not sent: the server loop tells
+//! [`Balanced::connect_failed`], which counts the failure toward setting the endpoint
+//! aside (every failed attempt, the last one included), and asks [`Balanced::retry`] for
+//! another endpoint (up to `MAX_CONNECT_ATTEMPTS` in all), picked again among those not
+//! yet tried. The request's metrics name the backend of the endpoint that answered (or
+//! was tried last), not the first pick's.
 //!
 //! All-zero weights answer 503 (`no backend`). A service removed from the file while the
 //! connection is open sends its requests where the client dialled, as a new connection
@@ -59,19 +62,26 @@ impl Upstream for Balanced {
         Ok(pick(&service.name, backend, endpoint, now))
     }
 
-    /// After failed connects (nothing was sent): the last endpoint's failure counts
-    /// toward setting it aside (three in a row, as for TCP), and the request is picked
-    /// again, by weight and latency, among the backends and endpoints not yet tried.
+    /// A failed connect counts toward setting the endpoint aside (three in a row, as
+    /// for TCP), whether or not the request is tried elsewhere.
+    fn connect_failed(&self, failed: SocketAddr) {
+        let table = self.balancer.table();
+        let Some(service) = table.service(self.original) else {
+            return;
+        };
+        let now = Instant::now();
+        let endpoints = service.backends.iter().flat_map(|b| &b.endpoints);
+        for endpoint in endpoints.filter(|e| e.addr == failed) {
+            endpoint.state.failed(now);
+        }
+    }
+
+    /// After failed connects (nothing was sent): the request is picked again, by weight
+    /// and latency, among the backends and endpoints not yet tried.
     fn retry(&self, _request: &Parts, failed: &[SocketAddr]) -> Option<Pick> {
         let table = self.balancer.table();
         let service = table.service(self.original)?;
         let now = Instant::now();
-        let endpoints = || service.backends.iter().flat_map(|b| &b.endpoints);
-        if let Some(last) = failed.last() {
-            for endpoint in endpoints().filter(|e| e.addr == *last) {
-                endpoint.state.failed(now);
-            }
-        }
         let mut rng = Rng::thread();
         let (backend, endpoint) = service
             .attempts_after(Load::Latency, failed)
@@ -250,7 +260,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_retry_skips_the_failed_endpoints_then_the_backend_and_counts_the_failure() {
+    async fn a_retry_skips_the_failed_endpoints_then_the_backend_and_failures_set_aside() {
         let file = File::new("retry", &web(1, 1));
         let upstream = upstream(&file);
         let table = upstream.balancer.table();
@@ -266,8 +276,12 @@ mod tests {
             assert_eq!(pick.endpoint.addr, "198.18.2.1:80".parse().unwrap());
             assert_eq!(&*pick.dst.unwrap().1, "b");
         }
-        // Each retry counted a failure of the last failed endpoint: it is set aside.
+        // A retry counts no failure itself: the server loop reports each failed connect.
         let last = &service.backends[0].endpoints[1].state;
+        assert!(last.is_ready(Instant::now()));
+        for _ in 0..crate::balance::FAILURES_TO_SET_ASIDE {
+            upstream.connect_failed(a[1]);
+        }
         assert!(!last.is_ready(Instant::now()));
         // Every endpoint tried: nothing left.
         let all = [a[0], a[1], "198.18.2.1:80".parse().unwrap()];
