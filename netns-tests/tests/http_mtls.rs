@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use netns_tests::apps::{self, curl, h2load, h2load_requests, url};
 use netns_tests::http::*;
-use netns_tests::mesh::Mesh;
+use netns_tests::mesh::{Mesh, PEER_ID, POD_ID};
 use netns_tests::{Family, MeshProxy, Pods};
 
 #[test]
@@ -133,4 +133,56 @@ fn expect_one_mtls_failure(
     let mut inbound = vec![("direction", "inbound")];
     inbound.extend_from_slice(&labels);
     b.wait_for_metric("response_total", &inbound, 1.0, METRICS_TIMEOUT);
+}
+
+/// A WebSocket to a mesh peer crosses on a connection of its own (session protocol
+/// HTTP/1): B's inbound proxy serves it as HTTP/1, so it counts the request with A's
+/// identity and the 101, like A's outbound proxy does with B's, and then carries the
+/// upgraded bytes both ways (1 MiB messages echoed unchanged).
+#[test]
+fn a_websocket_to_a_mesh_peer_is_counted_with_its_101_by_both_proxies() {
+    let pods = Pods::new("http_mtls_ws");
+    let mesh = Mesh::new("http_mtls_ws", &pods);
+    let _ws = apps::python_server(
+        &pods.peer,
+        mesh.scratch.path(),
+        "ws_echo.py",
+        &["serve", &WS.to_string()],
+        WS,
+    );
+    let b = mesh.start_b(&pods, &[]);
+    let a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
+    let to = SocketAddr::new(Family::V4.peer(), WS);
+    for _ in 0..2 {
+        let (result, run) = python_call(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")]);
+        assert_eq!(result["status"], 101, "{run}");
+        assert_eq!(result["echoed"], result["sent"], "{run}");
+    }
+    let switched = [
+        ("status_code", "101"),
+        ("classification", "success"),
+        ("tls", "true"),
+    ];
+    let mut outbound = vec![("server_id", PEER_ID)];
+    outbound.extend_from_slice(&switched);
+    expect(&a, "outbound", "response_total", to, &outbound, 2.0);
+    let mut inbound = vec![("direction", "inbound"), ("client_id", POD_ID)];
+    let metrics = b.wait_for_metric("request_total", &inbound, 2.0, METRICS_TIMEOUT);
+    inbound.extend_from_slice(&switched);
+    b.wait_for_metric("response_total", &inbound, 2.0, METRICS_TIMEOUT);
+    // Each WebSocket had its own mTLS connection, which B labels with the session's
+    // protocol.
+    assert_eq!(
+        metrics.sum(
+            "tcp_open_total",
+            &[
+                ("direction", "inbound"),
+                ("protocol", "http1"),
+                ("tls", "true"),
+                ("client_id", POD_ID)
+            ]
+        ),
+        2.0,
+        "{metrics}"
+    );
 }
