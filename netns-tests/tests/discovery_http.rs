@@ -593,6 +593,20 @@ fn an_endpoint_with_an_identity_gets_its_requests_over_mtls() {
         50.0,
         METRIC_TIMEOUT,
     );
+    // The hop to the endpoint is our mTLS: the requests say so, as a mesh peer's do.
+    let metrics = a.metrics();
+    let mtls = [
+        ("dst_backend", "b"),
+        ("tls", "true"),
+        ("server_id", PEER_ID),
+    ];
+    for name in [
+        "request_total",
+        "response_total",
+        "response_latency_seconds_count",
+    ] {
+        assert_eq!(metrics.sum(name, &mtls), 50.0, "{name}\n{metrics}");
+    }
 }
 
 /// The samples of `name` for service `web`, as `backend -> value`, for a failure message.
@@ -838,6 +852,66 @@ fn a_request_refused_by_a_mesh_endpoint_is_retried_on_a_plain_one() {
             "balancer_endpoints",
             &[("service", "web"), ("backend", "a"), ("state", "failed")]
         ),
+        1.0,
+        "{metrics}"
+    );
+    // b is reached in plaintext: its requests say so, whatever the first pick was.
+    assert_eq!(
+        metrics.sum("request_total", &[("dst_backend", "b"), ("tls", "false")]),
+        REQUESTS as f64,
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics.sum("request_total", &[("server_id", PEER_ID)]),
+        0.0,
+        "{metrics}"
+    );
+}
+
+/// A first request head that does not parse, on a connection to the service: the proxy
+/// answers 400 `bad request` itself, and counts it under the service (an empty
+/// `dst_backend`: it reached none), like the other answers it gives for the service.
+#[test]
+fn a_400_bad_request_on_a_balanced_connection_is_counted_under_its_service() {
+    let pods = Pods::new("dh-badhead");
+    let setup = setup("dh-badhead", &pods, &[(8081, "a", 0)]);
+    let file = setup.scratch.join("discovery.toml");
+    write_discovery(&file, &web(&[("a", 1, &[8081])]));
+    let proxy = start_proxy(&pods, &file);
+    let response = pods.pod.run(|| {
+        let mut stream = TcpStream::connect_timeout(&service(), Duration::from_secs(2))
+            .expect("connect to the service");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("a read timeout");
+        // A request line that detection takes for HTTP/1, then a header line without
+        // a colon, which no HTTP parser accepts.
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\nthis is not a header\r\n\r\n")
+            .expect("send");
+        let mut response = Vec::new();
+        // The proxy answers and closes.
+        let _ = stream.read_to_end(&mut response);
+        String::from_utf8_lossy(&response).into_owned()
+    });
+    assert!(response.starts_with("HTTP/1.1 400 "), "{response}");
+    assert!(
+        response.contains("meshproxy-error: bad request"),
+        "{response}"
+    );
+    let metrics = proxy.wait_for_metric(
+        "response_total",
+        &[
+            ("dst_service", "web"),
+            ("dst_backend", ""),
+            ("status_code", "400"),
+            ("classification", "failure"),
+        ],
+        1.0,
+        METRIC_TIMEOUT,
+    );
+    assert_eq!(
+        metrics.sum("request_total", &[("dst_service", "web")]),
         1.0,
         "{metrics}"
     );

@@ -39,7 +39,7 @@ use super::metrics::{RequestLabels, ResponseLabels, Series};
 use super::orig_proto::{self, Carried};
 use super::upstream::pool::MESH_KEEP_ALIVE;
 use super::upstream::pool::{Key, SendError};
-use super::upstream::{Observe, Pick, MAX_CONNECT_ATTEMPTS};
+use super::upstream::{Endpoint, Observe, Pick, Transport, MAX_CONNECT_ATTEMPTS};
 use super::{ClientConn, HttpProxy, Version};
 use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
@@ -159,7 +159,7 @@ where
     cx.proxy.log_error(cx.client.direction, &error);
     // Outbound series always carry `authority`: empty, since nothing parsed.
     let authority = (cx.client.direction == Direction::Outbound).then_some("");
-    let series = cx.series(authority, None);
+    let series = cx.unrouted_series(authority);
     cx.proxy.metrics.request(&series);
     // Best effort: a client that sent garbage may well be gone already.
     let _ = io.write_all(&errors::http1_bytes(&error)).await;
@@ -241,7 +241,7 @@ impl ConnCx {
                 let dst = error
                     .service()
                     .map(|service| (service.clone(), Arc::from("")));
-                let series = self.series(authority, dst);
+                let series = self.series(authority, self.client.peer_id.as_ref(), dst);
                 self.proxy.metrics.request(&series);
                 return self.answer(error, series, started, None);
             }
@@ -251,10 +251,10 @@ impl ConnCx {
             dst,
             mut observer,
         } = pick;
-        // The request's labels name the pick's backend; it is counted once connected
-        // (`on_connected`), so that a retry elsewhere counts it under the backend that
-        // answers, or, when every attempt fails, the last one tried.
-        let mut series = self.series(authority, dst);
+        // The request's labels name the pick's backend and hop; it is counted once
+        // connected (`on_connected`), so that a retry elsewhere counts it under the
+        // backend that answers, or, when every attempt fails, the last one tried.
+        let mut series = self.series(authority, self.peer_of(&endpoint), dst);
         let mut carried = orig_proto::carry(
             &self.client,
             &mut parts,
@@ -310,14 +310,17 @@ impl ConnCx {
                                 &next.endpoint.transport,
                                 upgrade.is_some(),
                             );
+                            let relabelled = self.series(
+                                series.labels().authority.as_deref(),
+                                self.peer_of(&next.endpoint),
+                                next.dst,
+                            );
+                            series = relabelled;
                             key = Key {
                                 version: carried
                                     .version(&next.endpoint.transport, self.client.version),
                                 endpoint: next.endpoint,
                             };
-                            let relabelled =
-                                self.series(series.labels().authority.as_deref(), next.dst);
-                            series = relabelled;
                             request = Request::from_parts(parts, body);
                             continue;
                         }
@@ -409,7 +412,7 @@ impl ConnCx {
         }
         let status = if error.is_parse_too_large() { 431 } else { 400 };
         let authority = (self.client.direction == Direction::Outbound).then_some("");
-        let series = self.series(authority, None);
+        let series = self.unrouted_series(authority);
         self.proxy.metrics.request(&series);
         let response = ResponseLabels {
             status,
@@ -419,12 +422,45 @@ impl ConnCx {
         self.proxy.metrics.response(&series, response, None);
     }
 
-    /// The label set of a request, from the connection's cache when it matches.
-    fn series(&self, authority: Option<&str>, dst: Option<(Arc<str>, Arc<str>)>) -> Arc<Series> {
+    /// The identity labelled on a request sent to `endpoint`: inbound, the client's
+    /// (`client_id`); outbound, the one the endpoint's proxy proved (`server_id`), when
+    /// the hop to it is our mTLS: a balanced service mixes plain and meshed endpoints.
+    fn peer_of<'e>(&'e self, endpoint: &'e Endpoint) -> Option<&'e Arc<str>> {
+        match (self.client.direction, &endpoint.transport) {
+            (Direction::Inbound, _) => self.client.peer_id.as_ref(),
+            (Direction::Outbound, Transport::Mesh { server_id }) => Some(server_id),
+            (Direction::Outbound, Transport::Plain) => None,
+        }
+    }
+
+    /// The label set of a request that reached no endpoint (its head did not parse):
+    /// the connection's hop, and on a balanced connection its service, with an empty
+    /// backend.
+    fn unrouted_series(&self, authority: Option<&str>) -> Arc<Series> {
+        let dst = self
+            .client
+            .upstream
+            .service()
+            .map(|service| (service, Arc::from("")));
+        self.series(authority, self.client.peer_id.as_ref(), dst)
+    }
+
+    /// The label set of a request, from the connection's cache when it matches: its
+    /// `authority`, the peer's identity on an mTLS hop (`tls="true"`), the service and
+    /// backend when balanced.
+    fn series(
+        &self,
+        authority: Option<&str>,
+        peer_id: Option<&Arc<str>>,
+        dst: Option<(Arc<str>, Arc<str>)>,
+    ) -> Arc<Series> {
         let mut cached = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(series) = &*cached {
             let labels = series.labels();
-            if labels.authority.as_deref() == authority && labels.dst == dst {
+            if labels.authority.as_deref() == authority
+                && labels.peer_id.as_ref() == peer_id
+                && labels.dst == dst
+            {
                 return series.clone();
             }
         }
@@ -432,8 +468,8 @@ impl ConnCx {
             direction: self.client.direction,
             target_addr: self.client.target.to_string(),
             authority: authority.map(str::to_string),
-            tls: self.client.peer_id.is_some(),
-            peer_id: self.client.peer_id.clone(),
+            tls: peer_id.is_some(),
+            peer_id: peer_id.cloned(),
             dst,
         });
         *cached = Some(series.clone());

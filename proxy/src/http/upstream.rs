@@ -124,6 +124,12 @@ pub trait Upstream: Send + Sync {
     /// is answered with (a service without a usable backend, ...).
     fn pick(&self, request: &Parts) -> Result<Pick, ProxyError>;
 
+    /// The balanced service the connection's requests are for (`dst_service`), when
+    /// it is one: labelled on requests that reach no endpoint too.
+    fn service(&self) -> Option<Arc<str>> {
+        None
+    }
+
     /// Told of every failed connect to `endpoint` (refused, unreachable, timed out), the
     /// last attempt's included: a balanced service counts it toward setting the
     /// endpoint aside.

@@ -62,6 +62,13 @@ impl Upstream for Balanced {
         Ok(pick(&service.name, backend, endpoint, now))
     }
 
+    fn service(&self) -> Option<Arc<str>> {
+        let table = self.balancer.table();
+        table
+            .service(self.original)
+            .map(|service| service.name.clone())
+    }
+
     /// A failed connect counts toward setting the endpoint aside (three in a row, as
     /// for TCP), whether or not the request is tried elsewhere.
     fn connect_failed(&self, failed: SocketAddr) {
