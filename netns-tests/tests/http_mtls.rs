@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use netns_tests::apps::{self, curl, h2load, h2load_requests, url};
 use netns_tests::http::*;
 use netns_tests::mesh::{Mesh, PEER_ID, POD_ID};
-use netns_tests::{Family, MeshProxy, Pods};
+use netns_tests::{Family, MeshProxy, Pods, Run};
 
 #[test]
 fn over_mtls_200_client_connections_share_a_handful_of_proxy_connections() {
@@ -185,4 +185,53 @@ fn a_websocket_to_a_mesh_peer_is_counted_with_its_101_by_both_proxies() {
         2.0,
         "{metrics}"
     );
+}
+
+/// A `CONNECT` to a mesh peer (curl through tinyproxy in pod B) crosses on a connection
+/// of its own like an upgrade: B's inbound proxy serves it as HTTP/1, counts the request
+/// and its 200 with A's identity, and then carries the tunnel, through which curl fetches
+/// a file from B's nginx.
+#[test]
+fn a_connect_tunnel_to_a_mesh_peer_is_counted_by_both_proxies() {
+    const PROXY: u16 = 3128;
+    let pods = Pods::new("http_mtls_connect");
+    let mesh = Mesh::new("http_mtls_connect", &pods);
+    let _nginx = nginx_sites(&pods.peer, &mesh.scratch);
+    let _tinyproxy = apps::tinyproxy(&pods.peer, mesh.scratch.path(), PROXY);
+    let b = mesh.start_b(&pods, &[]);
+    let a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
+    let to = SocketAddr::new(Family::V4.peer(), PROXY);
+    // `-p`: CONNECT to tinyproxy, then the GET through the tunnel, to nginx on B's
+    // loopback (where tinyproxy connects).
+    let run = Run::of(pods.pod.command("curl").args([
+        "-sS",
+        "--max-time",
+        "60",
+        "-p",
+        "-x",
+        &url(to, ""),
+        &format!("http://127.0.0.1:{HTTP1}/small"),
+    ]));
+    assert!(run.success(), "{run}");
+    assert_eq!(run.stdout, "a small file\n", "{run}");
+    let established = [
+        ("status_code", "200"),
+        ("classification", "success"),
+        ("tls", "true"),
+    ];
+    let mut outbound = vec![("server_id", PEER_ID)];
+    outbound.extend_from_slice(&established);
+    expect(
+        &a,
+        "outbound",
+        "request_total",
+        to,
+        &[("server_id", PEER_ID)],
+        1.0,
+    );
+    expect(&a, "outbound", "response_total", to, &outbound, 1.0);
+    let mut inbound = vec![("direction", "inbound"), ("client_id", POD_ID)];
+    b.wait_for_metric("request_total", &inbound, 1.0, METRICS_TIMEOUT);
+    inbound.extend_from_slice(&established);
+    b.wait_for_metric("response_total", &inbound, 1.0, METRICS_TIMEOUT);
 }
