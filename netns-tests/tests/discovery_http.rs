@@ -916,3 +916,36 @@ fn a_400_bad_request_on_a_balanced_connection_is_counted_under_its_service() {
         "{metrics}"
     );
 }
+
+/// A client that goes away while its request's connects are still being tried (three
+/// endpoints that never answer a SYN, 1 s each): curl over HTTP/2 gives up after 0.5 s and
+/// closes, which resets the stream, and the proxy drops the request. It was received, so
+/// it is counted, once, under the service; no response is, since none was sent.
+#[test]
+fn a_request_whose_client_leaves_during_its_connects_is_counted_once() {
+    let pods = Pods::new("dh-leaves");
+    let setup = setup("dh-leaves", &pods, &[]);
+    let file = setup.scratch.join("discovery.toml");
+    // 198.18.100.0/24 is routed to the peer, which forwards nothing: SYNs vanish.
+    let silent = [20, 21, 22].map(|n| format!("{{ addr = \"198.18.100.{n}:80\" }}"));
+    write_discovery(
+        &file,
+        &web(&[("a", 1, &[8090])]).replace(r#"{ addr = "198.18.0.2:8090" }"#, &silent.join(", ")),
+    );
+    let proxy = start_proxy(&pods, &file);
+    let run = Run::of(pods.pod.command("curl").args([
+        "-sS",
+        "--http2-prior-knowledge",
+        "--max-time",
+        "0.5",
+        &format!("http://{SERVICE}/"),
+    ]));
+    assert!(!run.success(), "nothing can answer: {run}");
+    let web = [("dst_service", "web")];
+    proxy.wait_for_metric("request_total", &web, 1.0, METRIC_TIMEOUT);
+    // Past the three connect timeouts: still one request, and no response.
+    thread::sleep(Duration::from_secs(4));
+    let metrics = proxy.metrics();
+    assert_eq!(metrics.sum("request_total", &web), 1.0, "{metrics}");
+    assert_eq!(metrics.sum("response_total", &web), 0.0, "{metrics}");
+}

@@ -35,7 +35,7 @@ use super::body::{Recorder, ResponseBody};
 use super::errors::{self, ProxyError};
 use super::head::{self, BadHead, Head};
 use super::headers::{self, Upgrade};
-use super::metrics::{RequestLabels, ResponseLabels, Series};
+use super::metrics::{HttpMetrics, RequestLabels, ResponseLabels, Series};
 use super::orig_proto::{self, Carried};
 use super::upstream::pool::MESH_KEEP_ALIVE;
 use super::upstream::pool::{Key, SendError};
@@ -254,7 +254,11 @@ impl ConnCx {
         // The request's labels name the pick's backend and hop; it is counted once
         // connected (`on_connected`), so that a retry elsewhere counts it under the
         // backend that answers, or, when every attempt fails, the last one tried.
-        let mut series = self.series(authority, self.peer_of(&endpoint), dst);
+        let mut counting = Counting {
+            metrics: &self.proxy.metrics,
+            series: self.series(authority, self.peer_of(&endpoint), dst),
+            counted: false,
+        };
         let mut carried = orig_proto::carry(
             &self.client,
             &mut parts,
@@ -271,15 +275,10 @@ impl ConnCx {
         let mut failed = Vec::new();
         let mut response = loop {
             let addr = key.endpoint.addr;
-            let mut counted = false;
-            let on_connected = || {
-                self.proxy.metrics.request(&series);
-                counted = true;
-            };
             let sent = self
                 .proxy
                 .pool
-                .send_or_return(key, request, on_connected)
+                .send_or_return(key, request, || counting.count())
                 .await;
             let error = match sent {
                 Ok(response) => break response,
@@ -310,12 +309,11 @@ impl ConnCx {
                                 &next.endpoint.transport,
                                 upgrade.is_some(),
                             );
-                            let relabelled = self.series(
-                                series.labels().authority.as_deref(),
+                            counting.series = self.series(
+                                counting.series.labels().authority.as_deref(),
                                 self.peer_of(&next.endpoint),
                                 next.dst,
                             );
-                            series = relabelled;
                             key = Key {
                                 version: carried
                                     .version(&next.endpoint.transport, self.client.version),
@@ -328,11 +326,10 @@ impl ConnCx {
                     }
                 }
             };
-            if !counted {
-                self.proxy.metrics.request(&series);
-            }
-            return self.answer(error, series, started, observer);
+            counting.count();
+            return self.answer(error, counting.series.clone(), started, observer);
         };
+        let series = counting.series.clone();
         let upgraded = match (upgrade, client_upgrade) {
             (Some(kind), Some(client)) if kind.accepted(&response) => {
                 let upstream = hyper::upgrade::on(&mut response);
@@ -474,6 +471,29 @@ impl ConnCx {
         });
         *cached = Some(series.clone());
         series
+    }
+}
+
+/// A request to count once in `request_total`, under `series`: when it gets a
+/// connection, or else when it ends without one (answered by the proxy, or dropped
+/// because the client went away while its connects were tried).
+struct Counting<'a> {
+    metrics: &'a HttpMetrics,
+    series: Arc<Series>,
+    counted: bool,
+}
+
+impl Counting<'_> {
+    fn count(&mut self) {
+        if !std::mem::replace(&mut self.counted, true) {
+            self.metrics.request(&self.series);
+        }
+    }
+}
+
+impl Drop for Counting<'_> {
+    fn drop(&mut self) {
+        self.count();
     }
 }
 
