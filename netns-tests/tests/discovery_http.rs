@@ -949,3 +949,72 @@ fn a_request_whose_client_leaves_during_its_connects_is_counted_once() {
     assert_eq!(metrics.sum("request_total", &web), 1.0, "{metrics}");
     assert_eq!(metrics.sum("response_total", &web), 0.0, "{metrics}");
 }
+
+/// "Three consecutive connect failures set an endpoint aside", as for TCP: an endpoint
+/// refuses twice, then accepts and answers 500 (a failed response, but a connect that
+/// worked), then refuses once more. That is one failure in a row, not three: the endpoint
+/// stays ready.
+#[test]
+fn a_connect_that_works_clears_the_failure_record_even_when_the_answer_is_500() {
+    /// The endpoint, answering 500 to everything while it runs.
+    const FAILING: &str = r#"
+import sys
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer.allow_reuse_address = True
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
+"#;
+    let pods = Pods::new("dh-record");
+    let setup = setup("dh-record", &pods, &[]);
+    let file = setup.scratch.join("discovery.toml");
+    write_discovery(&file, &web(&[("a", 1, &[8083])]));
+    let proxy = start_proxy(&pods, &file);
+    let set_aside = |metrics: &netns_tests::Metrics| {
+        metrics.sum(
+            "balancer_endpoints",
+            &[("service", "web"), ("backend", "a"), ("state", "failed")],
+        )
+    };
+    // Each request on a connection of its own: no pooled connection outlives a step.
+    let get = |want: u16| {
+        let mut client = KeepAlive::connect(&pods);
+        let response = client.get().expect("an answer");
+        assert_eq!(response.status, want, "{response:?}\n{}", proxy.report());
+    };
+    get(502);
+    get(502);
+    let mut server = pods.peer.command("python3");
+    server.args(["-c", FAILING, "8083"]);
+    let mut server = pods.peer.spawn(server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Run::of(
+        pods.peer
+            .command("curl")
+            .args(["-s", "http://127.0.0.1:8083/"]),
+    )
+    .success()
+    {
+        assert!(
+            server.is_running() && Instant::now() < deadline,
+            "no 500 server"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    get(500);
+    drop(server);
+    get(502);
+    let metrics = proxy.metrics();
+    assert_eq!(set_aside(&metrics), 0.0, "{metrics}");
+    // Two more refusals are three in a row: now it is set aside.
+    get(502);
+    get(502);
+    let metrics = proxy.metrics();
+    assert_eq!(set_aside(&metrics), 1.0, "{metrics}");
+}

@@ -278,7 +278,12 @@ impl ConnCx {
             let sent = self
                 .proxy
                 .pool
-                .send_or_return(key, request, || counting.count())
+                .send_or_return(key, request, || {
+                    counting.count();
+                    if let Some(observer) = &observer {
+                        observer.connected();
+                    }
+                })
                 .await;
             let error = match sent {
                 Ok(response) => break response,

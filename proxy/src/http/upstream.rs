@@ -112,9 +112,14 @@ impl Pick {
     }
 }
 
-/// How a picked request went: the response's latency (headers to end of body), and
-/// whether it was a failure (see `metrics`).
+/// How a picked request went: that it got a connection to its endpoint, then the
+/// response's latency (headers to end of body) and whether it was a failure (see
+/// `metrics`).
 pub trait Observe: Send + Sync {
+    /// The request got a connection to the endpoint (a new one or a pooled one): the
+    /// endpoint is reachable, whatever it answers.
+    fn connected(&self) {}
+
     fn observe(self: Box<Self>, latency: Duration, failure: bool);
 }
 

@@ -16,7 +16,9 @@
 //!
 //! A request whose connect fails was not sent: the server loop tells
 //! [`Balanced::connect_failed`], which counts the failure toward setting the endpoint
-//! aside (every failed attempt, the last one included), and asks [`Balanced::retry`] for
+//! aside (every failed attempt, the last one included; a request that gets a connection,
+//! [`Observer`]'s `connected`, clears the record, as a TCP connect does), and asks
+//! [`Balanced::retry`] for
 //! another endpoint (up to `MAX_CONNECT_ATTEMPTS` in all), picked again among those not
 //! yet tried. The request's metrics name the backend of the endpoint that answered (or
 //! was tried last), not the first pick's.
@@ -128,14 +130,18 @@ pub struct Observer {
 }
 
 impl Observe for Observer {
+    /// Connected: the endpoint's connect failures are behind it, as a TCP connect clears
+    /// them, even if it then answers a 5xx (which its latency estimate takes).
+    fn connected(&self) {
+        self.state.succeeded();
+    }
+
     fn observe(self: Box<Self>, _latency: Duration, failure: bool) {
         // Timed from the pick (`InFlight`), on tokio's clock like the rest of `balance`.
         let now = Instant::now();
         if failure {
             self.in_flight.failed(now);
         } else {
-            // It answered: whatever connect failures it had are behind it.
-            self.state.succeeded();
             self.in_flight.responded(now);
         }
     }
@@ -293,7 +299,7 @@ mod tests {
         // Every endpoint tried: nothing left.
         let all = [a[0], a[1], "198.18.2.1:80".parse().unwrap()];
         assert!(upstream.retry(&parts(), &all).is_none());
-        // A request it answers clears the record.
+        // A request that gets a connection to it clears the record, whatever the answer.
         let backend = &service.backends[0];
         let answered = pick(
             &service.name,
@@ -301,7 +307,10 @@ mod tests {
             &backend.endpoints[1],
             Instant::now(),
         );
-        answered.observer.unwrap().observe(Duration::ZERO, false);
+        let observer = answered.observer.unwrap();
+        observer.connected();
+        assert!(last.is_ready(Instant::now()));
+        observer.observe(Duration::ZERO, true);
         assert!(last.is_ready(Instant::now()));
     }
 
