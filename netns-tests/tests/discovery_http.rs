@@ -5,6 +5,11 @@
 //! towards the peer lets it out to meshinit's redirect); the endpoints are Python
 //! `http.server`s in the peer namespace, each answering its own name, one of them 20 ms
 //! late.
+//!
+//! The request metrics name what really happened: the service of a 503 `no backend` or a
+//! 400, the backend that answered a request retried after refused connects (or the one
+//! tried last), `tls="true"` and `server_id` for an endpoint reached over mTLS; and every
+//! refused connect, and every connect that worked, reaches the endpoint's failure record.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
