@@ -1,5 +1,5 @@
-//! Real HTTP applications for the HTTP tests, started inside a namespace: Debian's `nginx`
-//! and `nghttpd` (package nghttp2-server), and the Python programs in `netns-tests/apps/`
+//! Real HTTP applications for the HTTP tests, started inside a namespace: Debian's `nginx`,
+//! `nghttpd` (package nghttp2-server) and `tinyproxy` (a `CONNECT` server), and the Python programs in `netns-tests/apps/`
 //! (grpcio, websockets, http.server) run by the venv that `scripts/test.sh` builds; and the
 //! real clients that talk to them (`curl`, `h2load`, `nghttp`, the same Python programs).
 //!
@@ -103,6 +103,26 @@ pub fn nginx(ns: &Netns, dir: &Path, servers: &str, port: u16) -> App {
         ns,
         &[&argv[..], &[conf.as_os_str()]].concat(),
         dir.join("nginx.log"),
+        port,
+    )
+}
+
+/// Debian's `tinyproxy`, an HTTP proxy that answers `CONNECT` by opening a tunnel to
+/// the host and port asked for (any port), in the foreground on `port` of every IPv4
+/// address, its configuration and log in `dir`.
+pub fn tinyproxy(ns: &Netns, dir: &Path, port: u16) -> App {
+    // No `ConnectPort` line: CONNECT to any port; no `Allow` line: any client.
+    let config = format!(
+        "User nobody\nGroup nogroup\nPort {port}\nListen 0.0.0.0\nTimeout 60\n\
+         MaxClients 16\nLogLevel Info\n"
+    );
+    let conf = dir.join("tinyproxy.conf");
+    fs::write(&conf, config).unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
+    let argv = ["tinyproxy", "-d", "-c"].map(OsStr::new);
+    App::start(
+        ns,
+        &[&argv[..], &[conf.as_os_str()]].concat(),
+        dir.join("tinyproxy.log"),
         port,
     )
 }

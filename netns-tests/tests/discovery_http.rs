@@ -5,6 +5,11 @@
 //! towards the peer lets it out to meshinit's redirect); the endpoints are Python
 //! `http.server`s in the peer namespace, each answering its own name, one of them 20 ms
 //! late.
+//!
+//! The request metrics name what really happened: the service of a 503 `no backend` or a
+//! 400, the backend that answered a request retried after refused connects (or the one
+//! tried last), `tls="true"` and `server_id` for an endpoint reached over mTLS; and every
+//! refused connect, and every connect that worked, reaches the endpoint's failure record.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -12,7 +17,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use netns_tests::mesh::{contains, Capture, Mesh, Scratch, PEER_ID, POD_ID};
+use netns_tests::mesh::{contains, Capture, DevCa, Mesh, Scratch, PEER_ID, POD_ID};
 use netns_tests::{MeshProxy, Netns, Pods, Run, Spawned};
 
 const SERVICE: &str = "198.18.100.10:8080";
@@ -593,4 +598,428 @@ fn an_endpoint_with_an_identity_gets_its_requests_over_mtls() {
         50.0,
         METRIC_TIMEOUT,
     );
+    // The hop to the endpoint is our mTLS: the requests say so, as a mesh peer's do.
+    let metrics = a.metrics();
+    let mtls = [
+        ("dst_backend", "b"),
+        ("tls", "true"),
+        ("server_id", PEER_ID),
+    ];
+    for name in [
+        "request_total",
+        "response_total",
+        "response_latency_seconds_count",
+    ] {
+        assert_eq!(metrics.sum(name, &mtls), 50.0, "{name}\n{metrics}");
+    }
+}
+
+/// The samples of `name` for service `web`, as `backend -> value`, for a failure message.
+fn per_backend(metrics: &netns_tests::Metrics, name: &str) -> Vec<(String, f64)> {
+    metrics
+        .samples(name)
+        .filter(|(labels, _)| labels.iter().any(|(k, v)| k == "dst_service" && v == "web"))
+        .map(|(labels, value)| {
+            let backend = labels
+                .iter()
+                .find(|(k, _)| k == "dst_backend")
+                .map_or("(none)".to_string(), |(_, v)| v.clone());
+            (backend, value)
+        })
+        .collect()
+}
+
+/// Every weight 0: the proxy answers 503 `meshproxy-error: no backend` itself, and the
+/// request is counted under its service (`dst_service="web"`, an empty `dst_backend`),
+/// so a graph of errors per service shows it.
+#[test]
+fn a_503_no_backend_is_counted_under_its_service() {
+    let pods = Pods::new("dh-nobackend");
+    let setup = setup("dh-nobackend", &pods, &[(8081, "a", 0)]);
+    let file = setup.scratch.join("discovery.toml");
+    write_discovery(&file, &web(&[("a", 0, &[8081])]));
+    let proxy = start_proxy(&pods, &file);
+    let mut client = KeepAlive::connect(&pods);
+    for _ in 0..3 {
+        let response = client.get().expect("an answer");
+        assert_eq!(response.status, 503, "{response:?}");
+        assert!(
+            response
+                .headers
+                .contains(&("meshproxy-error".to_string(), "no backend".to_string())),
+            "{response:?}"
+        );
+    }
+    let service = [("dst_service", "web"), ("dst_backend", "")];
+    let metrics = proxy.wait_for_metric(
+        "response_total",
+        &[
+            ("dst_service", "web"),
+            ("dst_backend", ""),
+            ("status_code", "503"),
+            ("classification", "failure"),
+        ],
+        3.0,
+        METRIC_TIMEOUT,
+    );
+    assert_eq!(metrics.sum("request_total", &service), 3.0, "{metrics}");
+    assert_eq!(
+        metrics.sum("response_latency_seconds_count", &service),
+        3.0,
+        "{metrics}"
+    );
+    // Nothing of it is counted without the service.
+    assert_eq!(
+        metrics.sum("request_total", &[("target_addr", SERVICE)]),
+        3.0,
+        "{metrics}"
+    );
+}
+
+/// Backend a's only endpoint refuses; b serves. A request first picked on a is retried on
+/// b, and its metrics (request, response, latency) name b, the backend that answered:
+/// nothing is counted under a, though a was tried (it is set aside after three refusals).
+#[test]
+fn a_request_retried_on_another_backend_is_counted_under_the_backend_that_answered() {
+    const REQUESTS: usize = 40;
+    let pods = Pods::new("dh-relabel");
+    let setup = setup("dh-relabel", &pods, &[(8082, "b", 0)]);
+    let file = setup.scratch.join("discovery.toml");
+    write_discovery(&file, &web(&[("a", 50, &[8090]), ("b", 50, &[8082])]));
+    let proxy = start_proxy(&pods, &file);
+    let mut client = KeepAlive::connect(&pods);
+    for i in 0..REQUESTS {
+        let response = client.get();
+        assert!(
+            matches!(&response, Ok(r) if r.status == 200 && r.body == "b"),
+            "request {i}: {response:?}"
+        );
+    }
+    let metrics = proxy.wait_for_metric(
+        "response_total",
+        &[
+            ("dst_service", "web"),
+            ("dst_backend", "b"),
+            ("status_code", "200"),
+        ],
+        REQUESTS as f64,
+        METRIC_TIMEOUT,
+    );
+    // a was picked first at least once: its three refusals set it aside.
+    assert_eq!(
+        metrics.sum(
+            "balancer_endpoints",
+            &[("service", "web"), ("backend", "a"), ("state", "failed")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    for name in ["request_total", "response_latency_seconds_count"] {
+        let b = metrics.sum(name, &[("dst_service", "web"), ("dst_backend", "b")]);
+        assert_eq!(
+            b,
+            REQUESTS as f64,
+            "{name}: {:?}",
+            per_backend(&metrics, name)
+        );
+        let a = metrics.sum(name, &[("dst_service", "web"), ("dst_backend", "a")]);
+        assert_eq!(a, 0.0, "{name}: {:?}", per_backend(&metrics, name));
+    }
+}
+
+/// Both backends' only endpoints refuse: the request tries both (the second is the only
+/// one left), is answered 502, and is counted under the backend tried LAST, which the
+/// proxy's log line of the answer names by its endpoint.
+#[test]
+fn a_request_every_attempt_of_which_fails_is_counted_under_the_backend_tried_last() {
+    let pods = Pods::new("dh-lasttried");
+    let setup = setup("dh-lasttried", &pods, &[]);
+    let file = setup.scratch.join("discovery.toml");
+    write_discovery(&file, &web(&[("a", 1, &[8090]), ("b", 1, &[8091])]));
+    let proxy = start_proxy(&pods, &file);
+    let mut client = KeepAlive::connect(&pods);
+    let response = client.get().expect("an answer");
+    assert_eq!(response.status, 502, "{response:?}");
+    assert!(
+        response.headers.contains(&(
+            "meshproxy-error".to_string(),
+            "connection refused".to_string()
+        )),
+        "{response:?}"
+    );
+    let metrics = proxy.wait_for_metric(
+        "response_total",
+        &[("dst_service", "web"), ("status_code", "502")],
+        1.0,
+        METRIC_TIMEOUT,
+    );
+    let log = proxy.log();
+    let last = match (
+        log.contains("198.18.0.2:8090 refused the connection"),
+        log.contains("198.18.0.2:8091 refused the connection"),
+    ) {
+        (true, false) => "a",
+        (false, true) => "b",
+        other => panic!("expected one answer naming one endpoint, got {other:?}\n{log}"),
+    };
+    for name in ["request_total", "response_total"] {
+        assert_eq!(
+            metrics.sum(name, &[("dst_service", "web"), ("dst_backend", last)]),
+            1.0,
+            "{name} under {last}, the backend tried last: {:?}",
+            per_backend(&metrics, name)
+        );
+    }
+}
+
+/// Three endpoints, all refusing: each request tries all three, and every refusal counts
+/// toward setting its endpoint aside, the last attempt's too. Three requests are three
+/// failures in a row for each: all three are set aside.
+#[test]
+fn every_refused_attempt_of_a_request_counts_toward_setting_its_endpoint_aside() {
+    let pods = Pods::new("dh-setaside");
+    let setup = setup("dh-setaside", &pods, &[]);
+    let file = setup.scratch.join("discovery.toml");
+    write_discovery(&file, &web(&[("a", 1, &[8090, 8091, 8092])]));
+    let proxy = start_proxy(&pods, &file);
+    let mut client = KeepAlive::connect(&pods);
+    for i in 0..3 {
+        let response = client.get().expect("an answer");
+        assert_eq!(response.status, 502, "request {i}: {response:?}");
+    }
+    // Set aside for 10 s: read at once.
+    let metrics = proxy.metrics();
+    assert_eq!(
+        metrics.sum(
+            "balancer_endpoints",
+            &[("service", "web"), ("backend", "a"), ("state", "failed")]
+        ),
+        3.0,
+        "{metrics}"
+    );
+}
+
+/// A service whose backend a is a mesh peer (an endpoint with an identity) whose proxy
+/// refuses, and whose backend b is a plain endpoint: a request first picked on a is
+/// carried again for b's plain hop (an HTTP/1 request undone from the HTTP/2 it was
+/// prepared as) and answered by b, instead of answered 502 because b is reached another
+/// way.
+#[test]
+fn a_request_refused_by_a_mesh_endpoint_is_retried_on_a_plain_one() {
+    const REQUESTS: usize = 40;
+    let pods = Pods::new("dh-mixed");
+    let setup = setup("dh-mixed", &pods, &[(8082, "b", 0)]);
+    let ca = DevCa::new(setup.scratch.join("ca"));
+    let identity = ca.issue(POD_ID, &setup.scratch.join("a"));
+    let file = setup.scratch.join("discovery.toml");
+    // No proxy listens at 198.18.0.2:4143: a's connects are refused.
+    write_discovery(
+        &file,
+        &web(&[("a", 50, &[8090]), ("b", 50, &[8082])]).replace(
+            r#"{ addr = "198.18.0.2:8090" }"#,
+            &format!(r#"{{ addr = "198.18.0.2:8090", identity = "{PEER_ID}" }}"#),
+        ),
+    );
+    let arg = |path: &Path| path.to_str().expect("a UTF-8 path").to_string();
+    let args = [
+        "--identity-cert".to_string(),
+        arg(&identity.cert),
+        "--identity-key".to_string(),
+        arg(&identity.key),
+        "--trust-anchors".to_string(),
+        arg(&ca.anchors),
+        "--discovery".to_string(),
+        arg(&file),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proxy = pods.pod.start_meshproxy(&args);
+    let mut client = KeepAlive::connect(&pods);
+    for i in 0..REQUESTS {
+        let response = client.get();
+        assert!(
+            matches!(&response, Ok(r) if r.status == 200 && r.body == "b"),
+            "request {i}: {response:?}"
+        );
+    }
+    let metrics = proxy.wait_for_metric(
+        "response_total",
+        &[
+            ("dst_service", "web"),
+            ("dst_backend", "b"),
+            ("status_code", "200"),
+        ],
+        REQUESTS as f64,
+        METRIC_TIMEOUT,
+    );
+    // a was picked first at least once: its three refusals set it aside.
+    assert_eq!(
+        metrics.sum(
+            "balancer_endpoints",
+            &[("service", "web"), ("backend", "a"), ("state", "failed")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // b is reached in plaintext: its requests say so, whatever the first pick was.
+    assert_eq!(
+        metrics.sum("request_total", &[("dst_backend", "b"), ("tls", "false")]),
+        REQUESTS as f64,
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics.sum("request_total", &[("server_id", PEER_ID)]),
+        0.0,
+        "{metrics}"
+    );
+}
+
+/// A first request head that does not parse, on a connection to the service: the proxy
+/// answers 400 `bad request` itself, and counts it under the service (an empty
+/// `dst_backend`: it reached none), like the other answers it gives for the service.
+#[test]
+fn a_400_bad_request_on_a_balanced_connection_is_counted_under_its_service() {
+    let pods = Pods::new("dh-badhead");
+    let setup = setup("dh-badhead", &pods, &[(8081, "a", 0)]);
+    let file = setup.scratch.join("discovery.toml");
+    write_discovery(&file, &web(&[("a", 1, &[8081])]));
+    let proxy = start_proxy(&pods, &file);
+    let response = pods.pod.run(|| {
+        let mut stream = TcpStream::connect_timeout(&service(), Duration::from_secs(2))
+            .expect("connect to the service");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("a read timeout");
+        // A request line that detection takes for HTTP/1, then a header line without
+        // a colon, which no HTTP parser accepts.
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\nthis is not a header\r\n\r\n")
+            .expect("send");
+        let mut response = Vec::new();
+        // The proxy answers and closes.
+        let _ = stream.read_to_end(&mut response);
+        String::from_utf8_lossy(&response).into_owned()
+    });
+    assert!(response.starts_with("HTTP/1.1 400 "), "{response}");
+    assert!(
+        response.contains("meshproxy-error: bad request"),
+        "{response}"
+    );
+    let metrics = proxy.wait_for_metric(
+        "response_total",
+        &[
+            ("dst_service", "web"),
+            ("dst_backend", ""),
+            ("status_code", "400"),
+            ("classification", "failure"),
+        ],
+        1.0,
+        METRIC_TIMEOUT,
+    );
+    assert_eq!(
+        metrics.sum("request_total", &[("dst_service", "web")]),
+        1.0,
+        "{metrics}"
+    );
+}
+
+/// A client that goes away while its request's connects are still being tried (three
+/// endpoints that never answer a SYN, 1 s each): curl over HTTP/2 gives up after 0.5 s and
+/// closes, which resets the stream, and the proxy drops the request. It was received, so
+/// it is counted, once, under the service; no response is, since none was sent.
+#[test]
+fn a_request_whose_client_leaves_during_its_connects_is_counted_once() {
+    let pods = Pods::new("dh-leaves");
+    let setup = setup("dh-leaves", &pods, &[]);
+    let file = setup.scratch.join("discovery.toml");
+    // 198.18.100.0/24 is routed to the peer, which forwards nothing: SYNs vanish.
+    let silent = [20, 21, 22].map(|n| format!("{{ addr = \"198.18.100.{n}:80\" }}"));
+    write_discovery(
+        &file,
+        &web(&[("a", 1, &[8090])]).replace(r#"{ addr = "198.18.0.2:8090" }"#, &silent.join(", ")),
+    );
+    let proxy = start_proxy(&pods, &file);
+    let run = Run::of(pods.pod.command("curl").args([
+        "-sS",
+        "--http2-prior-knowledge",
+        "--max-time",
+        "0.5",
+        &format!("http://{SERVICE}/"),
+    ]));
+    assert!(!run.success(), "nothing can answer: {run}");
+    let web = [("dst_service", "web")];
+    proxy.wait_for_metric("request_total", &web, 1.0, METRIC_TIMEOUT);
+    // Past the three connect timeouts: still one request, and no response.
+    thread::sleep(Duration::from_secs(4));
+    let metrics = proxy.metrics();
+    assert_eq!(metrics.sum("request_total", &web), 1.0, "{metrics}");
+    assert_eq!(metrics.sum("response_total", &web), 0.0, "{metrics}");
+}
+
+/// "Three consecutive connect failures set an endpoint aside", as for TCP: an endpoint
+/// refuses twice, then accepts and answers 500 (a failed response, but a connect that
+/// worked), then refuses once more. That is one failure in a row, not three: the endpoint
+/// stays ready.
+#[test]
+fn a_connect_that_works_clears_the_failure_record_even_when_the_answer_is_500() {
+    /// The endpoint, answering 500 to everything while it runs.
+    const FAILING: &str = r#"
+import sys
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer.allow_reuse_address = True
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
+"#;
+    let pods = Pods::new("dh-record");
+    let setup = setup("dh-record", &pods, &[]);
+    let file = setup.scratch.join("discovery.toml");
+    write_discovery(&file, &web(&[("a", 1, &[8083])]));
+    let proxy = start_proxy(&pods, &file);
+    let set_aside = |metrics: &netns_tests::Metrics| {
+        metrics.sum(
+            "balancer_endpoints",
+            &[("service", "web"), ("backend", "a"), ("state", "failed")],
+        )
+    };
+    // Each request on a connection of its own: no pooled connection outlives a step.
+    let get = |want: u16| {
+        let mut client = KeepAlive::connect(&pods);
+        let response = client.get().expect("an answer");
+        assert_eq!(response.status, want, "{response:?}\n{}", proxy.report());
+    };
+    get(502);
+    get(502);
+    let mut server = pods.peer.command("python3");
+    server.args(["-c", FAILING, "8083"]);
+    let mut server = pods.peer.spawn(server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Run::of(
+        pods.peer
+            .command("curl")
+            .args(["-s", "http://127.0.0.1:8083/"]),
+    )
+    .success()
+    {
+        assert!(
+            server.is_running() && Instant::now() < deadline,
+            "no 500 server"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    get(500);
+    drop(server);
+    get(502);
+    let metrics = proxy.metrics();
+    assert_eq!(set_aside(&metrics), 0.0, "{metrics}");
+    // Two more refusals are three in a row: now it is set aside.
+    get(502);
+    get(502);
+    let metrics = proxy.metrics();
+    assert_eq!(set_aside(&metrics), 1.0, "{metrics}");
 }

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 
 use netns_tests::apps::{self, curl, h2load, h2load_requests, url};
 use netns_tests::http::*;
-use netns_tests::mesh::Mesh;
-use netns_tests::{Family, MeshProxy, Pods};
+use netns_tests::mesh::{Mesh, PEER_ID, POD_ID};
+use netns_tests::{Family, MeshProxy, Pods, Run};
 
 #[test]
 fn over_mtls_200_client_connections_share_a_handful_of_proxy_connections() {
@@ -132,5 +132,106 @@ fn expect_one_mtls_failure(
     expect(a, "outbound", "response_total", to, &labels, 1.0);
     let mut inbound = vec![("direction", "inbound")];
     inbound.extend_from_slice(&labels);
+    b.wait_for_metric("response_total", &inbound, 1.0, METRICS_TIMEOUT);
+}
+
+/// A WebSocket to a mesh peer crosses on a connection of its own (session protocol
+/// HTTP/1): B's inbound proxy serves it as HTTP/1, so it counts the request with A's
+/// identity and the 101, like A's outbound proxy does with B's, and then carries the
+/// upgraded bytes both ways (1 MiB messages echoed unchanged).
+#[test]
+fn a_websocket_to_a_mesh_peer_is_counted_with_its_101_by_both_proxies() {
+    let pods = Pods::new("http_mtls_ws");
+    let mesh = Mesh::new("http_mtls_ws", &pods);
+    let _ws = apps::python_server(
+        &pods.peer,
+        mesh.scratch.path(),
+        "ws_echo.py",
+        &["serve", &WS.to_string()],
+        WS,
+    );
+    let b = mesh.start_b(&pods, &[]);
+    let a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
+    let to = SocketAddr::new(Family::V4.peer(), WS);
+    for _ in 0..2 {
+        let (result, run) = python_call(&pods.pod, "ws_echo.py", &["call", &format!("ws://{to}/")]);
+        assert_eq!(result["status"], 101, "{run}");
+        assert_eq!(result["echoed"], result["sent"], "{run}");
+    }
+    let switched = [
+        ("status_code", "101"),
+        ("classification", "success"),
+        ("tls", "true"),
+    ];
+    let mut outbound = vec![("server_id", PEER_ID)];
+    outbound.extend_from_slice(&switched);
+    expect(&a, "outbound", "response_total", to, &outbound, 2.0);
+    let mut inbound = vec![("direction", "inbound"), ("client_id", POD_ID)];
+    let metrics = b.wait_for_metric("request_total", &inbound, 2.0, METRICS_TIMEOUT);
+    inbound.extend_from_slice(&switched);
+    b.wait_for_metric("response_total", &inbound, 2.0, METRICS_TIMEOUT);
+    // Each WebSocket had its own mTLS connection, which B labels with the session's
+    // protocol.
+    assert_eq!(
+        metrics.sum(
+            "tcp_open_total",
+            &[
+                ("direction", "inbound"),
+                ("protocol", "http1"),
+                ("tls", "true"),
+                ("client_id", POD_ID)
+            ]
+        ),
+        2.0,
+        "{metrics}"
+    );
+}
+
+/// A `CONNECT` to a mesh peer (curl through tinyproxy in pod B) crosses on a connection
+/// of its own like an upgrade: B's inbound proxy serves it as HTTP/1, counts the request
+/// and its 200 with A's identity, and then carries the tunnel, through which curl fetches
+/// a file from B's nginx.
+#[test]
+fn a_connect_tunnel_to_a_mesh_peer_is_counted_by_both_proxies() {
+    const PROXY: u16 = 3128;
+    let pods = Pods::new("http_mtls_connect");
+    let mesh = Mesh::new("http_mtls_connect", &pods);
+    let _nginx = nginx_sites(&pods.peer, &mesh.scratch);
+    let _tinyproxy = apps::tinyproxy(&pods.peer, mesh.scratch.path(), PROXY);
+    let b = mesh.start_b(&pods, &[]);
+    let a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
+    let to = SocketAddr::new(Family::V4.peer(), PROXY);
+    // `-p`: CONNECT to tinyproxy, then the GET through the tunnel, to nginx on B's
+    // loopback (where tinyproxy connects).
+    let run = Run::of(pods.pod.command("curl").args([
+        "-sS",
+        "--max-time",
+        "60",
+        "-p",
+        "-x",
+        &url(to, ""),
+        &format!("http://127.0.0.1:{HTTP1}/small"),
+    ]));
+    assert!(run.success(), "{run}");
+    assert_eq!(run.stdout, "a small file\n", "{run}");
+    let established = [
+        ("status_code", "200"),
+        ("classification", "success"),
+        ("tls", "true"),
+    ];
+    let mut outbound = vec![("server_id", PEER_ID)];
+    outbound.extend_from_slice(&established);
+    expect(
+        &a,
+        "outbound",
+        "request_total",
+        to,
+        &[("server_id", PEER_ID)],
+        1.0,
+    );
+    expect(&a, "outbound", "response_total", to, &outbound, 1.0);
+    let mut inbound = vec![("direction", "inbound"), ("client_id", POD_ID)];
+    b.wait_for_metric("request_total", &inbound, 1.0, METRICS_TIMEOUT);
+    inbound.extend_from_slice(&established);
     b.wait_for_metric("response_total", &inbound, 1.0, METRICS_TIMEOUT);
 }

@@ -436,13 +436,15 @@ impl Forwarder {
         Ok(Totals::default())
     }
 
-    /// Serves the HTTP/2 connection of a peer proxy, `tls`, its mTLS terminated and its
-    /// transport header read (session protocol HTTP/2): each request goes to the
+    /// Serves the HTTP connection of a peer proxy, `tls`, its mTLS terminated and its
+    /// transport header read (session protocol `version`): each request goes to the
     /// application at `destination` (from `from` with `--inbound-transparent`), in
-    /// HTTP/2, or in HTTP/1 when the peer marked it so (`http::orig_proto`).
+    /// the session's version, or in HTTP/1 when the peer marked an HTTP/2 request so
+    /// (`http::orig_proto`).
     pub(crate) async fn serve_peer_http<I>(
         &self,
         tls: I,
+        version: HttpVersion,
         destination: SocketAddr,
         from: Option<SocketAddr>,
         client_id: &str,
@@ -458,7 +460,7 @@ impl Forwarder {
         let routed = http::ClientConn {
             direction: Direction::Inbound,
             target: destination,
-            version: HttpVersion::Http2,
+            version,
             upstream: Arc::new(upstream),
             peer_id: Some(client_id.into()),
         };

@@ -19,8 +19,10 @@
 //! connection: it is served request by request (`Forwarder::serve_peer_http`), each
 //! request sent to the application in HTTP/2, or in HTTP/1 when the peer marked it
 //! `l5d-orig-proto` (`http::orig_proto`), with the golden metrics labelled
-//! `tls="true"` and `client_id`. Any other session protocol (HTTP/1: an upgrade the
-//! peer carries on a connection of its own) is forwarded as bytes, as before.
+//! `tls="true"` and `client_id`. A header whose session protocol is HTTP/1 comes from
+//! a connection the peer dedicated to an upgrade or `CONNECT`: it is served as HTTP/1
+//! the same way (the request and its 101 or 2xx counted), then the upgraded bytes are
+//! carried. A session without a protocol (opaque, TLS) is forwarded as bytes.
 //!
 //! Each hop returns an [`Outcome`]; `outcome::record` counts and logs it.
 
@@ -34,6 +36,7 @@ use tracing::debug;
 use crate::detect::{detect, Detected, Protocol};
 use crate::duplex::duplex;
 use crate::forward::Forwarder;
+use crate::hop::HttpVersion;
 use crate::mesh::{Mesh, TLS_READ_BUF};
 use crate::metrics::ConnMetrics;
 use crate::outcome::{HopError, Outcome};
@@ -44,6 +47,9 @@ use crate::transport_header::{self, SessionProtocol, TransportHeader};
 
 /// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The most bytes read to see that a session of protocol HTTP/1 has started.
+const HTTP1_FIRST_READ: usize = 4096;
 
 /// A peer proxy's direct connection to our inbound listener at `local`: waits, holding
 /// an inbound detection permit, for its ClientHello, then terminates its mTLS.
@@ -150,26 +156,48 @@ pub(crate) async fn terminate(
         Some(&client_id),
         None,
     ));
-    if protocol == Protocol::Http2 {
-        // A peer proxy's HTTP connection (`outbound::mesh_http`): its requests are
-        // served one by one. It must start with the HTTP/2 preface in time, like any
-        // silent client.
-        let mut tls = tls;
-        let mut preface = [0u8; PREFACE.len()];
-        match tokio::time::timeout(fwd.handshake_timeout, tls.read_exact(&mut preface)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return Err(HopError::ClientClosed),
-            Err(_elapsed) => {
-                return Err(HopError::ClientHandshake {
-                    reason: HandshakeFailure::Timeout,
-                })
+    let timed_out = || HopError::ClientHandshake {
+        reason: HandshakeFailure::Timeout,
+    };
+    match protocol {
+        Protocol::Http2 => {
+            // A peer proxy's HTTP connection (`outbound::mesh_http`): its requests are
+            // served one by one. It must start with the HTTP/2 preface in time, like any
+            // silent client.
+            let mut tls = tls;
+            let mut preface = [0u8; PREFACE.len()];
+            let read = tls.read_exact(&mut preface);
+            match tokio::time::timeout(fwd.handshake_timeout, read).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Err(HopError::ClientClosed),
+                Err(_elapsed) => return Err(timed_out()),
             }
+            debug!(%destination, %client_id, "mTLS terminated, serving HTTP/2");
+            let tls = Prefixed::new(preface.to_vec(), tls);
+            return fwd
+                .serve_peer_http(tls, HttpVersion::Http2, destination, from, &client_id, conn)
+                .await;
         }
-        debug!(%destination, %client_id, "mTLS terminated, serving HTTP/2");
-        let tls = Prefixed::new(preface.to_vec(), tls);
-        return fwd
-            .serve_peer_http(tls, destination, from, &client_id, conn)
-            .await;
+        Protocol::Http1 => {
+            // A peer proxy's dedicated connection for an upgrade or `CONNECT`
+            // (`http::orig_proto`): served as HTTP/1, so that the request is counted
+            // here too, then its upgraded bytes are carried. Its first bytes must come
+            // in time, as the HTTP/2 preface must.
+            let mut tls = tls;
+            let mut first = vec![0u8; HTTP1_FIRST_READ];
+            let n = match tokio::time::timeout(fwd.handshake_timeout, tls.read(&mut first)).await {
+                Ok(Ok(0) | Err(_)) => return Err(HopError::ClientClosed),
+                Ok(Ok(n)) => n,
+                Err(_elapsed) => return Err(timed_out()),
+            };
+            first.truncate(n);
+            debug!(%destination, %client_id, "mTLS terminated, serving HTTP/1");
+            let tls = Prefixed::new(first, tls);
+            return fwd
+                .serve_peer_http(tls, HttpVersion::Http1, destination, from, &client_id, conn)
+                .await;
+        }
+        Protocol::Opaque | Protocol::Tls => {}
     }
     let app = fwd.connect_hop("application", destination, from).await?;
     debug!(%destination, %client_id, "mTLS terminated");

@@ -108,6 +108,15 @@ impl ProxyError {
         )
     }
 
+    /// The balanced service a request was for, when the error is that it has no
+    /// backend (its metrics carry the service, and an empty backend).
+    pub fn service(&self) -> Option<&std::sync::Arc<str>> {
+        match self {
+            ProxyError::NoBackend { service } => Some(service),
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,

@@ -9,9 +9,10 @@
 //!
 //! All three are labelled `direction`, `target_addr` (the original destination),
 //! `authority` (outbound only: the `Host` or `:authority` the client sent), `tls`
-//! (whether the client's hop is our mTLS), `client_id` / `server_id` (the peer's
-//! identity on mTLS hops, absent on plaintext ones) and `dst_service` / `dst_backend`
-//! (balanced requests only).
+//! (whether the request's hop is our mTLS: the client's inbound, the one to the
+//! endpoint outbound), `client_id` / `server_id` (the peer's identity on mTLS hops,
+//! absent on plaintext ones) and `dst_service` / `dst_backend` (balanced requests only:
+//! the backend that answered; empty when the request reached none).
 //!
 //! A response is a failure when its status is 500 or more, its gRPC status is not 0
 //! (in the headers of a trailers-only response or in the trailers), or its body ended
@@ -68,7 +69,8 @@ pub struct RequestLabels {
     pub target_addr: String,
     /// Outbound only: the `Host` header or `:authority` as the client sent it.
     pub authority: Option<String>,
-    /// Whether the client's hop is our mTLS.
+    /// Whether the request's hop is our mTLS (inbound: the client's; outbound: the
+    /// one to the endpoint).
     pub tls: bool,
     /// On mTLS hops, the peer's identity: `client_id` inbound, `server_id` outbound.
     pub peer_id: Option<Arc<str>>,

@@ -91,6 +91,18 @@ pub fn carry(
     }
 }
 
+/// Undoes what [`carry`] did to `parts` (`carried`), so that a request whose connect
+/// failed can be carried to another endpoint, reached another way. `Downgraded` is left
+/// as is: only the inbound proxy's requests from a peer are, and they have one endpoint.
+pub fn undo(carried: Carried, parts: &mut Parts) {
+    match carried {
+        Carried::Upgraded(_) => {
+            downgrade(parts);
+        }
+        Carried::AsIs | Carried::Dedicated | Carried::Downgraded => {}
+    }
+}
+
 /// `target` as an `:authority`.
 fn authority_of(target: SocketAddr) -> Authority {
     Authority::try_from(target.to_string().as_str())
@@ -216,6 +228,27 @@ mod tests {
         assert!(p.headers.get(HEADER).is_none());
         assert_eq!(p.headers[HOST], "Shop.Example:8080");
         assert_eq!(p.headers["x-custom"], "v");
+    }
+
+    #[test]
+    fn undo_gives_back_the_request_as_the_client_sent_it() {
+        let sent = || {
+            parts(
+                Request::post("/path?q=1")
+                    .header("Host", "shop.example")
+                    .body(())
+                    .unwrap(),
+            )
+        };
+        let mut p = sent();
+        upgrade_request(&mut p, &fallback());
+        undo(Carried::Upgraded(Version::HTTP_11), &mut p);
+        let want = sent();
+        assert_eq!(
+            (p.version, &p.uri, &p.headers),
+            (want.version, &want.uri, &want.headers)
+        );
+        assert_eq!(p.method, want.method);
     }
 
     #[test]

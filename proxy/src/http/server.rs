@@ -35,11 +35,11 @@ use super::body::{Recorder, ResponseBody};
 use super::errors::{self, ProxyError};
 use super::head::{self, BadHead, Head};
 use super::headers::{self, Upgrade};
-use super::metrics::{RequestLabels, ResponseLabels, Series};
+use super::metrics::{HttpMetrics, RequestLabels, ResponseLabels, Series};
 use super::orig_proto::{self, Carried};
 use super::upstream::pool::MESH_KEEP_ALIVE;
 use super::upstream::pool::{Key, SendError};
-use super::upstream::{Observe, MAX_CONNECT_ATTEMPTS};
+use super::upstream::{Endpoint, Observe, Pick, Transport, MAX_CONNECT_ATTEMPTS};
 use super::{ClientConn, HttpProxy, Version};
 use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
@@ -159,7 +159,7 @@ where
     cx.proxy.log_error(cx.client.direction, &error);
     // Outbound series always carry `authority`: empty, since nothing parsed.
     let authority = (cx.client.direction == Direction::Outbound).then_some("");
-    let series = cx.series(authority, None);
+    let series = cx.unrouted_series(authority);
     cx.proxy.metrics.request(&series);
     // Best effort: a client that sent garbage may well be gone already.
     let _ = io.write_all(&errors::http1_bytes(&error)).await;
@@ -233,56 +233,95 @@ impl ConnCx {
             Direction::Outbound => Some(headers::authority_of(&parts)),
             Direction::Inbound => None,
         };
-        let pick = self.client.upstream.pick(&parts);
-        let dst = pick.as_ref().ok().and_then(|p| p.dst.clone());
-        let series = self.series(authority, dst);
-        self.proxy.metrics.request(&series);
-        let mut pick = match pick {
+        let pick = match self.client.upstream.pick(&parts) {
             Ok(pick) => pick,
-            Err(error) => return self.answer(error, series, started, None),
+            Err(error) => {
+                // A balanced service without a backend to pick: still a request to that
+                // service, counted under it with an empty backend.
+                let dst = error
+                    .service()
+                    .map(|service| (service.clone(), Arc::from("")));
+                let series = self.series(authority, self.client.peer_id.as_ref(), dst);
+                self.proxy.metrics.request(&series);
+                return self.answer(error, series, started, None);
+            }
         };
-        let mut observer = pick.observer.take();
-        let carried = orig_proto::carry(
+        let Pick {
+            endpoint,
+            dst,
+            mut observer,
+        } = pick;
+        // The request's labels name the pick's backend and hop; it is counted once
+        // connected (`on_connected`), so that a retry elsewhere counts it under the
+        // backend that answers, or, when every attempt fails, the last one tried.
+        let mut counting = Counting {
+            metrics: &self.proxy.metrics,
+            series: self.series(authority, self.peer_of(&endpoint), dst),
+            counted: false,
+        };
+        let mut carried = orig_proto::carry(
             &self.client,
             &mut parts,
-            &pick.endpoint.transport,
+            &endpoint.transport,
             upgrade.is_some(),
         );
         let mut key = Key {
-            version: carried.version(&pick.endpoint.transport, self.client.version),
-            endpoint: pick.endpoint,
+            version: carried.version(&endpoint.transport, self.client.version),
+            endpoint,
         };
         let mut request = Request::from_parts(parts, body);
         // A failed connect sent nothing, so the upstream may offer another endpoint (a
-        // balanced service does; the labels stay those of the first pick).
+        // balanced service does).
         let mut failed = Vec::new();
         let mut response = loop {
             let addr = key.endpoint.addr;
-            let key_transport = key.endpoint.transport.clone();
-            let error = match self.proxy.pool.send_or_return(key, request).await {
+            let sent = self
+                .proxy
+                .pool
+                .send_or_return(key, request, || {
+                    counting.count();
+                    if let Some(observer) = &observer {
+                        observer.connected();
+                    }
+                })
+                .await;
+            let error = match sent {
                 Ok(response) => break response,
-                Err(SendError {
-                    error,
-                    unsent: Some(unsent),
-                }) if error.is_connect() && failed.len() + 1 < MAX_CONNECT_ATTEMPTS => {
-                    failed.push(addr);
-                    let (parts, body) = unsent.into_parts();
-                    // Only to an endpoint reached the same way: the request was
-                    // already prepared (`carried`) for this transport.
-                    let transport = key_transport.clone();
-                    match self
-                        .client
-                        .upstream
-                        .retry(&parts, &failed)
-                        .filter(|next| next.endpoint.transport == transport)
-                    {
-                        Some(mut next) => {
+                Err(SendError { error, unsent }) => {
+                    if error.is_connect() {
+                        self.client.upstream.connect_failed(addr);
+                    }
+                    let retry = unsent
+                        .filter(|_| error.is_connect() && failed.len() + 1 < MAX_CONNECT_ATTEMPTS)
+                        .and_then(|unsent| {
+                            failed.push(addr);
+                            let (parts, body) = unsent.into_parts();
+                            let next = self.client.upstream.retry(&parts, &failed)?;
+                            Some((next, parts, body))
+                        });
+                    match retry {
+                        Some((next, mut parts, body)) => {
                             if let Some(observer) = observer.take() {
                                 observer.observe(started.elapsed(), true);
                             }
-                            observer = next.observer.take();
+                            observer = next.observer;
+                            // Prepared for the failed endpoint's transport: prepared
+                            // again for the next one's (plain or a mesh peer).
+                            orig_proto::undo(carried, &mut parts);
+                            carried = orig_proto::carry(
+                                &self.client,
+                                &mut parts,
+                                &next.endpoint.transport,
+                                upgrade.is_some(),
+                            );
+                            counting.series = self.series(
+                                counting.series.labels().authority.as_deref(),
+                                self.peer_of(&next.endpoint),
+                                next.dst,
+                            );
                             key = Key {
-                                version: carried.version(&transport, self.client.version),
+                                version: carried
+                                    .version(&next.endpoint.transport, self.client.version),
                                 endpoint: next.endpoint,
                             };
                             request = Request::from_parts(parts, body);
@@ -291,10 +330,11 @@ impl ConnCx {
                         None => error,
                     }
                 }
-                Err(SendError { error, .. }) => error,
             };
-            return self.answer(error, series, started, observer);
+            counting.count();
+            return self.answer(error, counting.series.clone(), started, observer);
         };
+        let series = counting.series.clone();
         let upgraded = match (upgrade, client_upgrade) {
             (Some(kind), Some(client)) if kind.accepted(&response) => {
                 let upstream = hyper::upgrade::on(&mut response);
@@ -374,7 +414,7 @@ impl ConnCx {
         }
         let status = if error.is_parse_too_large() { 431 } else { 400 };
         let authority = (self.client.direction == Direction::Outbound).then_some("");
-        let series = self.series(authority, None);
+        let series = self.unrouted_series(authority);
         self.proxy.metrics.request(&series);
         let response = ResponseLabels {
             status,
@@ -384,12 +424,45 @@ impl ConnCx {
         self.proxy.metrics.response(&series, response, None);
     }
 
-    /// The label set of a request, from the connection's cache when it matches.
-    fn series(&self, authority: Option<&str>, dst: Option<(Arc<str>, Arc<str>)>) -> Arc<Series> {
+    /// The identity labelled on a request sent to `endpoint`: inbound, the client's
+    /// (`client_id`); outbound, the one the endpoint's proxy proved (`server_id`), when
+    /// the hop to it is our mTLS: a balanced service mixes plain and meshed endpoints.
+    fn peer_of<'e>(&'e self, endpoint: &'e Endpoint) -> Option<&'e Arc<str>> {
+        match (self.client.direction, &endpoint.transport) {
+            (Direction::Inbound, _) => self.client.peer_id.as_ref(),
+            (Direction::Outbound, Transport::Mesh { server_id }) => Some(server_id),
+            (Direction::Outbound, Transport::Plain) => None,
+        }
+    }
+
+    /// The label set of a request that reached no endpoint (its head did not parse):
+    /// the connection's hop, and on a balanced connection its service, with an empty
+    /// backend.
+    fn unrouted_series(&self, authority: Option<&str>) -> Arc<Series> {
+        let dst = self
+            .client
+            .upstream
+            .service()
+            .map(|service| (service, Arc::from("")));
+        self.series(authority, self.client.peer_id.as_ref(), dst)
+    }
+
+    /// The label set of a request, from the connection's cache when it matches: its
+    /// `authority`, the peer's identity on an mTLS hop (`tls="true"`), the service and
+    /// backend when balanced.
+    fn series(
+        &self,
+        authority: Option<&str>,
+        peer_id: Option<&Arc<str>>,
+        dst: Option<(Arc<str>, Arc<str>)>,
+    ) -> Arc<Series> {
         let mut cached = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(series) = &*cached {
             let labels = series.labels();
-            if labels.authority.as_deref() == authority && labels.dst == dst {
+            if labels.authority.as_deref() == authority
+                && labels.peer_id.as_ref() == peer_id
+                && labels.dst == dst
+            {
                 return series.clone();
             }
         }
@@ -397,12 +470,35 @@ impl ConnCx {
             direction: self.client.direction,
             target_addr: self.client.target.to_string(),
             authority: authority.map(str::to_string),
-            tls: self.client.peer_id.is_some(),
-            peer_id: self.client.peer_id.clone(),
+            tls: peer_id.is_some(),
+            peer_id: peer_id.cloned(),
             dst,
         });
         *cached = Some(series.clone());
         series
+    }
+}
+
+/// A request to count once in `request_total`, under `series`: when it gets a
+/// connection, or else when it ends without one (answered by the proxy, or dropped
+/// because the client went away while its connects were tried).
+struct Counting<'a> {
+    metrics: &'a HttpMetrics,
+    series: Arc<Series>,
+    counted: bool,
+}
+
+impl Counting<'_> {
+    fn count(&mut self) {
+        if !std::mem::replace(&mut self.counted, true) {
+            self.metrics.request(&self.series);
+        }
+    }
+}
+
+impl Drop for Counting<'_> {
+    fn drop(&mut self) {
+        self.count();
     }
 }
 

@@ -112,9 +112,14 @@ impl Pick {
     }
 }
 
-/// How a picked request went: the response's latency (headers to end of body), and
-/// whether it was a failure (see `metrics`).
+/// How a picked request went: that it got a connection to its endpoint, then the
+/// response's latency (headers to end of body) and whether it was a failure (see
+/// `metrics`).
 pub trait Observe: Send + Sync {
+    /// The request got a connection to the endpoint (a new one or a pooled one): the
+    /// endpoint is reachable, whatever it answers.
+    fn connected(&self) {}
+
     fn observe(self: Box<Self>, latency: Duration, failure: bool);
 }
 
@@ -123,6 +128,17 @@ pub trait Upstream: Send + Sync {
     /// The endpoint for the request whose head is `request`, or the error the client
     /// is answered with (a service without a usable backend, ...).
     fn pick(&self, request: &Parts) -> Result<Pick, ProxyError>;
+
+    /// The balanced service the connection's requests are for (`dst_service`), when
+    /// it is one: labelled on requests that reach no endpoint too.
+    fn service(&self) -> Option<Arc<str>> {
+        None
+    }
+
+    /// Told of every failed connect to `endpoint` (refused, unreachable, timed out), the
+    /// last attempt's included: a balanced service counts it toward setting the
+    /// endpoint aside.
+    fn connect_failed(&self, _endpoint: SocketAddr) {}
 
     /// Another endpoint for a request whose connects to `failed` (in order) failed, so
     /// that nothing of it was sent; `None` when there is none to try (the default: a

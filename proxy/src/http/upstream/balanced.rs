@@ -14,9 +14,14 @@
 //! error, a broken stream, the proxy's own 502/504) counts as at least
 //! `balance::FAILURE_RTT`, so an endpoint that fails fast does not look fast.
 //!
-//! A request whose connect fails was not sent: the server loop asks [`Balanced::retry`]
-//! for another endpoint (up to `MAX_CONNECT_ATTEMPTS` in all), which counts the failure
-//! toward setting the endpoint aside and picks again among those not yet tried.
+//! A request whose connect fails was not sent: the server loop tells
+//! [`Balanced::connect_failed`], which counts the failure toward setting the endpoint
+//! aside (every failed attempt, the last one included; a request that gets a connection,
+//! [`Observer`]'s `connected`, clears the record, as a TCP connect does), and asks
+//! [`Balanced::retry`] for
+//! another endpoint (up to `MAX_CONNECT_ATTEMPTS` in all), picked again among those not
+//! yet tried. The request's metrics name the backend of the endpoint that answered (or
+//! was tried last), not the first pick's.
 //!
 //! All-zero weights answer 503 (`no backend`). A service removed from the file while the
 //! connection is open sends its requests where the client dialled, as a new connection
@@ -59,19 +64,33 @@ impl Upstream for Balanced {
         Ok(pick(&service.name, backend, endpoint, now))
     }
 
-    /// After failed connects (nothing was sent): the last endpoint's failure counts
-    /// toward setting it aside (three in a row, as for TCP), and the request is picked
-    /// again, by weight and latency, among the backends and endpoints not yet tried.
+    fn service(&self) -> Option<Arc<str>> {
+        let table = self.balancer.table();
+        table
+            .service(self.original)
+            .map(|service| service.name.clone())
+    }
+
+    /// A failed connect counts toward setting the endpoint aside (three in a row, as
+    /// for TCP), whether or not the request is tried elsewhere.
+    fn connect_failed(&self, failed: SocketAddr) {
+        let table = self.balancer.table();
+        let Some(service) = table.service(self.original) else {
+            return;
+        };
+        let now = Instant::now();
+        let endpoints = service.backends.iter().flat_map(|b| &b.endpoints);
+        for endpoint in endpoints.filter(|e| e.addr == failed) {
+            endpoint.state.failed(now);
+        }
+    }
+
+    /// After failed connects (nothing was sent): the request is picked again, by weight
+    /// and latency, among the backends and endpoints not yet tried.
     fn retry(&self, _request: &Parts, failed: &[SocketAddr]) -> Option<Pick> {
         let table = self.balancer.table();
         let service = table.service(self.original)?;
         let now = Instant::now();
-        let endpoints = || service.backends.iter().flat_map(|b| &b.endpoints);
-        if let Some(last) = failed.last() {
-            for endpoint in endpoints().filter(|e| e.addr == *last) {
-                endpoint.state.failed(now);
-            }
-        }
         let mut rng = Rng::thread();
         let (backend, endpoint) = service
             .attempts_after(Load::Latency, failed)
@@ -111,14 +130,18 @@ pub struct Observer {
 }
 
 impl Observe for Observer {
+    /// Connected: the endpoint's connect failures are behind it, as a TCP connect clears
+    /// them, even if it then answers a 5xx (which its latency estimate takes).
+    fn connected(&self) {
+        self.state.succeeded();
+    }
+
     fn observe(self: Box<Self>, _latency: Duration, failure: bool) {
         // Timed from the pick (`InFlight`), on tokio's clock like the rest of `balance`.
         let now = Instant::now();
         if failure {
             self.in_flight.failed(now);
         } else {
-            // It answered: whatever connect failures it had are behind it.
-            self.state.succeeded();
             self.in_flight.responded(now);
         }
     }
@@ -250,7 +273,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_retry_skips_the_failed_endpoints_then_the_backend_and_counts_the_failure() {
+    async fn a_retry_skips_the_failed_endpoints_then_the_backend_and_failures_set_aside() {
         let file = File::new("retry", &web(1, 1));
         let upstream = upstream(&file);
         let table = upstream.balancer.table();
@@ -266,13 +289,17 @@ mod tests {
             assert_eq!(pick.endpoint.addr, "198.18.2.1:80".parse().unwrap());
             assert_eq!(&*pick.dst.unwrap().1, "b");
         }
-        // Each retry counted a failure of the last failed endpoint: it is set aside.
+        // A retry counts no failure itself: the server loop reports each failed connect.
         let last = &service.backends[0].endpoints[1].state;
+        assert!(last.is_ready(Instant::now()));
+        for _ in 0..crate::balance::FAILURES_TO_SET_ASIDE {
+            upstream.connect_failed(a[1]);
+        }
         assert!(!last.is_ready(Instant::now()));
         // Every endpoint tried: nothing left.
         let all = [a[0], a[1], "198.18.2.1:80".parse().unwrap()];
         assert!(upstream.retry(&parts(), &all).is_none());
-        // A request it answers clears the record.
+        // A request that gets a connection to it clears the record, whatever the answer.
         let backend = &service.backends[0];
         let answered = pick(
             &service.name,
@@ -280,7 +307,10 @@ mod tests {
             &backend.endpoints[1],
             Instant::now(),
         );
-        answered.observer.unwrap().observe(Duration::ZERO, false);
+        let observer = answered.observer.unwrap();
+        observer.connected();
+        assert!(last.is_ready(Instant::now()));
+        observer.observe(Duration::ZERO, true);
         assert!(last.is_ready(Instant::now()));
     }
 

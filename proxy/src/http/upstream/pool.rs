@@ -167,22 +167,27 @@ impl<B: SendBody> Pool<B> {
         key: Key,
         request: Request<B>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        self.send_or_return(key, request)
+        self.send_or_return(key, request, || {})
             .await
             .map_err(|failed| failed.error)
     }
 
     /// [`Pool::send`], which hands the request back when the connect failed (nothing of
     /// it was sent), so that the caller may try another endpoint.
+    ///
+    /// `on_connected` is called once a connection to the endpoint is in hand, before the
+    /// request is sent: from then on the request belongs to this endpoint (the caller
+    /// counts it under the endpoint's labels), and it is never handed back.
     pub async fn send_or_return(
         self: &Arc<Self>,
         key: Key,
         request: Request<B>,
+        on_connected: impl FnOnce() + Send,
     ) -> Result<Response<Incoming>, SendError<B>> {
         self.start_reaper();
         match key.version {
-            Version::Http1 => self.send_h1(key, request).await,
-            Version::Http2 => self.send_h2(key, request).await,
+            Version::Http1 => self.send_h1(key, request, on_connected).await,
+            Version::Http2 => self.send_h2(key, request, on_connected).await,
         }
     }
 
@@ -190,16 +195,24 @@ impl<B: SendBody> Pool<B> {
         self: &Arc<Self>,
         key: Key,
         mut request: Request<B>,
+        on_connected: impl FnOnce() + Send,
     ) -> Result<Response<Incoming>, SendError<B>> {
         let addr = key.endpoint.addr;
+        let mut on_connected = Some(on_connected);
         loop {
             let (mut sender, reused) = match self.checkout_h1(&key) {
                 Some(sender) => (sender, true),
                 None => match self.connect_h1(&key).await {
                     Ok(sender) => (sender, false),
+                    // The request came back from a closed idle connection, after
+                    // `on_connected`: it stays this endpoint's, and fails here.
+                    Err(error) if on_connected.is_none() => return Err(error.into()),
                     Err(error) => return Err(SendError::unsent(error, request)),
                 },
             };
+            if let Some(connected) = on_connected.take() {
+                connected();
+            }
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     self.checkin_when_ready(key, sender);
@@ -286,6 +299,7 @@ impl<B: SendBody> Pool<B> {
         self: &Arc<Self>,
         key: Key,
         request: Request<B>,
+        on_connected: impl FnOnce() + Send,
     ) -> Result<Response<Incoming>, SendError<B>> {
         let addr = key.endpoint.addr;
         let slot = self
@@ -318,6 +332,7 @@ impl<B: SendBody> Pool<B> {
                 }
             }
         };
+        on_connected();
         sender
             .send_request(request)
             .await
