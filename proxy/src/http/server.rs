@@ -8,8 +8,11 @@
 //! records it when it ends.
 //!
 //! A client cannot hold the server forever: an HTTP/1 request head must arrive within
-//! [`HEADER_READ_TIMEOUT`] (which also closes a keep-alive connection idle for that
-//! long) and fit in [`MAX_HEAD`]; HTTP/2 header lists are bounded alike.
+//! `--http-header-read-timeout` (which also closes a keep-alive connection idle for
+//! that long) and fit in [`MAX_HEAD`]; HTTP/2 header lists are bounded alike, and so
+//! are an HTTP/2 client's streams ([`MAX_CONCURRENT_STREAMS`]) and the response bytes
+//! each may leave unread ([`MAX_SEND_BUFFER`]). (h2 itself answers rapid resets and
+//! CONTINUATION floods with a GOAWAY.)
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,7 +20,6 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -45,11 +47,6 @@ use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
 use crate::route::Direction;
 
-/// How long an HTTP/1 client may take to send a request head, counted from the end
-/// of the previous response (so it is also how long a keep-alive connection may stay
-/// idle): a minute, like common servers' keep-alive timeouts.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// The largest HTTP/1 request head, and HTTP/2 header list, a client may send.
 pub const MAX_HEAD: usize = 64 * 1024;
 
@@ -57,6 +54,13 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// (whose one connection carries all its clients' requests to us): each holds buffers
 /// and a task, so an unauthenticated client cannot open more.
 pub const MAX_CONCURRENT_STREAMS: u32 = 512;
+
+/// Most response bytes buffered per HTTP/2 stream while the client does not read them
+/// (hyper's default is 400 KiB). A client that opens [`MAX_CONCURRENT_STREAMS`] streams,
+/// grants a 2 GiB window and never reads would otherwise pin 200 MiB (the proxy itself
+/// runs in about 15 MiB); at 64 KiB (four full DATA frames) it pins 32 MiB at most, and
+/// a stream still has a frame ready whenever the socket takes more.
+pub const MAX_SEND_BUFFER: usize = 64 * 1024;
 
 /// A tunnel to run beside the connection once its upgrade completes.
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -76,6 +80,7 @@ where
     let meshed = client.peer_id.is_some();
     let direction = client.direction;
     let draining = proxy.draining.subscribe();
+    let header_read_timeout = proxy.header_read_timeout;
     let cx = Arc::new(ConnCx {
         proxy,
         client,
@@ -93,7 +98,7 @@ where
     match version {
         Version::Http1 => {
             let started = Instant::now();
-            let io = match head::read(&mut io, Vec::new(), HEADER_READ_TIMEOUT).await {
+            let io = match head::read(&mut io, Vec::new(), header_read_timeout).await {
                 Head::Valid(bytes) => TokioIo::new(Prefixed::new(bytes, io)),
                 Head::Bad(bad) => return answer_bad_head(&cx, io, bad, started).await,
                 // Gone before a full head: hyper would find nothing to answer either.
@@ -110,7 +115,7 @@ where
                 // Not `pipeline_flush`: it lifts the bound on hyper's write buffer, so
                 // a response to a client that does not read would be buffered whole.
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(header_read_timeout)
                 .max_buf_size(MAX_HEAD)
                 .serve_connection(io, service)
                 .with_upgrades();
@@ -129,6 +134,7 @@ where
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEAD as u32)
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .max_send_buf_size(MAX_SEND_BUFFER)
                 .enable_connect_protocol();
             if meshed {
                 // A peer proxy's pooled connection lives long: one whose peer
