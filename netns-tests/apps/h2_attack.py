@@ -22,7 +22,8 @@ Modes (each prints one JSON object on stdout, then exits):
 
 With --tls the connection is TLS 1.3 with the client certificate CERT/KEY, the server
 verified against CA as SERVER_NAME, and ALPN `transport.l5d.io/v1`; the transport header
-naming --transport-port is sent before the HTTP/2 preface (a mesh peer's proxy would).
+naming --transport-port and HTTP/2 is sent before the preface, as a mesh peer's proxy does
+before its pooled HTTP/2 connection.
 """
 
 import argparse
@@ -52,7 +53,8 @@ MAX_WINDOW = 2**31 - 1
 
 
 def transport_header(port):
-    """Linkerd's transport header naming `port` (protobuf {1: port}), no session protocol."""
+    """Linkerd's transport header naming `port` with session protocol HTTP/2 (protobuf
+    {1: port, 3: {2: {}}}), what a peer proxy sends before its pooled HTTP/2 connection."""
     message = bytearray([0x08])
     while True:
         byte = port & 0x7F
@@ -61,6 +63,7 @@ def transport_header(port):
             message.append(byte)
             break
         message.append(byte | 0x80)
+    message += b"\x1a\x02\x12\x00"
     return b"transport.l5d.io/v1\r\n\r\n" + struct.pack(">I", len(message)) + bytes(message)
 
 
