@@ -63,7 +63,14 @@ impl Victim {
         for (flag, port) in [("--http1.1", HTTP1), ("--http2-prior-knowledge", H2C)] {
             let run = curl(
                 &self.pods.pod,
-                &["-o", "/dev/null", "-w", "%{http_code}", flag, &url(to(port), "/ok")],
+                &[
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    flag,
+                    &url(to(port), "/ok"),
+                ],
             );
             assert_eq!(run.stdout, "200", "{flag} after the attack\n{run}");
         }
@@ -110,13 +117,19 @@ fn h2_rapid_reset_is_answered_with_a_goaway() {
     let victim = Victim::new("atk_rapid_reset");
     let proxy = victim.proxy(&[]);
     let report = victim.h2("rapid-reset", &["--count", &PAIRS.to_string()]);
-    assert_eq!(report["goaway"]["error_code"], ENHANCE_YOUR_CALM, "{report}");
+    assert_eq!(
+        report["goaway"]["error_code"], ENHANCE_YOUR_CALM,
+        "{report}"
+    );
     assert_eq!(report["closed"], true, "{report}");
     let sent = report["sent"].as_u64().unwrap();
     assert!(sent < PAIRS, "all {PAIRS} pairs were taken: {report}");
     // The reset streams were dropped before their requests went anywhere.
     let requests = proxy.metrics().sum("request_total", &[]);
-    assert!(requests < sent as f64, "{requests} requests proxied of {sent}");
+    assert!(
+        requests < sent as f64,
+        "{requests} requests proxied of {sent}"
+    );
     victim.still_serves();
 }
 
@@ -126,8 +139,14 @@ fn h2_continuation_flood_is_cut_after_a_few_frames() {
     let victim = Victim::new("atk_continuation");
     let _proxy = victim.proxy(&[]);
     let report = victim.h2("continuation", &["--count", &FRAMES.to_string()]);
-    assert_eq!(report["goaway"]["error_code"], ENHANCE_YOUR_CALM, "{report}");
-    assert_eq!(report["goaway"]["debug"], "too_many_continuations", "{report}");
+    assert_eq!(
+        report["goaway"]["error_code"], ENHANCE_YOUR_CALM,
+        "{report}"
+    );
+    assert_eq!(
+        report["goaway"]["debug"], "too_many_continuations",
+        "{report}"
+    );
     // Sent in batches of 100 until the GOAWAY was seen: one or two batches.
     assert!(report["sent"].as_u64().unwrap() <= 1000, "{report}");
     victim.still_serves();
@@ -260,18 +279,28 @@ fn a_hostile_mesh_peer_gets_the_same_http2_bounds() {
         report
     };
     let report = attack("rapid-reset", &["--count", "20000"]);
-    assert_eq!(report["goaway"]["error_code"], ENHANCE_YOUR_CALM, "{report}");
+    assert_eq!(
+        report["goaway"]["error_code"], ENHANCE_YOUR_CALM,
+        "{report}"
+    );
     let report = attack("streams", &["--count", "600", "--hold", "2"]);
     assert_eq!(report["max_concurrent_streams"], 512, "{report}");
     assert_eq!(report["resets"][REFUSED_STREAM], 88, "{report}");
     let report = attack("continuation", &["--count", "100000"]);
-    assert_eq!(report["goaway"]["error_code"], ENHANCE_YOUR_CALM, "{report}");
+    assert_eq!(
+        report["goaway"]["error_code"], ENHANCE_YOUR_CALM,
+        "{report}"
+    );
     // B counted the attacker as A, over mTLS: the identity is real, the intent is not.
     let metrics = b.metrics();
     assert!(
         metrics.sum(
             "tcp_open_total",
-            &[("direction", "inbound"), ("tls", "true"), ("protocol", "http2")]
+            &[
+                ("direction", "inbound"),
+                ("tls", "true"),
+                ("protocol", "http2")
+            ]
         ) >= 3.0,
         "{metrics}"
     );
@@ -279,7 +308,14 @@ fn a_hostile_mesh_peer_gets_the_same_http2_bounds() {
     let _a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
     let run = curl(
         &pods.pod,
-        &["-o", "/dev/null", "-w", "%{http_code}", "--http2-prior-knowledge", &url(to(H2C), "/ok")],
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--http2-prior-knowledge",
+            &url(to(H2C), "/ok"),
+        ],
     );
     assert_eq!(run.stdout, "200", "{run}");
 }
@@ -359,17 +395,29 @@ fn http1_a_trickled_head_is_closed_at_the_header_read_timeout() {
     // The first request of a connection: its request line, then a header line every
     // 100 ms, forever.
     let mut stream = connect_http1(&victim);
-    stream.write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n").unwrap();
+    stream
+        .write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n")
+        .unwrap();
     let took = trickle_until_closed(&mut stream, b"X-Slow: 1\r\n", limit);
-    assert!(took >= TIMEOUT - Duration::from_millis(300), "closed after {took:?}");
+    assert!(
+        took >= TIMEOUT - Duration::from_millis(300),
+        "closed after {took:?}"
+    );
 
     // A later request of a kept-alive connection, parsed by hyper.
     let mut stream = connect_http1(&victim);
-    stream.write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    stream
+        .write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
     assert_eq!(read_response(&mut stream), "HTTP/1.1 200 OK");
-    stream.write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n").unwrap();
+    stream
+        .write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n")
+        .unwrap();
     let took = trickle_until_closed(&mut stream, b"X-Slow: 1\r\n", limit);
-    assert!(took >= TIMEOUT - Duration::from_millis(300), "closed after {took:?}");
+    assert!(
+        took >= TIMEOUT - Duration::from_millis(300),
+        "closed after {took:?}"
+    );
     victim.still_serves();
 }
 
@@ -424,7 +472,9 @@ fn http1_endless_header_lines_are_cut_at_64_kib() {
 
     // A later head of a kept-alive connection, parsed by hyper.
     let mut stream = connect_http1(&victim);
-    stream.write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    stream
+        .write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
     assert_eq!(read_response(&mut stream), "HTTP/1.1 200 OK");
     let (written, answer) = endless_headers(stream, b"GET /ok HTTP/1.1\r\nHost: a\r\n");
     assert!(written < MAX_WRITTEN, "{written} bytes of headers taken");
@@ -548,7 +598,11 @@ fn hostile_status_codes_and_grpc_statuses_keep_the_response_series_capped() {
     let total = paths.len();
     let sender = std::thread::spawn(move || {
         for (i, path) in paths.iter().enumerate() {
-            let close = if i + 1 == total { "Connection: close\r\n" } else { "" };
+            let close = if i + 1 == total {
+                "Connection: close\r\n"
+            } else {
+                ""
+            };
             write!(writer, "GET {path} HTTP/1.1\r\nHost: h\r\n{close}\r\n").unwrap();
         }
     });
@@ -577,7 +631,11 @@ fn hostile_status_codes_and_grpc_statuses_keep_the_response_series_capped() {
         metrics.text.contains("status_code=\"overflow\""),
         "no response counted under the overflow status"
     );
-    for line in metrics.text.lines().filter(|l| l.contains("grpc_status=\"")) {
+    for line in metrics
+        .text
+        .lines()
+        .filter(|l| l.contains("grpc_status=\""))
+    {
         let code: u32 = line
             .split("grpc_status=\"")
             .nth(1)

@@ -184,7 +184,13 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
         .get("grpc-status")
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse::<u32>().ok())
-        .map(|code| if code > MAX_GRPC_STATUS { GRPC_UNKNOWN } else { code })
+        .map(|code| {
+            if code > MAX_GRPC_STATUS {
+                GRPC_UNKNOWN
+            } else {
+                code
+            }
+        })
 }
 
 #[cfg(test)]
