@@ -13,8 +13,9 @@ Modes (each prints one JSON object on stdout, then exits):
   frames that never end the header block (the CVE-2024-27316 class).
 - `big-headers`: one request whose header list is --size bytes, split into CONTINUATION
   frames; then a normal request on the same connection. Reports both answers.
-- `streams`: --count POST streams whose bodies never come, so each stays open. Reports the
-  server's SETTINGS_MAX_CONCURRENT_STREAMS and how many streams it refused.
+- `streams`: --count GETs of --path (a large file) sent at once, whose responses stay
+  unfinished since the client never opens its window, so each stream stays open. Reports
+  the server's SETTINGS_MAX_CONCURRENT_STREAMS and how many streams it refused.
 - `ping-flood`, `settings-flood`: --count PING (or empty SETTINGS) frames written without
   ever reading the socket. Reports how many were written before the writes blocked.
 - `no-read`: a 2 GiB window, then --count GETs of --path, and nothing read for --hold
@@ -295,8 +296,8 @@ def main():
         frames = []
         for _ in range(args.count):
             stream = conn.new_stream()
-            block = conn.request_headers(args.path, "POST", [("content-length", "100")])
-            frames.append(HeadersFrame(stream, block, flags=["END_HEADERS"]))
+            block = conn.request_headers(args.path)
+            frames.append(HeadersFrame(stream, block, flags=["END_HEADERS", "END_STREAM"]))
         conn.send(frames)
         conn.read(args.hold)
         result = {"opened": args.count}
