@@ -18,6 +18,8 @@ Modes (each prints one JSON object on stdout, then exits):
   the server's SETTINGS_MAX_CONCURRENT_STREAMS and how many streams it refused.
 - `ping-flood`, `settings-flood`: --count PING (or empty SETTINGS) frames written without
   ever reading the socket. Reports how many were written before the writes blocked.
+- `idle`: one GET of --path, then nothing for --hold seconds. Reports how long after the
+  response the server's GOAWAY came, if it did.
 - `no-read`: a 2 GiB window, then --count GETs of --path, and nothing read for --hold
   seconds (prints `holding` on stderr when the requests are out).
 
@@ -94,6 +96,9 @@ class Conn:
         self.buf = b""
         self.closed = False
         self.goaway = None
+        self.goaway_at = None
+        self.closed_at = None
+        self.response_at = None
         self.resets = {}
         self.statuses = {}
         self.server_settings = {}
@@ -131,9 +136,11 @@ class Conn:
                 return
             except (ConnectionError, ssl.SSLError, OSError):
                 self.closed = True
+                self.closed_at = time.monotonic()
                 return
             if not data:
                 self.closed = True
+                self.closed_at = time.monotonic()
                 return
             self.buf += data
             self.parse()
@@ -146,6 +153,7 @@ class Conn:
             frame.parse_body(memoryview(self.buf[9 : 9 + length]))
             self.buf = self.buf[9 + length :]
             if isinstance(frame, GoAwayFrame):
+                self.goaway_at = time.monotonic()
                 self.goaway = {
                     "error_code": frame.error_code,
                     "last_stream_id": frame.last_stream_id,
@@ -157,6 +165,7 @@ class Conn:
                 self.server_settings.update(frame.settings)
                 self.send([SettingsFrame(0, flags=["ACK"])])
             elif isinstance(frame, HeadersFrame):
+                self.response_at = time.monotonic()
                 # The status is read from the block's first byte (see `_status`), so
                 # no HPACK decoder has to follow the server's dynamic table.
                 status = _status(frame.data)
@@ -301,6 +310,20 @@ def main():
         conn.send(frames)
         conn.read(args.hold)
         result = {"opened": args.count}
+    elif args.mode == "idle":
+        conn = Conn(args)
+        stream = conn.new_stream()
+        conn.send([HeadersFrame(stream, conn.request_headers(args.path), flags=["END_HEADERS", "END_STREAM"])])
+        conn.read(args.hold)
+        def after(at):
+            if at is None or conn.response_at is None:
+                return None
+            return round(at - conn.response_at, 3)
+
+        result = {
+            "goaway_after_response": after(conn.goaway_at),
+            "closed_after_response": after(conn.closed_at),
+        }
     elif args.mode in ("ping-flood", "settings-flood"):
         conn = Conn(args, rcvbuf=4096)
         conn.read(0.5)

@@ -190,6 +190,40 @@ fn h2_streams_past_the_limit_are_refused() {
 }
 
 #[test]
+fn h2_an_idle_connection_is_closed_at_the_header_read_timeout() {
+    const TIMEOUT: f64 = 2.0;
+    let victim = Victim::new("atk_h2_idle");
+    victim.file("big", 1 << 20);
+    let _proxy = victim.proxy(&["--http-header-read-timeout", "2s"]);
+    // One request, then nothing: a GOAWAY (NO_ERROR) once idle for the timeout. The
+    // client does not answer the PING that h2's graceful close waits for, so the proxy
+    // drops the connection one more timeout later.
+    let report = victim.h2("idle", &["--path", "/ok", "--hold", "8"]);
+    assert_eq!(report["statuses"]["200"], 1, "{report}");
+    assert_eq!(report["goaway"]["error_code"], 0, "{report}");
+    assert_eq!(report["closed"], true, "{report}");
+    let goaway = report["goaway_after_response"].as_f64().unwrap();
+    assert!(
+        (TIMEOUT - 0.3..TIMEOUT + 1.5).contains(&goaway),
+        "GOAWAY {goaway} s after the response: {report}"
+    );
+    let closed = report["closed_after_response"].as_f64().unwrap();
+    assert!(
+        (2.0 * TIMEOUT - 0.3..2.0 * TIMEOUT + 2.0).contains(&closed),
+        "closed {closed} s after the response: {report}"
+    );
+    // A request in flight for twice the timeout (a response the client does not read)
+    // keeps the connection.
+    let report = victim.h2(
+        "streams",
+        &["--count", "1", "--path", "/big", "--hold", "4"],
+    );
+    assert_eq!(report["goaway"], Value::Null, "{report}");
+    assert_eq!(report["closed"], false, "{report}");
+    victim.still_serves();
+}
+
+#[test]
 fn h2_ping_and_settings_floods_are_read_no_faster_than_answered() {
     const FRAMES: u64 = 2_000_000;
     /// The kernel's socket buffers hold a few MB of frames; the proxy must not.

@@ -16,6 +16,8 @@
 //!   `meshproxy-error` header that says why.
 //! - `body` and `metrics`: the response body that records its request once it ends,
 //!   and the metric families, with their label sets bounded.
+//! - `idle`: the requests in flight on a connection, so that an idle HTTP/2 one is
+//!   closed.
 //!
 //! The proxy speaks to the destination the HTTP version the client spoke (to a mesh
 //! peer's proxy: HTTP/2, over one pooled mTLS connection), and never
@@ -26,6 +28,7 @@ mod body;
 mod errors;
 mod head;
 mod headers;
+mod idle;
 pub mod metrics;
 mod orig_proto;
 mod server;

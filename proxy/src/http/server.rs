@@ -20,6 +20,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -37,6 +38,7 @@ use super::body::{Recorder, ResponseBody};
 use super::errors::{self, ProxyError};
 use super::head::{self, BadHead, Head};
 use super::headers::{self, Upgrade};
+use super::idle::Activity;
 use super::metrics::{RequestLabels, ResponseLabels, Series};
 use super::orig_proto::{self, Carried};
 use super::upstream::pool::MESH_KEEP_ALIVE;
@@ -81,6 +83,7 @@ where
     let direction = client.direction;
     let draining = proxy.draining.subscribe();
     let header_read_timeout = proxy.header_read_timeout;
+    let activity = Activity::new();
     let cx = Arc::new(ConnCx {
         proxy,
         client,
@@ -89,9 +92,16 @@ where
     });
     let service = service_fn({
         let cx = cx.clone();
+        let activity = activity.clone();
         move |request| {
             let cx = cx.clone();
-            async move { Ok::<_, Infallible>(cx.proxy(request).await) }
+            // Held until the response body ends: the request is in flight till then.
+            let in_flight = activity.start();
+            async move {
+                let mut response = cx.proxy(request).await;
+                response.body_mut().hold(in_flight);
+                Ok::<_, Infallible>(response)
+            }
         }
     });
     let mut io = Counted { io, counters };
@@ -120,7 +130,8 @@ where
                 .serve_connection(io, service)
                 .with_upgrades();
             let graceful = http1::UpgradeableConnection::graceful_shutdown;
-            let served = drive(connection, tunnels_rx, draining, graceful).await;
+            // Idle kept-alive connections are hyper's header read timeout's.
+            let served = drive(connection, tunnels_rx, draining, graceful, None).await;
             if let Err(error) = &served {
                 cx.count_hyper_answer(error);
             }
@@ -136,16 +147,25 @@ where
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                 .max_send_buf_size(MAX_SEND_BUFFER)
                 .enable_connect_protocol();
-            if meshed {
+            let idle = if meshed {
                 // A peer proxy's pooled connection lives long: one whose peer
-                // vanished is found by pings, not kept until the process ends.
+                // vanished is found by pings, not kept until the process ends. Its
+                // idle time is the peer's pool's to end (a GOAWAY from us could race
+                // a request it is sending, which would fail).
                 builder
                     .keep_alive_interval(MESH_KEEP_ALIVE)
                     .keep_alive_timeout(MESH_KEEP_ALIVE);
-            }
+                None
+            } else {
+                // A client's connection with no request in flight for as long as an
+                // HTTP/1 one may stay idle gets a GOAWAY, like nginx's keep-alive
+                // timeout: HTTP/2 clients open a new connection for their next
+                // request.
+                Some((activity, header_read_timeout))
+            };
             let connection = builder.serve_connection(io, service);
             let graceful = http2::Connection::graceful_shutdown;
-            drive(connection, tunnels_rx, draining, graceful).await
+            drive(connection, tunnels_rx, draining, graceful, idle).await
         }
     }
 }
@@ -182,12 +202,14 @@ where
 }
 
 /// Runs the connection and the tunnels its requests open, until all are done; asks
-/// the connection to finish gracefully once the proxy drains.
+/// the connection to finish gracefully once the proxy drains, or once it has had no
+/// request in flight (and no tunnel) for `idle`'s timeout.
 async fn drive<C>(
     connection: C,
     mut tunnels_rx: mpsc::UnboundedReceiver<Tunnel>,
     mut draining: watch::Receiver<bool>,
     graceful_shutdown: fn(Pin<&mut C>),
+    idle: Option<(Arc<Activity>, Duration)>,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
@@ -195,6 +217,8 @@ where
     let mut tunnels = JoinSet::new();
     tokio::pin!(connection);
     let mut asked = false;
+    // Set once an idle connection was asked to close: by then it must have closed.
+    let mut idle_deadline = None;
     let result = loop {
         tokio::select! {
             result = &mut connection => break result,
@@ -207,6 +231,22 @@ where
                 let _ = drained;
                 graceful_shutdown(connection.as_mut());
             }
+            Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
+            () = idle_for(&idle), if !asked && tunnels.is_empty() => {
+                asked = true;
+                graceful_shutdown(connection.as_mut());
+                idle_deadline = idle.as_ref().map(|(_, timeout)| Instant::now() + *timeout);
+            }
+            () = sleep_until(idle_deadline) => {
+                // h2 closes gracefully only once the client has answered its PING: a
+                // client that does not is dropped, when it still has nothing in
+                // flight (else it gets another timeout).
+                let idle_now = idle.as_ref().is_some_and(|(a, _)| a.in_flight() == 0);
+                if idle_now && tunnels.is_empty() {
+                    break Ok(());
+                }
+                idle_deadline = idle.as_ref().map(|(_, timeout)| Instant::now() + *timeout);
+            }
         }
     };
     // An HTTP/1 upgrade ends hyper's connection: the tunnel is what is left of it.
@@ -215,6 +255,22 @@ where
     }
     while tunnels.join_next().await.is_some() {}
     result
+}
+
+/// Completes at `deadline`; never without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes once the connection has been idle for the timeout; never without one.
+async fn idle_for(idle: &Option<(Arc<Activity>, Duration)>) {
+    match idle {
+        Some((activity, timeout)) => activity.idle_for(*timeout).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the requests of one connection share.
