@@ -77,7 +77,8 @@ meshinit_settings::settings! {
         connect_timeout,
         /// How long an HTTP/1 client may take to send a request head (a slowloris is
         /// closed then), counted from the end of detection or of the previous response,
-        /// so it is also how long a keep-alive connection may stay idle [default: 60s].
+        /// so it is also how long a keep-alive connection may stay idle; an HTTP/2 client
+        /// connection with no request in flight this long gets a GOAWAY [default: 60s].
         #[setting(value_name = "DURATION", help_heading = "Limits")]
         http_header_read_timeout,
         /// On SIGTERM/SIGINT, how long open connections may drain [default: 30s].
@@ -169,9 +170,10 @@ pub struct Config {
     /// for the kernel's two minutes of SYN retries.
     pub connect_timeout: Duration,
     /// How long an HTTP/1 client may take to send a request head, and a kept-alive
-    /// HTTP/1 connection may stay idle: a client trickling its head byte by byte
-    /// (slowloris) must not hold a connection forever. Default 60 s, like common
-    /// servers' header and keep-alive timeouts (nginx's `client_header_timeout`).
+    /// HTTP/1 connection or a client's HTTP/2 connection may stay idle: a client
+    /// trickling its head byte by byte (slowloris), or just connected, must not hold a
+    /// connection forever. Default 60 s, like common servers' header and keep-alive
+    /// timeouts (nginx's `client_header_timeout`, `keepalive_timeout`).
     pub http_header_read_timeout: Duration,
     /// The UID meshinit exempts (`--proxy-uid`). meshproxy only warns when its
     /// effective UID differs: every connection it forwards would then be redirected
