@@ -83,7 +83,11 @@ where
     let direction = client.direction;
     let draining = proxy.draining.subscribe();
     let header_read_timeout = proxy.header_read_timeout;
-    let activity = Activity::new();
+    // Requests in flight are only counted where they decide something: a client's
+    // HTTP/2 connection, closed once idle (HTTP/1 ones are hyper's header read
+    // timeout's; a mesh peer's pooled connection is the peer's pool's to close, since a
+    // GOAWAY from us could race a request it is sending, which would fail).
+    let activity = (version == Version::Http2 && !meshed).then(Activity::new);
     let cx = Arc::new(ConnCx {
         proxy,
         client,
@@ -96,10 +100,12 @@ where
         move |request| {
             let cx = cx.clone();
             // Held until the response body ends: the request is in flight till then.
-            let in_flight = activity.start();
+            let in_flight = activity.as_ref().map(Activity::start);
             async move {
                 let mut response = cx.proxy(request).await;
-                response.body_mut().hold(in_flight);
+                if let Some(in_flight) = in_flight {
+                    response.body_mut().hold(in_flight);
+                }
                 Ok::<_, Infallible>(response)
             }
         }
@@ -130,7 +136,6 @@ where
                 .serve_connection(io, service)
                 .with_upgrades();
             let graceful = http1::UpgradeableConnection::graceful_shutdown;
-            // Idle kept-alive connections are hyper's header read timeout's.
             let served = drive(connection, tunnels_rx, draining, graceful, None).await;
             if let Err(error) = &served {
                 cx.count_hyper_answer(error);
@@ -147,22 +152,17 @@ where
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                 .max_send_buf_size(MAX_SEND_BUFFER)
                 .enable_connect_protocol();
-            let idle = if meshed {
+            if meshed {
                 // A peer proxy's pooled connection lives long: one whose peer
-                // vanished is found by pings, not kept until the process ends. Its
-                // idle time is the peer's pool's to end (a GOAWAY from us could race
-                // a request it is sending, which would fail).
+                // vanished is found by pings, not kept until the process ends.
                 builder
                     .keep_alive_interval(MESH_KEEP_ALIVE)
                     .keep_alive_timeout(MESH_KEEP_ALIVE);
-                None
-            } else {
-                // A client's connection with no request in flight for as long as an
-                // HTTP/1 one may stay idle gets a GOAWAY, like nginx's keep-alive
-                // timeout: HTTP/2 clients open a new connection for their next
-                // request.
-                Some((activity, header_read_timeout))
-            };
+            }
+            // A client's connection with no request in flight for as long as an HTTP/1
+            // one may stay idle gets a GOAWAY, like nginx's keep-alive timeout: HTTP/2
+            // clients open a new connection for their next request.
+            let idle = activity.map(|activity| (activity, header_read_timeout));
             let connection = builder.serve_connection(io, service);
             let graceful = http2::Connection::graceful_shutdown;
             drive(connection, tunnels_rx, draining, graceful, idle).await
