@@ -186,6 +186,16 @@ fn h2_streams_past_the_limit_are_refused() {
         STREAMS - LIMIT,
         "the streams past {LIMIT} are refused: {report}"
     );
+    // Refusing costs the proxy a reset each: past `MAX_ERROR_RESETS` (1,024) of them
+    // the client is told to calm down.
+    let report = victim.h2(
+        "streams",
+        &["--count", "2000", "--path", "/big", "--hold", "2"],
+    );
+    assert_eq!(
+        report["goaway"]["error_code"], ENHANCE_YOUR_CALM,
+        "{report}"
+    );
     victim.still_serves();
 }
 

@@ -64,6 +64,19 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 512;
 /// a stream still has a frame ready whenever the socket takes more.
 pub const MAX_SEND_BUFFER: usize = 64 * 1024;
 
+/// Streams an HTTP/2 client may reset before the proxy has taken them up, at once,
+/// before the connection gets a GOAWAY (`ENHANCE_YOUR_CALM`): the rapid reset attack
+/// (CVE-2023-44487) opens and resets streams in a loop so that the server does work
+/// for each while the client's concurrency stays low. h2's default, set here so that
+/// the bound is ours, with a test (`netns-tests/tests/attack.rs`).
+pub const MAX_PENDING_RESETS: usize = 20;
+
+/// Streams the proxy may reset because of a client's errors (streams past
+/// [`MAX_CONCURRENT_STREAMS`] included) before the connection gets a GOAWAY: the same
+/// attack with the proxy made to do the resetting. h2's default, set here for the same
+/// reason.
+pub const MAX_ERROR_RESETS: usize = 1024;
+
 /// A tunnel to run beside the connection once its upgrade completes.
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -151,6 +164,8 @@ where
                 .max_header_list_size(MAX_HEAD as u32)
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                 .max_send_buf_size(MAX_SEND_BUFFER)
+                .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+                .max_local_error_reset_streams(MAX_ERROR_RESETS)
                 .enable_connect_protocol();
             if meshed {
                 // A peer proxy's pooled connection lives long: one whose peer
