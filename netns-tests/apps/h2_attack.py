@@ -51,7 +51,6 @@ from hyperframe.frame import (
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CANCEL = 0x8
-REFUSED_STREAM = 0x7
 MAX_WINDOW = 2**31 - 1
 
 

@@ -60,8 +60,8 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 512;
 /// Most response bytes buffered per HTTP/2 stream while the client does not read them
 /// (hyper's default is 400 KiB). A client that opens [`MAX_CONCURRENT_STREAMS`] streams,
 /// grants a 2 GiB window and never reads would otherwise pin 200 MiB (the proxy itself
-/// runs in about 15 MiB); at 64 KiB (four full DATA frames) it pins 32 MiB at most, and
-/// a stream still has a frame ready whenever the socket takes more.
+/// runs in about 15 MiB); at 64 KiB (four full DATA frames) it holds 32 MiB of response
+/// data at most, and a stream still has a frame ready whenever the socket takes more.
 pub const MAX_SEND_BUFFER: usize = 64 * 1024;
 
 /// Streams an HTTP/2 client may reset before the proxy has taken them up, at once,
