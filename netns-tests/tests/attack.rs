@@ -271,8 +271,8 @@ fn h2_a_client_that_never_reads_holds_bounded_memory() {
     /// nginx serves 128 streams of each of the proxy's two connections to it at a time,
     /// so 256 responses fill their buffers: times `MAX_SEND_BUFFER` (64 KiB) 16 MiB, plus
     /// the upstream connections' 5 MiB windows and the read buffers the frames' bytes
-    /// keep alive: 27 to 48 MiB measured. With hyper's default 400 KiB per stream (main
-    /// before this bound), 148 to 156 MiB.
+    /// keep alive: 27 to 47 MiB measured. With hyper's default 400 KiB per stream (main
+    /// before this bound), 145 to 148 MiB.
     const MAX_GROWTH_KIB: u64 = 64 << 10;
     let victim = Victim::new("atk_no_read");
     victim.file("big", 4 << 20);
