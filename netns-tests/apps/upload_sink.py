@@ -8,6 +8,10 @@ It also answers `GET /headers` with the request's header lines as received (name
 case the client wrote them), and a response header with mixed case, `X-MiXeD-Case: yes`,
 so a test can see what a proxy between them did to headers.
 
+And it plays a hostile destination: `GET /status/CODE/GRPC` is answered with status CODE
+(any number from 200 to 999) and `grpc-status: GRPC` (any number) as an empty gRPC
+response, to see that the label sets such answers make at a proxy stay capped.
+
     upload_sink.py PORT    # listens on [::]:PORT (IPv4 too), prints "ready"
 """
 
@@ -59,6 +63,14 @@ class Sink(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
+        if self.path.startswith("/status/"):
+            _, _, code, grpc = self.path.split("/")
+            self.send_response(int(code))
+            self.send_header("Content-Type", "application/grpc")
+            self.send_header("grpc-status", grpc)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path != "/headers":
             self.send_error(404)
             return

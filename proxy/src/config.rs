@@ -75,6 +75,12 @@ meshinit_settings::settings! {
         /// 504 [default: 1s].
         #[setting(value_name = "DURATION", help_heading = "Limits")]
         connect_timeout,
+        /// How long an HTTP/1 client may take to send a request head (a slowloris is
+        /// closed then), counted from the end of detection or of the previous response,
+        /// so it is also how long a keep-alive connection may stay idle; an HTTP/2 client
+        /// connection with no request in flight this long gets a GOAWAY [default: 60s].
+        #[setting(value_name = "DURATION", help_heading = "Limits")]
+        http_header_read_timeout,
         /// On SIGTERM/SIGINT, how long open connections may drain [default: 30s].
         #[setting(value_name = "DURATION", help_heading = "Lifecycle")]
         shutdown_grace,
@@ -163,6 +169,12 @@ pub struct Config {
     /// longer is lost, and an HTTP client is better told so (504) than left waiting
     /// for the kernel's two minutes of SYN retries.
     pub connect_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request head, and a kept-alive
+    /// HTTP/1 connection or a client's HTTP/2 connection may stay idle: a client
+    /// trickling its head byte by byte (slowloris), or just connected, must not hold a
+    /// connection forever. Default 60 s, like common servers' header and keep-alive
+    /// timeouts (nginx's `client_header_timeout`, `keepalive_timeout`).
+    pub http_header_read_timeout: Duration,
     /// The UID meshinit exempts (`--proxy-uid`). meshproxy only warns when its
     /// effective UID differs: every connection it forwards would then be redirected
     /// back to it. Default 2102, meshinit's.
@@ -312,6 +324,9 @@ impl Config {
         let connect_timeout = s
             .get("connect_timeout", parse_duration)?
             .unwrap_or(crate::http::DEFAULT_CONNECT_TIMEOUT);
+        let http_header_read_timeout = s
+            .get("http_header_read_timeout", parse_duration)?
+            .unwrap_or(crate::http::DEFAULT_HEADER_READ_TIMEOUT);
         let proxy_uid = s.get("proxy_uid", parse_uid)?.unwrap_or(DEFAULT_PROXY_UID);
         let metrics_retain_idle = s
             .get("metrics_retain_idle", parse_duration)?
@@ -373,6 +388,7 @@ impl Config {
             max_detecting,
             handshake_timeout,
             connect_timeout,
+            http_header_read_timeout,
             proxy_uid,
             metrics_retain_idle,
             log_format,

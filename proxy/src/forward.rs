@@ -156,7 +156,12 @@ impl Forwarder {
             listeners: Listeners::default(),
             balancer,
             inbound_transparent: config.inbound_transparent,
-            http: HttpProxy::new(config.connect_timeout, http_metrics, mesh_connector),
+            http: HttpProxy::new(
+                config.connect_timeout,
+                config.http_header_read_timeout,
+                http_metrics,
+                mesh_connector,
+            ),
         })
     }
 

@@ -16,6 +16,8 @@
 //!   `meshproxy-error` header that says why.
 //! - `body` and `metrics`: the response body that records its request once it ends,
 //!   and the metric families, with their label sets bounded.
+//! - `idle`: the requests in flight on a connection, so that an idle HTTP/2 one is
+//!   closed.
 //!
 //! The proxy speaks to the destination the HTTP version the client spoke (to a mesh
 //! peer's proxy: HTTP/2, over one pooled mTLS connection), and never
@@ -26,6 +28,7 @@ mod body;
 mod errors;
 mod head;
 mod headers;
+mod idle;
 pub mod metrics;
 mod orig_proto;
 mod server;
@@ -52,6 +55,10 @@ pub use self::upstream::{Direct, Endpoint, Upstream};
 /// `--connect-timeout` when not set: Linkerd's outbound connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// `--http-header-read-timeout` when not set: a minute, like common servers' header
+/// and keep-alive timeouts.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The HTTP version of a connection, as detected (and of the pooled connections it
 /// uses: the proxy speaks the client's version).
 pub(crate) use crate::hop::HttpVersion as Version;
@@ -61,6 +68,9 @@ pub(crate) use crate::hop::HttpVersion as Version;
 pub struct HttpProxy {
     pool: Arc<Pool>,
     metrics: HttpMetrics,
+    /// How long an HTTP/1 client may take to send a request head
+    /// (`--http-header-read-timeout`).
+    header_read_timeout: Duration,
     errors: Arc<ErrorLog>,
     /// Set when the proxy shuts down: connections finish their requests in flight,
     /// then close (HTTP/1 after the current response, HTTP/2 with a GOAWAY), instead
@@ -82,16 +92,19 @@ pub struct ClientConn {
 }
 
 impl HttpProxy {
-    /// A proxy whose connects give up after `connect_timeout`, and that reaches mesh
+    /// A proxy whose connects give up after `connect_timeout`, whose HTTP/1 clients
+    /// must send each request head within `header_read_timeout`, and that reaches mesh
     /// peers ([`upstream::Transport::Mesh`]) through `mesh`, when given.
     pub fn new(
         connect_timeout: Duration,
+        header_read_timeout: Duration,
         metrics: HttpMetrics,
         mesh: Option<Arc<dyn upstream::MeshConnect>>,
     ) -> HttpProxy {
         HttpProxy {
             pool: Pool::new(connect_timeout, mesh),
             metrics,
+            header_read_timeout,
             errors: Arc::new(ErrorLog::default()),
             draining: Arc::new(tokio::sync::watch::Sender::new(false)),
         }

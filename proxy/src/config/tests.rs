@@ -138,13 +138,41 @@ fn handshake_timeout_and_proxy_uid_come_from_every_source() {
 /// arithmetic, or make every timer fire at once) are errors naming the value and where
 /// it came from, whichever source it came from.
 #[test]
+fn http_header_read_timeout_defaults_to_a_minute_and_comes_from_every_source() {
+    assert_eq!(
+        config(ProxyArgs::default(), &[], None).http_header_read_timeout,
+        Duration::from_secs(60)
+    );
+    let args = ProxyArgs {
+        http_header_read_timeout: Some("2s".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        config(args, &[], None).http_header_read_timeout,
+        Duration::from_secs(2)
+    );
+    let env = [("MESHPROXY_HTTP_HEADER_READ_TIMEOUT", "3s")];
+    let c = config(ProxyArgs::default(), &env, None);
+    assert_eq!(c.http_header_read_timeout, Duration::from_secs(3));
+    let c = config(
+        ProxyArgs::default(),
+        &[],
+        Some("http_header_read_timeout = \"5s\""),
+    );
+    assert_eq!(c.http_header_read_timeout, Duration::from_secs(5));
+}
+
+#[test]
 fn durations_out_of_range_are_errors_naming_value_and_source() {
     type Set = fn(&mut ProxyArgs, String);
-    let settings: [(&str, Set); 4] = [
+    let settings: [(&str, Set); 5] = [
         ("detect-timeout", |a, v| a.detect_timeout = Some(v)),
         ("shutdown-grace", |a, v| a.shutdown_grace = Some(v)),
         ("handshake-timeout", |a, v| a.handshake_timeout = Some(v)),
         ("connect-timeout", |a, v| a.connect_timeout = Some(v)),
+        ("http-header-read-timeout", |a, v| {
+            a.http_header_read_timeout = Some(v)
+        }),
     ];
     for (flag, set) in settings {
         for bad in [

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::headers::grpc_status;
+use super::idle::InFlight;
 use super::metrics::{HttpMetrics, ResponseLabels, Series};
 use super::upstream::Observe;
 
@@ -25,6 +26,8 @@ use super::upstream::Observe;
 pub struct ResponseBody {
     inner: Inner,
     recorder: Option<Recorder>,
+    /// Its request, in flight until the body ends or is dropped.
+    in_flight: Option<InFlight>,
 }
 
 enum Inner {
@@ -81,6 +84,7 @@ impl ResponseBody {
         ResponseBody {
             inner: Inner::Upstream(body),
             recorder: Some(recorder),
+            in_flight: None,
         }
     }
 
@@ -90,6 +94,7 @@ impl ResponseBody {
         let mut body = ResponseBody {
             inner: Inner::Local(bytes.filter(|b| !b.is_empty())),
             recorder: Some(recorder),
+            in_flight: None,
         };
         if body.is_end_stream() {
             body.finish(false);
@@ -97,10 +102,18 @@ impl ResponseBody {
         body
     }
 
+    /// Keeps `in_flight` until the body ends or is dropped.
+    pub fn hold(&mut self, in_flight: InFlight) {
+        if self.recorder.is_some() {
+            self.in_flight = Some(in_flight);
+        }
+    }
+
     fn finish(&mut self, errored: bool) {
         if let Some(recorder) = self.recorder.take() {
             recorder.finish(errored);
         }
+        self.in_flight = None;
     }
 }
 

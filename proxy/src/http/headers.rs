@@ -169,12 +169,28 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         })
 }
 
-/// The `grpc-status` of a header or trailer map, if it has a valid one.
+/// The highest status gRPC defines (16, UNAUTHENTICATED).
+const MAX_GRPC_STATUS: u32 = 16;
+
+/// gRPC's UNKNOWN.
+const GRPC_UNKNOWN: u32 = 2;
+
+/// The `grpc-status` of a header or trailer map, if it has a valid one. A number gRPC
+/// does not define is UNKNOWN (2), which is how gRPC clients read it (grpc-java's
+/// `Status.fromCodeValue`): the `grpc_status` label keeps to 17 values whatever a
+/// hostile server sends.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers
         .get("grpc-status")
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse().ok())
+        .and_then(|value| value.trim().parse::<u32>().ok())
+        .map(|code| {
+            if code > MAX_GRPC_STATUS {
+                GRPC_UNKNOWN
+            } else {
+                code
+            }
+        })
 }
 
 #[cfg(test)]
@@ -257,6 +273,10 @@ mod tests {
         assert!(!is_grpc(&map(&[("content-type", "text/html")])));
         assert_eq!(grpc_status(&map(&[("grpc-status", "5")])), Some(5));
         assert_eq!(grpc_status(&map(&[("grpc-status", "x")])), None);
+        assert_eq!(grpc_status(&map(&[("grpc-status", "16")])), Some(16));
+        // Codes gRPC does not define are UNKNOWN: a hostile server cannot invent labels.
+        assert_eq!(grpc_status(&map(&[("grpc-status", "17")])), Some(2));
+        assert_eq!(grpc_status(&map(&[("grpc-status", "4294967295")])), Some(2));
     }
 
     #[test]

@@ -27,6 +27,12 @@
 //! (and `authority="overflow"` outbound), without peer identity or service labels, so
 //! totals stay right. A label set that no connection uses and that has seen no request
 //! for `--metrics-retain-idle` is dropped at the next scrape.
+//!
+//! The overflow label sets have response label sets of their own, one per status code a
+//! destination answered: a hostile one answering every code from 100 to 999 would add
+//! thousands. So each overflow label set keeps at most [`MAX_OVERFLOW_RESPONSE_SETS`];
+//! past them a response is counted under `status_code="overflow"`. (`grpc_status` is
+//! one of gRPC's 17 codes: see `headers::grpc_status`.)
 
 use std::collections::HashMap;
 use std::fmt;
@@ -61,6 +67,15 @@ pub const MAX_REQUEST_LABEL_SETS: usize = 512;
 /// Most response label sets (a request label set times status, classification and
 /// gRPC status), about 200 bytes each.
 pub const MAX_RESPONSE_LABEL_SETS: usize = 2048;
+
+/// Most response label sets of one overflow label set (there is one per direction and
+/// `tls`): more status codes and gRPC statuses than honest destinations answer, and at
+/// about 200 bytes each, 50 KB of text.
+pub const MAX_OVERFLOW_RESPONSE_SETS: usize = 256;
+
+/// The status of the responses counted past [`MAX_OVERFLOW_RESPONSE_SETS`], written
+/// `status_code="overflow"`: no HTTP status is 0.
+const OVERFLOW_STATUS: u16 = 0;
 
 /// The labels shared by the three families.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -140,7 +155,10 @@ struct ResponseSample<'a> {
 impl EncodeLabelSet for ResponseSample<'_> {
     fn encode(&self, mut encoder: LabelSetEncoder<'_>) -> fmt::Result {
         self.request.encode_into(&mut encoder)?;
-        let status = self.response.status.to_string();
+        let status = match self.response.status {
+            OVERFLOW_STATUS => OVERFLOW.to_string(),
+            status => status.to_string(),
+        };
         ("status_code", status.as_str()).encode(encoder.encode_label())?;
         let class = if self.response.failure {
             "failure"
@@ -267,7 +285,7 @@ impl HttpMetrics {
             series.latency.observe(latency.as_secs_f64());
         }
         series.last_active.store(self.now(), Ordering::Relaxed);
-        if count_response(series, response, || {
+        if count_response(series, response, |_| {
             self.0
                 .response_label_sets
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -277,10 +295,19 @@ impl HttpMetrics {
         }) {
             return;
         }
-        // Past the cap: under the overflow label set, which is bounded by the status
-        // codes and gRPC statuses that exist, so it is not capped itself.
+        // Past the cap: under the overflow label set, and past its own cap under the
+        // overflow status.
         let overflow = self.series(series.labels.overflow());
-        count_response(&overflow, response, || true);
+        if !count_response(&overflow, response, |sets| {
+            sets < MAX_OVERFLOW_RESPONSE_SETS
+        }) {
+            let response = ResponseLabels {
+                status: OVERFLOW_STATUS,
+                grpc_status: None,
+                failure: response.failure,
+            };
+            count_response(&overflow, response, |_| true);
+        }
     }
 
     /// Drops the label sets no connection holds and no request used for
@@ -312,18 +339,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Adds one to `response` in `series`; a new label set only if `may_grow` agrees.
+/// Adds one to `response` in `series`; a new label set only if `may_grow` agrees, told
+/// how many the series has.
 fn count_response(
     series: &Series,
     response: ResponseLabels,
-    may_grow: impl FnOnce() -> bool,
+    may_grow: impl FnOnce(usize) -> bool,
 ) -> bool {
     let mut responses = lock(&series.responses);
     if let Some((_, counter)) = responses.iter().find(|(r, _)| *r == response) {
         counter.inc();
         return true;
     }
-    if !may_grow() {
+    if !may_grow(responses.len()) {
         return false;
     }
     let counter = Counter::default();
@@ -496,6 +524,17 @@ mod tests {
         assert_eq!(mine, MAX_RESPONSE_LABEL_SETS);
         assert!(text.contains(r#"authority="overflow""#), "{text}");
         assert_eq!(sum(&text, "response_total{"), f64::from(responses));
+        // The 652 past the cap (statuses 782 to 999, failures) went to the overflow
+        // label set, which keeps its own cap, plus the overflow status.
+        let overflow = text
+            .lines()
+            .filter(|l| l.starts_with("response_total{") && l.contains(r#"target_addr="overflow""#))
+            .count();
+        assert_eq!(overflow, MAX_OVERFLOW_RESPONSE_SETS + 1, "{text}");
+        assert!(
+            text.contains(r#"status_code="overflow",classification="failure""#),
+            "{text}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

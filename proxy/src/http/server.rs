@@ -8,8 +8,11 @@
 //! records it when it ends.
 //!
 //! A client cannot hold the server forever: an HTTP/1 request head must arrive within
-//! [`HEADER_READ_TIMEOUT`] (which also closes a keep-alive connection idle for that
-//! long) and fit in [`MAX_HEAD`]; HTTP/2 header lists are bounded alike.
+//! `--http-header-read-timeout` (which also closes a keep-alive connection idle for
+//! that long) and fit in [`MAX_HEAD`]; HTTP/2 header lists are bounded alike, and so
+//! are an HTTP/2 client's streams ([`MAX_CONCURRENT_STREAMS`]) and the response bytes
+//! each may leave unread ([`MAX_SEND_BUFFER`]). (h2 itself answers rapid resets and
+//! CONTINUATION floods with a GOAWAY.)
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,6 +38,7 @@ use super::body::{Recorder, ResponseBody};
 use super::errors::{self, ProxyError};
 use super::head::{self, BadHead, Head};
 use super::headers::{self, Upgrade};
+use super::idle::Activity;
 use super::metrics::{HttpMetrics, RequestLabels, ResponseLabels, Series};
 use super::orig_proto::{self, Carried};
 use super::upstream::pool::MESH_KEEP_ALIVE;
@@ -45,11 +49,6 @@ use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
 use crate::route::Direction;
 
-/// How long an HTTP/1 client may take to send a request head, counted from the end
-/// of the previous response (so it is also how long a keep-alive connection may stay
-/// idle): a minute, like common servers' keep-alive timeouts.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// The largest HTTP/1 request head, and HTTP/2 header list, a client may send.
 pub const MAX_HEAD: usize = 64 * 1024;
 
@@ -57,6 +56,26 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// (whose one connection carries all its clients' requests to us): each holds buffers
 /// and a task, so an unauthenticated client cannot open more.
 pub const MAX_CONCURRENT_STREAMS: u32 = 512;
+
+/// Most response bytes buffered per HTTP/2 stream while the client does not read them
+/// (hyper's default is 400 KiB). A client that opens [`MAX_CONCURRENT_STREAMS`] streams,
+/// grants a 2 GiB window and never reads would otherwise pin 200 MiB (the proxy itself
+/// runs in about 15 MiB); at 64 KiB (four full DATA frames) it holds 32 MiB of response
+/// data at most, and a stream still has a frame ready whenever the socket takes more.
+pub const MAX_SEND_BUFFER: usize = 64 * 1024;
+
+/// Streams an HTTP/2 client may reset before the proxy has taken them up, at once,
+/// before the connection gets a GOAWAY (`ENHANCE_YOUR_CALM`): the rapid reset attack
+/// (CVE-2023-44487) opens and resets streams in a loop so that the server does work
+/// for each while the client's concurrency stays low. h2's default, set here so that
+/// the bound is ours, with a test (`netns-tests/tests/attack.rs`).
+pub const MAX_PENDING_RESETS: usize = 20;
+
+/// Streams the proxy may reset because of a client's errors (streams past
+/// [`MAX_CONCURRENT_STREAMS`] included) before the connection gets a GOAWAY: the same
+/// attack with the proxy made to do the resetting. h2's default, set here for the same
+/// reason.
+pub const MAX_ERROR_RESETS: usize = 1024;
 
 /// A tunnel to run beside the connection once its upgrade completes.
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -76,6 +95,12 @@ where
     let meshed = client.peer_id.is_some();
     let direction = client.direction;
     let draining = proxy.draining.subscribe();
+    let header_read_timeout = proxy.header_read_timeout;
+    // Requests in flight are only counted where they decide something: a client's
+    // HTTP/2 connection, closed once idle (HTTP/1 ones are hyper's header read
+    // timeout's; a mesh peer's pooled connection is the peer's pool's to close, since a
+    // GOAWAY from us could race a request it is sending, which would fail).
+    let activity = (version == Version::Http2 && !meshed).then(Activity::new);
     let cx = Arc::new(ConnCx {
         proxy,
         client,
@@ -84,16 +109,25 @@ where
     });
     let service = service_fn({
         let cx = cx.clone();
+        let activity = activity.clone();
         move |request| {
             let cx = cx.clone();
-            async move { Ok::<_, Infallible>(cx.proxy(request).await) }
+            // Held until the response body ends: the request is in flight till then.
+            let in_flight = activity.as_ref().map(Activity::start);
+            async move {
+                let mut response = cx.proxy(request).await;
+                if let Some(in_flight) = in_flight {
+                    response.body_mut().hold(in_flight);
+                }
+                Ok::<_, Infallible>(response)
+            }
         }
     });
     let mut io = Counted { io, counters };
     match version {
         Version::Http1 => {
             let started = Instant::now();
-            let io = match head::read(&mut io, Vec::new(), HEADER_READ_TIMEOUT).await {
+            let io = match head::read(&mut io, Vec::new(), header_read_timeout).await {
                 Head::Valid(bytes) => TokioIo::new(Prefixed::new(bytes, io)),
                 Head::Bad(bad) => return answer_bad_head(&cx, io, bad, started).await,
                 // Gone before a full head: hyper would find nothing to answer either.
@@ -110,12 +144,12 @@ where
                 // Not `pipeline_flush`: it lifts the bound on hyper's write buffer, so
                 // a response to a client that does not read would be buffered whole.
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(header_read_timeout)
                 .max_buf_size(MAX_HEAD)
                 .serve_connection(io, service)
                 .with_upgrades();
             let graceful = http1::UpgradeableConnection::graceful_shutdown;
-            let served = drive(connection, tunnels_rx, draining, graceful).await;
+            let served = drive(connection, tunnels_rx, draining, graceful, None).await;
             if let Err(error) = &served {
                 cx.count_hyper_answer(error);
             }
@@ -129,6 +163,9 @@ where
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEAD as u32)
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .max_send_buf_size(MAX_SEND_BUFFER)
+                .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+                .max_local_error_reset_streams(MAX_ERROR_RESETS)
                 .enable_connect_protocol();
             if meshed {
                 // A peer proxy's pooled connection lives long: one whose peer
@@ -137,9 +174,13 @@ where
                     .keep_alive_interval(MESH_KEEP_ALIVE)
                     .keep_alive_timeout(MESH_KEEP_ALIVE);
             }
+            // A client's connection with no request in flight for as long as an HTTP/1
+            // one may stay idle gets a GOAWAY, like nginx's keep-alive timeout: HTTP/2
+            // clients open a new connection for their next request.
+            let idle = activity.map(|activity| (activity, header_read_timeout));
             let connection = builder.serve_connection(io, service);
             let graceful = http2::Connection::graceful_shutdown;
-            drive(connection, tunnels_rx, draining, graceful).await
+            drive(connection, tunnels_rx, draining, graceful, idle).await
         }
     }
 }
@@ -176,12 +217,14 @@ where
 }
 
 /// Runs the connection and the tunnels its requests open, until all are done; asks
-/// the connection to finish gracefully once the proxy drains.
+/// the connection to finish gracefully once the proxy drains, or once it has had no
+/// request in flight (and no tunnel) for `idle`'s timeout.
 async fn drive<C>(
     connection: C,
     mut tunnels_rx: mpsc::UnboundedReceiver<Tunnel>,
     mut draining: watch::Receiver<bool>,
     graceful_shutdown: fn(Pin<&mut C>),
+    idle: Option<(Arc<Activity>, Duration)>,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
@@ -189,6 +232,8 @@ where
     let mut tunnels = JoinSet::new();
     tokio::pin!(connection);
     let mut asked = false;
+    // Set once an idle connection was asked to close: by then it must have closed.
+    let mut idle_deadline = None;
     let result = loop {
         tokio::select! {
             result = &mut connection => break result,
@@ -201,6 +246,22 @@ where
                 let _ = drained;
                 graceful_shutdown(connection.as_mut());
             }
+            Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
+            () = idle_for(&idle), if !asked && tunnels.is_empty() => {
+                asked = true;
+                graceful_shutdown(connection.as_mut());
+                idle_deadline = idle.as_ref().map(|(_, timeout)| Instant::now() + *timeout);
+            }
+            () = sleep_until(idle_deadline) => {
+                // h2 closes gracefully only once the client has answered its PING: a
+                // client that does not is dropped, when it still has nothing in
+                // flight (else it gets another timeout).
+                let idle_now = idle.as_ref().is_some_and(|(a, _)| a.in_flight() == 0);
+                if idle_now && tunnels.is_empty() {
+                    break Ok(());
+                }
+                idle_deadline = idle.as_ref().map(|(_, timeout)| Instant::now() + *timeout);
+            }
         }
     };
     // An HTTP/1 upgrade ends hyper's connection: the tunnel is what is left of it.
@@ -209,6 +270,22 @@ where
     }
     while tunnels.join_next().await.is_some() {}
     result
+}
+
+/// Completes at `deadline`; never without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes once the connection has been idle for the timeout; never without one.
+async fn idle_for(idle: &Option<(Arc<Activity>, Duration)>) {
+    match idle {
+        Some((activity, timeout)) => activity.idle_for(*timeout).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the requests of one connection share.

@@ -8,7 +8,8 @@
 //!   opened by the first request (the others wait for it rather than open their own)
 //!   and closed after [`IDLE_TIMEOUT`] without a request. A connection that fails is
 //!   dropped: the requests on it get a 502 (`upstream closed`), the next request opens
-//!   a new one.
+//!   a new one. At most [`MAX_H2`] are kept: opening one more (to a new destination)
+//!   first lets go of the one used least recently.
 //! - **Mesh peers** ([`Transport::Mesh`]): the key is (the peer's address and port,
 //!   the identity it must prove), so every client connection to the same meshed
 //!   destination shares one mTLS HTTP/2 connection (pinged every [`MESH_KEEP_ALIVE`])
@@ -52,6 +53,12 @@ pub const MAX_IDLE_PER_KEY: usize = 64;
 /// Most idle HTTP/1 connections kept in all: the pool must not hold descriptors a
 /// client could make it open (one idle connection per destination it tried).
 pub const MAX_IDLE: usize = 1024;
+
+/// Most HTTP/2 connections kept, one per key. Without a cap an application could make
+/// the pool hold one open connection (a descriptor) per destination it ever spoke
+/// HTTP/2 to, for [`IDLE_TIMEOUT`] each, past `--max-connections`: HTTP/1's idle
+/// connections have [`MAX_IDLE`] for the same reason.
+pub const MAX_H2: usize = 1024;
 
 /// How often the HTTP/2 connection to a mesh peer is pinged, and how long a ping may
 /// go unanswered before the connection is given up (and replaced by the next request).
@@ -112,6 +119,8 @@ where
 /// The connections to every endpoint, sending request bodies of type `B`.
 pub struct Pool<B = Incoming> {
     connect_timeout: Duration,
+    /// [`MAX_H2`], smaller in tests.
+    max_h2: usize,
     /// Opens [`Transport::Mesh`] connections; `None` without an identity.
     mesh: Option<Arc<dyn MeshConnect>>,
     state: Mutex<State<B>>,
@@ -143,8 +152,17 @@ impl<B: SendBody> Pool<B> {
     /// A pool whose connects give up after `connect_timeout` (`--connect-timeout`), and
     /// that opens [`Transport::Mesh`] connections with `mesh`, when given.
     pub fn new(connect_timeout: Duration, mesh: Option<Arc<dyn MeshConnect>>) -> Arc<Pool<B>> {
+        Pool::with_max_h2(connect_timeout, mesh, MAX_H2)
+    }
+
+    fn with_max_h2(
+        connect_timeout: Duration,
+        mesh: Option<Arc<dyn MeshConnect>>,
+        max_h2: usize,
+    ) -> Arc<Pool<B>> {
         Arc::new(Pool {
             connect_timeout,
+            max_h2,
             mesh,
             state: Mutex::new(State {
                 idle: HashMap::new(),
@@ -302,18 +320,23 @@ impl<B: SendBody> Pool<B> {
         on_connected: impl FnOnce() + Send,
     ) -> Result<Response<Incoming>, SendError<B>> {
         let addr = key.endpoint.addr;
-        let slot = self
-            .lock()
-            .h2
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(H2Slot {
-                    sender: Mutex::new(None),
-                    connecting: tokio::sync::Mutex::new(()),
-                    last_used: Mutex::new(Instant::now()),
+        let slot = {
+            let mut state = self.lock();
+            if !state.h2.contains_key(&key) && state.h2.len() >= self.max_h2 {
+                evict_least_recently_used(&mut state.h2);
+            }
+            state
+                .h2
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Arc::new(H2Slot {
+                        sender: Mutex::new(None),
+                        connecting: tokio::sync::Mutex::new(()),
+                        last_used: Mutex::new(Instant::now()),
+                    })
                 })
-            })
-            .clone();
+                .clone()
+        };
         *lock(&slot.last_used) = Instant::now();
         let mut sender = match slot.ready() {
             Some(sender) => sender,
@@ -448,6 +471,18 @@ impl<B> H2Slot<B> {
     fn ready(&self) -> Option<http2::SendRequest<B>> {
         let sender = lock(&self.sender);
         sender.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+}
+
+/// Lets go of the HTTP/2 connection used least recently: requests still on it finish
+/// (they hold the slot), later ones to its key open a new connection.
+fn evict_least_recently_used<B>(h2: &mut HashMap<Key, Arc<H2Slot<B>>>) {
+    let oldest = h2
+        .iter()
+        .min_by_key(|(_, slot)| *lock(&slot.last_used))
+        .map(|(key, _)| key.clone());
+    if let Some(slot) = oldest.and_then(|key| h2.remove(&key)) {
+        *lock(&slot.sender) = None;
     }
 }
 

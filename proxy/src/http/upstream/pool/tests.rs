@@ -180,6 +180,39 @@ async fn http2_requests_share_one_connection_opened_once() {
 }
 
 #[tokio::test]
+async fn http2_connections_are_capped_and_the_least_recently_used_goes_first() {
+    const MAX: usize = 3;
+    let pool = TestPool::with_max_h2(Duration::from_secs(1), None, MAX);
+    let mut servers = Vec::new();
+    for _ in 0..MAX + 2 {
+        servers.push(server(true, false, open_gate()).await);
+    }
+    let keys: Vec<Key> = servers
+        .iter()
+        .map(|(addr, _)| key(*addr, Version::Http2))
+        .collect();
+    for key in &keys[..MAX] {
+        get(&pool, key).await;
+    }
+    // The first is used again: the second is now the least recently used.
+    get(&pool, &keys[0]).await;
+    for key in &keys[MAX..] {
+        get(&pool, key).await;
+    }
+    assert_eq!(pool.counts().1, MAX);
+    let closed = |i: usize| servers[i].1.closed.load(Ordering::SeqCst);
+    eventually("the two least recently used closed", || {
+        closed(1) == 1 && closed(2) == 1
+    })
+    .await;
+    assert_eq!(closed(0), 0);
+    // An evicted destination simply gets a new connection.
+    get(&pool, &keys[1]).await;
+    assert_eq!(servers[1].1.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(pool.counts().1, MAX);
+}
+
+#[tokio::test]
 async fn a_refused_connect_is_a_proxy_error() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
