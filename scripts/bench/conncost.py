@@ -8,7 +8,7 @@ For each path a fixed number of connections (scripts/bench/connrate --count: con
 over one connection (scripts/bench/netbench pingpong), each measured three ways, in
 separate runs so that one tool's overhead does not change the other's figures:
 
-  perf stat   context-switches and sched:sched_wakeup of the proxy process (all its
+  perf stat   task-clock (CPU time), context-switches and sched:sched_wakeup of the proxy process (all its
               threads), and its voluntary context switches from /proc (each one is a
               sleep, i.e. one wake-up of the proxy later)
   perf trace  -s --errno-summary: calls and errors (by errno) per syscall
@@ -78,7 +78,7 @@ def traced(tool_args, pid, kind, dport, n, seconds):
 
 def perf_stat(pid, kind, dport, n, seconds):
     c0 = ctxsw(pid)
-    made, text = traced(["perf", "stat", "-x", ",", "-e", "context-switches,sched:sched_wakeup"],
+    made, text = traced(["perf", "stat", "-x", ",", "-e", "task-clock,context-switches,sched:sched_wakeup"],
                         pid, kind, dport, n, seconds)
     vol = ctxsw(pid) - c0
     counts = {}
@@ -86,7 +86,8 @@ def perf_stat(pid, kind, dport, n, seconds):
         f = line.split(",")
         if len(f) > 2 and f[0].replace(".", "").isdigit():
             counts[f[2]] = float(f[0])
-    return made, {"context-switches": counts.get("context-switches", 0) / made,
+    return made, {"task-clock": counts.get("task-clock", 0) / made * 1000,  # ms -> µs
+                  "context-switches": counts.get("context-switches", 0) / made,
                   "sched_wakeup": counts.get("sched:sched_wakeup", 0) / made,
                   "voluntary": vol / made}
 
@@ -196,7 +197,8 @@ def main():
             w("| | " + " | ".join(cols) + " |")
             w("|---|" + "---|" * len(cols))
             w("| made (perf stat run / perf trace run) | " + " | ".join(made[p] for p in cols) + " |")
-            for key, title2 in (("voluntary", "proxy sleeps (voluntary context switches)"),
+            for key, title2 in (("task-clock", "proxy CPU, µs (perf stat task-clock)"),
+                                ("voluntary", "proxy sleeps (voluntary context switches)"),
                                 ("context-switches", "context switches (perf stat)"),
                                 ("sched_wakeup", "sched_wakeup events in proxy context (wake-ups it causes)")):
                 w(f"| {title2} | " + " | ".join(f"{stats[(kind, p)][1][key]:.2f}" for p in cols) + " |")
