@@ -188,6 +188,31 @@ mod tests {
         }
     }
 
+    /// The accept loop's lookup takes the peer from `accept` and, for a listener bound
+    /// to one address, the local address from the listener; a wildcard listener's
+    /// connections still report the address they really reached.
+    #[tokio::test]
+    async fn accepted_lookups_name_the_listener_or_the_real_local_address() {
+        for bound in ["127.0.0.1:0", "0.0.0.0:0"] {
+            let listener = TcpListener::bind(bound).await.unwrap();
+            let listener_addr = listener.local_addr().unwrap();
+            let port = listener_addr.port();
+            let _client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let (accepted, peer) = listener.accept().await.unwrap();
+            let err =
+                accepted_original_dst(&accepted, listener_addr, peer).expect_err("not redirected");
+            let want_local: SocketAddr = ([127, 0, 0, 1], port).into();
+            match err {
+                OrigDstError::Lookup { local, peer: p, .. }
+                | OrigDstError::NotRedirected { local, peer: p } => {
+                    assert_eq!(local, want_local, "listener {bound}");
+                    assert_eq!(p, peer, "listener {bound}");
+                }
+                other => panic!("unexpected error {other}"),
+            }
+        }
+    }
+
     #[test]
     fn endpoints_compare_address_and_port_only() {
         let a: SocketAddrV6 = "[fd00:18::1]:4143".parse().unwrap();
