@@ -23,6 +23,7 @@ Needs root, perf (linux-perf), strace. Prints Markdown.
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,6 +230,7 @@ def main():
         stop_all()
         for ns in (proxy.POD, proxy.PEER):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(proxy.tmpdir, ignore_errors=True)
     text = "\n".join(lines)
     print(text)
     if a.out:
