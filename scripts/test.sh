@@ -21,8 +21,9 @@ fi
 # tests' grpcio and websockets; nginx, nghttp2-server (nghttpd) and
 # nghttp2-client (nghttp, h2load) as real HTTP/1 and HTTP/2 servers and clients
 # for the HTTP netns tests (netns-tests/tests/http.rs); tinyproxy as a real
-# CONNECT server (netns-tests/tests/http_mtls.rs).
-packages=(nftables iptables iproute2 procps util-linux python3 prometheus redis-server redis-tools curl tcpdump openssl containernetworking-plugins postgresql podman runc catatonit mmdebstrap busybox-static python3-venv nginx nghttp2-server nghttp2-client tinyproxy)
+# CONNECT server (netns-tests/tests/http_mtls.rs); strace to count a proxied
+# connection's syscalls (netns-tests/tests/syscalls.rs).
+packages=(nftables iptables iproute2 procps util-linux strace python3 prometheus redis-server redis-tools curl tcpdump openssl containernetworking-plugins postgresql podman runc catatonit mmdebstrap busybox-static python3-venv nginx nghttp2-server nghttp2-client tinyproxy)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

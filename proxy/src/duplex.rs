@@ -12,7 +12,11 @@
 //! Half-close is propagated, not turned into a full close: when one side sends FIN, we
 //! shut down writing towards the other side and keep copying the other direction until
 //! it ends too. Protocols that signal "end of request" with a FIN and then read the
-//! response depend on it.
+//! response depend on it. Between two TCP sockets ([`duplex_tcp`]) the direction that
+//! ends last does not call `shutdown`: both sockets are closed as soon as it returns,
+//! and `close` sends the same FIN, since the other direction read its socket to EOF and
+//! nothing is left unread (unread bytes would make it a reset). That is one syscall
+//! less per connection, and the FIN leaves at the same moment (docs/bench/issue14-conn-s5.md).
 //!
 //! Between two TCP sockets ([`duplex_tcp`], plaintext opaque connections) a direction
 //! that carries bulk data leaves user space: once one of its reads fills the buffer, it
@@ -23,6 +27,7 @@
 //! on with the copy loop. Counters, half-close and errors are the same either way.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -112,6 +117,7 @@ where
             Until::Eof,
         )
         .await?;
+        shutdown(&mut target_write, Side::Target).await?;
         Ok(replayed + copied)
     };
     let downstream = async {
@@ -126,6 +132,7 @@ where
             Until::Eof,
         )
         .await?;
+        shutdown(&mut client_write, Side::Client).await?;
         Ok(copied)
     };
     let (client_to_target, target_to_client) = tokio::try_join!(upstream, downstream)?;
@@ -147,6 +154,28 @@ pub async fn duplex_tcp(
     duplex_tcp_with(client, target, prefix, counters, &Pipe::new).await
 }
 
+/// What the two directions of [`duplex_tcp`] share.
+struct Both<'a> {
+    /// Makes a direction's pipe for splice.
+    pipes: &'a (dyn Fn() -> io::Result<Pipe> + Sync),
+    /// Set by the first direction to reach EOF: the second one then needs no
+    /// `shutdown` (see the module doc). Both directions run in one task; atomic only
+    /// because the connection's future must be `Send`.
+    one_ended: AtomicBool,
+}
+
+impl Both<'_> {
+    /// Propagates the EOF of `to_side`'s peer direction: `shutdown(to, SHUT_WR)` if
+    /// the other direction is still open, nothing if it has ended (the caller closes
+    /// both sockets, and `close` sends the FIN).
+    async fn eof(&self, to: &mut WriteHalf<'_>, to_side: Side) -> Result<(), DuplexError> {
+        if self.one_ended.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        shutdown(to, to_side).await
+    }
+}
+
 /// [`duplex_tcp`] with the pipe factory as a parameter, so tests can make it fail.
 async fn duplex_tcp_with(
     mut client: TcpStream,
@@ -157,6 +186,10 @@ async fn duplex_tcp_with(
 ) -> Result<Totals, DuplexError> {
     let (mut client_read, mut client_write) = client.split();
     let (mut target_read, mut target_write) = target.split();
+    let both = Both {
+        pipes,
+        one_ended: AtomicBool::new(false),
+    };
 
     counters.read.inc_by(prefix.len() as u64);
     let upstream = async {
@@ -171,7 +204,7 @@ async fn duplex_tcp_with(
             Some(&counters.read),
             None,
             Side::Client,
-            pipes,
+            &both,
         )
         .await?;
         Ok((replayed + copied, spliced))
@@ -183,7 +216,7 @@ async fn duplex_tcp_with(
         None,
         Some(&counters.written),
         Side::Target,
-        pipes,
+        &both,
     );
     let ((client_to_target, spliced_up), (target_to_client, spliced_down)) =
         tokio::try_join!(upstream, downstream)?;
@@ -196,7 +229,8 @@ async fn duplex_tcp_with(
 
 /// One direction between two TCP sockets: copies until a read fills the buffer, then
 /// splices to EOF; copies to EOF when no pipe can be had or the kernel refuses to
-/// splice. Returns the bytes moved in all, and of them the bytes spliced.
+/// splice; then propagates the EOF (`Both::eof`). Returns the bytes moved in all, and
+/// of them the bytes spliced.
 async fn tcp_direction(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
@@ -204,7 +238,7 @@ async fn tcp_direction(
     counted_read: Option<&Counter>,
     counted_write: Option<&Counter>,
     from_side: Side,
-    pipes: &(dyn Fn() -> io::Result<Pipe> + Sync),
+    both: &Both<'_>,
 ) -> Result<(u64, u64), DuplexError> {
     let (copied, ended) = copy(
         from,
@@ -217,9 +251,10 @@ async fn tcp_direction(
     )
     .await?;
     if ended == Ended::Eof {
+        both.eof(to, from_side.other()).await?;
         return Ok((copied, 0));
     }
-    let spliced = match pipes() {
+    let spliced = match (both.pipes)() {
         // The buffer is not needed while splicing: a long-lived bulk connection that
         // goes idle holds a pipe (no pages while it is empty), not 4 KiB more.
         Ok(pipe) => {
@@ -237,7 +272,7 @@ async fn tcp_direction(
             match spliced {
                 Ok(spliced) => {
                     drop(pipe);
-                    shutdown(to, from_side.other()).await?;
+                    both.eof(to, from_side.other()).await?;
                     return Ok((copied + spliced, spliced));
                 }
                 Err(SpliceError::Failed(error)) => return Err(error),
@@ -262,6 +297,7 @@ async fn tcp_direction(
         Until::Eof,
     )
     .await?;
+    both.eof(to, from_side.other()).await?;
     Ok((copied + spliced + rest, spliced))
 }
 
@@ -277,14 +313,14 @@ enum Until {
 /// Why [`copy`] stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ended {
-    /// `from` ended and `to` was shut down for writing.
+    /// `from` ended (the caller propagates it to `to`).
     Eof,
     /// A read filled the buffer ([`Until::Full`]); everything read was written.
     Full,
 }
 
-/// Copies `from` to `to` until EOF, then shuts down `to`'s write side (half-close);
-/// with [`Until::Full`], stops earlier after a read that filled the buffer.
+/// Copies `from` to `to` until EOF (the caller then shuts down `to`'s write side, the
+/// half-close); with [`Until::Full`], stops earlier after a read that filled the buffer.
 /// `counted_read` is added to after each read, `counted_write` after each write.
 /// `from_side` names the side `from` reads; `to` is the other one. Returns the bytes
 /// copied and why it stopped.
@@ -312,7 +348,6 @@ where
                 source,
             })?;
         if n == 0 {
-            shutdown(to, to_side).await?;
             return Ok((total, Ended::Eof));
         }
         if let Some(counter) = counted_read {

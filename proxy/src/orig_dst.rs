@@ -46,6 +46,36 @@ pub enum OrigDstError {
 pub fn original_dst(stream: &TcpStream) -> Result<SocketAddr, OrigDstError> {
     let local = stream.local_addr().map_err(OrigDstError::Addrs)?;
     let peer = stream.peer_addr().map_err(OrigDstError::Addrs)?;
+    lookup(stream, local, peer)
+}
+
+/// [`original_dst`] of a connection that `listener` (the address it is bound to)
+/// accepted from `peer`, as the accept loop knows them: `getpeername` is not asked
+/// again (`accept` returned the peer), and neither is `getsockname` unless the
+/// listener is a wildcard (a listener bound to one address, like the outbound
+/// default `127.0.0.1:4140`, accepts only connections to that address, so it is
+/// every accepted socket's local address). Two syscalls fewer per connection
+/// (docs/bench/issue14-conn-s5.md).
+pub fn accepted_original_dst(
+    stream: &TcpStream,
+    listener: SocketAddr,
+    peer: SocketAddr,
+) -> Result<SocketAddr, OrigDstError> {
+    let local = if listener.ip().is_unspecified() {
+        stream.local_addr().map_err(OrigDstError::Addrs)?
+    } else {
+        listener
+    };
+    lookup(stream, local, peer)
+}
+
+/// The NAT record of `stream`, whose local address is `local`, refused when it names
+/// `local` itself.
+fn lookup(
+    stream: &TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> Result<SocketAddr, OrigDstError> {
     // Our IPv6 listeners are IPV6_V6ONLY, so the family of the local address says which
     // table (iptables or ip6tables/nft ip6) holds the NAT record. The flow label is
     // dropped: with `net.ipv6.flowlabel_reflect=1` it is the client's, never 0, so a
@@ -155,6 +185,31 @@ mod tests {
                 assert_eq!(local, addr)
             }
             other => panic!("unexpected error {other}"),
+        }
+    }
+
+    /// The accept loop's lookup takes the peer from `accept` and, for a listener bound
+    /// to one address, the local address from the listener; a wildcard listener's
+    /// connections still report the address they really reached.
+    #[tokio::test]
+    async fn accepted_lookups_name_the_listener_or_the_real_local_address() {
+        for bound in ["127.0.0.1:0", "0.0.0.0:0"] {
+            let listener = TcpListener::bind(bound).await.unwrap();
+            let listener_addr = listener.local_addr().unwrap();
+            let port = listener_addr.port();
+            let _client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let (accepted, peer) = listener.accept().await.unwrap();
+            let err =
+                accepted_original_dst(&accepted, listener_addr, peer).expect_err("not redirected");
+            let want_local: SocketAddr = ([127, 0, 0, 1], port).into();
+            match err {
+                OrigDstError::Lookup { local, peer: p, .. }
+                | OrigDstError::NotRedirected { local, peer: p } => {
+                    assert_eq!(local, want_local, "listener {bound}");
+                    assert_eq!(p, peer, "listener {bound}");
+                }
+                other => panic!("unexpected error {other}"),
+            }
         }
     }
 

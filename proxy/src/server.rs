@@ -27,7 +27,7 @@ use crate::admin;
 use crate::config::Config;
 use crate::forward::{Forwarder, ForwarderError, Listeners, PerDirection};
 use crate::metrics::Metrics;
-use crate::orig_dst::{self, original_dst, OrigDstError};
+use crate::orig_dst::{self, accepted_original_dst, OrigDstError};
 use crate::outcome::Refused;
 use crate::route::Direction;
 use crate::route::{self, Context, Refusal};
@@ -126,7 +126,9 @@ impl Proxy {
         }
         let transparent = self.config.inbound_transparent;
         self.serve_inner(
-            original_dst,
+            |stream: &TcpStream, accepted: Accepted| {
+                accepted_original_dst(stream, accepted.listener, accepted.peer)
+            },
             Some(orig_dst::is_local),
             transparent,
             shutdown,
@@ -146,6 +148,7 @@ impl Proxy {
     where
         F: Fn(&TcpStream) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
     {
+        let destination = move |stream: &TcpStream, _: Accepted| destination(stream);
         self.serve_inner(destination, None, false, shutdown).await
     }
 
@@ -159,7 +162,7 @@ impl Proxy {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError>
     where
-        F: Fn(&TcpStream) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
+        F: Fn(&TcpStream, Accepted) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
     {
         let Proxy {
             config,
@@ -196,9 +199,13 @@ impl Proxy {
             abort: abort_rx,
         });
         let mut accept_loops = JoinSet::new();
-        let listeners = (inbound.into_iter().map(|l| (Direction::Inbound, l)))
-            .chain(outbound.into_iter().map(|l| (Direction::Outbound, l)));
-        for (direction, listener) in listeners {
+        // Each listener with the address it is bound to (`local_addrs` read them in the
+        // same order).
+        let inbound =
+            (inbound.into_iter().zip(addrs.inbound.clone())).map(|l| (Direction::Inbound, l));
+        let outbound =
+            (outbound.into_iter().zip(addrs.outbound.clone())).map(|l| (Direction::Outbound, l));
+        for (direction, listener) in inbound.chain(outbound) {
             accept_loops.spawn(accept_loop(
                 listener,
                 direction,
@@ -252,6 +259,16 @@ impl Proxy {
         admin_task.abort();
         Ok(())
     }
+}
+
+/// Where an accepted connection came from and in: what `accept` already told us, so
+/// the destination lookup does not ask the kernel again.
+#[derive(Clone, Copy, Debug)]
+struct Accepted {
+    /// The address the accepting listener is bound to (maybe a wildcard).
+    listener: SocketAddr,
+    /// The client's address.
+    peer: SocketAddr,
 }
 
 /// What the accept loops and connection tasks share.
@@ -335,13 +352,14 @@ fn warn_unless_proxy_uid(proxy_uid: u32) {
     }
 }
 
+/// Accepts on `listener` (bound to the address it comes with) until `stop` is set.
 async fn accept_loop<F>(
-    listener: TcpListener,
+    (listener, listener_addr): (TcpListener, SocketAddr),
     direction: Direction,
     shared: Arc<Shared<F>>,
     mut stop: watch::Receiver<bool>,
 ) where
-    F: Fn(&TcpStream) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
+    F: Fn(&TcpStream, Accepted) -> Result<SocketAddr, OrigDstError> + Send + Sync + 'static,
 {
     loop {
         let (stream, client_addr) = tokio::select! {
@@ -388,7 +406,11 @@ async fn accept_loop<F>(
         let original = if shared.transparent && direction == Direction::Inbound {
             orig_dst::transparent_dst(&stream)
         } else {
-            (shared.destination)(&stream)
+            let accepted = Accepted {
+                listener: listener_addr,
+                peer: client_addr,
+            };
+            (shared.destination)(&stream, accepted)
         };
         let route = match route::route(direction, original, &cx) {
             Ok(route) => route,

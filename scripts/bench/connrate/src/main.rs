@@ -4,8 +4,11 @@
 //! `--listen ADDR` the same process also runs the echoing server (on its own
 //! threads), so a redirect to a local port can be measured in one namespace.
 //!
-//! Usage: connrate [--listen ADDR] --connect ADDR [--seconds N] [--threads N]
+//! Usage: connrate [--listen ADDR] --connect ADDR [--seconds N] [--threads N] [--count N]
 //!        connrate --listen ADDR            (only the echoing server, until killed)
+//! With `--count N` each client thread stops after N connections (or at `--seconds`,
+//! whichever comes first): a fixed number of connections for per-connection
+//! syscall and wake-up counts (scripts/bench/conncost.py).
 //! Prints: `<connections> <seconds> <per-second>`.
 
 use std::io::{Read, Write};
@@ -24,6 +27,7 @@ fn main() {
     let seconds: f64 = value("--seconds").map_or(3.0, |s| s.parse().unwrap());
     let threads: usize = value("--threads").map_or(1, |s| s.parse().unwrap());
     let connect = value("--connect");
+    let count_limit: u64 = value("--count").map_or(u64::MAX, |s| s.parse().unwrap());
 
     if let Some(listen) = value("--listen") {
         let listener = TcpListener::bind(&listen).expect("bind");
@@ -55,18 +59,23 @@ fn main() {
             let (stop, count, connect) = (stop.clone(), count.clone(), connect.clone());
             std::thread::spawn(move || {
                 let mut byte = [7u8; 1];
-                while !stop.load(Ordering::Relaxed) {
+                let mut made = 0;
+                while made < count_limit && !stop.load(Ordering::Relaxed) {
                     let mut stream = TcpStream::connect(&connect).expect("connect");
                     stream.set_nodelay(true).unwrap();
                     stream.write_all(&byte).unwrap();
                     stream.read_exact(&mut byte).unwrap();
                     drop(stream);
+                    made += 1;
                     count.fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let deadline = start + Duration::from_secs_f64(seconds);
+    while Instant::now() < deadline && !workers.iter().all(|w| w.is_finished()) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
         worker.join().unwrap();
