@@ -37,10 +37,24 @@ def cpu_split():
             "steal": steal}
 
 
+def netstat(ns):
+    """TcpExt and Tcp counters of a namespace (/proc/net/netstat and /proc/net/snmp)."""
+    out = {}
+    for f in ("/proc/net/netstat", "/proc/net/snmp"):
+        lines = sh(*in_ns(ns, "cat", f)).splitlines()
+        for names, values in zip(lines[::2], lines[1::2]):
+            prefix = names.split(":")[0]
+            if prefix in ("TcpExt", "Tcp", "IpExt"):
+                for k, v in zip(names.split()[1:], values.split()[1:]):
+                    out[f"{prefix}.{k}"] = int(v)
+    return out
+
+
 def run(path, a, pids, rules, perf_dir):
     _, port, _ = bench.PATHS[path]
     rules.set(port)
     pid = pids.get(port)
+    n0 = {ns: netstat(ns) for ns in (bench.POD, bench.PEER)} if a.netstat else None
     s0, c0, t0 = cpu_split(), cpu_ticks(pid) if pid else 0, time.time()
     rec = None
     if perf_dir:
@@ -57,7 +71,16 @@ def run(path, a, pids, rules, perf_dir):
     hz = os.sysconf("SC_CLK_TCK")
     split = {k: (s1[k] - s0[k]) / hz / dt * 100 for k in s0}
     proxy_pct = (cpu_ticks(pid) - c0) / hz / dt * 100 if pid else 0.0
-    gbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    end = json.loads(out)["end"]
+    gbps = end["sum_received"]["bits_per_second"] / 1e9
+    if n0:
+        for ns in (bench.POD, bench.PEER):
+            n1 = netstat(ns)
+            diff = {k: n1[k] - n0[ns][k] for k in n1 if k in n0[ns] and n1[k] != n0[ns][k]}
+            log(f"{path} netstat {ns.split('-')[2]}: " + ", ".join(f"{k.split('.')[1]} {v}" for k, v in
+                                                           sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:40]))
+    split["client"] = end["cpu_utilization_percent"]["host_total"]
+    split["server"] = end["cpu_utilization_percent"]["remote_total"]
     return gbps, split, proxy_pct
 
 
@@ -96,6 +119,56 @@ def trace(path, a, pids, rules):
             "epoll_wait": waits, "context switches": switches}
 
 
+def offcpu(path, a, rules):
+    """One more iperf3 run with every context switch on the machine recorded with its
+    kernel stack: per command, how often it went off CPU and where it slept (the first
+    frame below the scheduler), so idle time can be traced to who waits on what."""
+    _, port, _ = bench.PATHS[path]
+    rules.set(port)
+    data = os.path.join(bench.tmpdir, f"{path}.offcpu")
+    rec = subprocess.Popen(["perf", "record", "-a", "-g", "-e", "sched:sched_switch", "-o", data, "--", "sleep",
+                            str(a.seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    ss_text = None
+    iperf = subprocess.Popen(in_ns(bench.POD, "iperf3", "-c", bench.PEER4, "-p", str(bench.IPERF_PORT), "-t",
+                                   str(a.seconds), "-P", str(a.streams), "-J"), stdout=subprocess.PIPE, text=True)
+    if a.ss:
+        time.sleep(a.seconds / 2)
+        ss_text = "\n".join(sh(*in_ns(ns, "ss", "-tmi", "state", "established")) for ns in (bench.POD, bench.PEER))
+    out, _ = iperf.communicate(timeout=a.seconds + 30)
+    rec.wait()
+    text = sh("perf", "script", "-i", data, "-F", "comm,trace,ip,sym")
+    skip = ("__schedule", "schedule", "__traceiter", "preempt_schedule", "schedule_hrtimeout", "schedule_timeout",
+            "__cond_resched", "__x64_sys", "do_syscall_64", "entry_SYSCALL", "_cond_resched", "io_schedule",
+            "__wait_for_common", "wait_woken", "raw_irqentry", "irqentry_exit", "asm_", "__do_sys", "__sys_",
+            "ksys_", "x64_sys_call", "schedule_preempt", "do_nanosleep", "hrtimer_nanosleep")
+    where = {}
+    comm, state, frames = None, None, []
+
+    def flush():
+        if comm is None:
+            return
+        name = comm if not comm.startswith("tokio") else "meshproxy"
+        top = [f for f in frames if not f.startswith(skip)][:3]
+        key = (name, state, " < ".join(top) if state != "R" else "(preempted)")
+        where[key] = where.get(key, 0) + 1
+
+    for line in text.splitlines():
+        if not line.strip():
+            flush()
+            comm, state, frames = None, None, []
+        elif not line.startswith((" ", "\t")):
+            comm = line.split()[0]
+            state = line.split("prev_state=")[1].split()[0] if "prev_state=" in line else "?"
+        else:
+            parts = line.split()
+            if len(parts) >= 2:
+                frames.append(parts[1].split("+")[0])
+    flush()
+    gbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    return gbps, sorted(where.items(), key=lambda kv: -kv[1]), ss_text
+
+
 def perf_report(perf_dir, path, sort, limit):
     data = os.path.join(perf_dir, f"{path}.data")
     top = sh("perf", "report", "-i", data, "--stdio", "--no-children", "--sort", sort, "-g", "none",
@@ -114,6 +187,11 @@ def main():
     ap.add_argument("--trace", action="store_true",
                     help="also count the proxy's splice/epoll_wait calls and splice sizes (perf tracepoints, "
                          "one extra run per meshproxy path)")
+    ap.add_argument("--offcpu", action="store_true",
+                    help="also record every context switch with its stack (one extra run per path): who sleeps "
+                         "where")
+    ap.add_argument("--netstat", action="store_true", help="log each run's TCP counter changes per namespace")
+    ap.add_argument("--ss", action="store_true", help="with --offcpu, print `ss -tmi` in both namespaces mid-run")
     ap.add_argument("--keep", help="write the perf data files into this directory (kept)")
     ap.add_argument("--meshinit", default=os.path.join(bench.ROOT, "target/release/meshinit"))
     ap.add_argument("--meshproxy", default=os.path.join(bench.ROOT, "target/release/meshproxy"))
@@ -159,18 +237,34 @@ def main():
                 port = bench.PATHS[path][1]
                 if port in (bench.MESH_PORT, bench.BASE_PORT):
                     traces.append((path, trace(path, a, pids, rules)))
+        offcpus = []
+        if a.offcpu:
+            for path in a.paths.split(","):
+                offcpus.append((path, offcpu(path, a, rules)))
         load1 = open("/proc/loadavg").read().split()[:3]
         print(f"iperf3 -P {a.streams}, {a.seconds} s, IPv4; load {' '.join(load0)} -> {' '.join(load1)}\n")
-        print("| path | Gbit/s | user % | system % | softirq % | idle % | steal % | proxy % | proxy % per Gbit/s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("CPU split from /proc/stat (100% = one vCPU); iperf3 client and server CPU as iperf3 reports it "
+              "(its own process, all threads).\n")
+        print("| path | Gbit/s | user % | system % | softirq % | idle % | steal % | iperf3 client % | iperf3 server % "
+              "| proxy % | proxy % per Gbit/s | machine busy % per Gbit/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for path, gbps, s, p in rows:
             print(f"| {path} {bench.PATHS[path][0]} | {gbps:.1f} | {s['user']:.0f} | {s['system']:.0f} | "
-                  f"{s['softirq']:.0f} | {s['idle']:.0f} | {s['steal']:.0f} | {p:.0f} | "
-                  f"{(p / gbps if p else 0):.1f} |")
+                  f"{s['softirq']:.0f} | {s['idle']:.0f} | {s['steal']:.0f} | {s['client']:.0f} | {s['server']:.0f} | "
+                  f"{p:.0f} | {(p / gbps if p else 0):.1f} | {(s['user'] + s['system'] + s['softirq']) / gbps:.1f} |")
         for path, t in traces:
             print(f"\n{path} ({bench.PATHS[path][0]}) syscalls during {a.seconds} s of iperf3 "
                   f"({t['gbps']:.1f} Gbit/s under tracing): " + ", ".join(f"{k} {v}" for k, v in t.items()
                                                                          if k != "gbps"))
+        for path, (gbps, where, ss_text) in offcpus:
+            total = sum(n for _, n in where)
+            print(f"\n#### {path} ({bench.PATHS[path][0]}): context switches during {a.seconds} s of iperf3 "
+                  f"({gbps:.1f} Gbit/s under tracing), {total} in all, by command, state and where it slept\n\n```")
+            for (comm, state, frames), n in where[:25]:
+                print(f"{n:8d}  {comm:16s} {state:3s} {frames}")
+            print("```")
+            if ss_text:
+                print(f"\n`ss -tmi` mid-run:\n\n```\n{ss_text.strip()}\n```")
         if a.perf:
             for path in a.paths.split(","):
                 print(f"\n#### {path} ({bench.PATHS[path][0]}): whole machine, self time by CPU and command\n\n```")
