@@ -86,37 +86,75 @@ def run(path, a, pids, rules, perf_dir):
 
 def trace(path, a, pids, rules):
     """One more iperf3 run on a meshproxy path with the proxy's splice and epoll_wait
-    exits recorded: how many, how many returned EAGAIN, bytes per successful splice."""
+    calls recorded: how many, how many returned EAGAIN, bytes per successful splice, and
+    which side the proxy waited on: reading splices (socket -> pipe) against writing ones
+    (pipe -> socket), told apart by the length asked (a reading splice always asks for the
+    pipe's capacity, a writing one for what the pipe holds), and what the call before each
+    epoll_wait was."""
     _, port, _ = bench.PATHS[path]
     rules.set(port)
     data = os.path.join(bench.tmpdir, f"{path}.trace")
-    rec = subprocess.Popen(["perf", "record", "-e", "syscalls:sys_exit_splice", "-e", "syscalls:sys_exit_epoll_wait",
-                            "-e", "sched:sched_switch", "-p", str(pids[port]), "-o", data, "--", "sleep",
-                            str(a.seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rec = subprocess.Popen(["perf", "record", "-e", "syscalls:sys_enter_splice", "-e", "syscalls:sys_exit_splice",
+                            "-e", "syscalls:sys_exit_epoll_wait", "-e", "sched:sched_switch", "-p", str(pids[port]),
+                            "-o", data, "--", "sleep", str(a.seconds)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)
     out = sh(*in_ns(bench.POD, "iperf3", "-c", bench.PEER4, "-p", str(bench.IPERF_PORT), "-t", str(a.seconds),
                     "-P", str(a.streams), "-J"), timeout=a.seconds + 30)
     rec.wait()
-    text = sh("perf", "script", "-i", data, "-F", "event,trace")
+    text = sh("perf", "script", "-i", data, "-F", "tid,event,trace")
     sizes, eagain, waits, switches = [], 0, 0, 0
+    pairs = {}       # (fd_in, fd_out) -> [calls, EAGAIN]
+    lengths = {}     # (fd_in, fd_out) -> lengths asked
+    entered = {}     # tid -> (fd_in, fd_out) of the splice in progress
+    last = {}        # tid -> ((fd_in, fd_out), returned EAGAIN) of its last splice
+    before_wait = {}  # (fd_in, fd_out) or None -> epoll_waits that followed an EAGAIN of it
     for line in text.splitlines():
-        if "sys_exit_splice" in line:
+        tid = line.split()[0]
+        if "sys_enter_splice" in line:
+            pair = (int(line.split("fd_in: ")[1].split(",")[0], 16),
+                    int(line.split("fd_out: ")[1].split(",")[0], 16))
+            lengths.setdefault(pair, set()).add(line.split("len: ")[1].split(",")[0])
+            entered[tid] = pair
+        elif "sys_exit_splice" in line:
             tok = line.split()[-1]
             ret = int(tok, 16) if tok.startswith("0x") else int(tok)
-            if ret >= 1 << 63:
+            pair = entered.pop(tid, None)
+            failed = ret >= 1 << 63
+            if failed:
                 eagain += 1
             elif ret > 0:
                 sizes.append(ret)
+            if pair:
+                counts = pairs.setdefault(pair, [0, 0])
+                counts[0] += 1
+                counts[1] += failed
+                last[tid] = (pair, failed)
         elif "sys_exit_epoll_wait" in line:
             waits += 1
+            pair, failed = last.pop(tid, (None, False))
+            key = pair if failed else None
+            before_wait[key] = before_wait.get(key, 0) + 1
         elif "sched_switch" in line:
             switches += 1
     sizes.sort()
-    return {"gbps": json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9,
-            "splices": len(sizes) + eagain, "EAGAIN": eagain,
-            "bytes per splice p50": sizes[len(sizes) // 2] if sizes else 0,
-            "mean": sum(sizes) // max(1, len(sizes)), "max": sizes[-1] if sizes else 0,
-            "epoll_wait": waits, "context switches": switches}
+    side = lambda pair: "read" if len(lengths.get(pair, ())) == 1 else "write"
+    by_side = {"read": [0, 0, 0], "write": [0, 0, 0]}
+    for pair, (calls, failed) in pairs.items():
+        by_side[side(pair)][0] += calls
+        by_side[side(pair)][1] += failed
+    for pair, n in before_wait.items():
+        if pair:
+            by_side[side(pair)][2] += n
+    result = {"gbps": json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9,
+              "splices": len(sizes) + eagain, "EAGAIN": eagain,
+              "bytes per splice p50": sizes[len(sizes) // 2] if sizes else 0,
+              "mean": sum(sizes) // max(1, len(sizes)), "max": sizes[-1] if sizes else 0,
+              "epoll_wait": waits, "context switches": switches}
+    for name, (calls, failed, waited) in by_side.items():
+        result[f"{name} splices"] = f"{calls} ({failed} EAGAIN, {waited} epoll_wait after one)"
+    result["other epoll_wait returns (repeated or non-blocking polls)"] = before_wait.get(None, 0)
+    return result
 
 
 def offcpu(path, a, rules):
