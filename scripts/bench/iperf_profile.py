@@ -8,11 +8,18 @@ one iperf3 run (1 stream by default, IPv4) with:
   - throughput (Gbit/s),
   - the machine's CPU split from /proc/stat (user, system, softirq, idle; 100% = one
     vCPU), and the proxy process's own CPU,
+  - the iperf3 client's and server's own CPU (as iperf3 reports it),
   - with --perf, `perf record -a -g -e cpu-clock` over the whole run (kernel included),
-    reported as self time by command and by symbol.
+    reported as self time by command and by symbol (on a VM, a halted vCPU is sampled
+    less often than a busy one: take idle from the /proc/stat columns, not `swapper`),
+  - with --netstat, the run's TCP counter changes in both namespaces,
+  - with --trace (one more run per meshproxy path), the proxy's splices and sleeps, by side,
+  - with --offcpu (one more run per path), every context switch with where it slept, and
+    with --ss also `ss -tmi` of both namespaces mid-run.
 
 Usage: scripts/bench/iperf_profile.py [--paths A,B,C] [--streams 1] [--seconds 5]
-                                      [--perf] [--baseline PATH] [--meshproxy PATH]
+                                      [--perf] [--trace] [--offcpu [--ss]] [--netstat]
+                                      [--baseline PATH] [--meshproxy PATH]
 Needs root; prints Markdown.
 """
 import argparse

@@ -20,7 +20,8 @@ Ctrl-C). Paths, all measured in ONE interleaved run (A B C.., A B C.., ...):
                      the same rounds as B for a before/after comparison; each further
                      --baseline is B1, B2, ... (outbound on 4170, 4180, ...), and
                      --baseline-args gives the Nth of them extra flags (e.g. "--cores 2"),
-                     as --meshproxy-args does for B and Bd
+                     as --meshproxy-args does for B and Bd; at most three of them
+                     (a fourth's ports collide with the first ones' admin ports)
 
 Measures: iperf3 1 stream and 8 streams (IPv4 for all paths, IPv6 for A and B: HAProxy
 2.6 cannot recover an IPv6 original destination); 64-byte ping-pong over one
@@ -30,7 +31,8 @@ persistent connection (p50/p99, scripts/bench/netbench); new connections per sec
 
 Usage: scripts/bench/proxy.py [--quick] [--rounds N] [--meshinit PATH] [--meshproxy PATH]
                               [--meshproxy-args ARGS] [--baseline PATH [--baseline-args ARGS]]...
-                              [--profile | --profile-only]
+                              [--profile | --profile-only] [--measures iperf,latency,conn]
+                              [--skip C,Cn] [--no-memory]
 Needs root. Installs iperf3, haproxy, conntrack, procps, util-linux if missing. Builds
 scripts/bench/netbench and scripts/bench/connrate (std-only, not workspace members).
 Prints a Markdown section for BENCHMARKS.md (also written to --out if given).
