@@ -140,7 +140,7 @@ def trace(path, a, pids, rules):
         elif "sys_exit_epoll_wait" in line:
             waits += 1
             pair, failed = last.pop(tid, (None, False))
-            key = pair if failed else None
+            key = pair if failed else ("ok" if pair else None)
             before_wait[key] = before_wait.get(key, 0) + 1
         elif "sched_switch" in line:
             switches += 1
@@ -151,7 +151,7 @@ def trace(path, a, pids, rules):
         by_side[side(pair)][0] += calls
         by_side[side(pair)][1] += failed
     for pair, n in before_wait.items():
-        if pair:
+        if pair not in (None, "ok"):
             by_side[side(pair)][2] += n
     result = {"gbps": json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9,
               "splices": len(sizes) + eagain, "EAGAIN": eagain,
@@ -160,6 +160,7 @@ def trace(path, a, pids, rules):
               "epoll_wait": waits, "context switches": switches}
     for name, (calls, failed, waited) in by_side.items():
         result[f"{name} splices"] = f"{calls} ({failed} EAGAIN, {waited} epoll_wait after one)"
+    result["epoll_wait after a successful splice"] = before_wait.get("ok", 0)
     result["other epoll_wait returns (repeated or non-blocking polls)"] = before_wait.get(None, 0)
     return result
 
