@@ -20,7 +20,8 @@ Ctrl-C). Paths, all measured in ONE interleaved run (A B C.., A B C.., ...):
                      the same rounds as B for a before/after comparison; each further
                      --baseline is B1, B2, ... (outbound on 4170, 4180, ...), and
                      --baseline-args gives the Nth of them extra flags (e.g. "--cores 2"),
-                     as --meshproxy-args does for B and Bd
+                     as --meshproxy-args does for B and Bd; at most three of them
+                     (a fourth's ports collide with the first ones' admin ports)
 
 Measures: iperf3 1 stream and 8 streams (IPv4 for all paths, IPv6 for A and B: HAProxy
 2.6 cannot recover an IPv6 original destination); 64-byte ping-pong over one
@@ -30,7 +31,8 @@ persistent connection (p50/p99, scripts/bench/netbench); new connections per sec
 
 Usage: scripts/bench/proxy.py [--quick] [--rounds N] [--meshinit PATH] [--meshproxy PATH]
                               [--meshproxy-args ARGS] [--baseline PATH [--baseline-args ARGS]]...
-                              [--profile | --profile-only]
+                              [--profile | --profile-only] [--measures iperf,latency,conn]
+                              [--skip C,Cn] [--no-memory]
 Needs root. Installs iperf3, haproxy, conntrack, procps, util-linux if missing. Builds
 scripts/bench/netbench and scripts/bench/connrate (std-only, not workspace members).
 Prints a Markdown section for BENCHMARKS.md (also written to --out if given).
@@ -425,9 +427,9 @@ def report(a, bench, mem, meta):
         base_cpu = lambda m: "".join(f", {p} ({PATHS[p][0]}) {statistics.median(bench.cpu[(m, p)]):.0f}%"
                                      for p in bases if (m, p) in bench.cpu)
         w("Proxy process CPU during iperf3 (% of one CPU, median of rounds; 200% = both vCPUs): "
-          + "; ".join(f"{t}: meshproxy {statistics.median(bench.cpu[(m, 'B')]):.0f}%{base_cpu(m)}, "
-                      f"HAProxy splice {statistics.median(bench.cpu[(m, 'C')]):.0f}%, "
-                      f"no splice {statistics.median(bench.cpu[(m, 'Cn')]):.0f}%" for m, t in cpu_rows) + ".")
+          + "; ".join(f"{t}: meshproxy {statistics.median(bench.cpu[(m, 'B')]):.0f}%{base_cpu(m)}"
+                      + "".join(f", {PATHS[p][0]} {statistics.median(bench.cpu[(m, p)]):.0f}%"
+                                for p in ("C", "Cn") if (m, p) in bench.cpu) for m, t in cpu_rows) + ".")
         w("")
     conn_cpu = [p for p in cols if ("conn_us", p) in bench.cpu]
     if conn_cpu:
@@ -482,6 +484,8 @@ def main():
                     help="extra flags for the baseline of the same rank (the first for B0, ...), "
                          "e.g. \"--cores 2\"")
     ap.add_argument("--no-memory", action="store_true", help="skip the idle-connections memory test")
+    ap.add_argument("--skip", default="", type=lambda v: [p for p in v.split(",") if p],
+                    help="comma-separated paths left out of the iperf3 runs, e.g. C,Cn (quicker A/B runs)")
     ap.add_argument("--measures", default="iperf,latency,conn",
                     help="comma-separated subset of iperf,latency,conn to run in each round")
     a = ap.parse_args()
@@ -565,7 +569,8 @@ def main():
             if "iperf" in measures:
                 for streams in (1, 8):
                     for p in ("A", "B", "C", "Cn") + tuple(f"B{n}" for n in range(len(a.baseline))):
-                        bench.iperf(p, streams, 4)
+                        if p not in a.skip:
+                            bench.iperf(p, streams, 4)
                 for p in ("A", "B"):
                     bench.iperf(p, 1, 6)
                 if a.ipv6_8_streams:
