@@ -687,33 +687,7 @@ fn a_request_retried_on_another_backend_is_counted_under_the_backend_that_answer
     let file = setup.scratch.join("discovery.toml");
     write_discovery(&file, &web(&[("a", 50, &[8090]), ("b", 50, &[8082])]));
     let proxy = start_proxy(&pods, &file);
-    let mut client = KeepAlive::connect(&pods);
-    for i in 0..REQUESTS {
-        let response = client.get();
-        assert!(
-            matches!(&response, Ok(r) if r.status == 200 && r.body == "b"),
-            "request {i}: {response:?}"
-        );
-    }
-    let metrics = proxy.wait_for_metric(
-        "response_total",
-        &[
-            ("dst_service", "web"),
-            ("dst_backend", "b"),
-            ("status_code", "200"),
-        ],
-        REQUESTS as f64,
-        METRIC_TIMEOUT,
-    );
-    // a was picked first at least once: its three refusals set it aside.
-    assert_eq!(
-        metrics.sum(
-            "balancer_endpoints",
-            &[("service", "web"), ("backend", "a"), ("state", "failed")]
-        ),
-        1.0,
-        "{metrics}"
-    );
+    let metrics = all_answered_by_b_with_a_set_aside(&pods, &proxy, REQUESTS);
     for name in ["request_total", "response_latency_seconds_count"] {
         let b = metrics.sum(name, &[("dst_service", "web"), ("dst_backend", "b")]);
         assert_eq!(
@@ -833,33 +807,7 @@ fn a_request_refused_by_a_mesh_endpoint_is_retried_on_a_plain_one() {
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let proxy = pods.pod.start_meshproxy(&args);
-    let mut client = KeepAlive::connect(&pods);
-    for i in 0..REQUESTS {
-        let response = client.get();
-        assert!(
-            matches!(&response, Ok(r) if r.status == 200 && r.body == "b"),
-            "request {i}: {response:?}"
-        );
-    }
-    let metrics = proxy.wait_for_metric(
-        "response_total",
-        &[
-            ("dst_service", "web"),
-            ("dst_backend", "b"),
-            ("status_code", "200"),
-        ],
-        REQUESTS as f64,
-        METRIC_TIMEOUT,
-    );
-    // a was picked first at least once: its three refusals set it aside.
-    assert_eq!(
-        metrics.sum(
-            "balancer_endpoints",
-            &[("service", "web"), ("backend", "a"), ("state", "failed")]
-        ),
-        1.0,
-        "{metrics}"
-    );
+    let metrics = all_answered_by_b_with_a_set_aside(&pods, &proxy, REQUESTS);
     // b is reached in plaintext: its requests say so, whatever the first pick was.
     assert_eq!(
         metrics.sum("request_total", &[("dst_backend", "b"), ("tls", "false")]),
@@ -1022,4 +970,42 @@ ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
     get(502);
     let metrics = proxy.metrics();
     assert_eq!(set_aside(&metrics), 1.0, "{metrics}");
+}
+
+/// Sends `requests` GETs on one kept-alive connection to the service whose backend a
+/// refuses: each must be answered 200 by b, and a must end set aside (its three
+/// refusals). Returns the metrics once b's responses are all counted.
+fn all_answered_by_b_with_a_set_aside(
+    pods: &Pods,
+    proxy: &MeshProxy,
+    requests: usize,
+) -> netns_tests::Metrics {
+    let mut client = KeepAlive::connect(pods);
+    for i in 0..requests {
+        let response = client.get();
+        assert!(
+            matches!(&response, Ok(r) if r.status == 200 && r.body == "b"),
+            "request {i}: {response:?}"
+        );
+    }
+    let metrics = proxy.wait_for_metric(
+        "response_total",
+        &[
+            ("dst_service", "web"),
+            ("dst_backend", "b"),
+            ("status_code", "200"),
+        ],
+        requests as f64,
+        METRIC_TIMEOUT,
+    );
+    // a was picked first at least once: its three refusals set it aside.
+    assert_eq!(
+        metrics.sum(
+            "balancer_endpoints",
+            &[("service", "web"), ("backend", "a"), ("state", "failed")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    metrics
 }
