@@ -366,7 +366,11 @@ impl<B: SendBody> Pool<B> {
         let io = self.connect(&key.endpoint, key.version).await?;
         let addr = key.endpoint.addr;
         let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder.timer(TokioTimer::new());
+        // A destination that grants a large window and stops reading would otherwise
+        // make us buffer 400 KiB (h2's default) of each stream's request body.
+        builder
+            .timer(TokioTimer::new())
+            .max_send_buf_size(crate::http::server::MAX_SEND_BUFFER);
         if matches!(key.endpoint.transport, Transport::Mesh { .. }) {
             // The connection every request to the peer shares: a peer that stopped
             // answering must be noticed, so that the next request opens a new one,

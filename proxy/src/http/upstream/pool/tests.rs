@@ -225,3 +225,92 @@ async fn a_refused_connect_is_a_proxy_error() {
         .unwrap_err();
     assert_eq!(error.cause(), "connection refused");
 }
+
+/// A request body that never ends, counting the bytes the pool took from it.
+struct Endless(Arc<AtomicUsize>);
+
+static CHUNK: [u8; 16 * 1024] = [0; 16 * 1024];
+
+impl hyper::body::Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0.fetch_add(CHUNK.len(), Ordering::SeqCst);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            &CHUNK,
+        )))))
+    }
+}
+
+/// A hostile HTTP/2 destination: it grants the largest window there is, then never
+/// reads its socket (whose receive buffer is kept small), so the request bodies sent
+/// to it stay in the client's buffers.
+async fn stalled_destination() -> SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(16).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let max = 0x7fff_ffffu32;
+        // SETTINGS: INITIAL_WINDOW_SIZE = 2^31 - 1; WINDOW_UPDATE of the connection to it.
+        let mut frames = vec![0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 0x4];
+        frames.extend_from_slice(&max.to_be_bytes());
+        frames.extend_from_slice(&[0, 0, 4, 0x8, 0, 0, 0, 0, 0]);
+        frames.extend_from_slice(&(max - 65_535).to_be_bytes());
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &frames)
+            .await
+            .unwrap();
+        // Holds the connection open, reading nothing.
+        std::future::pending::<()>().await;
+        drop(stream);
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_destination_that_stops_reading_gets_at_most_the_send_buffer_of_each_stream() {
+    const STREAMS: usize = 64;
+    let addr = stalled_destination().await;
+    let pool = Pool::<Endless>::new(Duration::from_secs(1), None);
+    let key = key(addr, Version::Http2);
+    let taken = Arc::new(AtomicUsize::new(0));
+    let mut sends = Vec::new();
+    for _ in 0..STREAMS {
+        let request = Request::post("/upload")
+            .header("host", "pool.test")
+            .body(Endless(taken.clone()))
+            .unwrap();
+        let pool = pool.clone();
+        let key = key.clone();
+        sends.push(tokio::spawn(async move { pool.send(key, request).await }));
+    }
+    // Until the bodies stop being taken: the socket buffers and h2's are full.
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = taken.load(Ordering::SeqCst);
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    for send in &sends {
+        send.abort();
+    }
+    // Each stream's send buffer, plus what the kernel's socket buffers took (the
+    // sender's, autotuned up to tcp_wmem's 4 MiB on loopback) and a chunk per stream in
+    // hand. With h2's default (400 KiB per stream) 23 MiB were taken.
+    let bound = STREAMS * (crate::http::server::MAX_SEND_BUFFER + 2 * CHUNK.len()) + (8 << 20);
+    assert!(
+        last <= bound,
+        "{} KiB taken from the bodies, bound {} KiB",
+        last >> 10,
+        bound >> 10
+    );
+}
