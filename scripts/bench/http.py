@@ -233,12 +233,14 @@ def metric(ns, admin, prefix):
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(prefix))
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS"):
+    """A memory line of /proc/PID/status: VmRSS, or of it RssAnon (what the process
+    allocated) and RssFile (resident pages of the executable and libraries)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 def url(h2):
@@ -296,7 +298,7 @@ class Bench:
         out = sh(*in_ns(POD, "prlimit", NOFILE, *args, url(h2)), timeout=seconds + 60)
         dt = time.time() - t0
         cpu = [(cpu_ticks(p) - c) / CLK / dt for p, c in zip(pids, c0)]
-        rss = [rss_kib(p) / 1024 for p in pids]
+        rss = [(rss_kib(p) / 1024, rss_kib(p, "RssAnon") / 1024) for p in pids]
         r = json.loads(out)
         s = r["summary"]
         codes = r.get("statusCodeDistribution", {})
@@ -315,9 +317,10 @@ class Bench:
         self.add((f"{proto}@{qps}/p99", path), pct["p99"] * 1e3)
         self.add((f"{proto}@{qps}/rps", path), rps)
         self.add((f"{proto}@{qps}/bad", path), bad)
-        for i, (c, m) in enumerate(zip(cpu, rss)):
+        for i, (c, (m, anon)) in enumerate(zip(cpu, rss)):
             self.add((f"{proto}@{qps}/cpu{i}", path), c / (rps / 1000))
             self.add((f"{proto}@{qps}/rss{i}", path), m)
+            self.add((f"{proto}@{qps}/anon{i}", path), anon)
 
     def most(self, path, h2):
         proto = "h2" if h2 else "h1"
@@ -327,18 +330,22 @@ class Bench:
             self.add((f"{proto}/maxcpu{i}", path), c)
 
 
-def profile(bench, pid, seconds):
-    """perf record -g of the one-hop meshproxy during a max-rps HTTP/1.1 run; top self frames."""
+def profile(bench, pid, seconds, qps=None):
+    """perf record -g of the one-hop meshproxy during an HTTP/1.1 run at the most rps (or at
+    `qps`); top self frames, and the samples by object (the proxy's own code, libc, kernel)."""
     bench.rules.set("B")
     data = os.path.join(tmpdir, "perf.data")
     rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid),
                             "-o", data, "--", "sleep", str(seconds)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rps = bench.oha("B", False, seconds=seconds)[0]
+    rps = bench.oha("B", False, qps=qps, seconds=seconds)[0]
     rec.wait()
+    lines = lambda text, n: [l for l in text.splitlines() if l.strip() and not l.startswith("#")][:n]
     top = sh("perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "sym", "-g", "none",
              "--percent-limit", "0.8")
-    return rps, [l for l in top.splitlines() if l.strip() and not l.startswith("#")][:35]
+    dso = sh("perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "dso", "-g", "none",
+             "--percent-limit", "0.5")
+    return rps, lines(top, 35) + ["", "by object:"] + lines(dso, 10)
 
 
 def report(a, bench, meta):
@@ -405,12 +412,14 @@ def report(a, bench, meta):
     w("")
     w("Proxy cost during the fixed-rate runs, per 1,000 requests/s: CPU is (utime + stime) of the proxy "
       "process over the run / achieved requests/s × 1,000, in vCPU; RSS is VmRSS at the end of the run "
-      "(absolute, at that rate: the figure peers publish). For the pair, each proxy separately.")
+      "(absolute, at that rate: the figure peers publish), and of it RssAnon, the memory the process "
+      "allocated (the rest is resident pages of the executable and libraries). For the pair, each proxy "
+      "separately.")
     w("")
     w("| proxy | " + " | ".join(f"{'HTTP/1.1' if p == 'h1' else 'HTTP/2'} @ {q:,}: vCPU per 1k rps"
                              for p in ("h1", "h2") for q in a.rates)
-      + " | RSS MiB (HTTP/1.1 @ 1,000 / max of all) |")
-    w("|---|" + "---|" * (2 * len(a.rates)) + "---|")
+      + " | RSS MiB (HTTP/1.1 @ 1,000 / max of all) | of it RssAnon MiB (same) |")
+    w("|---|" + "---|" * (2 * len(a.rates)) + "---|---|")
     names = (("B", 0, "meshproxy one hop"), ("P", 0, "meshproxy pair: pod outbound"),
              ("P", 1, "meshproxy pair: peer inbound"), ("H", 0, "HAProxy `mode http`"))
     if "B0" in PATHS:
@@ -421,6 +430,8 @@ def report(a, bench, meta):
         first = f"h1@{a.rates[0]}/rss{i}"
         rss_all = max(max(r[(f"{p}@{q}/rss{i}", path)]) for p in ("h1", "h2") for q in a.rates)
         cells.append(f"{med((first, path)):.1f} / {rss_all:.1f}")
+        anon_all = max(max(r[(f"{p}@{q}/anon{i}", path)]) for p in ("h1", "h2") for q in a.rates)
+        cells.append(f"{med((f'h1@{a.rates[0]}/anon{i}', path)):.1f} / {anon_all:.1f}")
         w(f"| {label} | " + " | ".join(cells) + " |")
     w("")
     return "\n".join(lines)
@@ -470,6 +481,8 @@ def main():
     ap.add_argument("--oha")
     ap.add_argument("--others", default="", help="what else was running (stated in the report)")
     ap.add_argument("--profile", action="store_true", help="perf record meshproxy (one hop) at the most rps")
+    ap.add_argument("--profile-rate", type=int, default=None,
+                    help="with --profile: at this fixed rate (requests/s) instead of the most")
     ap.add_argument("--out", help="also write the Markdown here")
     ap.add_argument("--meshproxy-args", default="",
                     help="extra flags for the meshproxies of B and P, e.g. \"--cores 1\"")
@@ -534,7 +547,7 @@ def main():
         prof = None
         if a.profile:
             ensure_packages({"perf": "linux-perf"})
-            prof = profile(bench, b.pid, 5)
+            prof = profile(bench, b.pid, 5, a.profile_rate)
             log(f"profiled: {prof[0]:,.0f} rps under perf")
         for i in range(a.rounds):
             t = time.time()
@@ -549,7 +562,8 @@ def main():
         meta["uptime_end"] = sh("uptime").strip()
         text = report(a, bench, meta) + targets(a, bench)
         if prof:
-            text += (f"\nmeshproxy (one hop) profile, 5 s of HTTP/1.1 at the most requests/s "
+            at = f"{a.profile_rate:,} requests/s" if a.profile_rate else "the most requests/s"
+            text += (f"\nmeshproxy (one hop) profile, 5 s of HTTP/1.1 at {at} "
                      f"({prof[0]:,.0f} rps under perf), self time by symbol:\n\n```\n" + "\n".join(prof[1]) + "\n```\n")
         raw = {f"{m}/{p}": v for (m, p), v in bench.results.items()}
         text += ("\n\n<details><summary>raw values per round</summary>\n\n```json\n" + json.dumps(raw, indent=1)

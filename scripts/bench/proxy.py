@@ -22,6 +22,10 @@ Ctrl-C). Paths, all measured in ONE interleaved run (A B C.., A B C.., ...):
                      --baseline-args gives the Nth of them extra flags (e.g. "--cores 2"),
                      as --meshproxy-args does for B and Bd; at most three of them
                      (a fourth's ports collide with the first ones' admin ports)
+  S  eBPF sockmap    with --sockmap only: scripts/bench/sockmap/smproxy.c on 4152, a
+                     prototype forwarder whose bytes never reach user space (an sk_skb
+                     verdict program redirects each segment to the paired socket); one
+                     thread per connection, so its connection rate says little
 
 Measures: iperf3 1 stream and 8 streams (IPv4 for all paths, IPv6 for A and B: HAProxy
 2.6 cannot recover an IPv6 original destination); 64-byte ping-pong over one
@@ -32,7 +36,7 @@ persistent connection (p50/p99, scripts/bench/netbench); new connections per sec
 Usage: scripts/bench/proxy.py [--quick] [--rounds N] [--meshinit PATH] [--meshproxy PATH]
                               [--meshproxy-args ARGS] [--baseline PATH [--baseline-args ARGS]]...
                               [--profile | --profile-only] [--measures iperf,latency,conn]
-                              [--skip C,Cn] [--no-memory]
+                              [--skip C,Cn] [--no-memory] [--sockmap]
 Needs root. Installs iperf3, haproxy, conntrack, procps, util-linux if missing. Builds
 scripts/bench/netbench and scripts/bench/connrate (std-only, not workspace members).
 Prints a Markdown section for BENCHMARKS.md (also written to --out if given).
@@ -68,6 +72,7 @@ OPAQUE_PORT = 7000  # in meshproxy's --opaque-ports
 DETECT_PORT = 8080  # not opaque: goes through detection
 HOLD_PORT = 9000    # opaque; the peer accepts and holds
 MESH_PORT, HAP_SPLICE_PORT, HAP_PLAIN_PORT = 4140, 4150, 4151
+SOCKMAP_PORT = 4152  # --sockmap's prototype (path S)
 BASE_PORT = 4160  # --baseline's meshproxy (outbound; inbound 4163, admin 4192); the Nth
                   # further one adds 10 * N to both ports and N to the admin port
 PACKAGES = {"iperf3": "iperf3", "haproxy": "haproxy", "conntrack": "conntrack",
@@ -150,6 +155,17 @@ def start_meshproxy(bin_path, baseline=None, extra=()):
               env=dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn")))
     wait_port(POD, port)
     wait_port(POD, admin)
+    return p
+
+
+def start_sockmap():
+    """Path S: builds and starts the sockmap prototype in the pod (as root: it loads its
+    eBPF program, then drops to the proxy's uid itself)."""
+    binary = os.path.join(tmpdir, "smproxy")
+    sh("gcc", "-O2", "-Wall", "-o", binary, os.path.join(HERE, "sockmap", "smproxy.c"), "-lpthread")
+    p = spawn(in_ns(POD, "prlimit", NOFILE, binary, str(SOCKMAP_PORT), str(PROXY_UID)),
+              stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmpdir, "smproxy.log"), "ab"))
+    wait_port(POD, SOCKMAP_PORT)
     return p
 
 
@@ -362,7 +378,7 @@ def report(a, bench, mem, meta):
     us = lambda v: f"{v:.0f}"
     n = lambda v: f"{v:,.0f}"
     bases = [p for p in PATHS if p.startswith("B") and p[1:].isdigit()]
-    cols = ["A", "B", "Bd", "C", "Cn"] + bases
+    cols = ["A", "B", "Bd", "C", "Cn"] + bases + (["S"] if "S" in PATHS else [])
     lines = []
     w = lines.append
     w("### Proxy datapath: direct vs meshproxy vs HAProxy (pod → peer over veth)")
@@ -385,12 +401,16 @@ def report(a, bench, mem, meta):
       "**Bd** meshproxy, a port that goes through protocol detection; **C** HAProxy 2.6 `mode tcp`, "
       "`server orig 0.0.0.0:0`, `option splice-auto`; **Cn** the same without splicing. B, Bd, C, Cn use "
       "the same `meshinit apply` rules (only `--outgoing-proxy-port` differs: 4140 / 4150 / 4151) and the "
-      "proxy runs as uid 2102.")
+      "proxy runs as uid 2102."
+      + (" **S** the eBPF sockmap prototype (`scripts/bench/sockmap/smproxy.c`, 4152): bytes are redirected "
+         "socket to socket in the kernel (a kworker sends them), the process only accepts, dials and passes "
+         "the half-close on; one thread per connection, so its connection rate is not what a real proxy "
+         "would get, and its CPU is not the process's alone (not shown)." if "S" in PATHS else ""))
     w("")
-    base_col = "".join(f" {p} {PATHS[p][0]} |" for p in bases)
+    base_col = "".join(f" {p} {PATHS[p][0]} |" for p in cols[5:])
     w("| measure | A direct | B meshproxy | Bd meshproxy, detected port | C HAProxy splice | Cn HAProxy no splice |"
       + base_col + " target (B) |")
-    w("|---|---|---|---|---|---|---|" + "---|" * len(bases))
+    w("|---|---|---|---|---|---|---|" + "---|" * (len(cols) - 5))
 
     def row(title, measure, f, ratio=True, added=False, target="", paths=cols, na=None):
         cells = []
@@ -484,6 +504,8 @@ def main():
                     help="extra flags for the baseline of the same rank (the first for B0, ...), "
                          "e.g. \"--cores 2\"")
     ap.add_argument("--no-memory", action="store_true", help="skip the idle-connections memory test")
+    ap.add_argument("--sockmap", action="store_true",
+                    help="also path S: the eBPF sockmap prototype (scripts/bench/sockmap/smproxy.c, needs gcc)")
     ap.add_argument("--skip", default="", type=lambda v: [p for p in v.split(",") if p],
                     help="comma-separated paths left out of the iperf3 runs, e.g. C,Cn (quicker A/B runs)")
     ap.add_argument("--measures", default="iperf,latency,conn",
@@ -542,6 +564,9 @@ def main():
             PATHS[f"B{n}"] = (label, base_port(n), OPAQUE_PORT)
             pids[base_port(n)] = start_meshproxy(path, baseline=n, extra=args.split()).pid
         hap = start_haproxy()
+        if a.sockmap:
+            PATHS["S"] = ("eBPF sockmap prototype", SOCKMAP_PORT, OPAQUE_PORT)
+            pids[SOCKMAP_PORT] = start_sockmap().pid
         rules = Rules(a.meshinit)
         verify_paths(rules, netbench)
         log("paths verified")
@@ -568,7 +593,8 @@ def main():
             measures = a.measures.split(",")
             if "iperf" in measures:
                 for streams in (1, 8):
-                    for p in ("A", "B", "C", "Cn") + tuple(f"B{n}" for n in range(len(a.baseline))):
+                    for p in ("A", "B", "C", "Cn") + tuple(f"B{n}" for n in range(len(a.baseline))) + (
+                            ("S",) if a.sockmap else ()):
                         if p not in a.skip:
                             bench.iperf(p, streams, 4)
                 for p in ("A", "B"):
