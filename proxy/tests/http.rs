@@ -49,6 +49,19 @@ async fn get(
     client.send_request(request).await.unwrap()
 }
 
+/// Sends `request` on a new connection to the proxy's outbound listener and reads until
+/// the proxy closes it; `closes` says why it should (the test fails after 10 s).
+async fn answer_then_close(proxy: &Running, request: &[u8], closes: &str) -> String {
+    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
+    client.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut response))
+        .await
+        .expect(closes)
+        .unwrap();
+    String::from_utf8(response).unwrap()
+}
+
 /// A hyper server (HTTP/1 with upgrades, or HTTP/2) answering with `handle`; counts
 /// the connections it accepts.
 async fn server<F, Fut>(http2: bool, handle: F) -> (SocketAddr, Arc<AtomicUsize>)
@@ -300,18 +313,13 @@ async fn header_case_and_end_to_end_headers_pass_and_hop_by_hop_ones_do_not() {
 async fn a_request_that_does_not_parse_is_a_400_with_the_cause() {
     let (target, accepted) = server(false, |_req| async { Response::new(full("")) }).await;
     let proxy = proxy_to(target, |_| {}).await;
-    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
     // A request line detection accepts, then a header line without a colon.
-    client
-        .write_all(b"GET / HTTP/1.1\r\nHost: bad.test\r\nNo colon here\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut response))
-        .await
-        .expect("the proxy answers and closes")
-        .unwrap();
-    let response = String::from_utf8(response).unwrap();
+    let response = answer_then_close(
+        &proxy,
+        b"GET / HTTP/1.1\r\nHost: bad.test\r\nNo colon here\r\n\r\n",
+        "the proxy answers and closes",
+    )
+    .await;
     assert!(
         response.starts_with("HTTP/1.1 400 Bad Request\r\n"),
         "{response}"
@@ -392,17 +400,12 @@ async fn expect_100_continue_gets_its_100_before_the_body_is_sent() {
 async fn http_1_0_stays_1_0_and_the_connection_closes_after_the_response() {
     let (target, mut heads) = raw_server(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
     let proxy = proxy_to(target, |_| {}).await;
-    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
-    client
-        .write_all(b"GET /old HTTP/1.0\r\nHost: old.test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut response))
-        .await
-        .expect("closed after the response")
-        .unwrap();
-    let response = String::from_utf8(response).unwrap();
+    let response = answer_then_close(
+        &proxy,
+        b"GET /old HTTP/1.0\r\nHost: old.test\r\n\r\n",
+        "closed after the response",
+    )
+    .await;
     assert!(response.ends_with("\r\n\r\nok"), "{response}");
     assert!(response.starts_with("HTTP/1."), "{response}");
     let head = String::from_utf8(heads.recv().await.unwrap()).unwrap();
@@ -415,17 +418,12 @@ async fn a_servers_connection_close_closes_the_clients_connection() {
     let (target, _) =
         raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
     let proxy = proxy_to(target, |_| {}).await;
-    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
-    client
-        .write_all(b"GET / HTTP/1.1\r\nHost: close.test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut response))
-        .await
-        .expect("closed after the response")
-        .unwrap();
-    let response = String::from_utf8(response).unwrap();
+    let response = answer_then_close(
+        &proxy,
+        b"GET / HTTP/1.1\r\nHost: close.test\r\n\r\n",
+        "closed after the response",
+    )
+    .await;
     assert!(response.contains("\r\nConnection: close\r\n"), "{response}");
     assert!(response.ends_with("\r\n\r\nok"), "{response}");
 }
@@ -752,17 +750,12 @@ async fn shutdown_lets_requests_in_flight_finish_then_closes_http_connections() 
 async fn a_later_request_that_does_not_parse_is_counted_as_a_failure() {
     let (target, _) = server(false, |_req| async { Response::new(full("ok")) }).await;
     let proxy = proxy_to(target, |_| {}).await;
-    let mut client = TcpStream::connect(proxy.outbound()).await.unwrap();
-    client
-        .write_all(b"GET / HTTP/1.1\r\nHost: later.test\r\n\r\nGET / HTTP/1.1\r\nNo colon\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut response))
-        .await
-        .expect("the proxy answers and closes")
-        .unwrap();
-    let response = String::from_utf8(response).unwrap();
+    let response = answer_then_close(
+        &proxy,
+        b"GET / HTTP/1.1\r\nHost: later.test\r\n\r\nGET / HTTP/1.1\r\nNo colon\r\n\r\n",
+        "the proxy answers and closes",
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
     assert!(
         response.contains("HTTP/1.1 400 Bad Request\r\n"),
