@@ -527,7 +527,7 @@ def main():
     for b in (a.meshinit, a.meshproxy, *a.baseline):
         if not os.access(b, os.X_OK):
             sys.exit(f"proxy.py: {b} not found: cargo build --release -p meshinit -p meshproxy (or pass the path)")
-    ensure_packages(PACKAGES)
+    ensure_packages(dict(PACKAGES, **({"gcc": "gcc"} if a.sockmap else {})))
     log("building netbench and connrate")
     netbench, connrate = build_tool("netbench"), build_tool("connrate")
 
