@@ -33,7 +33,7 @@ and the proxies' CPU (utime + stime from /proc/PID/stat) and VmRSS during the fi
 runs, as vCPU and MiB per 1,000 requests/s.
 
 Usage: scripts/bench/http.py [--quick] [--rounds N] [--seconds S] [--oha PATH] [--out FILE]
-                             [--profile] [--meshproxy-args ARGS] [--baseline PATH [--baseline-args ARGS]]
+                             [--profile [--profile-rate Q] [--profile-seconds S] [--profile-http2]] [--meshproxy-args ARGS] [--baseline PATH [--baseline-args ARGS]]
 Needs root. Installs nginx, haproxy, curl, util-linux if missing; `oha` from
 target/bench-tools/bin/oha (`cargo install oha --locked --no-default-features --features native-tls --root
 target/bench-tools`) or PATH. Prints a Markdown section for BENCHMARKS.md.
@@ -330,7 +330,7 @@ class Bench:
             self.add((f"{proto}/maxcpu{i}", path), c)
 
 
-def profile(bench, pid, seconds, qps=None):
+def profile(bench, pid, seconds, qps=None, h2=False):
     """perf record -g of the one-hop meshproxy during an HTTP/1.1 run at the most rps (or at
     `qps`); top self frames, and the samples by object (the proxy's own code, libc, kernel)."""
     bench.rules.set("B")
@@ -338,7 +338,7 @@ def profile(bench, pid, seconds, qps=None):
     rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid),
                             "-o", data, "--", "sleep", str(seconds)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rps = bench.oha("B", False, qps=qps, seconds=seconds)[0]
+    rps = bench.oha("B", h2, qps=qps, seconds=seconds)[0]
     rec.wait()
     lines = lambda text, n: [l for l in text.splitlines() if l.strip() and not l.startswith("#")][:n]
     top = sh("perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "sym", "-g", "none",
@@ -483,6 +483,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="perf record meshproxy (one hop) at the most rps")
     ap.add_argument("--profile-rate", type=int, default=None,
                     help="with --profile: at this fixed rate (requests/s) instead of the most")
+    ap.add_argument("--profile-seconds", type=int, default=5, help="with --profile: how long (default 5)")
+    ap.add_argument("--profile-http2", action="store_true", help="with --profile: HTTP/2 instead of HTTP/1.1")
     ap.add_argument("--out", help="also write the Markdown here")
     ap.add_argument("--meshproxy-args", default="",
                     help="extra flags for the meshproxies of B and P, e.g. \"--cores 1\"")
@@ -547,7 +549,7 @@ def main():
         prof = None
         if a.profile:
             ensure_packages({"perf": "linux-perf"})
-            prof = profile(bench, b.pid, 5, a.profile_rate)
+            prof = profile(bench, b.pid, a.profile_seconds, a.profile_rate, a.profile_http2)
             log(f"profiled: {prof[0]:,.0f} rps under perf")
         for i in range(a.rounds):
             t = time.time()
@@ -563,7 +565,8 @@ def main():
         text = report(a, bench, meta) + targets(a, bench)
         if prof:
             at = f"{a.profile_rate:,} requests/s" if a.profile_rate else "the most requests/s"
-            text += (f"\nmeshproxy (one hop) profile, 5 s of HTTP/1.1 at {at} "
+            text += (f"\nmeshproxy (one hop) profile, {a.profile_seconds} s of "
+                     f"{'HTTP/2' if a.profile_http2 else 'HTTP/1.1'} at {at} "
                      f"({prof[0]:,.0f} rps under perf), self time by symbol:\n\n```\n" + "\n".join(prof[1]) + "\n```\n")
         raw = {f"{m}/{p}": v for (m, p), v in bench.results.items()}
         text += ("\n\n<details><summary>raw values per round</summary>\n\n```json\n" + json.dumps(raw, indent=1)
