@@ -235,8 +235,10 @@ def metric(ns, admin, prefix):
 
 def rss_kib(pid, field="VmRSS"):
     """A memory line of /proc/PID/status: VmRSS, or of it RssAnon (what the process
-    allocated) and RssFile (resident pages of the executable and libraries)."""
-    with open(f"/proc/{pid}/status") as f:
+    allocated) and RssFile (resident pages of the executable and libraries); or Pss from
+    /proc/PID/smaps_rollup: the resident pages with each shared one divided among the
+    processes that map it (the pair's two proxies share their executable's pages)."""
+    with open(f"/proc/{pid}/{'smaps_rollup' if field == 'Pss' else 'status'}") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
@@ -298,7 +300,7 @@ class Bench:
         out = sh(*in_ns(POD, "prlimit", NOFILE, *args, url(h2)), timeout=seconds + 60)
         dt = time.time() - t0
         cpu = [(cpu_ticks(p) - c) / CLK / dt for p, c in zip(pids, c0)]
-        rss = [(rss_kib(p) / 1024, rss_kib(p, "RssAnon") / 1024) for p in pids]
+        rss = [(rss_kib(p) / 1024, rss_kib(p, "RssAnon") / 1024, rss_kib(p, "Pss") / 1024) for p in pids]
         r = json.loads(out)
         s = r["summary"]
         codes = r.get("statusCodeDistribution", {})
@@ -317,10 +319,11 @@ class Bench:
         self.add((f"{proto}@{qps}/p99", path), pct["p99"] * 1e3)
         self.add((f"{proto}@{qps}/rps", path), rps)
         self.add((f"{proto}@{qps}/bad", path), bad)
-        for i, (c, (m, anon)) in enumerate(zip(cpu, rss)):
+        for i, (c, (m, anon, pss)) in enumerate(zip(cpu, rss)):
             self.add((f"{proto}@{qps}/cpu{i}", path), c / (rps / 1000))
             self.add((f"{proto}@{qps}/rss{i}", path), m)
             self.add((f"{proto}@{qps}/anon{i}", path), anon)
+            self.add((f"{proto}@{qps}/pss{i}", path), pss)
 
     def most(self, path, h2):
         proto = "h2" if h2 else "h1"
@@ -413,13 +416,15 @@ def report(a, bench, meta):
     w("Proxy cost during the fixed-rate runs, per 1,000 requests/s: CPU is (utime + stime) of the proxy "
       "process over the run / achieved requests/s × 1,000, in vCPU; RSS is VmRSS at the end of the run "
       "(absolute, at that rate: the figure peers publish), and of it RssAnon, the memory the process "
-      "allocated (the rest is resident pages of the executable and libraries). For the pair, each proxy "
-      "separately.")
+      "allocated (the rest is resident pages of the executable and libraries), and Pss, which divides each "
+      "shared page among the processes mapping it (what the proxy adds to a node where other processes run "
+      "the same binary; here path B's proxy and the pair's two run the same executable, so its pages are "
+      "divided among three). For the pair, each proxy separately.")
     w("")
     w("| proxy | " + " | ".join(f"{'HTTP/1.1' if p == 'h1' else 'HTTP/2'} @ {q:,}: vCPU per 1k rps"
                              for p in ("h1", "h2") for q in a.rates)
-      + " | RSS MiB (HTTP/1.1 @ 1,000 / max of all) | of it RssAnon MiB (same) |")
-    w("|---|" + "---|" * (2 * len(a.rates)) + "---|---|")
+      + " | RSS MiB (HTTP/1.1 @ 1,000 / max of all) | of it RssAnon MiB (same) | Pss MiB (same) |")
+    w("|---|" + "---|" * (2 * len(a.rates)) + "---|---|---|")
     names = (("B", 0, "meshproxy one hop"), ("P", 0, "meshproxy pair: pod outbound"),
              ("P", 1, "meshproxy pair: peer inbound"), ("H", 0, "HAProxy `mode http`"))
     if "B0" in PATHS:
@@ -432,6 +437,8 @@ def report(a, bench, meta):
         cells.append(f"{med((first, path)):.1f} / {rss_all:.1f}")
         anon_all = max(max(r[(f"{p}@{q}/anon{i}", path)]) for p in ("h1", "h2") for q in a.rates)
         cells.append(f"{med((f'h1@{a.rates[0]}/anon{i}', path)):.1f} / {anon_all:.1f}")
+        pss_all = max(max(r[(f"{p}@{q}/pss{i}", path)]) for p in ("h1", "h2") for q in a.rates)
+        cells.append(f"{med((f'h1@{a.rates[0]}/pss{i}', path)):.1f} / {pss_all:.1f}")
         w(f"| {label} | " + " | ".join(cells) + " |")
     w("")
     return "\n".join(lines)
