@@ -21,7 +21,8 @@ Modes (each prints one JSON object on stdout, then exits):
 - `idle`: one GET of --path, then nothing for --hold seconds. Reports how long after the
   response the server's GOAWAY came, if it did.
 - `no-read`: a 2 GiB window, then --count GETs of --path, and nothing read for --hold
-  seconds (prints `holding` on stderr when the requests are out).
+  seconds (prints `holding` on stderr when the requests are out); with --then-drain S,
+  then raw reads for up to S seconds: did the server end the connection, and when.
 
 With --tls the connection is TLS 1.3 with the client certificate CERT/KEY, the server
 verified against CA as SERVER_NAME, and ALPN `transport.l5d.io/v1`; the transport header
@@ -183,6 +184,25 @@ class Conn:
         }
 
 
+def drain(sock, seconds):
+    """Reads raw bytes for up to `seconds`: did the server end the connection (EOF or a
+    reset), after how long, and how many bytes came before."""
+    started = time.monotonic()
+    drained = 0
+    while time.monotonic() - started < seconds:
+        sock.settimeout(max(0.01, seconds - (time.monotonic() - started)))
+        try:
+            data = sock.recv(1 << 20)
+        except (socket.timeout, TimeoutError):
+            break
+        except (ConnectionError, OSError):
+            data = b""
+        if not data:
+            return {"ended": True, "ended_after": round(time.monotonic() - started, 3), "drained": drained}
+        drained += len(data)
+    return {"ended": False, "drained": drained}
+
+
 def _status(block):
     """`:status` of a response header block, when the server used the static table
     (0x88 = 200 ... 0x8e = 500) or a literal; None otherwise."""
@@ -222,6 +242,7 @@ def main():
     parser.add_argument("--authority")
     parser.add_argument("--size", type=int, default=1 << 20)
     parser.add_argument("--hold", type=float, default=5.0)
+    parser.add_argument("--then-drain", type=float, default=0.0)
     parser.add_argument("--tls", nargs=4)
     parser.add_argument("--transport-port", type=int, default=0)
     args = parser.parse_args()
@@ -348,6 +369,8 @@ def main():
         print("holding", file=sys.stderr, flush=True)
         time.sleep(args.hold)
         result = {"opened": args.count}
+        if args.then_drain:
+            result.update(drain(conn.sock, args.then_drain))
     else:
         sys.exit(f"unknown mode {args.mode}")
 

@@ -291,6 +291,40 @@ fn h2_a_client_that_never_reads_holds_bounded_memory() {
     victim.still_serves();
 }
 
+/// The same client as above, whose requests fill the proxy's buffers and who then reads
+/// nothing, is cut once a write to it has waited `--http-write-timeout`: the proxy ends
+/// the connection (and frees its buffers) instead of holding it as long as the client
+/// likes. Without the timeout the connection stays open: the client drains what the
+/// proxy sends and waits.
+#[test]
+fn h2_a_client_that_stops_reading_is_closed_at_the_write_timeout() {
+    let victim = Victim::new("atk_write_to");
+    victim.file("big", 4 << 20);
+    let _proxy = victim.proxy(&["--http-write-timeout", "2s"]);
+    let report = victim.h2(
+        "no-read",
+        &[
+            "--count",
+            "50",
+            "--path",
+            "/big",
+            "--hold",
+            "4",
+            "--then-drain",
+            "10",
+        ],
+    );
+    assert_eq!(report["opened"], 50, "{report}");
+    assert_eq!(
+        report["ended"], true,
+        "still open 14 s after the requests: {report}"
+    );
+    // Cut before the client started reading again: a few MB were left in the sockets'
+    // buffers, far from the 200 MiB of the 50 responses.
+    assert!(report["drained"].as_u64().unwrap() < 64 << 20, "{report}");
+    victim.still_serves();
+}
+
 /// Runs `h2_attack.py no-read` twice at once from `ns`, each with `streams` GETs of
 /// `/big` from nginx's HTTP/2 port, one over IPv4 and one over IPv6 (two upstream
 /// connections: nginx serves 128 streams of each at a time), for 5 s, sampling `proxy`'s

@@ -81,6 +81,12 @@ meshinit_settings::settings! {
         /// connection with no request in flight this long gets a GOAWAY [default: 60s].
         #[setting(value_name = "DURATION", help_heading = "Limits")]
         http_header_read_timeout,
+        /// How long the proxy may wait to write to an HTTP client (or a tunnel upgraded
+        /// from HTTP) that takes no byte of what it is sent: then the connection is
+        /// closed, and the buffers held for its unread responses freed; a client that
+        /// reads, however slowly, is not cut [default: 60s].
+        #[setting(value_name = "DURATION", help_heading = "Limits")]
+        http_write_timeout,
         /// On SIGTERM/SIGINT, how long open connections may drain [default: 30s].
         #[setting(value_name = "DURATION", help_heading = "Lifecycle")]
         shutdown_grace,
@@ -175,6 +181,12 @@ pub struct Config {
     /// connection forever. Default 60 s, like common servers' header and keep-alive
     /// timeouts (nginx's `client_header_timeout`, `keepalive_timeout`).
     pub http_header_read_timeout: Duration,
+    /// How long a write to an HTTP client may wait without the client taking a byte:
+    /// a client that stops reading (or a peer that sends requests and never reads the
+    /// answers) must not hold its connection and the responses buffered for it forever.
+    /// Default 60 s, like nginx's `send_timeout`, which also times the wait between two
+    /// successive writes rather than the whole response.
+    pub http_write_timeout: Duration,
     /// The UID meshinit exempts (`--proxy-uid`). meshproxy only warns when its
     /// effective UID differs: every connection it forwards would then be redirected
     /// back to it. Default 2102, meshinit's.
@@ -327,6 +339,9 @@ impl Config {
         let http_header_read_timeout = s
             .get("http_header_read_timeout", parse_duration)?
             .unwrap_or(crate::http::DEFAULT_HEADER_READ_TIMEOUT);
+        let http_write_timeout = s
+            .get("http_write_timeout", parse_duration)?
+            .unwrap_or(crate::http::DEFAULT_WRITE_TIMEOUT);
         let proxy_uid = s.get("proxy_uid", parse_uid)?.unwrap_or(DEFAULT_PROXY_UID);
         let metrics_retain_idle = s
             .get("metrics_retain_idle", parse_duration)?
@@ -389,6 +404,7 @@ impl Config {
             handshake_timeout,
             connect_timeout,
             http_header_read_timeout,
+            http_write_timeout,
             proxy_uid,
             metrics_retain_idle,
             log_format,

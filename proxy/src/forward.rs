@@ -159,6 +159,7 @@ impl Forwarder {
             http: HttpProxy::new(
                 config.connect_timeout,
                 config.http_header_read_timeout,
+                config.http_write_timeout,
                 http_metrics,
                 mesh_connector,
             ),

@@ -59,6 +59,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// and keep-alive timeouts.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `--http-write-timeout` when not set: a minute, like nginx's `send_timeout`.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The HTTP version of a connection, as detected (and of the pooled connections it
 /// uses: the proxy speaks the client's version).
 pub(crate) use crate::hop::HttpVersion as Version;
@@ -71,6 +74,9 @@ pub struct HttpProxy {
     /// How long an HTTP/1 client may take to send a request head
     /// (`--http-header-read-timeout`).
     header_read_timeout: Duration,
+    /// How long a write to a client may wait for it to take a byte
+    /// (`--http-write-timeout`).
+    write_timeout: Duration,
     errors: Arc<ErrorLog>,
     /// Set when the proxy shuts down: connections finish their requests in flight,
     /// then close (HTTP/1 after the current response, HTTP/2 with a GOAWAY), instead
@@ -93,11 +99,13 @@ pub struct ClientConn {
 
 impl HttpProxy {
     /// A proxy whose connects give up after `connect_timeout`, whose HTTP/1 clients
-    /// must send each request head within `header_read_timeout`, and that reaches mesh
-    /// peers ([`upstream::Transport::Mesh`]) through `mesh`, when given.
+    /// must send each request head within `header_read_timeout`, whose clients must
+    /// take each write within `write_timeout`, and that reaches mesh peers
+    /// ([`upstream::Transport::Mesh`]) through `mesh`, when given.
     pub fn new(
         connect_timeout: Duration,
         header_read_timeout: Duration,
+        write_timeout: Duration,
         metrics: HttpMetrics,
         mesh: Option<Arc<dyn upstream::MeshConnect>>,
     ) -> HttpProxy {
@@ -105,6 +113,7 @@ impl HttpProxy {
             pool: Pool::new(connect_timeout, mesh),
             metrics,
             header_read_timeout,
+            write_timeout,
             errors: Arc::new(ErrorLog::default()),
             draining: Arc::new(tokio::sync::watch::Sender::new(false)),
         }

@@ -646,6 +646,91 @@ async fn a_body_cut_short_is_a_failure() {
     support::wait_for_responses(&proxy, &labels, 200, "failure", 1.0).await;
 }
 
+/// A client that stops reading a large response is cut once a write to it has waited
+/// `--http-write-timeout`, its response counted as a failure; a client that reads the
+/// same response slowly, for longer than the timeout in all, gets all of it.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_at_the_write_timeout_and_a_slow_one_is_not() {
+    const TOTAL: usize = 32 << 20;
+    const CHUNK: usize = 64 << 10;
+    let (target, _) = server(false, |_req| async {
+        let chunks = futures_util::stream::iter(
+            (0..TOTAL / CHUNK)
+                .map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![7u8; CHUNK])))),
+        );
+        let mut response = Response::new(StreamBody::new(chunks).boxed());
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_LENGTH, TOTAL.into());
+        response
+    })
+    .await;
+    let proxy = proxy_to(target, |a| a.http_write_timeout = Some("1s".into())).await;
+
+    // Asks, reads nothing for three timeouts, then finds part of the body and the end.
+    let mut stalled = TcpStream::connect(proxy.outbound()).await.unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nHost: stalled.test\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0; CHUNK];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        // The end may be a reset: the proxy closed with bytes the client never took.
+        while let Ok(n @ 1..) = stalled.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "still open after 13 s, {} bytes read",
+        got.len()
+    );
+    assert!(
+        got.starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{:?}",
+        &got[..got.len().min(64)]
+    );
+    assert!(
+        got.len() < TOTAL,
+        "all of the body arrived: the client was not cut"
+    );
+    support::wait_for_responses(
+        &proxy,
+        &outbound(target, "stalled.test"),
+        200,
+        "failure",
+        1.0,
+    )
+    .await;
+
+    // Reads 64 KiB every 5 ms: about 2.6 s in all, never 1 s without taking a byte.
+    let mut slow = TcpStream::connect(proxy.outbound()).await.unwrap();
+    slow.write_all(b"GET /big HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut body = 0;
+    while body < TOTAL {
+        let n = slow.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "cut after {body} bytes of the body");
+        if head.ends_with(b"\r\n\r\n") {
+            body += n;
+        } else {
+            head.extend_from_slice(&buf[..n]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                body += head.len() - end - 4;
+                head.truncate(end + 4);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(body, TOTAL);
+    support::wait_for_responses(&proxy, &outbound(target, "slow.test"), 200, "success", 1.0).await;
+}
+
 /// HTTP/2 `CONNECT` (a tunnel over one stream of a multiplexed connection): opaque
 /// bytes both ways, while the connection keeps serving other streams.
 #[tokio::test]

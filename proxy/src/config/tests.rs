@@ -163,9 +163,34 @@ fn http_header_read_timeout_defaults_to_a_minute_and_comes_from_every_source() {
 }
 
 #[test]
+fn http_write_timeout_defaults_to_a_minute_and_comes_from_every_source() {
+    assert_eq!(
+        config(ProxyArgs::default(), &[], None).http_write_timeout,
+        Duration::from_secs(60)
+    );
+    let args = ProxyArgs {
+        http_write_timeout: Some("2s".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        config(args, &[], None).http_write_timeout,
+        Duration::from_secs(2)
+    );
+    let env = [("MESHPROXY_HTTP_WRITE_TIMEOUT", "3s")];
+    let c = config(ProxyArgs::default(), &env, None);
+    assert_eq!(c.http_write_timeout, Duration::from_secs(3));
+    let c = config(
+        ProxyArgs::default(),
+        &[],
+        Some("http_write_timeout = \"5s\""),
+    );
+    assert_eq!(c.http_write_timeout, Duration::from_secs(5));
+}
+
+#[test]
 fn durations_out_of_range_are_errors_naming_value_and_source() {
     type Set = fn(&mut ProxyArgs, String);
-    let settings: [(&str, Set); 5] = [
+    let settings: [(&str, Set); 6] = [
         ("detect-timeout", |a, v| a.detect_timeout = Some(v)),
         ("shutdown-grace", |a, v| a.shutdown_grace = Some(v)),
         ("handshake-timeout", |a, v| a.handshake_timeout = Some(v)),
@@ -173,6 +198,7 @@ fn durations_out_of_range_are_errors_naming_value_and_source() {
         ("http-header-read-timeout", |a, v| {
             a.http_header_read_timeout = Some(v)
         }),
+        ("http-write-timeout", |a, v| a.http_write_timeout = Some(v)),
     ];
     for (flag, set) in settings {
         for bad in [

@@ -123,7 +123,11 @@ where
             }
         }
     });
-    let mut io = Counted { io, counters };
+    let mut io = Counted {
+        io,
+        counters,
+        stall: Stall::new(cx.proxy.write_timeout),
+    };
     match version {
         Version::Http1 => {
             let started = Instant::now();
@@ -579,10 +583,70 @@ impl Drop for Counting<'_> {
     }
 }
 
-/// The client's socket, counting bytes into the connection's `tcp_*_bytes_total`.
+/// The client's socket, counting bytes into the connection's `tcp_*_bytes_total`, and
+/// failing a write the client has left waiting for `--http-write-timeout` ([`Stall`]).
 struct Counted<I> {
     io: I,
     counters: Counters,
+    stall: Stall,
+}
+
+/// Times a write to the client that cannot go on: from the moment one first waits
+/// until one goes through. A client that takes a byte now and then restarts it, so
+/// only a client that reads nothing at all for `timeout` is cut (nginx's
+/// `send_timeout`); the write then fails with `TimedOut`, which ends the connection
+/// (hyper drops it, and with it what was buffered for the client).
+struct Stall {
+    timeout: Duration,
+    /// Made the first time a write waits, then reset rather than made again: a long
+    /// download to a client slower than its server waits on most writes.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A write is waiting and `timer` runs for it.
+    waiting: bool,
+}
+
+impl Stall {
+    fn new(timeout: Duration) -> Stall {
+        Stall {
+            timeout,
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    /// What a write (or flush, or shutdown) returned, unless it has waited too long.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = false;
+            return polled;
+        }
+        let deadline = Instant::now() + self.timeout;
+        let timer = match &mut self.timer {
+            Some(timer) if self.waiting => timer,
+            Some(timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.waiting = true;
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client took nothing of what it was sent for {} (--http-write-timeout)",
+                    humantime::format_duration(self.timeout)
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
@@ -611,7 +675,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         if let Poll::Ready(Ok(n)) = polled {
             self.counters.written.inc_by(n as u64);
         }
-        polled
+        self.stall.check(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -623,7 +687,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         if let Poll::Ready(Ok(n)) = polled {
             self.counters.written.inc_by(n as u64);
         }
-        polled
+        self.stall.check(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -631,10 +695,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.stall.check(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.stall.check(cx, polled)
     }
 }
