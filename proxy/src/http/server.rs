@@ -592,25 +592,27 @@ struct Counted<I> {
 }
 
 /// Times a write to the client that cannot go on: from the moment one first waits
-/// until one goes through. A client that takes a byte now and then restarts it, so
+/// until one goes through. A client that takes a byte now and then starts it again, so
 /// only a client that reads nothing at all for `timeout` is cut (nginx's
 /// `send_timeout`); the write then fails with `TimedOut`, which ends the connection
 /// (hyper drops it, and with it what was buffered for the client).
+///
+/// A download to a client slower than its server waits on most writes, so a wait costs
+/// one clock read and a poll of the timer; the timer is made once, and moved only when
+/// it fires for a wait that has since ended (at most once a `timeout`).
 struct Stall {
     timeout: Duration,
-    /// Made the first time a write waits, then reset rather than made again: a long
-    /// download to a client slower than its server waits on most writes.
+    /// When the current wait began; `None` while writes go through.
+    since: Option<Instant>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A write is waiting and `timer` runs for it.
-    waiting: bool,
 }
 
 impl Stall {
     fn new(timeout: Duration) -> Stall {
         Stall {
             timeout,
+            since: None,
             timer: None,
-            waiting: false,
         }
     }
 
@@ -621,31 +623,27 @@ impl Stall {
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.waiting = false;
+            self.since = None;
             return polled;
         }
-        let deadline = Instant::now() + self.timeout;
-        let timer = match &mut self.timer {
-            Some(timer) if self.waiting => timer,
-            Some(timer) => {
-                timer.as_mut().reset(deadline);
-                timer
+        let deadline = *self.since.get_or_insert_with(Instant::now) + self.timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        while timer.as_mut().poll(cx).is_ready() {
+            if timer.deadline() >= deadline {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the client took nothing of what it was sent for {} (--http-write-timeout)",
+                        humantime::format_duration(self.timeout)
+                    ),
+                )));
             }
-            None => self
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        self.waiting = true;
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "the client took nothing of what it was sent for {} (--http-write-timeout)",
-                    humantime::format_duration(self.timeout)
-                ),
-            ))),
-            Poll::Pending => Poll::Pending,
+            // Armed for an earlier wait, which ended: this one's deadline is later.
+            timer.as_mut().reset(deadline);
         }
+        Poll::Pending
     }
 }
 
