@@ -134,59 +134,49 @@ fn handshake_timeout_and_proxy_uid_come_from_every_source() {
     assert!(err.contains("\"-1\"") && err.contains("proxy_uid"), "{err}");
 }
 
+/// The HTTP timeouts: a minute unless set, and set from the flag, the environment or the
+/// settings file.
+#[test]
+fn http_timeouts_default_to_a_minute_and_come_from_every_source() {
+    type Set = fn(&mut ProxyArgs, String);
+    type Get = fn(&Config) -> Duration;
+    let settings: [(&str, Set, Get); 2] = [
+        (
+            "http-header-read-timeout",
+            |a, v| a.http_header_read_timeout = Some(v),
+            |c| c.http_header_read_timeout,
+        ),
+        (
+            "http-write-timeout",
+            |a, v| a.http_write_timeout = Some(v),
+            |c| c.http_write_timeout,
+        ),
+    ];
+    for (flag, set, get) in settings {
+        assert_eq!(
+            get(&config(ProxyArgs::default(), &[], None)),
+            Duration::from_secs(60),
+            "{flag}"
+        );
+        let mut args = ProxyArgs::default();
+        set(&mut args, "2s".into());
+        assert_eq!(
+            get(&config(args, &[], None)),
+            Duration::from_secs(2),
+            "{flag}"
+        );
+        let var = format!("MESHPROXY_{}", flag.to_uppercase().replace('-', "_"));
+        let c = config(ProxyArgs::default(), &[(var.as_str(), "3s")], None);
+        assert_eq!(get(&c), Duration::from_secs(3), "{var}");
+        let file = format!("{} = \"5s\"", flag.replace('-', "_"));
+        let c = config(ProxyArgs::default(), &[], Some(&file));
+        assert_eq!(get(&c), Duration::from_secs(5), "{file}");
+    }
+}
+
 /// Every duration setting: zero and out-of-range values (which used to overflow timer
 /// arithmetic, or make every timer fire at once) are errors naming the value and where
 /// it came from, whichever source it came from.
-#[test]
-fn http_header_read_timeout_defaults_to_a_minute_and_comes_from_every_source() {
-    assert_eq!(
-        config(ProxyArgs::default(), &[], None).http_header_read_timeout,
-        Duration::from_secs(60)
-    );
-    let args = ProxyArgs {
-        http_header_read_timeout: Some("2s".into()),
-        ..Default::default()
-    };
-    assert_eq!(
-        config(args, &[], None).http_header_read_timeout,
-        Duration::from_secs(2)
-    );
-    let env = [("MESHPROXY_HTTP_HEADER_READ_TIMEOUT", "3s")];
-    let c = config(ProxyArgs::default(), &env, None);
-    assert_eq!(c.http_header_read_timeout, Duration::from_secs(3));
-    let c = config(
-        ProxyArgs::default(),
-        &[],
-        Some("http_header_read_timeout = \"5s\""),
-    );
-    assert_eq!(c.http_header_read_timeout, Duration::from_secs(5));
-}
-
-#[test]
-fn http_write_timeout_defaults_to_a_minute_and_comes_from_every_source() {
-    assert_eq!(
-        config(ProxyArgs::default(), &[], None).http_write_timeout,
-        Duration::from_secs(60)
-    );
-    let args = ProxyArgs {
-        http_write_timeout: Some("2s".into()),
-        ..Default::default()
-    };
-    assert_eq!(
-        config(args, &[], None).http_write_timeout,
-        Duration::from_secs(2)
-    );
-    let env = [("MESHPROXY_HTTP_WRITE_TIMEOUT", "3s")];
-    let c = config(ProxyArgs::default(), &env, None);
-    assert_eq!(c.http_write_timeout, Duration::from_secs(3));
-    let c = config(
-        ProxyArgs::default(),
-        &[],
-        Some("http_write_timeout = \"5s\""),
-    );
-    assert_eq!(c.http_write_timeout, Duration::from_secs(5));
-}
-
 #[test]
 fn durations_out_of_range_are_errors_naming_value_and_source() {
     type Set = fn(&mut ProxyArgs, String);
