@@ -212,10 +212,11 @@ async fn http2_streams_are_multiplexed_over_one_connection() {
 
 #[tokio::test]
 async fn a_refused_connect_is_a_502_with_the_cause() {
-    // A port nobody listens on.
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = closed.local_addr().unwrap();
-    drop(closed);
+    // A port nobody listens on, kept bound so that nothing else (not even the proxy's
+    // own connect, as its source port) can take it meanwhile.
+    let refusing = tokio::net::TcpSocket::new_v4().unwrap();
+    refusing.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let target = refusing.local_addr().unwrap();
     let proxy = proxy_to(target, |_| {}).await;
     let mut client = h1_client(proxy.outbound()).await;
     let response = get(&mut client, "gone.test", "/").await;

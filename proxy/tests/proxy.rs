@@ -250,11 +250,12 @@ async fn opaque_bytes_and_connect_errors_are_counted() {
     proxy.stop().await;
 
     // A destination nobody listens on: counted as opened and closed with its errno.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // The port stays bound (not listening) for the whole test: freed, it could be
+    // taken by another test, or be the very port the proxy's connect picks as its
+    // source (a loopback self-connect, which succeeds).
+    let refusing = tokio::net::TcpSocket::new_v4().unwrap();
+    refusing.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = refusing.local_addr().unwrap();
     let proxy = start(args(|_| {}), closed).await;
     assert!(exchange(proxy.outbound(), b"hello").await.is_empty());
     let l = labels("outbound", closed, "opaque").replace("}", ",errno=\"ECONNREFUSED\"}");
