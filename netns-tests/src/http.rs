@@ -4,8 +4,8 @@
 //! ([`nginx_sites`]), and small helpers for curl runs, files, memory and promtool.
 
 use std::fs;
-use std::io::Write;
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -306,4 +306,31 @@ pub fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
         .map(|(_, v)| v.trim())
+}
+
+/// Sends `heads` (each a request line and header lines, without the blank line that ends
+/// them) pipelined on one connection from `ns` to `to`, the last with `Connection:
+/// close`; one thread writes while this one reads, so a proxy that answers as it reads
+/// never blocks on a full socket. Everything the connection returned until it closed.
+pub fn pipelined(ns: &Netns, to: SocketAddr, heads: Vec<String>) -> String {
+    let stream = ns.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let total = heads.len();
+    let sender = std::thread::spawn(move || {
+        for (i, head) in heads.iter().enumerate() {
+            let close = if i + 1 == total {
+                "Connection: close\r\n"
+            } else {
+                ""
+            };
+            write!(writer, "{head}{close}\r\n").unwrap();
+        }
+    });
+    let mut responses = String::new();
+    (&stream).read_to_string(&mut responses).unwrap();
+    sender.join().unwrap();
+    responses
 }

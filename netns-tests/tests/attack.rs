@@ -758,27 +758,12 @@ fn hostile_status_codes_and_grpc_statuses_keep_the_response_series_capped() {
         .map(|i| format!("/status/{}/{}", 200 + i % 800, (i / 800) % 17))
         .chain((0..INVENTED).map(|i| format!("/status/200/{}", 1_000_000 + i)))
         .collect();
-    let stream = pods
-        .pod
-        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap());
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
     let total = paths.len();
-    let sender = std::thread::spawn(move || {
-        for (i, path) in paths.iter().enumerate() {
-            let close = if i + 1 == total {
-                "Connection: close\r\n"
-            } else {
-                ""
-            };
-            write!(writer, "GET {path} HTTP/1.1\r\nHost: h\r\n{close}\r\n").unwrap();
-        }
-    });
-    let mut responses = String::new();
-    (&stream).read_to_string(&mut responses).unwrap();
-    sender.join().unwrap();
+    let heads = paths
+        .iter()
+        .map(|path| format!("GET {path} HTTP/1.1\r\nHost: h\r\n"))
+        .collect();
+    let responses = pipelined(&pods.pod, to, heads);
     // Every body is empty: each status line starts a response.
     assert_eq!(
         responses.matches("HTTP/1.1 ").count(),

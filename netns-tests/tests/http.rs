@@ -252,31 +252,11 @@ fn hostile_and_3000_distinct_authorities_keep_the_metrics_parseable_and_capped()
     promtool_check(&metrics.text);
 
     // One connection, 3,000 pipelined requests, each with its own Host: what a client
-    // (not a well-behaved one) may send. Written by one thread while this one reads.
-    let stream = pods
-        .pod
-        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap());
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let sender = std::thread::spawn(move || {
-        for i in 0..AUTHORITIES {
-            let close = if i + 1 == AUTHORITIES {
-                "Connection: close\r\n"
-            } else {
-                ""
-            };
-            write!(
-                writer,
-                "GET /ok HTTP/1.1\r\nHost: host-{i}.example\r\n{close}\r\n"
-            )
-            .unwrap();
-        }
-    });
-    let mut responses = String::new();
-    (&stream).read_to_string(&mut responses).unwrap();
-    sender.join().unwrap();
+    // (not a well-behaved one) may send.
+    let heads = (0..AUTHORITIES)
+        .map(|i| format!("GET /ok HTTP/1.1\r\nHost: host-{i}.example\r\n"))
+        .collect();
+    let responses = pipelined(&pods.pod, to, heads);
     assert_eq!(
         responses.matches("HTTP/1.1 200 ").count(),
         AUTHORITIES,
