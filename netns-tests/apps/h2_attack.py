@@ -23,6 +23,11 @@ Modes (each prints one JSON object on stdout, then exits):
 - `no-read`: a 2 GiB window, then --count GETs of --path, and nothing read for --hold
   seconds (prints `holding` on stderr when the requests are out); with --then-drain S,
   then raw reads for up to S seconds: did the server end the connection, and when.
+- `no-window`: stream windows of 0 (SETTINGS_INITIAL_WINDOW_SIZE), one GET of --path, and
+  the socket read for --hold seconds without ever opening that stream's window (with
+  --grant BYTES --every SECONDS: opening it by BYTES that often); then a GET of /ok with
+  its window open. Reports whether and when (after its response's head) the first stream
+  was reset, the DATA bytes it got, and the second's status.
 
 With --tls the connection is TLS 1.3 with the client certificate CERT/KEY, the server
 verified against CA as SERVER_NAME, and ALPN `transport.l5d.io/v1`; the transport header
@@ -41,6 +46,7 @@ import time
 import hpack
 from hyperframe.frame import (
     ContinuationFrame,
+    DataFrame,
     Frame,
     GoAwayFrame,
     HeadersFrame,
@@ -101,6 +107,12 @@ class Conn:
         self.response_at = None
         self.resets = {}
         self.statuses = {}
+        # Per stream: when its response head came, its status, its DATA bytes, and
+        # when and how it was reset.
+        self.head_at = {}
+        self.status_of = {}
+        self.data = {}
+        self.reset_of = {}
         self.server_settings = {}
         self.next_id = 1
         sock.sendall(PREFACE + SettingsFrame(0).serialize())
@@ -161,6 +173,9 @@ class Conn:
                 }
             elif isinstance(frame, RstStreamFrame):
                 self.resets[frame.error_code] = self.resets.get(frame.error_code, 0) + 1
+                self.reset_of[frame.stream_id] = (time.monotonic(), frame.error_code)
+            elif isinstance(frame, DataFrame):
+                self.data[frame.stream_id] = self.data.get(frame.stream_id, 0) + len(frame.data)
             elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
                 self.server_settings.update(frame.settings)
                 self.send([SettingsFrame(0, flags=["ACK"])])
@@ -171,6 +186,8 @@ class Conn:
                 status = _status(frame.data)
                 if status:
                     self.statuses[status] = self.statuses.get(status, 0) + 1
+                self.head_at.setdefault(frame.stream_id, self.response_at)
+                self.status_of.setdefault(frame.stream_id, status)
 
     def report(self):
         return {
@@ -243,6 +260,8 @@ def main():
     parser.add_argument("--size", type=int, default=1 << 20)
     parser.add_argument("--hold", type=float, default=5.0)
     parser.add_argument("--then-drain", type=float, default=0.0)
+    parser.add_argument("--grant", type=int, default=0)
+    parser.add_argument("--every", type=float, default=0.5)
     parser.add_argument("--tls", nargs=4)
     parser.add_argument("--transport-port", type=int, default=0)
     args = parser.parse_args()
@@ -371,6 +390,42 @@ def main():
         result = {"opened": args.count}
         if args.then_drain:
             result.update(drain(conn.sock, args.then_drain))
+    elif args.mode == "no-window":
+        conn = Conn(args)
+        conn.send([SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0})])
+        stalled = conn.new_stream()
+        conn.send([HeadersFrame(stalled, conn.request_headers(args.path), flags=["END_HEADERS", "END_STREAM"])])
+        deadline = time.monotonic() + args.hold
+        while not conn.closed and time.monotonic() < deadline:
+            conn.read(min(args.every, deadline - time.monotonic()))
+            if args.grant and stalled not in conn.reset_of and not conn.closed:
+                # The connection's window too, so that only the stream's is the limit.
+                conn.send(
+                    [
+                        WindowUpdateFrame(stalled, window_increment=args.grant),
+                        WindowUpdateFrame(0, window_increment=args.grant),
+                    ]
+                )
+        reset = conn.reset_of.get(stalled)
+        head_at = conn.head_at.get(stalled)
+        result = {
+            "stalled": {
+                "status": conn.status_of.get(stalled),
+                "bytes": conn.data.get(stalled, 0),
+                "reset_code": reset[1] if reset else None,
+                "reset_after": round(reset[0] - head_at, 3) if reset and head_at else None,
+            }
+        }
+        if not conn.closed:
+            second = conn.new_stream()
+            conn.send(
+                [
+                    HeadersFrame(second, conn.request_headers("/ok"), flags=["END_HEADERS", "END_STREAM"]),
+                    WindowUpdateFrame(second, window_increment=65535),
+                ]
+            )
+            conn.read(2)
+            result["next_status"] = conn.status_of.get(second)
     else:
         sys.exit(f"unknown mode {args.mode}")
 

@@ -31,6 +31,7 @@ use serde_json::Value;
 /// HTTP/2's ENHANCE_YOUR_CALM and REFUSED_STREAM error codes.
 const ENHANCE_YOUR_CALM: u64 = 0xb;
 const REFUSED_STREAM: &str = "7";
+const CANCEL: u64 = 0x8;
 
 /// The victim: the peer's inbound proxy (started by [`Victim::proxy`]) with nginx behind
 /// it.
@@ -322,6 +323,62 @@ fn h2_a_client_that_stops_reading_is_closed_at_the_write_timeout() {
     // Cut before the client started reading again: a few MB were left in the sockets'
     // buffers, far from the 200 MiB of the 50 responses.
     assert!(report["drained"].as_u64().unwrap() < 64 << 20, "{report}");
+    victim.still_serves();
+}
+
+/// A client that reads its socket but never opens one stream's flow-control window got
+/// nothing on that stream, and no write to its socket ever waited: it held the stream,
+/// its buffers and its request to the destination for as long as it liked. Now the
+/// stream is reset (`CANCEL`) once its response has waited `--http-write-timeout` for the
+/// window, counted as a failed response, and the connection serves the next request. A
+/// client that opens the window slowly keeps its stream.
+#[test]
+fn h2_a_stream_whose_window_stays_shut_is_reset_at_the_write_timeout() {
+    const TIMEOUT: f64 = 2.0;
+    let victim = Victim::new("atk_no_window");
+    victim.file("big", 4 << 20);
+    let proxy = victim.proxy(&["--http-write-timeout", "2s"]);
+    let report = victim.h2("no-window", &["--path", "/big", "--hold", "6"]);
+    let stalled = &report["stalled"];
+    assert_eq!(stalled["status"], "200", "{report}");
+    assert_eq!(stalled["bytes"], 0, "the window was shut: {report}");
+    assert_eq!(
+        stalled["reset_code"], CANCEL,
+        "not reset 6 s after its response's head: {report}"
+    );
+    let after = stalled["reset_after"].as_f64().unwrap();
+    assert!(
+        (TIMEOUT - 0.3..TIMEOUT + 2.0).contains(&after),
+        "reset {after} s after the response's head: {report}"
+    );
+    assert_eq!(report["closed"], false, "{report}");
+    assert_eq!(report["goaway"], Value::Null, "{report}");
+    assert_eq!(report["next_status"], "200", "{report}");
+    let metrics = proxy.metrics();
+    let failed = metrics.sum(
+        "response_total",
+        &[("status_code", "200"), ("classification", "failure")],
+    );
+    assert_eq!(
+        failed, 1.0,
+        "the reset response is a failure\n{}",
+        metrics.text
+    );
+
+    // 16 KiB every half second (nginx's DATA frames are 8 KiB): the stream goes on.
+    let report = victim.h2(
+        "no-window",
+        &[
+            "--path", "/big", "--hold", "6", "--grant", "16384", "--every", "0.5",
+        ],
+    );
+    let stalled = &report["stalled"];
+    assert_eq!(stalled["reset_code"], Value::Null, "{report}");
+    assert!(
+        stalled["bytes"].as_u64().unwrap() >= 8 * 16384,
+        "the granted bytes came: {report}"
+    );
+    assert_eq!(report["next_status"], "200", "{report}");
     victim.still_serves();
 }
 

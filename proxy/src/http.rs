@@ -32,6 +32,7 @@ mod idle;
 pub mod metrics;
 mod orig_proto;
 mod server;
+mod stall;
 mod upgrade;
 pub mod upstream;
 

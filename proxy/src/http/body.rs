@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::headers::grpc_status;
 use super::idle::InFlight;
 use super::metrics::{HttpMetrics, ResponseLabels, Series};
+use super::stall::Waiting;
 use super::upstream::Observe;
 
 /// What the client receives as a response body.
@@ -28,7 +29,18 @@ pub struct ResponseBody {
     recorder: Option<Recorder>,
     /// Its request, in flight until the body ends or is dropped.
     in_flight: Option<InFlight>,
+    /// On an HTTP/2 stream: told when the body has handed over something and waits to
+    /// be asked for more (the stream is reset if that lasts `--http-write-timeout`).
+    waiting: Option<Arc<Waiting>>,
+    /// What is left of a data frame handed over in pieces.
+    rest: Bytes,
 }
+
+/// On an HTTP/2 stream, data is handed over in pieces of at most this (a DATA frame's
+/// default size; zero-copy slices), so that what a stream must let through within
+/// `--http-write-timeout` does not depend on how much an HTTP/1 destination's body
+/// happened to give in one read.
+const PIECE: usize = 16 * 1024;
 
 enum Inner {
     /// The destination's body.
@@ -81,23 +93,33 @@ impl Recorder {
 
 impl ResponseBody {
     pub fn upstream(body: Incoming, recorder: Recorder) -> ResponseBody {
-        ResponseBody {
-            inner: Inner::Upstream(body),
-            recorder: Some(recorder),
-            in_flight: None,
-        }
+        ResponseBody::new(Inner::Upstream(body), recorder)
     }
 
     /// A body the proxy wrote, recorded as soon as it is written (or at once when it
     /// is empty).
     pub fn local(bytes: Option<Bytes>, recorder: Recorder) -> ResponseBody {
-        let mut body = ResponseBody {
-            inner: Inner::Local(bytes.filter(|b| !b.is_empty())),
-            recorder: Some(recorder),
-            in_flight: None,
-        };
+        let mut body = ResponseBody::new(Inner::Local(bytes.filter(|b| !b.is_empty())), recorder);
         if body.is_end_stream() {
             body.finish(false);
+        }
+        body
+    }
+
+    /// The response's head goes to the client first: until it is taken and the body is
+    /// asked for its first frame, the response waits for the client.
+    fn new(inner: Inner, recorder: Recorder) -> ResponseBody {
+        let body = ResponseBody {
+            inner,
+            recorder: Some(recorder),
+            in_flight: None,
+            waiting: Waiting::current(),
+            rest: Bytes::new(),
+        };
+        if let Some(waiting) = &body.waiting {
+            if !body.is_end_stream() {
+                waiting.begin();
+            }
         }
         body
     }
@@ -114,6 +136,9 @@ impl ResponseBody {
             recorder.finish(errored);
         }
         self.in_flight = None;
+        if let Some(waiting) = self.waiting.take() {
+            waiting.end();
+        }
     }
 }
 
@@ -126,10 +151,22 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let polled = match &mut this.inner {
-            Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
-            Inner::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        if let Some(waiting) = &this.waiting {
+            waiting.end();
+        }
+        let mut polled = if !this.rest.is_empty() {
+            Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut this.rest)))))
+        } else {
+            match &mut this.inner {
+                Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
+                Inner::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            }
         };
+        if let (Some(_), Poll::Ready(Some(Ok(frame)))) = (&this.waiting, &mut polled) {
+            if let Some(data) = frame.data_mut().filter(|data| data.len() > PIECE) {
+                this.rest = data.split_off(PIECE);
+            }
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(trailers), Some(recorder)) = (frame.trailers_ref(), &mut this.recorder)
@@ -141,6 +178,8 @@ impl Body for ResponseBody {
                 // them with END_STREAM and drops the body without polling it again.
                 if frame.is_trailers() || this.is_end_stream() {
                     this.finish(false);
+                } else if let Some(waiting) = &this.waiting {
+                    waiting.begin();
                 }
             }
             Poll::Ready(Some(Err(_))) => this.finish(true),
@@ -151,19 +190,27 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Upstream(body) => body.is_end_stream(),
-            Inner::Local(bytes) => bytes.is_none(),
-        }
+        self.rest.is_empty()
+            && match &self.inner {
+                Inner::Upstream(body) => body.is_end_stream(),
+                Inner::Local(bytes) => bytes.is_none(),
+            }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
+        let inner = match &self.inner {
             Inner::Upstream(body) => body.size_hint(),
             Inner::Local(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
+        };
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
         }
+        hint
     }
 }
 

@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -41,6 +41,7 @@ use super::headers::{self, Upgrade};
 use super::idle::Activity;
 use super::metrics::{HttpMetrics, RequestLabels, ResponseLabels, Series};
 use super::orig_proto::{self, Carried};
+use super::stall::{Stall, StreamExecutor};
 use super::upstream::pool::MESH_KEEP_ALIVE;
 use super::upstream::pool::{Key, SendError};
 use super::upstream::{Endpoint, Observe, Pick, Transport, MAX_CONNECT_ATTEMPTS};
@@ -161,7 +162,12 @@ where
         }
         Version::Http2 => {
             let io = TokioIo::new(io);
-            let mut builder = http2::Builder::new(TokioExecutor::new());
+            // Each stream runs in a task of its own, reset once its response has waited
+            // for the client's flow-control window for the write timeout.
+            let executor = StreamExecutor {
+                timeout: cx.proxy.write_timeout,
+            };
+            let mut builder = http2::Builder::new(executor);
             builder
                 .auto_date_header(false)
                 .timer(TokioTimer::new())
@@ -589,62 +595,6 @@ struct Counted<I> {
     io: I,
     counters: Counters,
     stall: Stall,
-}
-
-/// Times a write to the client that cannot go on: from the moment one first waits
-/// until one goes through. A client that takes a byte now and then starts it again, so
-/// only a client that reads nothing at all for `timeout` is cut (nginx's
-/// `send_timeout`); the write then fails with `TimedOut`, which ends the connection
-/// (hyper drops it, and with it what was buffered for the client).
-///
-/// A download to a client slower than its server waits on most writes, so a wait costs
-/// one clock read and a poll of the timer; the timer is made once, and moved only when
-/// it fires for a wait that has since ended (at most once a `timeout`).
-struct Stall {
-    timeout: Duration,
-    /// When the current wait began; `None` while writes go through.
-    since: Option<Instant>,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl Stall {
-    fn new(timeout: Duration) -> Stall {
-        Stall {
-            timeout,
-            since: None,
-            timer: None,
-        }
-    }
-
-    /// What a write (or flush, or shutdown) returned, unless it has waited too long.
-    fn check<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
-            self.since = None;
-            return polled;
-        }
-        let deadline = *self.since.get_or_insert_with(Instant::now) + self.timeout;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        while timer.as_mut().poll(cx).is_ready() {
-            if timer.deadline() >= deadline {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the client took nothing of what it was sent for {} (--http-write-timeout)",
-                        humantime::format_duration(self.timeout)
-                    ),
-                )));
-            }
-            // Armed for an earlier wait, which ended: this one's deadline is later.
-            timer.as_mut().reset(deadline);
-        }
-        Poll::Pending
-    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {

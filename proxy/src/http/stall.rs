@@ -1,0 +1,244 @@
+//! `--http-write-timeout`: a client that takes nothing of what it is sent is not held
+//! forever.
+//!
+//! - [`Stall`] times one wait: from the moment something for the client cannot go on
+//!   until it does.
+//! - The client's socket fails a write that has waited the timeout (`Counted` in
+//!   `server`): that ends the connection.
+//! - [`StreamExecutor`] runs each HTTP/2 stream hyper serves, and resets a stream whose
+//!   response has had its next piece ready, and not let through by the client's
+//!   flow-control window, for the timeout. h2 sends a stream's data only within the
+//!   window its client grants, so a client that reads its socket (answers pings, takes
+//!   other streams' data) but never opens one stream's window otherwise held that
+//!   stream, its buffers and its request to the destination for as long as it liked,
+//!   and no write to its socket ever waited.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+use tracing::debug;
+
+/// Times a wait that cannot go on: from the moment one first waits until one goes
+/// through ([`Stall::moved`]). A client that takes a byte now and then starts it again,
+/// so only a client that takes nothing at all for `timeout` is cut (nginx's
+/// `send_timeout`).
+///
+/// A download to a client slower than its server waits on most writes, so a wait costs
+/// one clock read and a poll of the timer; the timer is made once, and moved only when
+/// it fires for a wait that has since ended (at most once a `timeout`).
+pub struct Stall {
+    timeout: Duration,
+    /// When the current wait began; `None` while things go through.
+    since: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Stall {
+    pub fn new(timeout: Duration) -> Stall {
+        Stall {
+            timeout,
+            since: None,
+            timer: None,
+        }
+    }
+
+    /// Things went through: the current wait, if any, is over.
+    pub fn moved(&mut self) {
+        self.since = None;
+    }
+
+    /// Still waiting: ready once the wait has lasted the timeout; until then `cx` is
+    /// woken when it will have.
+    pub fn wait(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = *self.since.get_or_insert_with(Instant::now) + self.timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        while timer.as_mut().poll(cx).is_ready() {
+            if timer.deadline() >= deadline {
+                return Poll::Ready(());
+            }
+            // Armed for an earlier wait, which ended: this one's deadline is later.
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+
+    /// What a write (or flush, or shutdown) to the client returned, unless it has
+    /// waited too long: then it fails with `TimedOut`, which ends the connection (hyper
+    /// drops it, and with it what was buffered for the client).
+    pub fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.moved();
+            return polled;
+        }
+        std::task::ready!(self.wait(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the client took nothing of what it was sent for {} (--http-write-timeout)",
+                humantime::format_duration(self.timeout)
+            ),
+        )))
+    }
+}
+
+tokio::task_local! {
+    /// The stream being served, for the response body made while serving it.
+    static STREAM: Arc<Waiting>;
+}
+
+/// Whether a stream's response waits for its client to let the next piece through,
+/// set by the response body ([`Waiting::begin`], [`Waiting::end`]) and read by the
+/// stream's task: the number of waits begun and ended, so odd while one is on, and a
+/// new wait is told from an old one.
+#[derive(Debug, Default)]
+pub struct Waiting(AtomicU64);
+
+impl Waiting {
+    /// The stream's, for a body made while serving an HTTP/2 stream; `None` elsewhere
+    /// (HTTP/1, where the socket's writes are timed instead).
+    pub fn current() -> Option<Arc<Waiting>> {
+        STREAM.try_with(Arc::clone).ok()
+    }
+
+    /// The response has handed over something (its head, or a frame) and is not asked
+    /// for more until the client takes it.
+    pub fn begin(&self) {
+        // Only the body writes, from the stream's own task.
+        if self.0.load(Ordering::Relaxed) % 2 == 0 {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The response is asked for more, or has ended.
+    pub fn end(&self) {
+        if self.0.load(Ordering::Relaxed) % 2 == 1 {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn state(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Spawns each HTTP/2 stream hyper serves as a tokio task that ends (dropping the
+/// stream, which h2 resets with `CANCEL`) once its response has waited for the client
+/// for `timeout`.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamExecutor {
+    pub timeout: Duration,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let timeout = self.timeout;
+        tokio::spawn(async move {
+            let waiting = Arc::new(Waiting::default());
+            let served = STREAM.scope(waiting.clone(), stream);
+            tokio::pin!(served);
+            let mut stall = Stall::new(timeout);
+            let mut seen = 0;
+            let reset = poll_fn(|cx| {
+                if served.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                let state = waiting.state();
+                if state != seen {
+                    seen = state;
+                    stall.moved();
+                }
+                if state % 2 == 0 {
+                    return Poll::Pending;
+                }
+                stall.wait(cx).map(|()| true)
+            })
+            .await;
+            if reset {
+                debug!(
+                    timeout = %humantime::format_duration(timeout),
+                    "HTTP/2 stream reset: its client let none of the response through (--http-write-timeout)"
+                );
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Executor;
+    use tokio::sync::oneshot;
+
+    const TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// Runs `stream` with [`StreamExecutor`]; the receiver hears `true` if it ended by
+    /// itself, and is dropped unanswered if the executor dropped it.
+    fn run<F>(stream: impl FnOnce(oneshot::Sender<bool>) -> F) -> oneshot::Receiver<bool>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        StreamExecutor { timeout: TIMEOUT }.execute(stream(tx));
+        rx
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_left_waiting_is_dropped_at_the_timeout() {
+        let mut ended = run(|tx| async move {
+            Waiting::current().unwrap().begin();
+            std::future::pending::<()>().await;
+            let _ = tx.send(true);
+        });
+        tokio::time::sleep(TIMEOUT - Duration::from_millis(10)).await;
+        assert_eq!(ended.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(ended.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_whose_waits_each_end_within_the_timeout_runs_on() {
+        let ended = run(|tx| async move {
+            let waiting = Waiting::current().unwrap();
+            for _ in 0..10 {
+                waiting.begin();
+                tokio::time::sleep(TIMEOUT * 3 / 4).await;
+                waiting.end();
+                // Asked for more at once, then handed over again: a new wait.
+                waiting.begin();
+                tokio::time::sleep(TIMEOUT / 2).await;
+                waiting.end();
+            }
+            let _ = tx.send(true);
+        });
+        assert_eq!(ended.await, Ok(true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_not_waiting_for_its_client_is_not_timed() {
+        // Waiting on the destination (a long poll): no wait for the client is on.
+        let ended = run(|tx| async move {
+            let waiting = Waiting::current().unwrap();
+            waiting.begin();
+            waiting.end();
+            tokio::time::sleep(TIMEOUT * 10).await;
+            let _ = tx.send(true);
+        });
+        assert_eq!(ended.await, Ok(true));
+        assert!(Waiting::current().is_none(), "outside a stream: no wait");
+    }
+}
