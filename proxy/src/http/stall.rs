@@ -116,14 +116,14 @@ impl Waiting {
     /// for more until the client takes it.
     pub fn begin(&self) {
         // Only the body writes, from the stream's own task.
-        if self.0.load(Ordering::Relaxed) % 2 == 0 {
+        if self.state().is_multiple_of(2) {
             self.0.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// The response is asked for more, or has ended.
     pub fn end(&self) {
-        if self.0.load(Ordering::Relaxed) % 2 == 1 {
+        if !self.state().is_multiple_of(2) {
             self.0.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -162,7 +162,7 @@ where
                     seen = state;
                     stall.moved();
                 }
-                if state % 2 == 0 {
+                if state.is_multiple_of(2) {
                     return Poll::Pending;
                 }
                 stall.wait(cx).map(|()| true)
