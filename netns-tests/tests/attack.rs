@@ -751,6 +751,54 @@ fn http1_bad_chunk_sizes_close_the_connection() {
     victim.still_serves();
 }
 
+/// A client cut by the write timeout is reset, not closed. Closed with the bytes the
+/// client never took, the proxy's socket stayed behind as an orphan (FIN-WAIT-1, its send
+/// buffer full), probing a client that takes nothing for minutes: kernel memory the
+/// attacker kept after the proxy let go.
+#[test]
+fn http1_a_client_cut_at_the_write_timeout_is_reset_and_leaves_no_orphan() {
+    let victim = Victim::new("atk_orphan");
+    victim.file("big", 64 << 20);
+    let _proxy = victim.proxy(&["--http-write-timeout", "1s"]);
+    let mut stream = connect_http1(&victim);
+    let client = stream.local_addr().unwrap().to_string();
+    stream
+        .write_all(b"GET /big HTTP/1.1\r\nHost: victim\r\n\r\n")
+        .unwrap();
+    // The proxy fills the sockets' buffers, waits a second, and cuts.
+    std::thread::sleep(Duration::from_secs(4));
+    let sockets = victim.pods.peer.exec(&["ss", "-tanH"]).expect_ok().stdout;
+    let left: Vec<&str> = sockets
+        .lines()
+        .filter(|line| line.split_whitespace().any(|field| field == client))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the proxy's socket to {client} is still there:\n{}",
+        left.join("\n")
+    );
+    // What the client had received is still its to read; then the reset.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = vec![0; 1 << 16];
+    let mut got = 0;
+    let end = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => got += n,
+            Err(error) => break Some(error.kind()),
+        }
+    };
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "after {got} bytes"
+    );
+    assert!(got > 0 && got < 64 << 20, "{got} bytes");
+    victim.still_serves();
+}
+
 #[test]
 fn http1_pipelined_requests_never_read_back_hold_bounded_memory() {
     const REQUESTS: usize = 1_000_000;

@@ -457,7 +457,12 @@ impl Forwarder {
         conn: &ConnMetrics,
     ) -> Outcome
     where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + http::ClientSocket
+            + Unpin
+            + Send
+            + 'static,
     {
         let upstream = Direct(Endpoint {
             source: from.map(|from| from.ip()),

@@ -49,6 +49,7 @@ use crate::route::Direction;
 
 pub use self::errors::ProxyError;
 pub use self::metrics::HttpMetrics;
+pub use self::stall::ClientSocket;
 pub use self::upstream::balanced::Balanced;
 pub use self::upstream::pool::Pool;
 pub use self::upstream::{Direct, Endpoint, Upstream};
@@ -135,7 +136,7 @@ impl HttpProxy {
         counters: &Counters,
     ) -> Result<(), hyper::Error>
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + ClientSocket + Unpin + Send + 'static,
     {
         server::serve(self.clone(), io, client, counters.clone()).await
     }

@@ -41,7 +41,7 @@ use super::headers::{self, Upgrade};
 use super::idle::Activity;
 use super::metrics::{HttpMetrics, RequestLabels, ResponseLabels, Series};
 use super::orig_proto::{self, Carried};
-use super::stall::{Stall, StreamExecutor};
+use super::stall::{ClientSocket, Stall, StreamExecutor};
 use super::upstream::pool::MESH_KEEP_ALIVE;
 use super::upstream::pool::{Key, SendError};
 use super::upstream::{Endpoint, Observe, Pick, Transport, MAX_CONNECT_ATTEMPTS};
@@ -89,7 +89,7 @@ pub async fn serve<I>(
     counters: Counters,
 ) -> Result<(), hyper::Error>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + ClientSocket + Unpin + Send + 'static,
 {
     let (tunnels_tx, tunnels_rx) = mpsc::unbounded_channel();
     let version = client.version;
@@ -597,6 +597,27 @@ struct Counted<I> {
     stall: Stall,
 }
 
+impl<I: ClientSocket> Counted<I> {
+    /// What a write to the client returned, unless it has waited too long: then the
+    /// socket is reset as it closes. Closed with the bytes the client never took, it
+    /// would linger as an orphan, holding its send buffer (up to megabytes) and probing
+    /// a client that takes nothing for minutes.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let checked = self.stall.check(cx, polled);
+        if let Poll::Ready(Err(error)) = &checked {
+            if error.kind() == io::ErrorKind::TimedOut {
+                // Best effort: the socket is closed next either way.
+                let _ = socket2::SockRef::from(self.io.tcp()).set_linger(Some(Duration::ZERO));
+            }
+        }
+        checked
+    }
+}
+
 impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -613,7 +634,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+impl<I: AsyncWrite + ClientSocket + Unpin> AsyncWrite for Counted<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -623,7 +644,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         if let Poll::Ready(Ok(n)) = polled {
             self.counters.written.inc_by(n as u64);
         }
-        self.stall.check(cx, polled)
+        self.check(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -635,7 +656,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         if let Poll::Ready(Ok(n)) = polled {
             self.counters.written.inc_by(n as u64);
         }
-        self.stall.check(cx, polled)
+        self.check(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -644,11 +665,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.io).poll_flush(cx);
-        self.stall.check(cx, polled)
+        self.check(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.io).poll_shutdown(cx);
-        self.stall.check(cx, polled)
+        self.check(cx, polled)
     }
 }

@@ -4,7 +4,7 @@
 //! - [`Stall`] times one wait: from the moment something for the client cannot go on
 //!   until it does.
 //! - The client's socket fails a write that has waited the timeout (`Counted` in
-//!   `server`): that ends the connection.
+//!   `server`): that ends the connection, with a reset ([`ClientSocket`]).
 //! - [`StreamExecutor`] runs each HTTP/2 stream hyper serves, and resets a stream whose
 //!   response has had its next piece ready, and not let through by the client's
 //!   flow-control window, for the timeout. h2 sends a stream's data only within the
@@ -21,8 +21,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tracing::debug;
+
+use crate::prefixed::Prefixed;
 
 /// Times a wait that cannot go on: from the moment one first waits until one goes
 /// through ([`Stall::moved`]). A client that takes a byte now and then starts it again,
@@ -90,6 +94,36 @@ impl Stall {
                 humantime::format_duration(self.timeout)
             ),
         )))
+    }
+}
+
+/// A client connection whose TCP socket is reachable below its layers (the bytes
+/// detection read, replayed; TLS), so that the write timeout can reset it.
+pub trait ClientSocket {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl ClientSocket for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl<S: ClientSocket> ClientSocket for Prefixed<S> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().tcp()
+    }
+}
+
+impl<S: ClientSocket + tokio::io::AsyncRead> ClientSocket for BufReader<S> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().tcp()
+    }
+}
+
+impl<S: ClientSocket> ClientSocket for tokio_rustls::server::TlsStream<S> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.tcp()
     }
 }
 
