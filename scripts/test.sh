@@ -45,11 +45,12 @@ fi
 # grpcio and websockets (PyPI) for the HTTP netns tests' gRPC and WebSocket
 # servers and clients (netns-tests/apps/*.py, run by netns-tests/tests/http.rs);
 # h2 (its hyperframe and hpack) for the raw HTTP/2 frames of the attack tests
-# (netns-tests/apps/h2_attack.py, run by netns-tests/tests/attack.rs).
-if ! target/http-venv/bin/python3 -c 'import grpc, websockets, hyperframe, hpack' 2>/dev/null; then
-  echo "==> installing grpcio, websockets and h2 into target/http-venv"
+# (netns-tests/apps/h2_attack.py, run by netns-tests/tests/attack.rs); hypercorn for
+# the WebSocket over HTTP/2 server (RFC 8441, netns-tests/apps/ws_h2.py).
+if ! target/http-venv/bin/python3 -c 'import grpc, websockets, hyperframe, hpack, hypercorn' 2>/dev/null; then
+  echo "==> installing grpcio, websockets, h2 and hypercorn into target/http-venv"
   python3 -m venv target/http-venv
-  target/http-venv/bin/pip install -q grpcio==1.85.3 websockets==17.4 h2==4.4.1
+  target/http-venv/bin/pip install -q grpcio==1.85.3 websockets==17.4 h2==4.4.1 hypercorn==0.18.0
 fi
 
 echo "==> building"

@@ -97,7 +97,8 @@ class Conn:
             sock = context.wrap_socket(sock, server_hostname=name)
             sock.sendall(transport_header(args.transport_port))
         self.sock = sock
-        self.authority = args.authority or f"{args.host}:{args.port}"
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        self.authority = args.authority or f"{host}:{args.port}"
         self.encoder = hpack.Encoder()
         self.buf = b""
         self.closed = False

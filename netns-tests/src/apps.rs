@@ -142,7 +142,7 @@ pub fn nghttpd(ns: &Netns, dir: &Path, docroot: &Path, port: u16) -> App {
 }
 
 /// The venv's `python3`: `$HTTP_TEST_VENV/bin/python3`, or `target/http-venv` in the
-/// workspace, where `scripts/test.sh` installs grpcio, websockets and h2.
+/// workspace, where `scripts/test.sh` installs grpcio, websockets, h2 and hypercorn.
 pub fn python() -> PathBuf {
     let venv = std::env::var_os("HTTP_TEST_VENV").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/http-venv"),
@@ -152,7 +152,7 @@ pub fn python() -> PathBuf {
     if !python.is_file() {
         panic!(
             "{} not found: run scripts/test.sh, or `python3 -m venv target/http-venv && \
-             target/http-venv/bin/pip install grpcio websockets h2`, or set HTTP_TEST_VENV",
+             target/http-venv/bin/pip install grpcio websockets h2 hypercorn`, or set HTTP_TEST_VENV",
             python.display()
         );
     }

@@ -31,6 +31,8 @@ pub const NOBODY: u16 = 8099;
 pub const GRPC: u16 = 50051;
 /// The Python WebSocket echo server (websockets).
 pub const WS: u16 = 8765;
+/// The Python WebSocket echo server over HTTP/2 and HTTP/1.1 (hypercorn, `apps/ws_h2.py`).
+pub const WS_H2: u16 = 8766;
 
 /// A mebibyte.
 pub const MIB: u64 = 1 << 20;

@@ -382,6 +382,43 @@ fn h2_a_stream_whose_window_stays_shut_is_reset_at_the_write_timeout() {
     victim.still_serves();
 }
 
+/// The same for a WebSocket over HTTP/2 (RFC 8441's extended CONNECT): once tunnelled,
+/// the proxy writes the server's bytes into the client's stream, which waits for the
+/// stream's window, not for the socket. A client that opens no window held the tunnel,
+/// its buffers and the server's connection for as long as it liked; now the stream is
+/// reset once a write to it has waited `--http-write-timeout`.
+#[test]
+fn h2_a_tunnel_whose_window_stays_shut_is_reset_at_the_write_timeout() {
+    const TIMEOUT: f64 = 2.0;
+    let victim = Victim::new("atk_tunnel");
+    let _server = apps::python_server(
+        &victim.pods.peer,
+        victim.scratch.path(),
+        "ws_h2.py",
+        &["serve", &WS_H2.to_string()],
+        WS_H2,
+    );
+    let _proxy = victim.proxy(&["--http-write-timeout", "2s"]);
+    let to = to(WS_H2);
+    let (host, port) = (to.ip().to_string(), to.port().to_string());
+    // 256 KiB echoed into a window of 0.
+    let args = ["stall", &host, &port, "--size", "262144", "--hold", "8"];
+    let (report, run) = python_call(&victim.pods.pod, "ws_h2.py", &args);
+    assert_eq!(report["status"], "200", "{run}");
+    assert_eq!(report["received"], 0, "{run}");
+    assert_eq!(
+        report["reset_code"], CANCEL,
+        "not reset 8 s after the message: {run}"
+    );
+    let after = report["reset_after"].as_f64().unwrap();
+    assert!(
+        (TIMEOUT - 0.3..TIMEOUT + 2.5).contains(&after),
+        "reset {after} s after the message: {run}"
+    );
+    assert_eq!(report["closed"], false, "{run}");
+    victim.still_serves();
+}
+
 /// Runs `h2_attack.py no-read` twice at once from `ns`, each with `streams` GETs of
 /// `/big` from nginx's HTTP/2 port, one over IPv4 and one over IPv6 (two upstream
 /// connections: nginx serves 128 streams of each at a time), for 5 s, sampling `proxy`'s

@@ -10,7 +10,8 @@
 //! - 100 MiB up (POST, with Content-Length and `Expect: 100-continue`, and chunked) and down
 //!   are SHA-256 identical; a slow client and a slow server hold neither proxy's memory
 //!   above 64 MiB (backpressure).
-//! - WebSocket: echoes after the upgrade, counted as one request.
+//! - WebSocket: echoes after the upgrade, counted as one request; and over HTTP/2's
+//!   extended CONNECT (RFC 8441, hypercorn), 2 MB each way.
 
 use std::net::SocketAddr;
 
@@ -185,5 +186,33 @@ fn a_websocket_echoes_after_the_upgrade_and_counts_as_one_request() {
         assert!(result.get("mismatch_at").is_none(), "{run}");
         pair.expect("request_total", to, &[], 1.0);
         pair.expect_responses(to, "101", "success", 1.0);
+    }
+}
+
+/// RFC 8441: a WebSocket opened by an HTTP/2 extended `CONNECT` (`:protocol websocket`)
+/// travels on the HTTP/2 connections like any request (the pod's proxy's pooled one to
+/// the peer's proxy included), and its bytes flow both ways once the server answers 200.
+#[test]
+fn a_websocket_over_http2_extended_connect_echoes_and_counts_as_one_request() {
+    let pods = Pods::new("http_ws_h2");
+    let scratch = Scratch::new("http_ws_h2");
+    let _server = apps::python_server(
+        &pods.peer,
+        scratch.path(),
+        "ws_h2.py",
+        &["serve", &WS_H2.to_string()],
+        WS_H2,
+    );
+    let pair = mesh_both(&pods);
+    for family in Family::ALL {
+        let to = SocketAddr::new(family.peer(), WS_H2);
+        let (host, port) = (to.ip().to_string(), to.port().to_string());
+        let (result, run) = python_call(&pods.pod, "ws_h2.py", &["call", &host, &port]);
+        assert_eq!(result["status"], "200", "{run}");
+        assert_eq!(result["sent"], 20, "{run}");
+        assert_eq!(result["echoed"], result["sent"], "{run}");
+        assert!(result.get("mismatch_at").is_none(), "{run}");
+        pair.expect("request_total", to, &[], 1.0);
+        pair.expect_responses(to, "200", "success", 1.0);
     }
 }

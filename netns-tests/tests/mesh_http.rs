@@ -2,11 +2,12 @@
 //! pod A's outbound proxy carries the requests of many client connections (real curl,
 //! HTTP/1.1, HTTP/1.0 and HTTP/2) to nginx in pod B over pooled mTLS HTTP/2 connections,
 //! one per destination port, which `ss` in A's namespace counts; tcpdump on A's veth sees
-//! only TLS between the pods.
+//! only TLS between the pods. A WebSocket over HTTP/2 (RFC 8441's extended CONNECT) takes
+//! the same pooled connection.
 
 use std::net::SocketAddr;
 
-use netns_tests::apps::{curl, url};
+use netns_tests::apps::{self, curl, url};
 use netns_tests::http::*;
 use netns_tests::mesh::{contains, Capture, Mesh, INBOUND_PORT, TRANSPORT_ALPN};
 use netns_tests::{Family, Pods};
@@ -129,6 +130,41 @@ fn many_curl_connections_cross_in_ciphertext_over_at_most_two_mtls_connections()
             !contains(&wire, plaintext),
             "{} crossed the veth in plaintext",
             String::from_utf8_lossy(plaintext)
+        );
+    }
+}
+
+/// RFC 8441: a WebSocket opened by an HTTP/2 extended `CONNECT` from pod A crosses the
+/// pooled mTLS HTTP/2 connection to B's proxy like any HTTP/2 request, and its bytes flow
+/// both ways: counted with `tls="true"` on both sides.
+#[test]
+fn a_websocket_over_http2_crosses_the_pooled_mtls_connection() {
+    let pods = Pods::new("mesh_ws_h2");
+    let mesh = Mesh::new("mesh_ws_h2", &pods);
+    let _server = apps::python_server(
+        &pods.peer,
+        mesh.scratch.path(),
+        "ws_h2.py",
+        &["serve", &WS_H2.to_string()],
+        WS_H2,
+    );
+    let b = mesh.start_b(&pods, &[]);
+    let a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
+    for (i, family) in Family::ALL.into_iter().enumerate() {
+        let to = SocketAddr::new(family.peer(), WS_H2);
+        let (host, port) = (to.ip().to_string(), to.port().to_string());
+        let (result, run) = python_call(&pods.pod, "ws_h2.py", &["call", &host, &port]);
+        assert_eq!(result["status"], "200", "{run}");
+        assert_eq!(result["sent"], 20, "{run}");
+        assert_eq!(result["echoed"], result["sent"], "{run}");
+        assert!(result.get("mismatch_at").is_none(), "{run}");
+        let tls = [("tls", "true")];
+        expect(&a, "outbound", "request_total", to, &tls, 1.0);
+        b.wait_for_metric(
+            "request_total",
+            &[("direction", "inbound"), ("tls", "true")],
+            (i + 1) as f64,
+            METRICS_TIMEOUT,
         );
     }
 }

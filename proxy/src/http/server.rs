@@ -16,10 +16,9 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,7 +28,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -41,7 +40,7 @@ use super::headers::{self, Upgrade};
 use super::idle::Activity;
 use super::metrics::{HttpMetrics, RequestLabels, ResponseLabels, Series};
 use super::orig_proto::{self, Carried};
-use super::stall::{ClientSocket, Stall, StreamExecutor};
+use super::stall::{ClientIo, ClientSocket, StreamExecutor, Waiting};
 use super::upstream::pool::MESH_KEEP_ALIVE;
 use super::upstream::pool::{Key, SendError};
 use super::upstream::{Endpoint, Observe, Pick, Transport, MAX_CONNECT_ATTEMPTS};
@@ -124,11 +123,7 @@ where
             }
         }
     });
-    let mut io = Counted {
-        io,
-        counters,
-        stall: Stall::new(cx.proxy.write_timeout),
-    };
+    let mut io = ClientIo::new(io, Some(counters), cx.proxy.write_timeout);
     match version {
         Version::Http1 => {
             let started = Instant::now();
@@ -425,9 +420,11 @@ impl ConnCx {
         let upgraded = match (upgrade, client_upgrade) {
             (Some(kind), Some(client)) if kind.accepted(&response) => {
                 let upstream = hyper::upgrade::on(&mut response);
-                let _ = self
-                    .tunnels
-                    .send(Box::pin(super::upgrade::tunnel(client, upstream)));
+                // On HTTP/2, the stream the tunnel runs in (see `stall`).
+                let stream = Waiting::current();
+                let timeout = self.proxy.write_timeout;
+                let tunnel = super::upgrade::tunnel(client, upstream, timeout, stream);
+                let _ = self.tunnels.send(Box::pin(tunnel));
                 true
             }
             _ => false,
@@ -586,90 +583,5 @@ impl Counting<'_> {
 impl Drop for Counting<'_> {
     fn drop(&mut self) {
         self.count();
-    }
-}
-
-/// The client's socket, counting bytes into the connection's `tcp_*_bytes_total`, and
-/// failing a write the client has left waiting for `--http-write-timeout` ([`Stall`]).
-struct Counted<I> {
-    io: I,
-    counters: Counters,
-    stall: Stall,
-}
-
-impl<I: ClientSocket> Counted<I> {
-    /// What a write to the client returned, unless it has waited too long: then the
-    /// socket is reset as it closes. Closed with the bytes the client never took, it
-    /// would linger as an orphan, holding its send buffer (up to megabytes) and probing
-    /// a client that takes nothing for minutes.
-    fn check<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        let checked = self.stall.check(cx, polled);
-        if let Poll::Ready(Err(error)) = &checked {
-            if error.kind() == io::ErrorKind::TimedOut {
-                // Best effort: the socket is closed next either way.
-                let _ = socket2::SockRef::from(self.io.tcp()).set_linger(Some(Duration::ZERO));
-            }
-        }
-        checked
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
-        if read > 0 {
-            self.counters.read.inc_by(read as u64);
-        }
-        polled
-    }
-}
-
-impl<I: AsyncWrite + ClientSocket + Unpin> AsyncWrite for Counted<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.counters.written.inc_by(n as u64);
-        }
-        self.check(cx, polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.counters.written.inc_by(n as u64);
-        }
-        self.check(cx, polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_flush(cx);
-        self.check(cx, polled)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
-        self.check(cx, polled)
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! - [`Stall`] times one wait: from the moment something for the client cannot go on
 //!   until it does.
-//! - The client's socket fails a write that has waited the timeout (`Counted` in
-//!   `server`): that ends the connection, with a reset ([`ClientSocket`]).
+//! - [`ClientIo`], the client's side, fails a write that has waited the timeout: below
+//!   hyper (its socket) that ends the connection, with a reset ([`ClientSocket`]); above
+//!   it (a tunnel) it ends the tunnel, which on HTTP/2 is a stream whose writes wait
+//!   for its flow-control window, not for the socket.
 //! - [`StreamExecutor`] runs each HTTP/2 stream hyper serves, and resets a stream whose
 //!   response has had its next piece ready, and not let through by the client's
 //!   flow-control window, for the timeout. h2 sends a stream's data only within the
@@ -21,11 +23,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::BufReader;
+use futures_util::task::AtomicWaker;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
+use crate::metrics::Counters;
 use crate::prefixed::Prefixed;
 
 /// Times a wait that cannot go on: from the moment one first waits until one goes
@@ -98,32 +104,41 @@ impl Stall {
 }
 
 /// A client connection whose TCP socket is reachable below its layers (the bytes
-/// detection read, replayed; TLS), so that the write timeout can reset it.
+/// detection read, replayed; TLS), so that the write timeout can reset it; a tunnel
+/// above hyper has none of its own.
 pub trait ClientSocket {
-    fn tcp(&self) -> &TcpStream;
+    fn tcp(&self) -> Option<&TcpStream>;
 }
 
 impl ClientSocket for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self)
     }
 }
 
 impl<S: ClientSocket> ClientSocket for Prefixed<S> {
-    fn tcp(&self) -> &TcpStream {
+    fn tcp(&self) -> Option<&TcpStream> {
         self.get_ref().tcp()
     }
 }
 
-impl<S: ClientSocket + tokio::io::AsyncRead> ClientSocket for BufReader<S> {
-    fn tcp(&self) -> &TcpStream {
+impl<S: ClientSocket + AsyncRead> ClientSocket for BufReader<S> {
+    fn tcp(&self) -> Option<&TcpStream> {
         self.get_ref().tcp()
     }
 }
 
 impl<S: ClientSocket> ClientSocket for tokio_rustls::server::TlsStream<S> {
-    fn tcp(&self) -> &TcpStream {
+    fn tcp(&self) -> Option<&TcpStream> {
         self.get_ref().0.tcp()
+    }
+}
+
+/// An upgraded connection: HTTP/1's goes on over the client's socket, whose
+/// [`ClientIo`] below hyper resets it; HTTP/2's is one stream of the connection.
+impl ClientSocket for TokioIo<Upgraded> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
     }
 }
 
@@ -133,11 +148,17 @@ tokio::task_local! {
 }
 
 /// Whether a stream's response waits for its client to let the next piece through,
-/// set by the response body ([`Waiting::begin`], [`Waiting::end`]) and read by the
-/// stream's task: the number of waits begun and ended, so odd while one is on, and a
-/// new wait is told from an old one.
+/// set by the response body ([`Waiting::begin`], [`Waiting::end`]), or by a tunnel's
+/// writes, and read by the stream's task: the number of waits begun and ended, so odd
+/// while one is on, and a new wait is told from an old one.
 #[derive(Debug, Default)]
-pub struct Waiting(AtomicU64);
+pub struct Waiting {
+    waits: AtomicU64,
+    /// The task that watches from elsewhere (the one hyper spawns to write a tunnel's
+    /// bytes into the stream), woken when a wait begins; none for a stream's own task,
+    /// which sees its body's waits as they happen.
+    watcher: AtomicWaker,
+}
 
 impl Waiting {
     /// The stream's, for a body made while serving an HTTP/2 stream; `None` elsewhere
@@ -149,27 +170,34 @@ impl Waiting {
     /// The response has handed over something (its head, or a frame) and is not asked
     /// for more until the client takes it.
     pub fn begin(&self) {
-        // Only the body writes, from the stream's own task.
+        // One writer at a time: the body, from the stream's own task, or the tunnel.
         if self.state().is_multiple_of(2) {
-            self.0.fetch_add(1, Ordering::Relaxed);
+            self.waits.fetch_add(1, Ordering::Relaxed);
+            self.watcher.wake();
         }
     }
 
     /// The response is asked for more, or has ended.
     pub fn end(&self) {
         if !self.state().is_multiple_of(2) {
-            self.0.fetch_add(1, Ordering::Relaxed);
+            self.waits.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     fn state(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.waits.load(Ordering::Relaxed)
     }
 }
 
 /// Spawns each HTTP/2 stream hyper serves as a tokio task that ends (dropping the
 /// stream, which h2 resets with `CANCEL`) once its response has waited for the client
 /// for `timeout`.
+///
+/// hyper spawns one more task for a stream that becomes a tunnel (extended `CONNECT`):
+/// the one that writes the tunnel's bytes into it, which holds the stream while it
+/// waits for window, even after the tunnel has gone. Spawned from within the stream's
+/// task, it shares that stream's [`Waiting`], which the tunnel's writes set (see
+/// `upgrade`), and ends the same way.
 #[derive(Clone, Copy, Debug)]
 pub struct StreamExecutor {
     pub timeout: Duration,
@@ -181,8 +209,10 @@ where
 {
     fn execute(&self, stream: F) {
         let timeout = self.timeout;
+        let parent = Waiting::current();
         tokio::spawn(async move {
-            let waiting = Arc::new(Waiting::default());
+            let from_elsewhere = parent.is_some();
+            let waiting = parent.unwrap_or_default();
             let served = STREAM.scope(waiting.clone(), stream);
             tokio::pin!(served);
             let mut stall = Stall::new(timeout);
@@ -190,6 +220,9 @@ where
             let reset = poll_fn(|cx| {
                 if served.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(false);
+                }
+                if from_elsewhere {
+                    waiting.watcher.register(cx.waker());
                 }
                 let state = waiting.state();
                 if state != seen {
@@ -209,6 +242,118 @@ where
                 );
             }
         });
+    }
+}
+
+/// The client's side: its socket below hyper (maybe under TLS), whose bytes are counted
+/// into the connection's `tcp_*_bytes_total`, or a tunnel above hyper; either way a write
+/// the client leaves waiting for `--http-write-timeout` fails ([`Stall`]).
+pub struct ClientIo<I> {
+    io: I,
+    counters: Option<Counters>,
+    stall: Stall,
+    /// A tunnel's HTTP/2 stream, told when a write waits and when one goes through.
+    stream: Option<Arc<Waiting>>,
+}
+
+impl<I> ClientIo<I> {
+    pub fn new(io: I, counters: Option<Counters>, write_timeout: Duration) -> ClientIo<I> {
+        ClientIo {
+            io,
+            counters,
+            stall: Stall::new(write_timeout),
+            stream: None,
+        }
+    }
+
+    /// Tells `stream` (a tunnel's, on HTTP/2) when a write waits: the task hyper writes
+    /// the stream with then ends too when the wait lasts (see [`StreamExecutor`]).
+    pub fn telling(mut self, stream: Option<Arc<Waiting>>) -> ClientIo<I> {
+        self.stream = stream;
+        self
+    }
+}
+
+impl<I: ClientSocket> ClientIo<I> {
+    /// What a write to the client returned, unless it has waited too long: then the
+    /// socket is reset as it closes. Closed with the bytes the client never took, it
+    /// would linger as an orphan, holding its send buffer (up to megabytes) and probing
+    /// a client that takes nothing for minutes.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if let Some(stream) = &self.stream {
+            match polled {
+                Poll::Ready(_) => stream.end(),
+                Poll::Pending => stream.begin(),
+            }
+        }
+        let checked = self.stall.check(cx, polled);
+        if let Poll::Ready(Err(error)) = &checked {
+            if let (io::ErrorKind::TimedOut, Some(tcp)) = (error.kind(), self.io.tcp()) {
+                // Best effort: the socket is closed next either way.
+                let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+            }
+        }
+        checked
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for ClientIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if let (1.., Some(counters)) = (read, &self.counters) {
+            counters.read.inc_by(read as u64);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + ClientSocket + Unpin> AsyncWrite for ClientIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let (Poll::Ready(Ok(n)), Some(counters)) = (&polled, &self.counters) {
+            counters.written.inc_by(*n as u64);
+        }
+        self.check(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let (Poll::Ready(Ok(n)), Some(counters)) = (&polled, &self.counters) {
+            counters.written.inc_by(*n as u64);
+        }
+        self.check(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.check(cx, polled)
     }
 }
 
@@ -274,5 +419,28 @@ mod tests {
         });
         assert_eq!(ended.await, Ok(true));
         assert!(Waiting::current().is_none(), "outside a stream: no wait");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_spawned_from_a_stream_ends_when_a_wait_begun_elsewhere_lasts() {
+        // The stream's task spawns one more, as hyper does to write a tunnel's bytes,
+        // and hands its wait out, as the tunnel gets it.
+        let (handoff_tx, handoff_rx) = oneshot::channel();
+        let _stream = run(|_| async move {
+            let writer = run(|tx| async move {
+                std::future::pending::<()>().await;
+                let _ = tx.send(true);
+            });
+            let _ = handoff_tx.send((Waiting::current().unwrap(), writer));
+        });
+        let (stream, mut writer) = handoff_rx.await.unwrap();
+        tokio::time::sleep(TIMEOUT * 3).await;
+        assert_eq!(writer.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        // The tunnel's write waits, from its own task.
+        stream.begin();
+        tokio::time::sleep(TIMEOUT - Duration::from_millis(10)).await;
+        assert_eq!(writer.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(writer.try_recv(), Err(oneshot::error::TryRecvError::Closed));
     }
 }

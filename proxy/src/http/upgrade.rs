@@ -7,14 +7,27 @@
 //! client's bytes are still counted in the connection's `tcp_*_bytes_total`: its
 //! socket is wrapped below hyper.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use super::stall::{ClientIo, Waiting};
+
 /// Joins the client's upgraded connection to the destination's. Run beside the
 /// client's connection (see `server`): the client's upgrade completes only once its
 /// response has been written.
-pub async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
+/// Writes to the client that wait `write_timeout` end the tunnel: over HTTP/2 (extended
+/// `CONNECT`, `stream` given) they wait for the stream's flow-control window, which the
+/// socket's own timeout below hyper does not see, and the stream is reset.
+pub async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    write_timeout: Duration,
+    stream: Option<Arc<Waiting>>,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(error) => {
@@ -22,7 +35,7 @@ pub async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
             return;
         }
     };
-    let mut client = TokioIo::new(client);
+    let mut client = ClientIo::new(TokioIo::new(client), None, write_timeout).telling(stream);
     let mut upstream = TokioIo::new(upstream);
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((sent, received)) => debug!(sent, received, "upgraded connection closed"),
