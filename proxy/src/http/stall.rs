@@ -170,18 +170,24 @@ impl Waiting {
     /// The response has handed over something (its head, or a frame) and is not asked
     /// for more until the client takes it.
     pub fn begin(&self) {
-        // One writer at a time: the body, from the stream's own task, or the tunnel.
-        if self.state().is_multiple_of(2) {
-            self.waits.fetch_add(1, Ordering::Relaxed);
+        if self.step(|waits| waits.is_multiple_of(2)) {
             self.watcher.wake();
         }
     }
 
     /// The response is asked for more, or has ended.
     pub fn end(&self) {
-        if !self.state().is_multiple_of(2) {
-            self.waits.fetch_add(1, Ordering::Relaxed);
-        }
+        self.step(|waits| !waits.is_multiple_of(2));
+    }
+
+    /// Counts one more begin or end when `from` holds. Atomic: a tunnel's writes may
+    /// begin a wait on another thread while the response's body ends one.
+    fn step(&self, from: impl Fn(u64) -> bool) -> bool {
+        self.waits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |waits| {
+                from(waits).then_some(waits + 1)
+            })
+            .is_ok()
     }
 
     fn state(&self) -> u64 {
