@@ -211,6 +211,18 @@ pub fn python_call(ns: &Netns, name: &str, args: &[&str]) -> (serde_json::Value,
     (result, run)
 }
 
+/// A WebSocket over HTTP/2 (extended `CONNECT`) from `ns` to `to` (`apps/ws_h2.py`):
+/// the tunnel opens with a 200 and 20 messages of 100 kB come back as they were sent.
+#[track_caller]
+pub fn ws_h2_echo(ns: &Netns, to: SocketAddr) {
+    let (host, port) = (to.ip().to_string(), to.port().to_string());
+    let (result, run) = python_call(ns, "ws_h2.py", &["call", &host, &port]);
+    assert_eq!(result["status"], "200", "{run}");
+    assert_eq!(result["sent"], 20, "{run}");
+    assert_eq!(result["echoed"], result["sent"], "{run}");
+    assert!(result.get("mismatch_at").is_none(), "{run}");
+}
+
 /// A request reaches nginx's `/echo` as the client sent it: Host with its case, method,
 /// path and query, a custom header, the protocol version (HTTP/1.1 to `to`).
 #[track_caller]

@@ -206,12 +206,7 @@ fn a_websocket_over_http2_extended_connect_echoes_and_counts_as_one_request() {
     let pair = mesh_both(&pods);
     for family in Family::ALL {
         let to = SocketAddr::new(family.peer(), WS_H2);
-        let (host, port) = (to.ip().to_string(), to.port().to_string());
-        let (result, run) = python_call(&pods.pod, "ws_h2.py", &["call", &host, &port]);
-        assert_eq!(result["status"], "200", "{run}");
-        assert_eq!(result["sent"], 20, "{run}");
-        assert_eq!(result["echoed"], result["sent"], "{run}");
-        assert!(result.get("mismatch_at").is_none(), "{run}");
+        ws_h2_echo(&pods.pod, to);
         pair.expect("request_total", to, &[], 1.0);
         pair.expect_responses(to, "200", "success", 1.0);
     }

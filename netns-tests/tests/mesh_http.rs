@@ -152,12 +152,7 @@ fn a_websocket_over_http2_crosses_the_pooled_mtls_connection() {
     let a = mesh.start_a(&pods, Some(&mesh.peers_of_a), &[]);
     for (i, family) in Family::ALL.into_iter().enumerate() {
         let to = SocketAddr::new(family.peer(), WS_H2);
-        let (host, port) = (to.ip().to_string(), to.port().to_string());
-        let (result, run) = python_call(&pods.pod, "ws_h2.py", &["call", &host, &port]);
-        assert_eq!(result["status"], "200", "{run}");
-        assert_eq!(result["sent"], 20, "{run}");
-        assert_eq!(result["echoed"], result["sent"], "{run}");
-        assert!(result.get("mismatch_at").is_none(), "{run}");
+        ws_h2_echo(&pods.pod, to);
         let tls = [("tls", "true")];
         expect(&a, "outbound", "request_total", to, &tls, 1.0);
         b.wait_for_metric(
