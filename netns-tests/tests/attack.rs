@@ -10,8 +10,9 @@
 //! proxy. The HTTP/2 attacks are raw frames from `apps/h2_attack.py` (hyperframe and hpack,
 //! from the test venv); the HTTP/1 ones are raw sockets.
 //!
-//! - HTTP/2: rapid reset, CONTINUATION flood, a 1 MB header list, 600 and 2,000 streams,
-//!   PING and SETTINGS floods, an idle connection, 400 streams never read.
+//! - HTTP/2: rapid reset, MadeYouReset, CONTINUATION flood, a 1 MB header list, 600 and 2,000 streams,
+//!   PING and SETTINGS floods, an idle connection, 400 streams never read, a stream and
+//!   a WebSocket tunnel whose window stays shut.
 //! - HTTP/1: a trickled head (first and kept-alive), endless header lines, bad chunk sizes
 //!   and extensions, a million pipelined requests never read.
 //! - Metric series: a destination answering 3,200 status and gRPC status pairs.
@@ -141,6 +142,34 @@ fn h2_rapid_reset_is_answered_with_a_goaway() {
         requests < sent as f64,
         "{requests} requests proxied of {sent}"
     );
+    victim.still_serves();
+}
+
+/// MadeYouReset (CVE-2025-8671): the client makes the server reset its streams (a body
+/// longer than its `content-length`), so the requests were taken up but the client's
+/// own resets count nothing. The proxy's resets are bounded like the client's:
+/// past `MAX_ERROR_RESETS` (1,024) the connection gets a GOAWAY.
+#[test]
+fn h2_made_you_reset_is_answered_with_a_goaway() {
+    const STREAMS: u64 = 20_000;
+    /// HTTP/2's PROTOCOL_ERROR.
+    const PROTOCOL_ERROR: &str = "1";
+    let victim = Victim::new("atk_made_reset");
+    let proxy = victim.proxy(&[]);
+    let report = victim.h2("made-you-reset", &["--count", &STREAMS.to_string()]);
+    assert_eq!(
+        report["goaway"]["error_code"], ENHANCE_YOUR_CALM,
+        "{report}"
+    );
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent < STREAMS, "all {STREAMS} streams were taken: {report}");
+    let resets = report["resets"][PROTOCOL_ERROR].as_u64().unwrap_or(0);
+    assert!(
+        (1..=1100).contains(&resets),
+        "{resets} streams reset by the proxy: {report}"
+    );
+    let requests = proxy.metrics().sum("request_total", &[]);
+    assert!(requests <= 1100.0, "{requests} requests proxied of {sent}");
     victim.still_serves();
 }
 
