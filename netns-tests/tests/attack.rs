@@ -14,7 +14,8 @@
 //!   PING and SETTINGS floods, an idle connection, 400 streams never read, a stream and
 //!   a WebSocket tunnel whose window stays shut.
 //! - HTTP/1: a trickled head (first and kept-alive), endless header lines, bad chunk sizes
-//!   and extensions, a million pipelined requests never read.
+//!   and extensions, a million pipelined requests never read, bodies framed two ways
+//!   (request smuggling), a client cut by the write timeout.
 //! - Metric series: a destination answering 3,200 status and gRPC status pairs.
 //! - Descriptors: 300 idle admin connections.
 
@@ -1009,5 +1010,88 @@ fn idle_admin_connections_are_capped_and_time_out() {
     let (status, _) = proxy.get("/ready").unwrap();
     assert_eq!(status, 200);
     drop(idle);
+    victim.still_serves();
+}
+
+/// Request smuggling: a body framed two ways (`Content-Length` and `Transfer-Encoding`),
+/// or by two lengths, forwarded as it came, lets the destination find a request inside
+/// another's body that the proxy never saw (nor counted, nor routed). Each request the
+/// destination gets must be framed one way only, complete, with nothing after it; two
+/// different lengths are refused (400) and forwarded nowhere.
+#[test]
+fn http1_requests_framed_two_ways_reach_the_destination_framed_one_way() {
+    const PROBE: u16 = 8097;
+    let victim = Victim::new("atk_smuggle");
+    let log = victim.scratch.join("framing.jsonl");
+    let _probe = apps::python_server(
+        &victim.pods.peer,
+        victim.scratch.path(),
+        "framing_probe.py",
+        &[&PROBE.to_string(), path(&log)],
+        PROBE,
+    );
+    let _proxy = victim.proxy(&[]);
+    let hidden = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let cases = [
+        // The length covers a request that the chunked body (empty) does not.
+        format!(
+            "POST /cl-te HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}",
+            5 + hidden.len()
+        ),
+        // The chunk covers a request that the length (4) does not.
+        format!(
+            "POST /te-cl HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{hidden}\r\n0\r\n\r\n",
+            hidden.len()
+        ),
+        // Two lengths.
+        format!(
+            "POST /cl-cl HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\
+             Content-Length: {}\r\n\r\n{hidden}",
+            hidden.len()
+        ),
+    ];
+    let mut answers = Vec::new();
+    for case in &cases {
+        let mut stream = victim
+            .pods
+            .pod
+            .run(|| TcpStream::connect_timeout(&to(PROBE), Duration::from_secs(2)).unwrap());
+        stream.write_all(case.as_bytes()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        answers.push(read_response(&mut stream));
+    }
+    assert!(answers[2].starts_with("HTTP/1.1 400"), "{answers:?}");
+    // The probe writes its line once the proxy has closed the connection.
+    std::thread::sleep(Duration::from_secs(3));
+    let seen = fs::read_to_string(&log).unwrap_or_default();
+    eprintln!("answers {answers:?}\nthe destination saw:\n{seen}");
+    let requests: Vec<Value> = seen
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    for request in &requests {
+        let lengths = request["content_length"].as_array().unwrap().len();
+        let encodings = request["transfer_encoding"].as_array().unwrap().len();
+        assert!(
+            lengths + encodings <= 1,
+            "framed more than one way: {request}\n{seen}"
+        );
+        assert_eq!(request["complete"], true, "{request}\n{seen}");
+        assert_eq!(
+            request["leftover"], 0,
+            "bytes after the body: {request}\n{seen}"
+        );
+    }
+    let lines: Vec<&str> = requests
+        .iter()
+        .map(|r| r["request_line"].as_str().unwrap())
+        .collect();
+    assert!(lines.contains(&"POST /cl-te HTTP/1.1"), "{seen}");
+    assert!(lines.contains(&"POST /te-cl HTTP/1.1"), "{seen}");
+    assert!(!lines.iter().any(|l| l.contains("/cl-cl")), "{seen}");
     victim.still_serves();
 }
