@@ -18,7 +18,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-
 use std::time::Duration;
 
 use bytes::Bytes;
