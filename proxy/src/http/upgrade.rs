@@ -19,6 +19,7 @@ use super::stall::{ClientIo, Waiting};
 /// Joins the client's upgraded connection to the destination's. Run beside the
 /// client's connection (see `server`): the client's upgrade completes only once its
 /// response has been written.
+///
 /// Writes to the client that wait `write_timeout` end the tunnel: over HTTP/2 (extended
 /// `CONNECT`, `stream` given) they wait for the stream's flow-control window, which the
 /// socket's own timeout below hyper does not see, and the stream is reset.
