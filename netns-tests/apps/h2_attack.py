@@ -120,6 +120,8 @@ class Conn:
         self.status_of = {}
         self.data = {}
         self.reset_of = {}
+        # Each stream's DATA bytes themselves, when a mode sets it to {} (ws_h2.py).
+        self.kept = None
         self.server_settings = {}
         self.next_id = 1
         sock.sendall(PREFACE + SettingsFrame(0).serialize())
@@ -183,6 +185,8 @@ class Conn:
                 self.reset_of[frame.stream_id] = (time.monotonic(), frame.error_code)
             elif isinstance(frame, DataFrame):
                 self.data[frame.stream_id] = self.data.get(frame.stream_id, 0) + len(frame.data)
+                if self.kept is not None:
+                    self.kept[frame.stream_id] = self.kept.get(frame.stream_id, b"") + frame.data
             elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
                 self.server_settings.update(frame.settings)
                 self.send([SettingsFrame(0, flags=["ACK"])])

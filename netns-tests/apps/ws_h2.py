@@ -133,7 +133,7 @@ class Tunnel:
         """Reads for up to `seconds`, keeping the tunnel's bytes (and opening the
         windows by as much, when `grant`)."""
         self.conn.read(seconds)
-        got = self.conn.tunnel_bytes.get(self.stream, b"")
+        got = self.conn.kept.get(self.stream, b"")
         new = got[self.seen :]
         self.seen = len(got)
         self.received += new
@@ -146,34 +146,9 @@ class Tunnel:
             )
 
 
-def keep_data(conn):
-    """Makes `conn` keep each stream's DATA bytes (h2_attack's Conn only counts them)."""
-    conn.tunnel_bytes = {}
-    parse = conn.parse
-
-    def parse_keeping():
-        buf = conn.buf
-        # Collect DATA payloads from the frames `parse` is about to consume.
-        view = buf
-        while len(view) >= 9:
-            length = int.from_bytes(view[:3], "big")
-            if len(view) < 9 + length:
-                break
-            kind, flags, stream = view[3], view[4], int.from_bytes(view[5:9], "big") & 0x7FFFFFFF
-            if kind == 0:
-                body = view[9 : 9 + length]
-                if flags & 0x8:  # PADDED
-                    body = body[1 : len(body) - body[0]]
-                conn.tunnel_bytes[stream] = conn.tunnel_bytes.get(stream, b"") + body
-            view = view[9 + length :]
-        parse()
-
-    conn.parse = parse_keeping
-
-
 def call(args):
     conn = Conn(args)
-    keep_data(conn)
+    conn.kept = {}
     tunnel = Tunnel(conn, args)
     deadline = time.monotonic() + 5
     while tunnel.stream not in conn.status_of and not conn.closed and time.monotonic() < deadline:
@@ -203,7 +178,7 @@ def call(args):
 
 def stall(args):
     conn = Conn(args)
-    keep_data(conn)
+    conn.kept = {}
     conn.send([SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0})])
     tunnel = Tunnel(conn, args)
     deadline = time.monotonic() + 5
